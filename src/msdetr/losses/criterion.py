@@ -1,0 +1,147 @@
+"""The set criterion: a list of supervision branches, each an output stream + an assigner + weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from ..box_ops import cxcywh_to_xyxy, generalized_box_iou
+
+Targets = list[dict[str, torch.Tensor]]
+
+
+@dataclass
+class Branch:
+    """One supervision branch.
+
+    stream: key of the model outputs it reads (`main` = `pred_logits`/`pred_boxes` + `aux_outputs`;
+    otherwise a sub-dict such as `enc_outputs`, with its own `aux_outputs` when `aux`).
+    assigner: callable(layer_outputs, targets) -> list of (query_idx, gt_idx) per image.
+    weights: loss weight per term (`ce`, `bbox`, `giou`). suffix: appended to every loss name.
+    binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
+    """
+
+    stream: str
+    assigner: Callable[[dict, Targets], Any]
+    weights: dict[str, float] = field(default_factory=lambda: {"ce": 2.0, "bbox": 5.0, "giou": 2.0})
+    suffix: str = ""
+    aux: bool = True
+    binary: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.weights) - {"ce", "bbox", "giou"}
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, bbox, giou.")
+        self.weights = {k: float(v) for k, v in self.weights.items()}
+
+
+def world_num_boxes(targets: Targets, device) -> float:
+    """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term."""
+    num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num)
+        num = num / dist.get_world_size()
+    return max(num.item(), 1.0)
+
+
+class SetCriterion(nn.Module):
+    """Sums the focal / L1 / GIoU losses of every branch; losses keep the official names."""
+
+    def __init__(self, num_classes: int, branches: list[Branch], focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.branches = list(branches)
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @staticmethod
+    def _layers(branch: Branch, outputs: dict) -> list[tuple[str, dict]]:
+        if branch.stream == "main":
+            stream = outputs
+        elif branch.stream in outputs:
+            stream = outputs[branch.stream]
+        else:
+            raise KeyError(
+                f"the criterion has a branch on {branch.stream!r}, which this model does not output "
+                f"(it has {sorted(k for k in outputs if not k.startswith('pred_'))}); pick a matcher config "
+                "that fits the model (e.g. the encoder branch needs model.two_stage=true)."
+            )
+        layers = []
+        if branch.aux:
+            layers += [(f"_{i}", aux) for i, aux in enumerate(stream.get("aux_outputs", []))]
+        layers.append(("", stream))
+        return layers
+
+    @property
+    def weight_dict(self) -> dict[str, float]:
+        """Weights of the names this criterion produces, for the number of aux layers last seen."""
+        return dict(self._weight_dict) if hasattr(self, "_weight_dict") else {}
+
+    def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+        device = outputs["pred_logits"].device
+        num_boxes = world_num_boxes(targets, device)
+        binary_targets = None
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        for branch in self.branches:
+            tgts = targets
+            if branch.binary:
+                if binary_targets is None:
+                    binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+                tgts = binary_targets
+            for layer_suffix, layer_out in self._layers(branch, outputs):
+                indices = branch.assigner(layer_out, tgts)
+                name = layer_suffix + branch.suffix
+                terms = self.layer_losses(layer_out, tgts, indices, num_boxes)
+                for key in ("ce", "bbox", "giou"):
+                    losses[f"loss_{key}{name}"] = terms[key]
+                    weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
+                losses[f"cardinality_error{name}"] = terms["cardinality"]
+                if not branch.binary and not layer_suffix:
+                    losses[f"class_error{branch.suffix}"] = self.class_error(layer_out, tgts, indices)
+        self._weight_dict = weights
+        return losses
+
+    def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+
+    def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
+        logits = out["pred_logits"]
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        # One-hot targets over every (query, class); unmatched queries are all-negative.
+        onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        onehot[batch_idx, src_idx, labels] = 1.0
+        loss_ce = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+
+        src_boxes = out["pred_boxes"][batch_idx, src_idx].float()
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
+        loss_giou = (1 - giou).sum()
+
+        with torch.no_grad():
+            counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float32)
+            card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+            cardinality = F.l1_loss(card_pred, counts)
+        return {"ce": loss_ce / num_boxes, "bbox": loss_bbox / num_boxes, "giou": loss_giou / num_boxes,
+                "cardinality": cardinality}
+
+    @staticmethod
+    @torch.no_grad()
+    def class_error(out: dict, targets: Targets, indices) -> torch.Tensor:
+        """100 - top-1 accuracy (%) of the matched queries; logged, never summed."""
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
+        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        logits = out["pred_logits"][batch_idx, src_idx]
+        if labels.numel() == 0:
+            return logits.new_tensor(100.0)
+        correct = (logits.argmax(-1) == labels).float().mean() * 100
+        return 100 - correct

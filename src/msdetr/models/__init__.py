@@ -1,0 +1,5 @@
+"""Model components: backbone, position encodings, deformable attention, transformer, detector."""
+from .backbone import Backbone
+from .detector import MLP, DeformableDETR
+
+__all__ = ["Backbone", "DeformableDETR", "MLP"]

@@ -1,0 +1,98 @@
+"""ResNet backbones (torchvision, frozen BatchNorm) returning the stride-8/16/32 maps with masks."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+# Channels of layer2/3/4 per architecture: basic blocks for 18/34, bottlenecks above.
+_CHANNELS = {
+    "resnet18": (128, 256, 512),
+    "resnet34": (128, 256, 512),
+    "resnet50": (512, 1024, 2048),
+    "resnet101": (512, 1024, 2048),
+}
+
+
+class ResNetBody(nn.Module):
+    """The ResNet trunk without pooling/fc, with the torchvision (and official checkpoint) names."""
+
+    def __init__(self, resnet: torchvision.models.ResNet):
+        super().__init__()
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(resnet, name))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+
+def _load_resnet(name: str, pretrained: bool | str, dilation: bool) -> torchvision.models.ResNet:
+    builder = getattr(torchvision.models, name)
+    kwargs = dict(replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+    if isinstance(pretrained, str) and pretrained not in ("", "imagenet"):
+        model = builder(weights=None, **kwargs)
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("fc.")]:
+            raise ValueError(
+                f"backbone weights '{pretrained}' do not fit {name} (missing {missing[:3]}...); "
+                f"pass a torchvision {name} state dict."
+            )
+        return model
+    if pretrained:
+        try:
+            return builder(weights="IMAGENET1K_V1", **kwargs)
+        except Exception as exc:  # offline machines, blocked hubs: training can still start
+            warnings.warn(
+                f"ImageNet weights for {name} could not be loaded ({type(exc).__name__}: {exc}); "
+                "the backbone starts from random init. Set model.backbone.pretrained=<path to a "
+                "torchvision state dict> to use local weights.",
+                stacklevel=2,
+            )
+    return builder(weights=None, **kwargs)
+
+
+class Backbone(nn.Module):
+    """Frozen-BN ResNet; stem and layer1 frozen, layer2-4 trained when `train_backbone`."""
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        pretrained: bool | str = True,
+        train_backbone: bool = True,
+        return_interm_layers: bool = True,
+        dilation: bool = False,
+    ):
+        super().__init__()
+        if name not in _CHANNELS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CHANNELS)}.")
+        self.body = ResNetBody(_load_resnet(name, pretrained, dilation))
+        for pname, p in self.body.named_parameters():
+            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+        channels = _CHANNELS[name]
+        strides = (8, 16, 32 if not dilation else 16)
+        self.return_interm_layers = return_interm_layers
+        self.num_channels = list(channels if return_interm_layers else channels[-1:])
+        self.strides = list(strides if return_interm_layers else strides[-1:])
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        feats = self.body(images)
+        if not self.return_interm_layers:
+            feats = feats[-1:]
+        return [(f, resize_mask(padding_mask, f.shape[-2:])) for f in feats]
+
+
+def resize_mask(mask: torch.Tensor, size) -> torch.Tensor:
+    """Nearest-neighbour resize of a (B, H, W) padding mask, as the official code does it."""
+    return F.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]

@@ -1,0 +1,165 @@
+"""The Deformable-DETR detector: backbone, input projections, transformer and prediction heads."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..box_ops import inverse_sigmoid
+from .backbone import Backbone, resize_mask
+from .position_encoding import PositionEmbeddingSine
+from .transformer import DeformableTransformer
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
+class DeformableDETR(nn.Module):
+    """Deformable-DETR with the options MS-DETR and DETA build on.
+
+    forward(images, padding_mask) returns the named output streams of DESIGN.md: `pred_logits`,
+    `pred_boxes`, `aux_outputs`, and in two-stage `enc_outputs` (with `anchors`) and `init_reference`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int = 91,
+        num_queries: int = 300,
+        hidden_dim: int = 256,
+        nheads: int = 8,
+        enc_layers: int = 6,
+        dec_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        enc_n_points: int = 4,
+        dec_n_points: int = 4,
+        two_stage: bool = False,
+        with_box_refine: bool = False,
+        mixed_selection: bool = False,
+        look_forward_twice: bool = False,
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        if mixed_selection and not two_stage:
+            raise ValueError("mixed_selection needs two_stage=true (it mixes learned content with two-stage positions).")
+        if look_forward_twice and not with_box_refine:
+            raise ValueError("look_forward_twice needs with_box_refine=true (it changes how refined boxes get gradients).")
+        if num_feature_levels < len(backbone.num_channels):
+            raise ValueError(
+                f"num_feature_levels={num_feature_levels} is fewer than the backbone's {len(backbone.num_channels)} "
+                "outputs; use num_feature_levels >= 3 (or 1 with a single-level backbone)."
+            )
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.two_stage = two_stage
+        self.with_box_refine = with_box_refine
+        self.backbone = backbone
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.transformer = DeformableTransformer(
+            hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, num_feature_levels,
+            enc_n_points, dec_n_points, two_stage, num_queries, mixed_selection, look_forward_twice,
+            with_box_refine, attn_backend,
+        )
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+        elif mixed_selection:
+            self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
+
+        class_embed = nn.Linear(hidden_dim, num_classes)
+        bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(bbox_embed.layers[-1].weight)
+        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        num_pred = dec_layers + 1 if two_stage else dec_layers
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        else:
+            # Without refinement the official model shares one head across layers.
+            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        if two_stage:
+            for head in self.bbox_embed:
+                nn.init.zeros_(head.layers[-1].bias[2:])
+
+    @staticmethod
+    def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
+        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in channels]
+        in_channels = channels[-1]
+        for _ in range(num_levels - len(channels)):
+            projs.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1),
+                                       nn.GroupNorm(32, hidden_dim)))
+            in_channels = hidden_dim
+        for proj in projs:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        return nn.ModuleList(projs)
+
+    def multiscale_features(self, images: torch.Tensor, padding_mask: torch.Tensor):
+        feats = self.backbone(images, padding_mask)
+        srcs, masks = [], []
+        for lvl, (feat, mask) in enumerate(feats):
+            srcs.append(self.input_proj[lvl](feat))
+            masks.append(mask)
+        for lvl in range(len(feats), self.num_feature_levels):
+            # The first extra level convolves the raw last backbone map, later ones the previous level.
+            src = self.input_proj[lvl](feats[-1][0] if lvl == len(feats) else srcs[-1])
+            srcs.append(src)
+            masks.append(resize_mask(padding_mask, src.shape[-2:]))
+        pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
+        return srcs, masks, pos
+
+    def head_outputs(self, hidden, box_refs, boxes):
+        """Class logits and boxes of every decoder layer."""
+        logits, coords = [], []
+        for lvl, h in enumerate(hidden):
+            logits.append(self.class_embed[lvl](h))
+            if self.with_box_refine:
+                coords.append(boxes[lvl])
+                continue
+            delta = self.bbox_embed[lvl](h)
+            ref = inverse_sigmoid(box_refs[lvl])
+            if ref.shape[-1] == 4:
+                delta = delta + ref
+            else:
+                delta = torch.cat([delta[..., :2] + ref, delta[..., 2:]], -1)
+            coords.append(delta.sigmoid())
+        return logits, coords
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
+        srcs, masks, pos = self.multiscale_features(images, padding_mask)
+        query_embed = self.query_embed.weight if hasattr(self, "query_embed") else None
+        t = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed)
+        logits, coords = self.head_outputs(t["hidden"], t["box_refs"], t["boxes"])
+        out = {
+            "pred_logits": logits[-1],
+            "pred_boxes": coords[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+            "init_reference": t["init_reference"],
+        }
+        if self.two_stage:
+            out["enc_outputs"] = {
+                "pred_logits": t["enc_class"],
+                "pred_boxes": t["enc_coord_unact"].sigmoid(),
+                "anchors": t["proposals"].sigmoid(),
+            }
+        return out
