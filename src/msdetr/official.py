@@ -1,0 +1,264 @@
+"""Conversion between official checkpoints (Deformable-DETR, MS-DETR, DETA) and DetectionModule.
+
+`from_official` builds the module the official flags describe and loads the official state dict;
+`to_official` writes it back under the official names (every alias the official model registers);
+`official_names` maps this project's parameter names to the names official code gives them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from .lit import DetectionModule
+from .losses import Branch, SetCriterion
+from .matching import HungarianMatcher
+from .models import Backbone, DeformableDETR
+from .postprocess import TopKPostProcess
+
+# Defaults of the official main.py flags this project reads (the Deformable-DETR values; MS-DETR and
+# DETA add flags of their own with the defaults below).
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "backbone": "resnet50", "dilation": False, "position_embedding": "sine", "hidden_dim": 256, "nheads": 8,
+    "enc_layers": 6, "dec_layers": 6, "dim_feedforward": 1024, "dropout": 0.1, "num_queries": 300,
+    "num_feature_levels": 4, "enc_n_points": 4, "dec_n_points": 4, "two_stage": False,
+    "with_box_refine": False, "aux_loss": True, "masks": False,
+    "lr": 2e-4, "lr_backbone": 2e-5, "lr_linear_proj_mult": 0.1, "weight_decay": 1e-4, "lr_drop": 40,
+    "epochs": 50, "clip_max_norm": 0.1, "batch_size": 2,
+    "set_cost_class": 2.0, "set_cost_bbox": 5.0, "set_cost_giou": 2.0,
+    "cls_loss_coef": 2.0, "bbox_loss_coef": 5.0, "giou_loss_coef": 2.0, "focal_alpha": 0.25,
+    # H-DETR / MS-DETR "++" tricks
+    "mixed_selection": False, "look_forward_twice": False,
+}
+
+# Flags whose methods this release cannot build yet: a checkpoint that needs one is refused clearly.
+_UNSUPPORTED = {
+    "use_ms_detr": "MS-DETR's one-to-many decoder", "assign_first_stage": "DETA's stage-1 assigner",
+    "assign_second_stage": "DETA's stage-2 assigner", "masks": "segmentation heads",
+}
+
+
+def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """Official command-line flags (list of str), an args dict or Namespace -> dict over the defaults."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    if isinstance(flags, Mapping):
+        return {**OFFICIAL_DEFAULTS, **flags}
+    args, tokens = dict(OFFICIAL_DEFAULTS), list(flags)
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"official flag list has a stray value {tok!r}; pass flags as ['--name', 'value', ...].")
+        name = tok[2:]
+        if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            raw = tokens[i + 1]
+            default = args.get(name)
+            if isinstance(default, bool):
+                raise ValueError(f"official flag --{name} takes no value, got {raw!r}.")
+            if isinstance(default, int):
+                value: Any = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                try:
+                    value = float(raw) if any(c in raw for c in ".e") else int(raw)
+                except ValueError:
+                    value = raw
+            args[name] = value
+            i += 2
+        else:
+            args[name] = True
+            i += 1
+    return args
+
+
+def _num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    for key in ("class_embed.0.weight", "class_embed.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return 91
+
+
+def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The ResNet depth the backbone weights have (block type and layer3 length), None if absent."""
+    prefix = "backbone.0.body.layer3."
+    blocks = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
+    if not blocks:
+        return None
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    depth = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
+    return depth.get((bottleneck, max(blocks) + 1))
+
+
+def build_from_args(args: Mapping[str, Any], num_classes: int = 91, pretrained_backbone: bool | str = False
+                    ) -> DetectionModule:
+    """The DetectionModule the official flags describe (weights random)."""
+    for flag, what in _UNSUPPORTED.items():
+        if args.get(flag):
+            raise NotImplementedError(f"the official flag --{flag} ({what}) is not supported by this converter yet.")
+    if args.get("position_embedding", "sine") != "sine":
+        raise NotImplementedError("only the sine position embedding of the official code is supported.")
+    backbone = Backbone(args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
+                        return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
+    model = DeformableDETR(
+        backbone, num_classes=num_classes, num_queries=args["num_queries"], hidden_dim=args["hidden_dim"],
+        nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
+        dim_feedforward=args["dim_feedforward"], dropout=args["dropout"],
+        num_feature_levels=args["num_feature_levels"], enc_n_points=args["enc_n_points"],
+        dec_n_points=args["dec_n_points"], two_stage=args["two_stage"], with_box_refine=args["with_box_refine"],
+        mixed_selection=args["mixed_selection"], look_forward_twice=args["look_forward_twice"],
+    )
+    matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
+                               focal_alpha=args["focal_alpha"])
+    weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
+    branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
+    if args["two_stage"]:
+        branches.append(Branch("enc_outputs", matcher, dict(weights), suffix="_enc", aux=False, binary=True))
+    criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
+    return DetectionModule(
+        model, criterion, TopKPostProcess(args.get("topk_eval", 100)), lr=args["lr"],
+        lr_backbone=args["lr_backbone"], lr_linear_proj_mult=args["lr_linear_proj_mult"],
+        weight_decay=args["weight_decay"], lr_drop_epochs=[args["lr_drop"]],
+    )
+
+
+# -- names ------------------------------------------------------------------------------------
+_FFN = re.compile(r"(transformer\.(?:encoder|decoder)\.layers\.\d+\.)ffn\.")
+_FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|norm2)\.|"
+                       r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.")
+
+
+def _to_official_name(name: str) -> str:
+    name = name.removeprefix("model.")
+    name = name.replace("backbone.body.", "backbone.0.body.", 1) if name.startswith("backbone.body.") else name
+    return _FFN.sub(r"\1", name)
+
+
+def _from_official_name(name: str) -> str:
+    if name.startswith("backbone.0.body."):
+        name = "backbone.body." + name[len("backbone.0.body."):]
+    return _FFN_BACK.sub(lambda m: f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}.", name)
+
+
+def _aliases(model: DeformableDETR) -> dict[str, str]:
+    """Official modules registered twice: head prefix -> the transformer.decoder alias."""
+    out = {}
+    if model.with_box_refine:
+        out["bbox_embed."] = "transformer.decoder.bbox_embed."
+    if model.two_stage:
+        out["class_embed."] = "transformer.decoder.class_embed."
+    return out
+
+
+def _unwrap(module) -> DeformableDETR:
+    return module.model if isinstance(module, DetectionModule) else module
+
+
+def official_names(module) -> dict[str, str]:
+    """{name in module.named_parameters(): the name official code's named_parameters() gives it}."""
+    model = _unwrap(module)
+    aliases = _aliases(model)
+    prefix = "model." if isinstance(module, DetectionModule) else ""
+    out = {}
+    for name, _ in model.named_parameters():
+        official = _to_official_name(name)
+        # The official model registers the transformer first, so a shared head is named by its alias.
+        for head, alias in aliases.items():
+            if official.startswith(head):
+                official = alias + official[len(head):]
+        out[prefix + name] = official
+    return out
+
+
+def to_official(module) -> dict[str, torch.Tensor]:
+    """The module's state dict under the official names, aliases included (as in official checkpoints)."""
+    model = _unwrap(module)
+    sd = {}
+    for name, tensor in model.state_dict().items():
+        sd[_to_official_name(name)] = tensor
+    for head, alias in _aliases(model).items():
+        for name in [k for k in sd if k.startswith(head)]:
+            sd[alias + name[len(head):]] = sd[name]
+    return sd
+
+
+def _convert_state_dict(model: DeformableDETR, official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    alias_prefixes = tuple(_aliases(model).values())
+    mine = {}
+    for name, tensor in official.items():
+        if name.startswith(alias_prefixes):
+            continue  # the same tensors as the heads themselves
+        mine[_from_official_name(name)] = tensor
+    return mine
+
+
+def load_official_state_dict(module: DetectionModule, official: Mapping[str, torch.Tensor]) -> None:
+    """Load an official state dict into a module of the matching architecture, or say what differs."""
+    model = module.model
+    mine = _convert_state_dict(model, official)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(mine))
+    unexpected = sorted(set(mine) - set(expected))
+    wrong = sorted(k for k in set(mine) & set(expected) if tuple(mine[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {_to_official_name(missing[0])})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {_to_official_name(unexpected[0])})")
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} of another shape (e.g. {_to_official_name(k)}: checkpoint "
+                          f"{tuple(mine[k].shape)} vs model {tuple(expected[k].shape)})")
+        raise ValueError(
+            "the official checkpoint does not fit the configured architecture: " + "; ".join(detail)
+            + ". Use the experiment config that matches the checkpoint (or pass its official flags)."
+        )
+    model.load_state_dict(mine, strict=True)
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, args dict or None) of an official .pth, loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint '{path}' does not exist; check the path.")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"'{path}' could not be read as an official checkpoint safely ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}); it should be a torch.save'd dict with 'model' (and 'args')."
+            ) from exc
+    if isinstance(ckpt, Mapping) and "model" in ckpt:
+        args = ckpt.get("args")
+        return dict(ckpt["model"]), (vars(args) if isinstance(args, argparse.Namespace) else args)
+    if isinstance(ckpt, Mapping) and all(torch.is_tensor(v) for v in ckpt.values()):
+        return dict(ckpt), None
+    raise ValueError(f"'{path}' holds no 'model' state dict; is it an official Deformable-DETR/MS-DETR/DETA checkpoint?")
+
+
+def from_official(checkpoint, flags=None, pretrained_backbone: bool | str = False) -> DetectionModule:
+    """Official state dict + official flags (list of str, dict or Namespace), or a checkpoint path."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        state_dict, ckpt_args = read_official_checkpoint(checkpoint)
+        if flags is None:
+            if ckpt_args is None:
+                raise ValueError(f"'{checkpoint}' stores no 'args'; pass the official flags it was trained with.")
+            flags = ckpt_args
+    else:
+        state_dict = dict(checkpoint)
+        if flags is None:
+            raise ValueError("from_official(state_dict, flags): the official flags are needed to build the model.")
+    args = parse_flags(flags)
+    # The weights say which ResNet they are (the parity fixtures run ResNet-18 through the --backbone
+    # resnet50 code path, so the flag alone is not enough).
+    args["backbone"] = _infer_backbone(state_dict) or args["backbone"]
+    module = build_from_args(args, num_classes=_num_classes(state_dict), pretrained_backbone=pretrained_backbone)
+    load_official_state_dict(module, state_dict)
+    return module

@@ -1,0 +1,73 @@
+"""Helpers for the parity fixtures: rebuild their weights, batch their images, compare tensors."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _fnv1a64(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & _MASK64
+    return h
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def synth_tensor(name: str, shape, mean: float, std: float) -> torch.Tensor:
+    """The fixture generator: uniform from a per-name counter hash, scaled to the stored mean/std."""
+    numel = int(np.prod(shape)) if len(shape) else 1
+    with np.errstate(over="ignore"):
+        counters = np.arange(numel, dtype=np.uint64) + np.uint64(_fnv1a64(name))
+    u = (_splitmix64(counters) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    values = mean + std * np.sqrt(3.0) * (2.0 * u - 1.0)
+    return torch.from_numpy(values.astype(np.float32)).reshape(tuple(shape))
+
+
+def fixture_state_dict(fx: dict) -> dict[str, torch.Tensor]:
+    sd = {name: synth_tensor(name, s["shape"], s["mean"], s["std"]) for name, s in fx["synth"].items()}
+    sd.update(fx["explicit"])
+    return {k: sd[k] for k in fx["order"]}
+
+
+def fixture_batch(fx: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    images = fx["images"]
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    batch = torch.zeros(len(images), 3, h, w)
+    mask = torch.ones(len(images), h, w, dtype=torch.bool)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[1], : im.shape[2]] = im
+        mask[i, : im.shape[1], : im.shape[2]] = False
+    return batch, mask
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Max abs difference relative to the largest magnitude of the expected tensor."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.abs().max().clamp(min=1e-12)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def flatten_outputs(out: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Nested output dict -> {'aux_outputs.0.pred_logits': tensor, ...}."""
+    flat = {}
+    for key, value in out.items():
+        name = f"{prefix}{key}"
+        if torch.is_tensor(value):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update(flatten_outputs(value, name + "."))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                flat.update(flatten_outputs(item, f"{name}.{i}."))
+    return flat

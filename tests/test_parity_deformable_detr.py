@@ -1,0 +1,67 @@
+"""The Deformable-DETR fixture (official code on CPU): outputs, losses, gradients, detections."""
+import pytest
+import torch
+from conftest import load_fixture
+from parity_utils import fixture_batch, fixture_state_dict, flatten_outputs, rel_err
+
+from msdetr.official import from_official, official_names
+
+TOL_OUT = 2e-5
+TOL_GRAD = 1e-4
+
+
+@pytest.fixture(scope="module")
+def run():
+    fx = load_fixture("deformable_detr.pt")
+    module = from_official(fixture_state_dict(fx), fx["flags"])
+    images, mask = fixture_batch(fx)
+    module.train()
+    outputs = module.model(images, mask)
+    losses = module.criterion(outputs, fx["targets"])
+    total = module.criterion.total(losses)
+    total.backward()
+    module.eval()
+    with torch.no_grad():
+        eval_out = module.model(images, mask)
+    detections = module.postprocess(eval_out, fx["orig_sizes"])
+    return fx, module, outputs, losses, total, eval_out, detections
+
+
+def test_outputs(run):
+    fx, _, outputs, *_ = run
+    expected = flatten_outputs(fx["outputs"])
+    actual = flatten_outputs(outputs)
+    assert set(expected) <= set(actual)
+    for name, value in expected.items():
+        assert rel_err(actual[name], value) < TOL_OUT, name
+
+
+def test_losses_and_weights(run):
+    fx, module, _, losses, total, *_ = run
+    assert set(losses) == set(fx["losses"])
+    for name, value in fx["losses"].items():
+        assert rel_err(losses[name], value) < TOL_OUT, name
+    assert module.criterion.weight_dict == fx["weight_dict"]
+    assert rel_err(total, fx["total_loss"]) < TOL_OUT
+
+
+def test_gradient_norms(run):
+    fx, module, *_ = run
+    names = official_names(module)
+    grads = {names[n]: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert set(grads) == set(fx["grad_norms"])
+    for name, (norm, total) in fx["grad_norms"].items():
+        g = grads[name].double()
+        assert abs(g.norm() - norm) <= TOL_GRAD * abs(norm), name
+    for name, expected in fx["grads"].items():
+        assert rel_err(grads[name], expected) < TOL_GRAD, name
+
+
+def test_detections(run):
+    fx, _, _, _, _, eval_out, detections = run
+    for name, value in flatten_outputs(fx["eval_outputs"]).items():
+        assert rel_err(flatten_outputs(eval_out)[name], value) < TOL_OUT, name
+    for det, ref in zip(detections, fx["detections"]):
+        assert torch.equal(det["labels"], ref["labels"])
+        assert rel_err(det["scores"], ref["scores"]) < TOL_OUT
+        assert rel_err(det["boxes"], ref["boxes"]) < TOL_OUT
