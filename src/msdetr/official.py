@@ -33,11 +33,16 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "cls_loss_coef": 2.0, "bbox_loss_coef": 5.0, "giou_loss_coef": 2.0, "focal_alpha": 0.25,
     # H-DETR / MS-DETR "++" tricks
     "mixed_selection": False, "look_forward_twice": False,
+    # MS-DETR (root code; impl_a is recognised by its separate o2m class heads)
+    "use_ms_detr": False, "use_aux_ffn": False, "topk_eval": 100,
+    # DETA
+    "assign_first_stage": False, "assign_second_stage": False,
 }
 
-# Flags whose methods this release cannot build yet: a checkpoint that needs one is refused clearly.
+# Flags whose training or inference this release cannot reproduce yet: such a module is refused
+# clearly (the architecture itself is built by `build_model`, so its checkpoints still convert).
 _UNSUPPORTED = {
-    "use_ms_detr": "MS-DETR's one-to-many decoder", "assign_first_stage": "DETA's stage-1 assigner",
+    "use_ms_detr": "MS-DETR's one-to-many supervision", "assign_first_stage": "DETA's NMS proposal selection",
     "assign_second_stage": "DETA's stage-2 assigner", "masks": "segmentation heads",
 }
 
@@ -95,24 +100,40 @@ def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return depth.get((bottleneck, max(blocks) + 1))
 
 
-def build_from_args(args: Mapping[str, Any], num_classes: int = 91, pretrained_backbone: bool | str = False
-                    ) -> DetectionModule:
-    """The DetectionModule the official flags describe (weights random)."""
-    for flag, what in _UNSUPPORTED.items():
-        if args.get(flag):
-            raise NotImplementedError(f"the official flag --{flag} ({what}) is not supported by this converter yet.")
+def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
+                pretrained_backbone: bool | str = False) -> DeformableDETR:
+    """The detector the official flags (and, for MS-DETR impl_a, the checkpoint keys) describe."""
     if args.get("position_embedding", "sine") != "sine":
         raise NotImplementedError("only the sine position embedding of the official code is supported.")
+    if args.get("masks"):
+        raise NotImplementedError("the official --masks (segmentation) heads are not supported.")
+    ms_detr = bool(args.get("use_ms_detr"))
+    impl_a = ms_detr and any(k.startswith("class_embed_o2m.") for k in keys)
     backbone = Backbone(args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
                         return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
-    model = DeformableDETR(
+    return DeformableDETR(
         backbone, num_classes=num_classes, num_queries=args["num_queries"], hidden_dim=args["hidden_dim"],
         nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
         dim_feedforward=args["dim_feedforward"], dropout=args["dropout"],
         num_feature_levels=args["num_feature_levels"], enc_n_points=args["enc_n_points"],
         dec_n_points=args["dec_n_points"], two_stage=args["two_stage"], with_box_refine=args["with_box_refine"],
         mixed_selection=args["mixed_selection"], look_forward_twice=args["look_forward_twice"],
+        # MS-DETR root code = Figure 4 (c): cross-attention first, o2m tapped after it; impl_a = (a).
+        cross_attn_first=ms_detr and not impl_a,
+        o2m_tap=("output" if impl_a else "cross_attn") if ms_detr else None,
+        aux_ffn=ms_detr and not impl_a and bool(args.get("use_aux_ffn")),
+        o2m_separate_class_heads=impl_a,
+        pix_trans=bool(args.get("assign_first_stage")),
     )
+
+
+def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
+                    pretrained_backbone: bool | str = False) -> DetectionModule:
+    """The DetectionModule (detector, criterion, post-processing, optimiser settings) of the flags."""
+    for flag, what in _UNSUPPORTED.items():
+        if args.get(flag):
+            raise NotImplementedError(f"the official flag --{flag} ({what}) is not supported by this release yet.")
+    model = build_model(args, num_classes, keys, pretrained_backbone)
     matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
                                focal_alpha=args["focal_alpha"])
     weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
@@ -121,16 +142,17 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, pretrained_b
         branches.append(Branch("enc_outputs", matcher, dict(weights), suffix="_enc", aux=False, binary=True))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
     return DetectionModule(
-        model, criterion, TopKPostProcess(args.get("topk_eval", 100)), lr=args["lr"],
+        model, criterion, TopKPostProcess(args["topk_eval"]), lr=args["lr"],
         lr_backbone=args["lr_backbone"], lr_linear_proj_mult=args["lr_linear_proj_mult"],
         weight_decay=args["weight_decay"], lr_drop_epochs=[args["lr_drop"]],
     )
 
 
 # -- names ------------------------------------------------------------------------------------
-_FFN = re.compile(r"(transformer\.(?:encoder|decoder)\.layers\.\d+\.)ffn\.")
+_FFN = re.compile(r"(transformer\.(?:encoder|decoder)\.layers\.\d+\.)(?:ffn|aux_ffn)\.")
 _FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|norm2)\.|"
-                       r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.")
+                       r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.|"
+                       r"(transformer\.decoder\.layers\.\d+\.)(linear3|linear4|norm4)\.")
 
 
 def _to_official_name(name: str) -> str:
@@ -142,17 +164,31 @@ def _to_official_name(name: str) -> str:
 def _from_official_name(name: str) -> str:
     if name.startswith("backbone.0.body."):
         name = "backbone.body." + name[len("backbone.0.body."):]
-    return _FFN_BACK.sub(lambda m: f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}.", name)
+    def repl(m: re.Match) -> str:
+        if m.group(5):
+            return f"{m.group(5)}aux_ffn.{m.group(6)}."
+        return f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}."
+
+    return _FFN_BACK.sub(repl, name)
 
 
-def _aliases(model: DeformableDETR) -> dict[str, str]:
-    """Official modules registered twice: head prefix -> the transformer.decoder alias."""
-    out = {}
+def _aliases(model: DeformableDETR) -> list[tuple[str, str, bool]]:
+    """Heads the official model registers under a second name: (head prefix, alias prefix, alias
+    registered after the head). Loading a state dict, the official model keeps the value of the
+    name it visits last, so that one wins here too."""
+    out = []
     if model.with_box_refine:
-        out["bbox_embed."] = "transformer.decoder.bbox_embed."
+        out.append(("bbox_embed.", "transformer.decoder.bbox_embed.", False))
     if model.two_stage:
-        out["class_embed."] = "transformer.decoder.class_embed."
+        out.append(("class_embed.", "transformer.decoder.class_embed.", False))
+    if hasattr(model, "class_embed_o2m"):
+        # MS-DETR impl_a: bbox_embed_o2m = bbox_embed[:-1], set after the heads.
+        out.append(("bbox_embed.", "bbox_embed_o2m.", True))
     return out
+
+
+def _alias_indices(model: DeformableDETR, alias: str) -> int:
+    return len(model.class_embed_o2m) if alias == "bbox_embed_o2m." else len(model.bbox_embed)
 
 
 def _unwrap(module) -> DeformableDETR:
@@ -167,9 +203,9 @@ def official_names(module) -> dict[str, str]:
     out = {}
     for name, _ in model.named_parameters():
         official = _to_official_name(name)
-        # The official model registers the transformer first, so a shared head is named by its alias.
-        for head, alias in aliases.items():
-            if official.startswith(head):
+        # named_parameters() names a shared tensor by its first registration: the transformer's alias.
+        for head, alias, after in aliases:
+            if official.startswith(head) and not after:
                 official = alias + official[len(head):]
         out[prefix + name] = official
     return out
@@ -181,20 +217,24 @@ def to_official(module) -> dict[str, torch.Tensor]:
     sd = {}
     for name, tensor in model.state_dict().items():
         sd[_to_official_name(name)] = tensor
-    for head, alias in _aliases(model).items():
+    for head, alias, _ in _aliases(model):
+        count = _alias_indices(model, alias)
         for name in [k for k in sd if k.startswith(head)]:
-            sd[alias + name[len(head):]] = sd[name]
+            rest = name[len(head):]
+            if int(rest.split(".")[0]) < count:
+                sd[alias + rest] = sd[name]
     return sd
 
 
 def _convert_state_dict(model: DeformableDETR, official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    alias_prefixes = tuple(_aliases(model).values())
-    mine = {}
-    for name, tensor in official.items():
-        if name.startswith(alias_prefixes):
-            continue  # the same tensors as the heads themselves
-        mine[_from_official_name(name)] = tensor
-    return mine
+    official = dict(official)
+    for head, alias, after in _aliases(model):
+        for name in [k for k in official if k.startswith(alias)]:
+            tensor = official.pop(name)
+            canonical = head + name[len(alias):]
+            if after or canonical not in official:
+                official[canonical] = tensor
+    return {_from_official_name(name): tensor for name, tensor in official.items()}
 
 
 def load_official_state_dict(module: DetectionModule, official: Mapping[str, torch.Tensor]) -> None:
@@ -259,6 +299,7 @@ def from_official(checkpoint, flags=None, pretrained_backbone: bool | str = Fals
     # The weights say which ResNet they are (the parity fixtures run ResNet-18 through the --backbone
     # resnet50 code path, so the flag alone is not enough).
     args["backbone"] = _infer_backbone(state_dict) or args["backbone"]
-    module = build_from_args(args, num_classes=_num_classes(state_dict), pretrained_backbone=pretrained_backbone)
+    module = build_from_args(args, num_classes=_num_classes(state_dict), keys=state_dict.keys(),
+                             pretrained_backbone=pretrained_backbone)
     load_official_state_dict(module, state_dict)
     return module

@@ -52,9 +52,16 @@ class DeformableDETR(nn.Module):
         with_box_refine: bool = False,
         mixed_selection: bool = False,
         look_forward_twice: bool = False,
+        cross_attn_first: bool = False,
+        o2m_tap: str | None = None,
+        aux_ffn: bool = False,
+        o2m_separate_class_heads: bool = False,
+        pix_trans: bool = False,
         attn_backend: str = "auto",
     ):
         super().__init__()
+        if o2m_separate_class_heads and o2m_tap is None:
+            raise ValueError("o2m_separate_class_heads needs a one-to-many stream; set o2m_tap as well.")
         if mixed_selection and not two_stage:
             raise ValueError("mixed_selection needs two_stage=true (it mixes learned content with two-stage positions).")
         if look_forward_twice and not with_box_refine:
@@ -74,7 +81,7 @@ class DeformableDETR(nn.Module):
         self.transformer = DeformableTransformer(
             hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, num_feature_levels,
             enc_n_points, dec_n_points, two_stage, num_queries, mixed_selection, look_forward_twice,
-            with_box_refine, attn_backend,
+            with_box_refine, cross_attn_first, o2m_tap, aux_ffn, pix_trans, attn_backend,
         )
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
@@ -100,6 +107,9 @@ class DeformableDETR(nn.Module):
         if two_stage:
             for head in self.bbox_embed:
                 nn.init.zeros_(head.layers[-1].bias[2:])
+        if o2m_separate_class_heads:
+            # MS-DETR Figure 4 (a): one-to-many class heads of their own, box heads shared.
+            self.class_embed_o2m = copy.deepcopy(self.class_embed[:dec_layers])
 
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
@@ -128,12 +138,13 @@ class DeformableDETR(nn.Module):
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
         return srcs, masks, pos
 
-    def head_outputs(self, hidden, box_refs, boxes):
-        """Class logits and boxes of every decoder layer."""
+    def head_outputs(self, hidden, box_refs, boxes=None, class_heads=None):
+        """Class logits and boxes of every decoder layer (boxes given: the decoder's refined ones)."""
+        class_heads = self.class_embed if class_heads is None else class_heads
         logits, coords = [], []
         for lvl, h in enumerate(hidden):
-            logits.append(self.class_embed[lvl](h))
-            if self.with_box_refine:
+            logits.append(class_heads[lvl](h))
+            if boxes:
                 coords.append(boxes[lvl])
                 continue
             delta = self.bbox_embed[lvl](h)
@@ -145,17 +156,24 @@ class DeformableDETR(nn.Module):
             coords.append(delta.sigmoid())
         return logits, coords
 
+    @staticmethod
+    def _stream(logits: list[torch.Tensor], coords: list[torch.Tensor]) -> dict:
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": coords[-1],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+        }
+
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
         query_embed = self.query_embed.weight if hasattr(self, "query_embed") else None
         t = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed)
-        logits, coords = self.head_outputs(t["hidden"], t["box_refs"], t["boxes"])
-        out = {
-            "pred_logits": logits[-1],
-            "pred_boxes": coords[-1],
-            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
-            "init_reference": t["init_reference"],
-        }
+        out = self._stream(*self.head_outputs(t["hidden"], t["box_refs"], t["boxes"]))
+        out["init_reference"] = t["init_reference"]
+        if t["hidden_o2m"] and t["hidden_o2m"][0] is not None:
+            # One-to-many predictions use the same reference as the one-to-one ones of their layer.
+            heads = getattr(self, "class_embed_o2m", None)
+            out["o2m_outputs"] = self._stream(*self.head_outputs(t["hidden_o2m"], t["box_refs"], class_heads=heads))
         if self.two_stage:
             out["enc_outputs"] = {
                 "pred_logits": t["enc_class"],

@@ -75,11 +75,24 @@ class DeformableEncoder(nn.Module):
         return src
 
 
-class DecoderLayer(nn.Module):
-    """Self-attention -> deformable cross-attention -> FFN, each with add & LayerNorm."""
+O2M_TAPS = (None, "self_attn", "cross_attn", "output")
 
-    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, backend="auto"):
+
+class DecoderLayer(nn.Module):
+    """Self-attention, deformable cross-attention and FFN, each with add & LayerNorm.
+
+    `cross_attn_first` swaps the two attentions (MS-DETR Figure 4 b/c). `o2m_tap` names where a
+    one-to-many stream leaves the layer (after `self_attn`, after `cross_attn`, or the `output`);
+    `aux_ffn` passes it through its own FFN first. The o2m stream is only computed in training.
+    """
+
+    def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4, backend="auto",
+                 cross_attn_first: bool = False, o2m_tap: str | None = None, aux_ffn: bool = False):
         super().__init__()
+        if o2m_tap not in O2M_TAPS:
+            raise ValueError(f"unknown o2m_tap {o2m_tap!r}; choose one of {O2M_TAPS}.")
+        if aux_ffn and o2m_tap is None:
+            raise ValueError("aux_ffn transforms the one-to-many stream; set o2m_tap as well.")
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
@@ -87,6 +100,10 @@ class DecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FFN(d_model, d_ffn, dropout, ("linear1", "linear2", "norm3"))
+        self.cross_attn_first = cross_attn_first
+        self.o2m_tap = o2m_tap
+        if aux_ffn:
+            self.aux_ffn = FFN(d_model, d_ffn, dropout, ("linear3", "linear4", "norm4"))
 
     def self_attention(self, tgt, query_pos, attn_mask=None):
         q = k = tgt + query_pos
@@ -99,17 +116,36 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
                 self_attn_mask=None):
-        tgt = self.self_attention(tgt, query_pos, self_attn_mask)
-        tgt = self.cross_attention(tgt, query_pos, reference_points, src, spatial_shapes, level_start_index,
-                                   padding_mask)
-        return self.ffn(tgt)
+        """-> (one-to-one features, one-to-many features or None)."""
+        def cross(x):
+            return self.cross_attention(x, query_pos, reference_points, src, spatial_shapes, level_start_index,
+                                        padding_mask)
+
+        def self_(x):
+            return self.self_attention(x, query_pos, self_attn_mask)
+
+        steps = (("cross_attn", cross), ("self_attn", self_)) if self.cross_attn_first else \
+            (("self_attn", self_), ("cross_attn", cross))
+        tap = self.o2m_tap if self.training else None
+        o2m = None
+        for name, step in steps:
+            tgt = step(tgt)
+            if name == tap:
+                o2m = tgt
+        tgt = self.ffn(tgt)
+        if tap == "output":
+            o2m = tgt
+        if o2m is not None and hasattr(self, "aux_ffn"):
+            o2m = self.aux_ffn(o2m)
+        return tgt, o2m
 
 
 class DeformableDecoder(nn.Module):
     """Runs the layers; with `bbox_embed` given (box refinement) each layer refines the reference boxes.
 
-    Returns per layer the hidden states, the reference each layer's box head is added to (detached
-    input reference, or with look-forward-twice the non-detached one) and the refined boxes.
+    Returns per layer the hidden states, the one-to-many hidden states (None where not computed), the
+    reference each layer's box head is added to (detached input reference, or with look-forward-twice
+    the non-detached one) and the refined boxes.
     """
 
     def __init__(self, layer: DecoderLayer, num_layers: int, look_forward_twice: bool = False):
@@ -120,16 +156,17 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios, query_pos,
                 padding_mask, bbox_embed: nn.ModuleList | None = None, self_attn_mask=None):
-        hidden, box_refs, boxes = [], [], []
+        hidden, hidden_o2m, box_refs, boxes = [], [], [], []
         ref_for_head = reference_points  # what layer l's box head is added to
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
-            tgt = layer(tgt, query_pos, ref_input, src, spatial_shapes, level_start_index, padding_mask,
-                        self_attn_mask)
+            tgt, tgt_o2m = layer(tgt, query_pos, ref_input, src, spatial_shapes, level_start_index, padding_mask,
+                                 self_attn_mask)
             hidden.append(tgt)
+            hidden_o2m.append(tgt_o2m)
             box_refs.append(ref_for_head)
             if bbox_embed is not None:
                 delta = bbox_embed[lid](tgt)
@@ -145,7 +182,7 @@ class DeformableDecoder(nn.Module):
                     boxes.append(new_ref)
                 reference_points = new_ref.detach()
                 ref_for_head = new_ref if self.look_forward_twice else reference_points
-        return hidden, box_refs, boxes
+        return hidden, hidden_o2m, box_refs, boxes
 
 
 class DeformableTransformer(nn.Module):
@@ -167,6 +204,10 @@ class DeformableTransformer(nn.Module):
         mixed_selection: bool = False,
         look_forward_twice: bool = False,
         with_box_refine: bool = False,
+        cross_attn_first: bool = False,
+        o2m_tap: str | None = None,
+        aux_ffn: bool = False,
+        pix_trans: bool = False,
         attn_backend: str = "auto",
     ):
         super().__init__()
@@ -179,7 +220,7 @@ class DeformableTransformer(nn.Module):
                                  attn_backend)
         self.encoder = DeformableEncoder(enc_layer, num_encoder_layers)
         dec_layer = DecoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, dec_n_points,
-                                 attn_backend)
+                                 attn_backend, cross_attn_first, o2m_tap, aux_ffn)
         self.decoder = DeformableDecoder(dec_layer, num_decoder_layers, look_forward_twice)
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         if two_stage:
@@ -187,7 +228,13 @@ class DeformableTransformer(nn.Module):
             self.enc_output_norm = nn.LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
             self.pos_trans_norm = nn.LayerNorm(d_model * 2)
-        else:
+        elif pix_trans:
+            raise ValueError("pix_trans adds the selected encoder features to two-stage queries; set two_stage=true.")
+        self.pix_trans_enabled = pix_trans
+        if pix_trans:
+            self.pix_trans = nn.Linear(d_model, d_model)
+            self.pix_trans_norm = nn.LayerNorm(d_model)
+        if not two_stage:
             self.reference_points = nn.Linear(d_model, 2)
         self.reset_parameters()
 
@@ -249,14 +296,14 @@ class DeformableTransformer(nn.Module):
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios
 
-    def select_proposals(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor) -> torch.Tensor:
-        """Top-k tokens by the channel-0 encoder logit; on maps smaller than k the picks repeat."""
+    def select_proposals(self, enc_class: torch.Tensor) -> torch.Tensor:
+        """(B, k) token indices: top-k by the channel-0 encoder logit; on maps smaller than k they repeat."""
         num_tokens = enc_class.shape[1]
         k = self.two_stage_num_proposals
         topk = torch.topk(enc_class[..., 0], min(k, num_tokens), dim=1)[1]
         if num_tokens < k:  # tiny images: cycle the ranked tokens instead of failing in topk
             topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
-        return torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
+        return topk
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, class_embed=None, bbox_embed=None,
                 self_attn_mask=None):
@@ -271,7 +318,8 @@ class DeformableTransformer(nn.Module):
             num_dec = self.decoder.num_layers
             enc_class = class_embed[num_dec](output_memory)
             enc_coord_unact = bbox_embed[num_dec](output_memory) + proposals
-            topk_coords_unact = self.select_proposals(enc_class, enc_coord_unact).detach()
+            topk = self.select_proposals(enc_class)
+            topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact)))
             if self.mixed_selection:
@@ -279,6 +327,10 @@ class DeformableTransformer(nn.Module):
                 tgt = query_embed.unsqueeze(0).expand(bs, -1, -1)
             else:
                 query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+            if self.pix_trans_enabled:
+                # DETA: the selected tokens' own (detached) features join the query content.
+                feats = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, c)).detach()
+                tgt = tgt + self.pix_trans_norm(self.pix_trans(feats))
             out.update(enc_class=enc_class, enc_coord_unact=enc_coord_unact, proposals=proposals,
                        output_memory=output_memory)
         else:
@@ -288,7 +340,7 @@ class DeformableTransformer(nn.Module):
             reference_points = self.reference_points(query_pos).sigmoid()
         out["init_reference"] = reference_points
         refine = bbox_embed if self.decoder_refines else None
-        hidden, box_refs, boxes = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
+        hidden, hidden_o2m, box_refs, boxes = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
                                                valid_ratios, query_pos, mask, refine, self_attn_mask)
-        out.update(hidden=hidden, box_refs=box_refs, boxes=boxes)
+        out.update(hidden=hidden, hidden_o2m=hidden_o2m, box_refs=box_refs, boxes=boxes)
         return out

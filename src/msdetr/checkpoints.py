@@ -1,0 +1,29 @@
+"""Load weights into a configured DetectionModule from this project's .ckpt or an official .pth."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .lit import DetectionModule
+from .official import load_official_state_dict, read_official_checkpoint
+
+
+def load_weights(module: DetectionModule, path: str) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; check ckpt_path.")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
+        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint '{path}' was trained with another architecture ({len(missing)} missing keys, "
+                f"e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}); evaluate it with "
+                "the model/matcher config it was trained with."
+            )
+        return
+    state_dict, _ = read_official_checkpoint(path)
+    load_official_state_dict(module, state_dict)

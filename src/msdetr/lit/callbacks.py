@@ -1,0 +1,100 @@
+"""Callbacks and plugins: prediction pictures of validation images, atomic checkpoint writes."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from ..box_ops import cxcywh_to_xyxy
+
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalized float (3, H, W) -> uint8."""
+    img = image.detach().float().cpu() * _STD + _MEAN
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | None, score_threshold: float,
+                    gt_boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """Boxes (xyxy, pixels of image_u8) with 'label score' captions; GT boxes, if given, in white."""
+    if gt_boxes is not None and len(gt_boxes):
+        image_u8 = draw_bounding_boxes(image_u8, gt_boxes, colors="white", width=1)
+    keep = det["scores"] >= score_threshold
+    boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
+    if len(boxes) == 0:
+        return image_u8
+    captions = [f"{(names or {}).get(int(l), int(l))} {float(s):.2f}" for l, s in zip(labels, scores)]
+    palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
+    colors = [palette[int(l) % len(palette)] for l in labels]
+    return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
+
+
+class PredictionImages(L.Callback):
+    """Saves a PNG grid of predictions on the first validation images (GT in white)."""
+
+    def __init__(self, dirpath: str, num_images: int = 4, score_threshold: float = 0.3, every_n_epochs: int = 0):
+        self.dirpath = Path(dirpath)
+        self.num_images = num_images
+        self.score_threshold = score_threshold
+        self.every_n_epochs = every_n_epochs
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        n = self.every_n_epochs
+        if n > 0 and not trainer.sanity_checking and (trainer.current_epoch + 1) % n == 0:
+            self.render(trainer, pl_module, f"epoch{trainer.current_epoch:03d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.render(trainer, pl_module, "final")
+
+    @torch.no_grad()
+    def render(self, trainer, pl_module, tag: str) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        dm = trainer.datamodule
+        dataset = getattr(dm, "val_dataset", None)
+        if dataset is None or len(dataset) == 0:
+            return None
+        names = getattr(dm, "category_names", None)
+        collate = getattr(type(dm), "collate_fn", None) or getattr(dm, "collate_fn")
+        batch = collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
+        images, mask, targets = batch
+        was_training = pl_module.training
+        pl_module.eval()
+        outputs = pl_module.model(images.to(pl_module.device), mask.to(pl_module.device))
+        pl_module.train(was_training)
+        # Boxes at the transformed (unpadded) size so they land on the tensor we draw.
+        sizes = torch.stack([t["size"] for t in targets]).to(pl_module.device)
+        dets = pl_module.postprocess(outputs, sizes)
+        tiles = []
+        for img, det, tgt in zip(images, dets, targets):
+            h, w = (int(v) for v in tgt["size"])
+            gt = tgt["boxes"].clone()
+            if len(gt):
+                gt = cxcywh_to_xyxy(gt) * torch.tensor([w, h, w, h], dtype=gt.dtype)
+            det = {k: v.cpu() for k, v in det.items()}
+            tiles.append(draw_detections(denormalize(img), det, names, self.score_threshold, gt))
+        grid = make_grid(tiles, nrow=min(len(tiles), 4), padding=4)
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        path = self.dirpath / f"predictions_{tag}.png"
+        write_png(grid, str(path))
+        self.last_path = path
+        return path

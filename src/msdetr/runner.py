@@ -1,0 +1,67 @@
+"""What train.py and evaluate.py do, from a composed Hydra config (the only place DictConfig is read)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .lit import DetectionModule
+from .lit.callbacks import AtomicCheckpointIO
+
+log = logging.getLogger("msdetr")
+
+
+def build_datamodule(cfg: DictConfig):
+    dm = instantiate(cfg.data)
+    if cfg.data.get("num_classes") is None:
+        # Custom datasets: num_classes = max category id + 1, read from the annotation file.
+        with open_dict(cfg):
+            cfg.data.num_classes = dm.infer_num_classes()
+        dm.num_classes = cfg.data.num_classes
+        log.info("num_classes=%d from the annotation file", cfg.data.num_classes)
+    return dm
+
+
+def build_module(cfg: DictConfig) -> DetectionModule:
+    model = instantiate(cfg.model.detector)
+    criterion = instantiate(cfg.matcher.criterion)
+    postprocess = instantiate(cfg.model.postprocess)
+    optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
+    return DetectionModule(model, criterion, postprocess, **optim)
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                       plugins=[AtomicCheckpointIO()], **overrides)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg)
+    trainer = build_trainer(cfg)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    metrics = dict(module.last_metrics)
+    if trainer.is_global_zero and metrics:
+        log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from .checkpoints import load_weights
+
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg)
+    load_weights(module, cfg.ckpt_path)
+    trainer = build_trainer(cfg)
+    trainer.validate(module, datamodule=dm)
+    return dict(module.last_metrics)
