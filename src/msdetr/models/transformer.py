@@ -321,7 +321,7 @@ class DeformableTransformer(nn.Module):
             topk = self.select_proposals(enc_class)
             topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact)))
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
             if self.mixed_selection:
                 query_pos = pos_trans_out[..., :c]
                 tgt = query_embed.unsqueeze(0).expand(bs, -1, -1)

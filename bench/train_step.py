@@ -1,0 +1,101 @@
+"""Seconds per training step on CPU (or GPU), split into forward / criterion / backward.
+
+python bench/train_step.py [--matcher hungarian] [--steps 5] [--device cpu] [--backbone resnet50]
+Default: two-stage + box refinement, 2 images ~384x512, 300 queries, 20 GTs per image.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(matcher: str, model: str, backbone: str, num_classes: int):
+    from msdetr.runner import build_module
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"model={model}", f"matcher={matcher}", "~experiment", "data=coco",
+            f"data.num_classes={num_classes}", f"model.detector.backbone.name={backbone}",
+            "model.detector.backbone.pretrained=false",
+        ])
+    return build_module(cfg)
+
+
+def synthetic_batch(num_gts: int, num_classes: int, device, generator):
+    sizes = [(384, 512), (352, 480)]
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    images = torch.randn(len(sizes), 3, h, w, generator=generator)
+    mask = torch.ones(len(sizes), h, w, dtype=torch.bool)
+    targets = []
+    for i, (ih, iw) in enumerate(sizes):
+        mask[i, :ih, :iw] = False
+        centers = torch.rand(num_gts, 2, generator=generator) * 0.6 + 0.2
+        wh = torch.rand(num_gts, 2, generator=generator) * 0.3 + 0.05
+        targets.append({"labels": torch.randint(1, num_classes, (num_gts,), generator=generator).to(device),
+                        "boxes": torch.cat([centers, wh], 1).to(device)})
+    return images.to(device), mask.to(device), targets
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--matcher", default="hungarian")
+    p.add_argument("--model", default="deformable_detr_two_stage_refine")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--gts", type=int, default=20)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    num_classes = 91
+    module = build(args.matcher, args.model, args.backbone, num_classes).to(device)
+    module.train()
+    gen = torch.Generator().manual_seed(0)
+    images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen)
+    times = {"forward": [], "criterion": [], "backward": []}
+    for step in range(args.warmup + args.steps):
+        module.zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        out = module.model(images, mask)
+        sync(device)
+        t1 = time.perf_counter()
+        losses = module.criterion(out, targets)
+        total = module.criterion.total(losses)
+        sync(device)
+        t2 = time.perf_counter()
+        total.backward()
+        sync(device)
+        t3 = time.perf_counter()
+        if step >= args.warmup:
+            times["forward"].append(t1 - t0)
+            times["criterion"].append(t2 - t1)
+            times["backward"].append(t3 - t2)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    step_s = sum(med.values())
+    print(f"# train step: model={args.model} matcher={args.matcher} backbone={args.backbone} "
+          f"device={device} threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} "
+          f"steps={args.steps} (median)")
+    print("| part | seconds | share |")
+    print("|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} | {100 * v / step_s:.1f}% |")
+    print(f"| step | {step_s:.3f} | 100% |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

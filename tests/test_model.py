@@ -1,0 +1,114 @@
+"""Detector behaviour beyond the fixtures: any levels/queries/classes, tiny images, options, errors."""
+import pytest
+import torch
+
+from msdetr.losses import Branch, SetCriterion
+from msdetr.matching import HungarianMatcher
+from msdetr.models import Backbone, DeformableDETR
+from msdetr.postprocess import TopKPostProcess
+
+
+def tiny(**kw):
+    opts = dict(num_classes=5, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
+                dim_feedforward=64, dropout=0.0)
+    opts.update(kw)
+    return DeformableDETR(Backbone("resnet18", pretrained=False), **opts)
+
+
+def batch(h=64, w=80):
+    images = torch.randn(2, 3, h, w)
+    mask = torch.zeros(2, h, w, dtype=torch.bool)
+    mask[1, h // 2:, :] = True
+    mask[1, :, w // 2:] = True
+    return images, mask
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(with_box_refine=True),
+    dict(two_stage=True, with_box_refine=True),
+    dict(two_stage=True),
+    dict(two_stage=True, with_box_refine=True, mixed_selection=True, look_forward_twice=True),
+    dict(num_feature_levels=5, two_stage=True, with_box_refine=True, pix_trans=True),
+    dict(num_feature_levels=3),
+    dict(two_stage=True, with_box_refine=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
+    dict(two_stage=True, with_box_refine=True, o2m_tap="output", o2m_separate_class_heads=True),
+    dict(two_stage=True, with_box_refine=True, o2m_tap="self_attn"),
+])
+def test_variants_forward_backward(kw):
+    model = tiny(**kw)
+    images, mask = batch()
+    out = model(images, mask)
+    assert out["pred_logits"].shape == (2, 7, 5) and out["pred_boxes"].shape == (2, 7, 4)
+    assert len(out["aux_outputs"]) == 1
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    if kw.get("two_stage"):
+        assert out["enc_outputs"]["pred_logits"].shape[1] == out["enc_outputs"]["anchors"].shape[1]
+    if kw.get("o2m_tap"):
+        assert out["o2m_outputs"]["pred_logits"].shape == (2, 7, 5)
+        model.eval()
+        assert "o2m_outputs" not in model(images, mask)  # never computed at inference
+        model.train()
+    sum(v.float().sum() for v in out["pred_boxes"]).backward()
+
+
+def test_tiny_image_fewer_tokens_than_queries():
+    # 32x32 gives 16+4+1+1 = 22 tokens over four levels, fewer than 50 queries: no crash.
+    model = tiny(num_queries=50, two_stage=True, with_box_refine=True)
+    out = model(*batch(32, 32))
+    assert out["pred_boxes"].shape == (2, 50, 4)
+    assert torch.isfinite(out["pred_logits"]).all()
+
+
+def test_criterion_handles_images_without_boxes():
+    model = tiny(two_stage=True, with_box_refine=True)
+    out = model(*batch())
+    matcher = HungarianMatcher()
+    crit = SetCriterion(5, [Branch("main", matcher), Branch("enc_outputs", matcher, suffix="_enc", aux=False, binary=True)])
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
+               {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}]
+    losses = crit(out, targets)
+    total = crit.total(losses)
+    assert torch.isfinite(total)
+    total.backward()
+    empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
+    losses = crit(model(*batch()), empty)
+    assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0
+
+
+def test_matcher_rejects_nonfinite_costs():
+    outputs = {"pred_logits": torch.full((1, 3, 2), float("nan")), "pred_boxes": torch.rand(1, 3, 4)}
+    targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}]
+    with pytest.raises(FloatingPointError, match="NaN/inf"):
+        HungarianMatcher()(outputs, targets)
+
+
+def test_matcher_is_optimal_on_a_toy_problem():
+    boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1], [0.5, 0.5, 0.3, 0.3]]])
+    outputs = {"pred_logits": torch.zeros(1, 3, 2), "pred_boxes": boxes}
+    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.8, 0.8, 0.1, 0.1], [0.2, 0.2, 0.1, 0.1]])}]
+    (rows, cols), = HungarianMatcher()(outputs, targets)
+    assert dict(zip(rows.tolist(), cols.tolist())) == {0: 1, 1: 0}
+
+
+def test_criterion_names_a_missing_stream():
+    model = tiny()  # one-stage: no encoder outputs
+    crit = SetCriterion(5, [Branch("enc_outputs", HungarianMatcher(), suffix="_enc", binary=True)])
+    with pytest.raises(KeyError, match="two_stage=true"):
+        crit(model(*batch()), [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2)
+
+
+def test_postprocess_scales_to_original_size():
+    logits = torch.full((1, 2, 3), -10.0)
+    logits[0, 1, 2] = 10.0
+    boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 0.2]]])
+    det = TopKPostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    assert det["labels"][0] == 2
+    torch.testing.assert_close(det["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))
+
+
+@pytest.mark.parametrize("bad", [dict(mixed_selection=True), dict(look_forward_twice=True),
+                                 dict(pix_trans=True), dict(o2m_tap="nowhere"), dict(aux_ffn=True)])
+def test_inconsistent_options_are_refused(bad):
+    with pytest.raises(ValueError):
+        tiny(**bad)
