@@ -11,6 +11,7 @@ from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..box_ops import cxcywh_to_xyxy
+from ..data import collate
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -74,7 +75,6 @@ class PredictionImages(L.Callback):
         if dataset is None or len(dataset) == 0:
             return None
         names = getattr(dm, "category_names", None)
-        collate = getattr(type(dm), "collate_fn", None) or getattr(dm, "collate_fn")
         batch = collate([dataset[i] for i in range(min(self.num_images, len(dataset)))])
         images, mask, targets = batch
         was_training = pl_module.training

@@ -1,0 +1,114 @@
+"""End to end through the Hydra configs: train, predictions picture, resume, config errors, DDP."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from msdetr.runner import build_datamodule, build_module, build_trainer, evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.detector.num_queries=10", "model.detector.hidden_dim=64", "model.detector.enc_layers=1",
+    "model.detector.dec_layers=2", "model.detector.dim_feedforward=64", "model.postprocess.num_select=10",
+    "data.synthetic_train=8", "data.synthetic_val=4", "data.batch_size=4", "data.num_workers=0",
+    "data.train_scales=[64,80]", "data.max_size=96", "data.crop_resize=[64]", "data.crop_size=[48,64]",
+    "data.eval_size=64", "model.detector.backbone.pretrained=false", "logger=csv",
+]
+
+
+def config(tmp_path, *overrides, name="train"):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=[*TINY, f"paths.data_root={tmp_path / 'data'}",
+                                        f"paths.output_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_train_writes_checkpoint_metrics_and_picture(tmp_path):
+    cfg = config(tmp_path, "schedule.epochs=1", "trainer.check_val_every_n_epoch=1")
+    metrics = train(cfg)
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temporaries
+    png = run / "predictions" / "predictions_final.png"
+    assert png.is_file() and png.stat().st_size > 1000
+    assert list((run / "csv").rglob("metrics.csv"))
+    # The same checkpoint evaluates through evaluate.py's code path.
+    ev_cfg = config(tmp_path, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "data=synthetic",
+                    "callbacks=none", name="evaluate")
+    again = evaluate(ev_cfg)
+    assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+class _Kill(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated kill after epoch 1")
+
+
+class _Capture(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.epoch = trainer.current_epoch
+        self.step = trainer.global_step
+        self.sched_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
+        self.opt_state = {k: v["step"].clone() for k, v in opt.state.items()}
+        self.lrs = [g["lr"] for g in opt.param_groups]
+
+
+def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
+    cfg = config(tmp_path, "schedule.epochs=3", "schedule.optim.lr_drop_epochs=[1]", "callbacks.predictions=null")
+    L.seed_everything(0)
+    dm, module = build_datamodule(cfg), build_module(cfg)
+    trainer = build_trainer(cfg)
+    trainer.callbacks.append(_Kill())
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        trainer.fit(module, datamodule=dm)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert saved["epoch"] == 0 and saved["global_step"] == 2
+
+    dm, module = build_datamodule(cfg), build_module(cfg)
+    trainer = build_trainer(cfg)
+    capture = _Capture()
+    trainer.callbacks.append(capture)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last))
+    assert capture.epoch == 1 and capture.step == 2
+    assert capture.sched_epoch == 1
+    assert capture.lrs == [g["lr"] for g in saved["optimizer_states"][0]["param_groups"]]
+    assert capture.lrs[0] == pytest.approx(cfg.schedule.optim.lr * 0.1)  # dropped after epoch 1
+    assert all(int(v) == 2 for v in capture.opt_state.values())
+    assert trainer.current_epoch == 3
+
+
+def _run_train(tmp_path, *args, env=None):
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.data_root={tmp_path / 'data'}",
+           f"hydra.run.dir={tmp_path / 'run'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.detector.not_an_option=1", "Key 'not_an_option' is not in struct"),
+    ("matcher=not_a_matcher", "Could not find 'matcher/not_a_matcher'"),
+])
+def test_unknown_config_option_is_one_clear_error(tmp_path, override, message):
+    result = _run_train(tmp_path, override)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_cpu(tmp_path):
+    result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
+    assert metrics and "val/AP" in metrics[0].read_text()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
