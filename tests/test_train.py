@@ -62,7 +62,8 @@ class _Capture(L.Callback):
 
 
 def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
-    cfg = config(tmp_path, "schedule.epochs=3", "schedule.optim.lr_drop_epochs=[1]", "callbacks.predictions=null")
+    cfg = config(tmp_path, "schedule.epochs=3", "schedule.optim.lr_drop_epochs=[1]", "callbacks.predictions=null",
+                 "trainer.check_val_every_n_epoch=1")
     L.seed_everything(0)
     dm, module = build_datamodule(cfg), build_module(cfg)
     trainer = build_trainer(cfg)

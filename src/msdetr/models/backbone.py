@@ -35,9 +35,10 @@ class ResNetBody(nn.Module):
         return [c3, c4, c5]
 
 
-def _load_resnet(name: str, pretrained: bool | str, dilation: bool) -> torchvision.models.ResNet:
+def _load_resnet(name: str, pretrained: bool | str, dilation: bool, norm: str) -> torchvision.models.ResNet:
     builder = getattr(torchvision.models, name)
-    kwargs = dict(replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+    norm_layer = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}[norm]
+    kwargs = dict(replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
     if isinstance(pretrained, str) and pretrained not in ("", "imagenet"):
         model = builder(weights=None, **kwargs)
         state = torch.load(pretrained, map_location="cpu", weights_only=True)
@@ -62,8 +63,16 @@ def _load_resnet(name: str, pretrained: bool | str, dilation: bool) -> torchvisi
     return builder(weights=None, **kwargs)
 
 
+_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
 class Backbone(nn.Module):
-    """Frozen-BN ResNet; stem and layer1 frozen, layer2-4 trained when `train_backbone`."""
+    """ResNet with frozen BatchNorm; as in the official code the stem and layer1 stay frozen and
+    layer2-4 train when `train_backbone` (`trainable_layers` counts stages from layer4 down).
+
+    `norm="batch"` (ordinary, trained BatchNorm) and `trainable_layers=5` are for training from
+    scratch, where frozen statistics of a random init would normalize nothing.
+    """
 
     def __init__(
         self,
@@ -72,13 +81,22 @@ class Backbone(nn.Module):
         train_backbone: bool = True,
         return_interm_layers: bool = True,
         dilation: bool = False,
+        trainable_layers: int = 3,
+        norm: str = "frozen",
     ):
         super().__init__()
         if name not in _CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_CHANNELS)}.")
-        self.body = ResNetBody(_load_resnet(name, pretrained, dilation))
+        if norm not in ("frozen", "batch"):
+            raise ValueError(f"unknown backbone norm {norm!r}; use 'frozen' or 'batch'.")
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5 (stages from layer4 down), got {trainable_layers}.")
+        self.body = ResNetBody(_load_resnet(name, pretrained, dilation, norm))
+        trainable = _STAGES[:trainable_layers] if train_backbone else ()
         for pname, p in self.body.named_parameters():
-            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+            # conv1 stands for the whole stem (conv1 + bn1).
+            stage = "conv1" if pname.startswith("bn1") else pname.split(".")[0]
+            if stage not in trainable:
                 p.requires_grad_(False)
         channels = _CHANNELS[name]
         strides = (8, 16, 32 if not dilation else 16)
