@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchvision.io import write_png
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..box_ops import cxcywh_to_xyxy
@@ -51,8 +52,10 @@ def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | N
 class PredictionImages(L.Callback):
     """Saves a PNG grid of predictions on the first validation images (GT in white)."""
 
-    def __init__(self, dirpath: str, num_images: int = 4, score_threshold: float = 0.3, every_n_epochs: int = 0):
+    def __init__(self, dirpath: str, num_images: int = 4, score_threshold: float = 0.3, every_n_epochs: int = 0,
+                 min_side: int = 320):
         self.dirpath = Path(dirpath)
+        self.min_side = min_side
         self.num_images = num_images
         self.score_threshold = score_threshold
         self.every_n_epochs = every_n_epochs
@@ -87,11 +90,19 @@ class PredictionImages(L.Callback):
         tiles = []
         for img, det, tgt in zip(images, dets, targets):
             h, w = (int(v) for v in tgt["size"])
-            gt = tgt["boxes"].clone()
-            if len(gt):
-                gt = cxcywh_to_xyxy(gt) * torch.tensor([w, h, w, h], dtype=gt.dtype)
+            # Small validation images are enlarged so captions stay legible.
+            zoom = max(1, round(self.min_side / min(h, w)))
+            tile = denormalize(img[:, :h, :w])
+            if zoom > 1:
+                tile = resize(tile, [h * zoom, w * zoom], interpolation=InterpolationMode.NEAREST)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32) * zoom
+            gt = cxcywh_to_xyxy(tgt["boxes"].float()) * scale if len(tgt["boxes"]) else None
             det = {k: v.cpu() for k, v in det.items()}
-            tiles.append(draw_detections(denormalize(img), det, names, self.score_threshold, gt))
+            det["boxes"] = det["boxes"] * zoom
+            tiles.append(draw_detections(tile, det, names, self.score_threshold, gt))
+        # Tiles differ in size: pad each to the largest before the grid.
+        th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
+        tiles = [torch.nn.functional.pad(t, (0, tw - t.shape[2], 0, th - t.shape[1])) for t in tiles]
         grid = make_grid(tiles, nrow=min(len(tiles), 4), padding=4)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"predictions_{tag}.png"

@@ -111,6 +111,17 @@ class DeformableDETR(nn.Module):
             # MS-DETR Figure 4 (a): one-to-many class heads of their own, box heads shared.
             self.class_embed_o2m = copy.deepcopy(self.class_embed[:dec_layers])
 
+    def set_attn_backend(self, backend: str) -> None:
+        """Switch every deformable attention between "auto", "triton" and "reference"."""
+        from ..kernels import BACKENDS
+        from .attention import MSDeformAttn
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}.")
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.backend = backend
+
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
         projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in channels]

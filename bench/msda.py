@@ -1,0 +1,204 @@
+"""Milliseconds, GB/s against the DRAM floor and peak memory of multi-scale deformable attention:
+the Triton kernels beside the PyTorch reference (and the original CUDA extension when importable).
+
+python bench/msda.py [--iters 100] [--warmup 20] [--dtypes fp32 bf16] [--locations local|uniform]
+Cases: the encoder call (B=2, levels 100x167, 50x84, 25x42, 13x21: S = Lq = 22,223; M=8, D=32, L=4,
+P=4) and decoder calls with 300 and 900 queries on the same value. The DRAM floor counts every input
+read once and every output written once; GB/s = floor bytes / median time. Peak memory is what the
+call allocates above its inputs. L2 is flushed before each timed call unless --no-flush.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
+BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# 256 MiB: larger than the L2 of any current GPU.
+FLUSH_BYTES = 256 << 20
+
+
+def level_shapes(device):
+    shapes = torch.tensor(LEVELS, dtype=torch.int64, device=device)
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    return shapes, starts
+
+
+def reference_points(num_queries: int, device, generator) -> torch.Tensor:
+    """(num_queries, 2) normalized points: the encoder's pixel centres of every level (each query
+    samples around itself) or, for the decoder, uniform random boxes' centres."""
+    if num_queries != sum(h * w for h, w in LEVELS):
+        return torch.rand(num_queries, 2, generator=generator).to(device)
+    centres = []
+    for h, w in LEVELS:
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        centres.append(torch.stack([xs, ys], -1).flatten(0, 1))
+    return torch.cat(centres).to(device)
+
+
+def make_inputs(num_queries: int, dtype, locations: str, device, generator):
+    shapes, starts = level_shapes(device)
+    s = sum(h * w for h, w in LEVELS)
+    value = torch.randn(BATCH, s, HEADS, CHANNELS, generator=generator).to(device, dtype)
+    shape = (BATCH, num_queries, HEADS, len(LEVELS), POINTS)
+    if locations == "uniform":
+        loc = torch.rand(*shape, 2, generator=generator).to(device)
+    else:
+        # Offsets of a few pixels of each level around the query's reference point, like a trained model.
+        sizes = torch.tensor([[w, h] for h, w in LEVELS], dtype=torch.float32, device=device)
+        offsets = torch.randn(*shape, 2, generator=generator).to(device) * 2.0 / sizes[:, None, :]
+        loc = reference_points(num_queries, device, generator)[None, :, None, None, None, :] + offsets
+    logits = torch.randn(BATCH, num_queries, HEADS, len(LEVELS) * POINTS, generator=generator).to(device)
+    weights = logits.softmax(-1).view(shape).to(dtype)
+    grad_out = torch.randn(BATCH, num_queries, HEADS * CHANNELS, generator=generator).to(device, dtype)
+    return value, shapes, starts, loc, weights, grad_out
+
+
+def floor_bytes(value, loc, weights, grad_out) -> dict[str, int]:
+    def size(t):
+        return t.numel() * t.element_size()
+
+    inputs = size(value) + size(loc) + size(weights)
+    out = size(grad_out)  # the output has grad_out's shape and dtype
+    grads = size(value) + size(loc) + size(weights)
+    return {"fwd": inputs + out, "bwd": out + inputs + grads, "fwd+bwd": inputs + 2 * out + grads}
+
+
+def autograd_impl(op, value, shapes, starts, loc, weights, grad_out):
+    """fwd / bwd / fwd+bwd callables of a differentiable op; bwd replays one retained graph."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in (value, loc, weights)]
+
+    def fwd():
+        with torch.no_grad():
+            return op(inputs[0], shapes, starts, inputs[1], inputs[2])
+
+    out = op(inputs[0], shapes, starts, inputs[1], inputs[2])
+
+    def bwd():
+        return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(op(inputs[0], shapes, starts, inputs[1], inputs[2]), inputs, grad_out)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def original_impl(ext, value, shapes, starts, loc, weights, grad_out):
+    """The Deformable-DETR CUDA extension, called directly (it has no autograd of its own)."""
+    im2col_step = 64
+
+    def fwd():
+        return ext.ms_deform_attn_forward(value, shapes, starts, loc, weights, im2col_step)
+
+    def bwd():
+        return ext.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad_out, im2col_step)
+
+    def fwd_bwd():
+        return fwd(), bwd()
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def measure(fn, warmup: int, iters: int, flush: torch.Tensor | None) -> tuple[float, int]:
+    """Median milliseconds over `iters` timed calls, and the peak bytes one call allocates."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() - baseline
+
+
+def load_original_extension():
+    try:
+        import MultiScaleDeformableAttention as ext
+    except ImportError:
+        return None
+    return ext
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--queries", nargs="+", type=int, default=None,
+                   help="query counts to run (default: the encoder's 22223, then 300 and 900)")
+    p.add_argument("--locations", choices=("local", "uniform"), default="local",
+                   help="local: a few pixels around each query's reference point; uniform: anywhere")
+    p.add_argument("--no-flush", action="store_true", help="keep L2 warm between timed calls")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/msda.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("bench/msda.py: unset TRITON_INTERPRET, the interpreter would time numpy on the CPU.")
+
+    from msdetr.kernels import ms_deform_attn_reference
+    from msdetr.kernels.triton_msda import ms_deform_attn_triton
+
+    device = torch.device("cuda")
+    encoder_queries = sum(h * w for h, w in LEVELS)
+    queries = args.queries or [encoder_queries, 300, 900]
+    flush = None if args.no_flush else torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    ext = load_original_extension()
+    generator = torch.Generator().manual_seed(0)
+    floor_notes = []
+
+    print(f"# ms_deform_attn on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+          f"triton {__import__('triton').__version__}; B={BATCH} M={HEADS} D={CHANNELS} L={len(LEVELS)} "
+          f"P={POINTS} S={encoder_queries}; locations={args.locations}; median of {args.iters} after "
+          f"{args.warmup} warm-up; L2 {'warm' if args.no_flush else 'flushed'}; original CUDA op "
+          f"{'present' if ext else 'not importable'}")
+    print()
+    print("| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | fwd+bwd GB/s "
+          "| fwd / bwd / fwd+bwd peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for lq in queries:
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            value, shapes, starts, loc, weights, grad_out = make_inputs(lq, dtype, args.locations, device, generator)
+            floors = floor_bytes(value, loc, weights, grad_out)
+            floor_notes.append(f"Lq={lq} {dtype_name} " + " / ".join(f"{b / 1e6:.1f}" for b in floors.values()))
+            impls = {
+                "triton": autograd_impl(ms_deform_attn_triton, value, shapes, starts, loc, weights, grad_out),
+                "reference": autograd_impl(ms_deform_attn_reference, value, shapes, starts, loc, weights, grad_out),
+            }
+            # The extension dispatches on fp32 / fp64 only.
+            if ext is not None and dtype == torch.float32:
+                impls["original CUDA"] = original_impl(ext, value, shapes, starts, loc, weights, grad_out)
+            for name, calls in impls.items():
+                ms, peak, rate = {}, {}, {}
+                for mode, fn in calls.items():
+                    ms[mode], peak[mode] = measure(fn, args.warmup, args.iters, flush)
+                    rate[mode] = floors[mode] / (ms[mode] * 1e6)
+                modes = list(calls)
+                print(f"| {lq} | {dtype_name} | {name} | "
+                      + " | ".join(f"{ms[m]:.3f}" for m in modes) + " | "
+                      + " | ".join(f"{rate[m]:.0f}" for m in modes) + " | "
+                      + " / ".join(f"{peak[m] / 2**20:.0f}" for m in modes) + " |", flush=True)
+            del impls
+            torch.cuda.empty_cache()
+    print()
+    print("DRAM floor per call (MB, fwd / bwd / fwd+bwd): " + "; ".join(floor_notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
