@@ -16,7 +16,7 @@ import torch
 
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
-from .matching import HungarianMatcher
+from .matching import HungarianMatcher, MixedScoreTopKAssigner
 from .models import Backbone, DeformableDETR
 from .postprocess import TopKPostProcess
 
@@ -35,6 +35,8 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "mixed_selection": False, "look_forward_twice": False,
     # MS-DETR (root code; impl_a is recognised by its separate o2m class heads)
     "use_ms_detr": False, "use_aux_ffn": False, "topk_eval": 100,
+    "enc_cls_loss_coef": 2.0, "enc_bbox_loss_coef": 5.0, "enc_giou_loss_coef": 2.0,
+    "o2m_cls_loss_coef": 2.0, "o2m_bbox_loss_coef": 5.0, "o2m_giou_loss_coef": 2.0,
     # DETA
     "assign_first_stage": False, "assign_second_stage": False,
 }
@@ -42,7 +44,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
 # Flags whose training or inference this release cannot reproduce yet: such a module is refused
 # clearly (the architecture itself is built by `build_model`, so its checkpoints still convert).
 _UNSUPPORTED = {
-    "use_ms_detr": "MS-DETR's one-to-many supervision", "assign_first_stage": "DETA's NMS proposal selection",
+    "assign_first_stage": "DETA's NMS proposal selection",
     "assign_second_stage": "DETA's stage-2 assigner", "masks": "segmentation heads",
 }
 
@@ -138,8 +140,23 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterab
                                focal_alpha=args["focal_alpha"])
     weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
     branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
+    if args["use_ms_detr"]:
+        # --o2m_matcher_threshold / --o2m_matcher_k / --use_indices_merge never reach the official
+        # criterion: the released models trained with its defaults, which are this assigner's.
+        o2m_weights = {"ce": args["o2m_cls_loss_coef"], "bbox": args["o2m_bbox_loss_coef"],
+                       "giou": args["o2m_giou_loss_coef"]}
+        branches.append(Branch("o2m_outputs", MixedScoreTopKAssigner(), o2m_weights, suffix="_o2m",
+                               aux=args["aux_loss"]))
     if args["two_stage"]:
-        branches.append(Branch("enc_outputs", matcher, dict(weights), suffix="_enc", aux=False, binary=True))
+        if args["use_ms_detr"]:
+            # MS-DETR matches GTs to the fixed anchors (no class cost); the loss is on the predictions.
+            enc_matcher = HungarianMatcher(0.0, args["set_cost_bbox"], args["set_cost_giou"],
+                                           focal_alpha=args["focal_alpha"], box_key="anchors")
+            enc_weights = {"ce": args["enc_cls_loss_coef"], "bbox": args["enc_bbox_loss_coef"],
+                           "giou": args["enc_giou_loss_coef"]}
+        else:
+            enc_matcher, enc_weights = matcher, dict(weights)
+        branches.append(Branch("enc_outputs", enc_matcher, enc_weights, suffix="_enc", aux=False, binary=True))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
     return DetectionModule(
         model, criterion, TopKPostProcess(args["topk_eval"]), lr=args["lr"],
