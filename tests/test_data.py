@@ -1,159 +1,309 @@
-"""COCO-format data: the synthetic writer, targets, transforms, collate and every kind of bad input."""
+"""COCO-format data: synthetic writer, target format, transforms, collate, datamodule and every bad input."""
 import json
 import shutil
 
 import pytest
 import torch
+from PIL import Image
+from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from msdetr.data import CocoDataModule, CocoDetection, collate, write_synthetic_coco
-from msdetr.data.transforms import eval_transforms, to_normalized_cxcywh, train_transforms
+from msdetr.data.synthetic import SHAPES, main
+from msdetr.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, eval_transforms,
+                                    finalize_boxes, train_transforms)
+
+SMALL = dict(num_train=6, num_val=3)
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    return write_synthetic_coco(tmp_path_factory.mktemp("synth"), num_train=6, num_val=3)
+    return write_synthetic_coco(tmp_path_factory.mktemp("synth"), **SMALL)
 
 
-def _ann(root, split="train"):
-    return root / "annotations" / f"instances_{split}.json"
-
-
-def _copy(synth, tmp_path):
+@pytest.fixture()
+def editable(synth, tmp_path):
+    """A private copy of the synthetic set that a test may break."""
     root = tmp_path / "data"
     shutil.copytree(synth, root)
     return root
 
 
-def test_synthetic_is_deterministic_and_valid(synth, tmp_path):
-    again = write_synthetic_coco(tmp_path / "again", num_train=6, num_val=3)
-    assert _ann(synth).read_text() == _ann(again).read_text()
-    data = json.loads(_ann(synth).read_text())
-    assert [c["id"] for c in data["categories"]] == [1, 2, 3, 4]
-    assert all(a["bbox"][2] > 0 and a["bbox"][3] > 0 for a in data["annotations"])
-    mtime = _ann(synth).stat().st_mtime_ns
-    write_synthetic_coco(synth, num_train=6, num_val=3)  # same settings: nothing rewritten
-    assert _ann(synth).stat().st_mtime_ns == mtime
+def ann_path(root, split="train"):
+    return root / "annotations" / f"instances_{split}.json"
 
 
-def test_dataset_targets(synth):
-    ds = CocoDetection(synth / "train", _ann(synth))
-    assert ds.num_classes == 5 and ds.category_names[1] == "rectangle"
-    image, target = ds[0]
+def edit_ann(root, change, split="train"):
+    data = json.loads(ann_path(root, split).read_text())
+    change(data)
+    ann_path(root, split).write_text(json.dumps(data))
+    return data
+
+
+def small_datamodule(root, **kwargs):
+    opts = dict(root=str(root), batch_size=2, num_workers=0, train_scales=[64, 80], max_size=100,
+                crop_resize=[64], crop_size=(40, 60), eval_size=64)
+    return CocoDataModule(**{**opts, **kwargs})
+
+
+# -- synthetic data ------------------------------------------------------------------------------
+def test_synthetic_is_deterministic_valid_coco(synth, tmp_path):
+    again = write_synthetic_coco(tmp_path / "again", **SMALL)
+    for split in ("train", "val"):
+        assert ann_path(synth, split).read_bytes() == ann_path(again, split).read_bytes()
+    assert (synth / "train" / "000003.png").read_bytes() == (again / "train" / "000003.png").read_bytes()
+    coco = COCO(str(ann_path(synth)))
+    assert sorted(coco.getCatIds()) == [1, 2, 3, 4] and len(coco.getImgIds()) == 6
+    for ann in coco.dataset["annotations"]:
+        img = coco.imgs[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
+        # Shapes are large enough to learn quickly: at least a fifth of the image side.
+        assert w >= 0.19 * img["width"] and h >= 0.19 * img["height"]
+        assert ann["area"] == w * h and ann["iscrowd"] == 0
+    for img in coco.dataset["images"]:
+        assert 96 <= img["width"] <= 192 and 96 <= img["height"] <= 192
+        assert Image.open(synth / "train" / img["file_name"]).size == (img["width"], img["height"])
+
+
+def test_synthetic_is_idempotent_and_rewrites_on_new_settings(tmp_path):
+    root = write_synthetic_coco(tmp_path / "s", **SMALL)
+    stamp = ann_path(root).stat().st_mtime_ns
+    write_synthetic_coco(root, **SMALL)
+    assert ann_path(root).stat().st_mtime_ns == stamp
+    write_synthetic_coco(root, num_train=4, num_val=3)
+    assert len(json.loads(ann_path(root).read_text())["images"]) == 4
+
+
+def test_synthetic_more_classes_and_cli(tmp_path, capsys):
+    main([str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--num-classes", "8",
+          "--image-size", "64", "80"])
+    data = json.loads(ann_path(tmp_path / "cli").read_text())
+    assert [c["name"] for c in data["categories"]] == list(SHAPES)
+    assert all(64 <= img["width"] <= 80 for img in data["images"])
+    assert "synthetic COCO dataset in" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="1 to 8 shape classes"):
+        write_synthetic_coco(tmp_path / "bad", num_classes=9)
+
+
+# -- dataset and transforms ----------------------------------------------------------------------
+def test_dataset_target_format(synth):
+    ds = CocoDetection(synth / "train", ann_path(synth))
+    assert len(ds) == 6 and ds.num_classes == 5 and ds.category_names == dict(enumerate(list(SHAPES)[:4], 1))
+    image, target = ds[1]
     h, w = image.shape[-2:]
-    assert target["orig_size"].tolist() == [h, w] == target["size"].tolist()
-    boxes = target["boxes"]
-    assert boxes.dtype == torch.float32 and boxes.shape[1] == 4 and len(boxes) == len(target["labels"])
-    assert ((boxes >= 0) & (boxes <= 1)).all()
-    ann = [a for a in ds.coco.dataset["annotations"] if a["image_id"] == target["image_id"]][0]
-    x, y, bw, bh = ann["bbox"]
-    torch.testing.assert_close(boxes[0], torch.tensor([(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h]))
+    assert image.dtype == torch.float32 and image.shape[0] == 3
+    assert set(target) == {"labels", "boxes", "image_id", "orig_size", "size"}
+    assert target["labels"].dtype == torch.int64 and target["boxes"].dtype == torch.float32
+    assert target["orig_size"].dtype == torch.int64 and target["orig_size"].tolist() == [h, w]
+    assert target["size"].tolist() == [h, w] and isinstance(target["image_id"], int)
+    anns = ds.coco.imgToAnns[target["image_id"]]
+    expected = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) / w, (a["bbox"][1] + a["bbox"][3] / 2) / h,
+                              a["bbox"][2] / w, a["bbox"][3] / h] for a in anns])
+    torch.testing.assert_close(target["boxes"], expected)
+    assert target["labels"].tolist() == [a["category_id"] for a in anns]
 
 
-def test_flip_mirrors_boxes():
-    image = tv_tensors.Image(torch.rand(3, 40, 60))
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([[6.0, 4.0, 18.0, 24.0]]), format="XYXY", canvas_size=(40, 60))
-    _, out = v2.RandomHorizontalFlip(1.0)(image, {"boxes": boxes, "labels": torch.tensor([1])})
-    before, after = to_normalized_cxcywh(boxes)[0], to_normalized_cxcywh(out["boxes"])[0]
-    torch.testing.assert_close(after, torch.tensor([1 - before[0], before[1], before[2], before[3]]))
+def test_flip_mirrors_box_centres(synth):
+    plain = CocoDetection(synth / "train", ann_path(synth))
+    flipped = CocoDetection(synth / "train", ann_path(synth), v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(1.0)]))
+    for i in range(len(plain)):
+        a, b = plain[i][1]["boxes"], flipped[i][1]["boxes"]
+        torch.testing.assert_close(b[:, 0], 1 - a[:, 0])
+        torch.testing.assert_close(b[:, 1:], a[:, 1:])
 
 
-def test_train_transform_keeps_boxes_in_range_and_bounds_size(synth):
+def _bright_box_sample(h=90, w=120, box=(20, 30, 70, 80)):
+    """A white rectangle on black with its box: a transform is right iff the box stays on the bright pixels."""
+    image = torch.zeros(3, h, w, dtype=torch.uint8)
+    image[:, box[1]:box[3], box[0]:box[2]] = 255
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([box], dtype=torch.float32), format="XYXY", canvas_size=(h, w))
+    return tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([1])}
+
+
+def test_train_transforms_keep_boxes_on_the_object():
     torch.manual_seed(0)
-    ds = CocoDetection(synth / "train", _ann(synth), train_transforms([64, 80], 100, [64], (40, 60)))
-    for i in range(len(ds)):
-        image, target = ds[i]
-        assert max(image.shape[-2:]) <= 100 and min(image.shape[-2:]) <= 80
-        assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
-        assert (target["boxes"][:, 2:] > 0).all()
-        assert target["size"].tolist() == list(image.shape[-2:])
+    tf = train_transforms(scales=[64, 80, 96], max_size=110, crop_resize=[70, 90], crop_size=(30, 60))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    kept = 0
+    for _ in range(40):
+        image, target = tf(*_bright_box_sample())
+        assert image.dtype == torch.float32 and max(image.shape[-2:]) <= 110
+        bright = (image * std + mean).mean(0) > 0.5
+        h, w = image.shape[-2:]
+        boxes, labels = finalize_boxes(target["boxes"], target["labels"], (h, w))
+        assert ((boxes >= 0) & (boxes <= 1)).all() and len(labels) == len(boxes)
+        if len(boxes) == 0:  # cropped away
+            assert bright.sum() <= 2 * (h + w)  # at most a resampled sliver along a crop edge
+            continue
+        kept += 1
+        x0, y0, x1, y1 = target["boxes"][0].tolist()
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        # Resampling blurs the edge by about a pixel.
+        assert abs(xs.min() - x0) <= 1.5 and abs(xs.max() + 1 - x1) <= 1.5
+        assert abs(ys.min() - y0) <= 1.5 and abs(ys.max() + 1 - y1) <= 1.5
+    assert kept > 20
 
 
-def test_eval_transform_size(synth):
-    image, target = CocoDetection(synth / "val", _ann(synth, "val"), eval_transforms(100, 120))[0]
-    assert min(image.shape[-2:]) == 100 or max(image.shape[-2:]) == 120
+def test_random_size_crop_bounds():
+    torch.manual_seed(0)
+    crop = RandomSizeCrop(30, 50)
+    for _ in range(30):
+        out = crop(tv_tensors.Image(torch.zeros(3, 40, 100)))
+        assert 30 <= out.shape[-2] <= 40 and 30 <= out.shape[-1] <= 50
+    assert crop(tv_tensors.Image(torch.zeros(3, 20, 25))).shape[-2:] == (20, 25)  # smaller than min_size
+    with pytest.raises(ValueError, match="crop_size must be"):
+        RandomSizeCrop(60, 50)
 
 
-def test_collate_pads_and_masks():
-    a = (torch.ones(3, 4, 5), {"labels": torch.tensor([1])})
-    b = (torch.ones(3, 6, 3), {"labels": torch.zeros(0, dtype=torch.long)})
-    images, mask, targets = collate([a, b])
-    assert images.shape == (2, 3, 6, 5)
-    assert not mask[0, :4, :5].any() and mask[0, 4:].all()
-    assert not mask[1, :, :3].any() and mask[1, :, 3:].all()
-    assert images[0, :, 4:].abs().sum() == 0 and len(targets) == 2
+def test_eval_transforms_resize(synth):
+    ds = CocoDetection(synth / "val", ann_path(synth, "val"), eval_transforms(64, 80))
+    for image, target in (ds[i] for i in range(len(ds))):
+        h, w = image.shape[-2:]
+        oh, ow = target["orig_size"].tolist()
+        assert target["size"].tolist() == [h, w]
+        if max(oh, ow) / min(oh, ow) * 64 <= 80:
+            assert min(h, w) == 64
+        else:
+            assert max(h, w) == 80 and min(h, w) < 64
 
 
+def test_collate_pads_bottom_right_and_masks(synth):
+    ds = CocoDetection(synth / "train", ann_path(synth))
+    items = [ds[i] for i in range(3)]
+    images, mask, targets = collate(items)
+    h, w = max(i[0].shape[1] for i in items), max(i[0].shape[2] for i in items)
+    assert images.shape == (3, 3, h, w) and mask.shape == (3, h, w) and mask.dtype == torch.bool
+    assert type(images) is torch.Tensor
+    for k, (image, target) in enumerate(items):
+        ih, iw = image.shape[-2:]
+        assert torch.equal(images[k, :, :ih, :iw], image)
+        assert not mask[k, :ih, :iw].any() and mask[k, ih:].all() and mask[k, :, iw:].all()
+        assert images[k, :, ih:].abs().sum() == 0 and images[k, :, :, iw:].abs().sum() == 0
+        assert targets[k] is target
+
+
+# -- bad input -----------------------------------------------------------------------------------
 def test_missing_annotation_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="annotation file .* does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"annotation file '.*nope\.json' does not exist; check data\."):
         CocoDetection(tmp_path, tmp_path / "nope.json")
 
 
-def test_malformed_annotation_file(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ("[]", "needs top-level lists 'images', 'annotations' and 'categories'"),
+    (json.dumps({"images": [], "annotations": []}), "needs top-level lists"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}),
+     r"images\[0\] lacks \['width', 'height'\]"),
+    (json.dumps({"images": [], "annotations": [{"id": 1}], "categories": []}),
+     r"annotations\[0\] lacks \['image_id', 'category_id', 'bbox'\]"),
+])
+def test_malformed_annotation_file(tmp_path, content, message):
     bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON"):
-        CocoDetection(tmp_path, bad)
-    bad.write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="needs lists 'images', 'annotations' and 'categories'"):
-        CocoDetection(tmp_path, bad)
-    bad.write_text(json.dumps({"images": [{"id": 1}], "annotations": [], "categories": []}))
-    with pytest.raises(ValueError, match=r"images\[0\] lacks \['file_name'\]"):
+    bad.write_text(content)
+    with pytest.raises(ValueError, match=message):
         CocoDetection(tmp_path, bad)
 
 
-def test_missing_image_file(synth, tmp_path):
-    root = _copy(synth, tmp_path)
-    (root / "train" / "000002.png").unlink()
-    with pytest.raises(FileNotFoundError, match="1 image.*000002.png"):
-        CocoDetection(root / "train", _ann(root))
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\]\.bbox is \[1, 2, 3\]; it must be four"),
+    (lambda d: d["annotations"][0].update(image_id=999), "refers to image_id 999, which is not in 'images'"),
+    (lambda d: d["annotations"][0].update(category_id=77), "category_id 77, which is not in 'categories'"),
+    (lambda d: d["images"][1].update(id=d["images"][0]["id"]), "repeats an id in 'images'"),
+    (lambda d: d["images"][0].update(width=0), r"images\[0\] has width 0"),
+    (lambda d: d["categories"][0].update(id=-1), "category id -1; category ids must be non-negative"),
+])
+def test_inconsistent_annotation_file(editable, change, message):
+    edit_ann(editable, change)
+    with pytest.raises(ValueError, match=message):
+        CocoDetection(editable / "train", ann_path(editable))
 
 
-def test_bad_boxes_are_clipped_or_dropped_with_one_warning(synth, tmp_path):
-    root = _copy(synth, tmp_path)
-    data = json.loads(_ann(root).read_text())
-    img = data["images"][0]
-    extra = [
-        {"id": 1001, "image_id": img["id"], "category_id": 1, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # zero width
-        {"id": 1002, "image_id": img["id"], "category_id": 2, "bbox": [-10, -10, 30, 30], "iscrowd": 0},  # spills out
-        {"id": 1003, "image_id": img["id"], "category_id": 3, "bbox": [img["width"] + 5, 3, 10, 10], "iscrowd": 0},
-        {"id": 1004, "image_id": img["id"], "category_id": 3, "bbox": [3, 3, 20, 20], "iscrowd": 1},  # crowd
-    ]
-    data["annotations"] += extra
-    _ann(root).write_text(json.dumps(data))
-    with pytest.warns(UserWarning, match="3 box") as record:
-        ds = CocoDetection(root / "train", _ann(root))
+def test_missing_image_files(editable):
+    for name in ("000002.png", "000003.png", "000004.png", "000006.png"):
+        (editable / "train" / name).unlink()
+    with pytest.raises(FileNotFoundError,
+                       match=r"4 image file\(s\) .* missing .*'000002\.png', '000003\.png', '000004\.png' and 1 more"):
+        CocoDetection(editable / "train", ann_path(editable))
+
+
+def test_bad_boxes_clipped_or_dropped_with_one_warning_and_crowd_dropped(editable):
+    def add_bad_boxes(data):
+        img = data["images"][0]
+        data["annotations"] += [
+            {"id": 901, "image_id": img["id"], "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width
+            {"id": 902, "image_id": img["id"], "category_id": 2, "bbox": [-10, -10, 30, 30]},  # spills out
+            {"id": 903, "image_id": img["id"], "category_id": 3, "bbox": [img["width"] + 5, 3, 10, 10]},  # outside
+            {"id": 904, "image_id": img["id"], "category_id": 4, "bbox": [8, 8, -4, 10]},  # negative width
+            {"id": 905, "image_id": img["id"], "category_id": 3, "bbox": [3, 3, 20, 20], "iscrowd": 1},
+        ]
+    data = edit_ann(editable, add_bad_boxes)
+    originals = [a for a in data["annotations"] if a["image_id"] == data["images"][0]["id"] and a["id"] < 900]
+    with pytest.warns(UserWarning, match=r"1 box\(es\) extend outside .* clipped .* 3 box\(es\) are empty") as record:
+        ds = CocoDetection(editable / "train", ann_path(editable))
+        target = ds[0][1]
+        ds[0]
     assert len(record) == 1
-    kept = ds._annotations[img["id"]]
-    assert [0.0, 0.0, 20.0, 20.0] in [b for _, b in kept]
-    assert all(b[2] > b[0] and b[3] > b[1] for _, b in kept)
+    h, w = target["size"].tolist()
+    assert target["labels"].tolist() == [a["category_id"] for a in originals] + [2]
+    torch.testing.assert_close(target["boxes"][-1], torch.tensor([10 / w, 10 / h, 20 / w, 20 / h]))
+    # Evaluation still sees the file as written.
+    assert len(ds.coco.imgToAnns[data["images"][0]["id"]]) == len(originals) + 5
 
 
-def test_images_without_annotations_train(synth, tmp_path):
-    root = _copy(synth, tmp_path)
-    data = json.loads(_ann(root).read_text())
-    first = data["images"][0]["id"]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
-    _ann(root).write_text(json.dumps(data))
-    ds = CocoDetection(root / "train", _ann(root), train_transforms([64], 100, [64], (40, 60)))
-    image, target = ds[0]
-    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
-    images, mask, targets = collate([ds[0], ds[1]])
-    assert targets[0]["boxes"].shape == (0, 4)
+def test_images_without_annotations_go_through_training(editable):
+    first = edit_ann(editable, lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 1]))
+    assert first["images"][0]["id"] == 1
+    dm = small_datamodule(editable, batch_size=6)
+    dm.setup("fit")
+    for _ in range(3):  # random crops and flips of an empty image, batched with others
+        images, mask, targets = next(iter(dm.train_dataloader()))
+        empty = next(t for t in targets if t["image_id"] == 1)
+        assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    image, target = dm.train_dataset[0]
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
 
 
-def test_category_id_without_a_class(synth):
-    with pytest.raises(ValueError, match="category id 4, which the model \\(num_classes=3\\) has no class for"):
-        CocoDetection(synth / "train", _ann(synth), num_classes=3)
+def test_category_id_beyond_the_model_classes(synth):
+    dm = small_datamodule(synth, num_classes=4)
+    with pytest.raises(ValueError, match=r"category id 4, but the model has num_classes=4 .* at least 5"):
+        dm.setup("fit")
+    small_datamodule(synth, num_classes=91).setup("fit")
 
 
+# -- datamodule ----------------------------------------------------------------------------------
 def test_datamodule_end_to_end(synth):
-    dm = CocoDataModule(root=str(synth), batch_size=2, num_workers=0, train_scales=[64], max_size=96,
-                        crop_resize=[64], crop_size=(40, 60), eval_size=64)
-    assert dm.infer_num_classes() == 5
+    dm = small_datamodule(synth)
+    assert dm.num_classes == 5 and dm.infer_num_classes() == 5
+    assert dm.category_names[3] == "triangle"
+    dm.num_classes = 8
+    assert dm.num_classes == 8
     dm.setup("fit")
     images, mask, targets = next(iter(dm.train_dataloader()))
-    assert images.shape[0] == 2 and mask.shape == (2, *images.shape[-2:])
-    assert {"boxes", "labels", "image_id", "orig_size", "size"} <= set(targets[0])
-    assert len(dm.val_dataloader().dataset) == 3
+    assert images.shape[:2] == (2, 3) and mask.shape == (2, *images.shape[-2:]) and len(targets) == 2
+    assert max(images.shape[-2:]) <= 100
+    assert len(dm.train_dataloader()) == 3
+    seen = [t["image_id"] for _, _, ts in dm.val_dataloader() for t in ts]
+    assert sorted(seen) == sorted(dm.val_dataset.coco.getImgIds())
+    assert isinstance(dm.val_dataset.coco, COCO)
+
+
+def test_datamodule_writes_synthetic_data(tmp_path):
+    dm = small_datamodule(tmp_path / "new", synthetic=True, synthetic_train=4, synthetic_val=2)
+    dm.prepare_data()
+    dm.setup("validate")
+    assert dm.train_dataset is None and len(dm.val_dataset) == 2 and dm.num_classes == 5
+    with pytest.raises(ValueError, match="synthetic=true needs data.root"):
+        CocoDataModule(synthetic=True)
+
+
+def test_datamodule_explicit_paths_and_small_train_set(synth):
+    dm = CocoDataModule(train_images=str(synth / "train"), train_ann=str(ann_path(synth)),
+                        val_images=str(synth / "val"), val_ann=str(ann_path(synth, "val")), batch_size=8,
+                        num_workers=0)
+    with pytest.raises(ValueError, match="has 6 image.*fewer than data.batch_size=8"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match="needs data.root, or data.val_images and data.val_ann"):
+        CocoDataModule(train_images="x", train_ann="y")
+    assert dm.num_classes == 5

@@ -39,10 +39,12 @@ def test_train_writes_checkpoint_metrics_and_picture(tmp_path):
     assert png.is_file() and png.stat().st_size > 1000
     assert list((run / "csv").rglob("metrics.csv"))
     # The same checkpoint evaluates through evaluate.py's code path.
-    ev_cfg = config(tmp_path, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "data=synthetic",
-                    "callbacks=none", name="evaluate")
-    again = evaluate(ev_cfg)
+    ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    again = evaluate(config(tmp_path, ckpt, "experiment=synthetic_cpu", "callbacks=none", name="evaluate"))
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+    with pytest.raises(ValueError, match="trained with another architecture"):
+        evaluate(config(tmp_path, ckpt, "experiment=synthetic_cpu", "model.detector.dim_feedforward=32",
+                        "callbacks=none", name="evaluate"))
 
 
 class _Kill(L.Callback):

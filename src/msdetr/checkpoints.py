@@ -17,13 +17,18 @@ def load_weights(module: DetectionModule, path: str) -> None:
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
-        missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-        if missing or unexpected:
+        state, expected = ckpt["state_dict"], module.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            example = (missing or unexpected or wrong)[0]
             raise ValueError(
-                f"checkpoint '{path}' was trained with another architecture ({len(missing)} missing keys, "
-                f"e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}); evaluate it with "
-                "the model/matcher config it was trained with."
+                f"checkpoint '{path}' was trained with another architecture ({len(missing)} missing, "
+                f"{len(unexpected)} unexpected, {len(wrong)} differently shaped tensors, e.g. {example}); "
+                "evaluate it with the experiment/model config it was trained with."
             )
+        module.load_state_dict(state)
         return
     state_dict, _ = read_official_checkpoint(path)
     load_official_state_dict(module, state_dict)

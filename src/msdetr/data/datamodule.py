@@ -1,33 +1,39 @@
-"""LightningDataModule over COCO-format folders (COCO itself, custom datasets, the synthetic set)."""
+"""LightningDataModule over COCO-format folders: COCO itself, a custom dataset, or the synthetic shapes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .coco import CocoDetection, num_classes_of, read_coco_json
-from .synthetic import write_synthetic_coco
+from .coco import CocoDetection, read_coco_json
 from .transforms import COCO_TRAIN_SCALES, eval_transforms, train_transforms
 
 
-def collate(batch):
-    """Pad images bottom/right to the largest H and W of the batch; mask True on padding."""
+def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Stack images zero-padded bottom/right to the batch's largest H and W; mask is True on padding."""
     images, targets = zip(*batch)
     h = max(int(im.shape[-2]) for im in images)
     w = max(int(im.shape[-1]) for im in images)
-    out = images[0].new_zeros(len(images), 3, h, w)
+    out = torch.zeros(len(images), images[0].shape[0], h, w, dtype=images[0].dtype)
     mask = torch.ones(len(images), h, w, dtype=torch.bool)
     for i, im in enumerate(images):
-        out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-        mask[i, : im.shape[-2], : im.shape[-1]] = False
+        ih, iw = im.shape[-2:]
+        out[i, :, :ih, :iw] = im.as_subclass(torch.Tensor)
+        mask[i, :ih, :iw] = False
     return out, mask, list(targets)
 
 
 class CocoDataModule(L.LightningDataModule):
-    """Train/val loaders with the DETR recipe. With `synthetic=true`, `root` gets the shapes dataset."""
+    """Train/val loaders with the DETR recipe; class index = category id.
+
+    `root` stands for root/{train,val}/ and root/annotations/instances_{train,val}.json; explicit
+    paths override it. `num_classes` is the model's: None reads max category id + 1 from the files,
+    a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to `root`.
+    The validation loader doubles as the test and predict loader.
+    """
 
     def __init__(
         self,
@@ -41,11 +47,11 @@ class CocoDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool = True,
-        persistent_workers: bool = False,
+        persistent_workers: bool = True,
         train_scales: Sequence[int] = COCO_TRAIN_SCALES,
         max_size: int = 1333,
         crop_resize: Sequence[int] = (400, 500, 600),
-        crop_size: tuple[int, int] = (384, 600),
+        crop_size: Sequence[int] = (384, 600),
         eval_size: int = 800,
         synthetic: bool = False,
         synthetic_train: int = 256,
@@ -58,61 +64,101 @@ class CocoDataModule(L.LightningDataModule):
             train_ann = train_ann or str(base / "annotations" / "instances_train.json")
             val_images = val_images or str(base / "val")
             val_ann = val_ann or str(base / "annotations" / "instances_val.json")
+        elif synthetic:
+            raise ValueError("synthetic=true needs data.root, the folder the shapes dataset is written to.")
         if not (val_images and val_ann):
-            raise ValueError("the data config needs root, or val_images and val_ann (and train_* for training).")
+            raise ValueError("the data config needs data.root, or data.val_images and data.val_ann "
+                             "(plus data.train_images and data.train_ann to train).")
         self.root = root
-        self.paths = {"train": (train_images, train_ann), "val": (val_images, val_ann)}
-        self.num_classes = num_classes
+        self.train_images, self.train_ann = train_images, train_ann
+        self.val_images, self.val_ann = val_images, val_ann
+        self._num_classes = num_classes
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.train_tf = train_transforms(train_scales, max_size, crop_resize, tuple(crop_size))
+        self.persistent_workers = persistent_workers
+        self.train_tf = train_transforms(train_scales, max_size, crop_resize, crop_size)
         self.eval_tf = eval_transforms(eval_size, max_size)
         self.synthetic = synthetic
         self.synthetic_sizes = (synthetic_train, synthetic_val)
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
 
-    def prepare_data(self) -> None:
-        if self.synthetic:
-            if self.root is None:
-                raise ValueError("synthetic=true needs data.root (where the shapes dataset is written).")
-            write_synthetic_coco(self.root, *self.synthetic_sizes)
+    @property
+    def num_classes(self) -> int:
+        """The model's class count if given, else max category id + 1 over the annotation files."""
+        if self._num_classes is None:
+            self._num_classes = self.infer_num_classes()
+        return self._num_classes
 
-    def infer_num_classes(self) -> int:
-        """max category id + 1 over the annotation files (class index = category id)."""
-        self.prepare_data()
-        anns = [ann for _, ann in self.paths.values() if ann]
-        return max(num_classes_of(read_coco_json(ann)) for ann in anns)
+    @num_classes.setter
+    def num_classes(self, value: int | None) -> None:
+        self._num_classes = value
 
     @property
     def category_names(self) -> dict[int, str]:
-        dataset = self.val_dataset or self.train_dataset
-        return dataset.category_names if dataset is not None else {}
+        """{category id: name}, from the validation annotation file."""
+        if self.val_dataset is not None:
+            return self.val_dataset.category_names
+        self.prepare_data()
+        return {int(c["id"]): str(c["name"]) for c in read_coco_json(self.val_ann)["categories"]}
+
+    def infer_num_classes(self) -> int:
+        """max category id + 1 over the train and val annotation files (class index = category id)."""
+        self.prepare_data()
+        ids = [int(c["id"]) for ann in (self.train_ann, self.val_ann) if ann
+               for c in read_coco_json(ann)["categories"]]
+        return max(ids, default=-1) + 1
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from .synthetic import write_synthetic_coco
+
+            num_train, num_val = self.synthetic_sizes
+            write_synthetic_coco(self.root, num_train=num_train, num_val=num_val)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            images, ann = self.paths["train"]
-            if not (images and ann):
+            if not (self.train_images and self.train_ann):
                 raise ValueError("training needs data.train_images and data.train_ann (or data.root).")
-            self.train_dataset = CocoDetection(images, ann, self.train_tf, self.num_classes)
+            self.train_dataset = self._dataset(self.train_images, self.train_ann, self.train_tf)
+            if len(self.train_dataset) < self.batch_size:
+                # The training loader drops the last incomplete batch (as the official recipe does).
+                raise ValueError(f"'{self.train_ann}' has {len(self.train_dataset)} image(s), fewer than "
+                                 f"data.batch_size={self.batch_size}; lower the batch size.")
         if self.val_dataset is None:
-            self.val_dataset = CocoDetection(*self.paths["val"], self.eval_tf, self.num_classes)
+            self.val_dataset = self._dataset(self.val_images, self.val_ann, self.eval_tf)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.persistent_workers, drop_last=False)
+    def _dataset(self, images: str, ann: str, transforms: Callable) -> CocoDetection:
+        dataset = CocoDetection(images, ann, transforms)
+        if self._num_classes is not None and dataset.num_classes > self._num_classes:
+            raise ValueError(
+                f"'{ann}' has category id {dataset.num_classes - 1}, but the model has num_classes="
+                f"{self._num_classes} and class index = category id; set data.num_classes to at least "
+                f"{dataset.num_classes} (or to null to read it from the annotation files)."
+            )
+        return dataset
+
+    def _loader(self, dataset: CocoDetection | None, batch_size: int, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
+        # Lightning swaps in a DistributedSampler under DDP (it pads with repeated images; the
+        # evaluator counts each image id once).
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=collate,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        return self._loader(self.train_dataset, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_dataset, self.val_batch_size, train=False)
 
-    test_dataloader = val_dataloader
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -1,125 +1,173 @@
-"""A small COCO-format dataset of coloured shapes on textured backgrounds, for demos and tests.
+"""A small COCO-format dataset of coloured shapes on textured backgrounds, learnable on a CPU in minutes.
 
-python -m msdetr.data.synthetic <root> writes root/{train,val}/*.png and root/annotations/*.json.
+python -m msdetr.data.synthetic <root> writes root/{train,val}/*.png and root/annotations/instances_{train,val}.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-CATEGORIES = ["rectangle", "ellipse", "triangle", "cross"]
-_VERSION = 1
+
+def _fit_unit_box(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Stretch a polygon so that it touches all four sides of the unit box (tight ground-truth boxes)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return [((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in points]
+
+
+_STAR = _fit_unit_box([(r * math.sin(k * math.pi / 5), -r * math.cos(k * math.pi / 5))
+                       for k, r in zip(range(10), [1.0, 0.42] * 5)])
+# Shape outlines in a unit box, (x, y) from the top-left; None = drawn by a PIL primitive.
+# Category id k is the k-th shape, and a dataset with num_classes uses the first num_classes.
+SHAPES: dict[str, list[tuple[float, float]] | None] = {
+    "rectangle": None,
+    "ellipse": None,
+    "triangle": [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)],
+    "cross": [(0.33, 0.0), (0.67, 0.0), (0.67, 0.33), (1.0, 0.33), (1.0, 0.67), (0.67, 0.67), (0.67, 1.0),
+              (0.33, 1.0), (0.33, 0.67), (0.0, 0.67), (0.0, 0.33), (0.33, 0.33)],
+    "ring": None,
+    "diamond": [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)],
+    "star": _STAR,
+    "hourglass": [(0.0, 0.0), (1.0, 0.0), (0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)],
+}
+_FORMAT_VERSION = 2  # bump when the drawing changes, so old copies are rewritten
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """A colour gradient with stripes and noise: texture the detector has to learn to ignore."""
+    """Colour gradient plus oriented stripes: texture the detector must learn to ignore."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = rng.uniform(40, 200, size=3)
-    slope = rng.uniform(-0.4, 0.4, size=(2, 3))
-    img = base + yy[..., None] * slope[0] + xx[..., None] * slope[1]
-    period = rng.uniform(6, 20)
-    angle = rng.uniform(0, math.pi)
-    stripes = np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period)
-    img += stripes[..., None] * rng.uniform(5, 20)
-    img += rng.normal(0, 8, size=img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    ramp = rng.uniform(-50, 50, size=(2, 3))
+    img = rng.uniform(50, 200, size=3) + (yy / h)[..., None] * ramp[0] + (xx / w)[..., None] * ramp[1]
+    angle, period = rng.uniform(0, math.pi), rng.uniform(5, 24)
+    phase = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
+    img += np.sin(phase)[..., None] * rng.uniform(4, 24, size=3)
+    return img
 
 
-def _draw(draw: ImageDraw.ImageDraw, cls: int, box: tuple[float, float, float, float], colour) -> None:
-    x0, y0, x1, y1 = box
-    if cls == 1:
-        draw.rectangle(box, fill=colour)
-    elif cls == 2:
-        draw.ellipse(box, fill=colour)
-    elif cls == 3:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
-    else:  # a plus sign whose arms span the box
-        tw, th = (x1 - x0) / 3, (y1 - y0) / 3
-        draw.rectangle((x0 + tw, y0, x1 - tw, y1), fill=colour)
-        draw.rectangle((x0, y0 + th, x1, y1 - th), fill=colour)
+def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
+    """A random colour far enough from the background under the object to be seen."""
+    colour = rng.integers(0, 256, size=3)
+    for _ in range(20):
+        if np.abs(colour - under).mean() >= 70:
+            break
+        colour = rng.integers(0, 256, size=3)
+    return tuple(int(c) for c in colour)
 
 
-def _image(rng: np.random.Generator, size_range: tuple[int, int], max_objects: int):
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], colour) -> None:
+    # PIL fills both end pixels, so the shape spans [x0, x1) exactly when drawn up to x1 - 1.
+    x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
+    if name == "rectangle":
+        draw.rectangle((x0, y0, x1, y1), fill=colour)
+    elif name == "ellipse":
+        draw.ellipse((x0, y0, x1, y1), fill=colour)
+    elif name == "ring":
+        draw.ellipse((x0, y0, x1, y1), outline=colour, width=max(2, round(0.2 * min(x1 - x0, y1 - y0))))
+    else:
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in SHAPES[name]], fill=colour)
+
+
+def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int):
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
-    img = Image.fromarray(_background(rng, h, w))
+    background = _background(rng, h, w)
+    img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    anns, placed = [], []
+    names = list(SHAPES)[:num_classes]
+    objects: list[tuple[int, tuple[int, int, int, int]]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        for _attempt in range(20):
-            bw = float(rng.uniform(0.22, 0.55)) * w
-            bh = float(rng.uniform(0.22, 0.55)) * h
-            x0 = float(rng.uniform(0, w - bw))
-            y0 = float(rng.uniform(0, h - bh))
+        for _attempt in range(30):
+            bw = max(8, round(rng.uniform(0.2, 0.6) * w))
+            bh = max(8, round(rng.uniform(0.2, 0.6) * h))
+            x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
             box = (x0, y0, x0 + bw, y0 + bh)
-            # Keep objects mostly apart so every box is visible.
-            if all(_iou(box, other) < 0.1 for other in placed):
+            # Disjoint boxes with a small gap: every object stays fully visible.
+            if all(box[0] >= o[2] + 2 or o[0] >= box[2] + 2 or box[1] >= o[3] + 2 or o[1] >= box[3] + 2
+                   for _, o in objects):
                 break
         else:
             continue
-        cls = int(rng.integers(1, len(CATEGORIES) + 1))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        _draw(draw, cls, box, colour)
-        placed.append(box)
-        anns.append((cls, [round(box[0], 2), round(box[1], 2), round(bw, 2), round(bh, 2)]))
-    return img, anns
+        category = int(rng.integers(1, num_classes + 1))
+        colour = _contrasting_colour(rng, background[y0:y0 + bh, x0:x0 + bw].mean(axis=(0, 1)))
+        _draw_shape(draw, names[category - 1], box, colour)
+        objects.append((category, box))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, size=(h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), objects
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write via a private temporary + rename, so concurrent writers (DDP ranks) never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def write_synthetic_coco(
     root: str | Path,
     num_train: int = 256,
     num_val: int = 32,
-    size_range: tuple[int, int] = (128, 192),
-    max_objects: int = 3,
+    image_size: Sequence[int] = (96, 192),
     seed: int = 0,
+    num_classes: int = 4,
+    max_objects: int = 3,
 ) -> Path:
-    """Write (or reuse, if already written with the same settings) the dataset under `root`."""
+    """Write the shapes dataset under `root`; a no-op if `root` already holds it with these settings.
+
+    Each image side is uniform in `image_size` (min, max); category ids are 1..num_classes (at most
+    len(SHAPES)); images have 1..max_objects non-overlapping shapes, each 20-60% of the image side.
+    Deterministic in `seed`; image i of a split does not depend on how many images are written.
+    """
+    if not 1 <= num_classes <= len(SHAPES):
+        raise ValueError(f"num_classes={num_classes}: the synthetic set has 1 to {len(SHAPES)} shape classes.")
     root = Path(root)
-    settings = {"version": _VERSION, "num_train": num_train, "num_val": num_val, "size_range": list(size_range),
-                "max_objects": max_objects, "seed": seed}
+    settings = {"format": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
+                "image_size": [int(v) for v in image_size], "seed": seed, "num_classes": num_classes,
+                "max_objects": max_objects}
     manifest = root / "synthetic.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         return root
-    rng = np.random.default_rng(seed)
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CATEGORIES)]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
+                  for i, name in enumerate(list(SHAPES)[:num_classes])]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", num_train), ("val", num_val)):
+    for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for image_id in range(1, count + 1):
-            img, anns = _image(rng, size_range, max_objects)
+            rng = np.random.default_rng([seed, split_index, image_id])
+            img, objects = _render(rng, settings["image_size"], num_classes, max_objects)
             file_name = f"{image_id:06d}.png"
-            img.save(root / split / file_name)
-            images.append({"id": image_id, "file_name": file_name, "height": img.height, "width": img.width})
-            for cls, bbox in anns:
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls,
-                                    "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0})
-        data = {"images": images, "annotations": annotations, "categories": categories}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    manifest.write_text(json.dumps(settings))  # written last: a half-written dataset is redone
+            _atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
+            images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
+            for category, (x0, y0, x1, y1) in objects:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                                    "iscrowd": 0})
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        _atomic_write(root / "annotations" / f"instances_{split}.json", lambda p: p.write_text(json.dumps(coco)))
+    # Last, so an interrupted write is redone on the next call.
+    _atomic_write(manifest, lambda p: p.write_text(json.dumps(settings)))
     return root
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write the synthetic COCO-format shapes dataset.")
-    p.add_argument("root")
-    p.add_argument("--num-train", type=int, default=256)
-    p.add_argument("--num-val", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    print(write_synthetic_coco(args.root, args.num_train, args.num_val, seed=args.seed))
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the synthetic COCO-format shapes dataset.")
+    parser.add_argument("root", help="output folder (gets train/, val/ and annotations/)")
+    parser.add_argument("--num-train", type=int, default=256)
+    parser.add_argument("--num-val", type=int, default=32)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(96, 192), metavar=("MIN", "MAX"),
+                        help="range of each image side in pixels")
+    parser.add_argument("--num-classes", type=int, default=4, help=f"shape classes, 1 to {len(SHAPES)}")
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = write_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed,
+                                args.num_classes, args.max_objects)
+    print(f"synthetic COCO dataset in {root}")
 
 
 if __name__ == "__main__":

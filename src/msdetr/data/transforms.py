@@ -1,10 +1,9 @@
-"""The DETR augmentation recipe with torchvision.transforms.v2 (boxes follow via tv_tensors)."""
+"""The DETR augmentation recipe on torchvision.transforms.v2; boxes follow the image as tv_tensors."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
-from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
@@ -14,20 +13,26 @@ COCO_TRAIN_SCALES = tuple(range(480, 801, 32))
 
 
 class RandomSizeCrop(v2.Transform):
-    """Crop of random height and width, each uniform in [min_size, min(max_size, image side)].
+    """Crop whose height and width are each uniform in [min_size, min(max_size, image side)].
 
-    v2.RandomCrop takes one fixed size and v2.RandomResizedCrop resizes afterwards, so neither
-    is DETR's crop; images smaller than min_size are cropped to their own size.
+    Hand-written because v2.RandomCrop takes one fixed size and v2.RandomResizedCrop resizes the
+    crop back. A side shorter than min_size is kept whole instead of failing.
     """
 
     def __init__(self, min_size: int, max_size: int):
         super().__init__()
-        self.min_size, self.max_size = min_size, max_size
+        if not 0 < min_size <= max_size:
+            raise ValueError(f"crop_size must be (min, max) with 0 < min <= max, got ({min_size}, {max_size}).")
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+
+    def _side(self, extent: int) -> int:
+        hi = min(self.max_size, extent)
+        return int(torch.randint(min(self.min_size, hi), hi + 1, ()))
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         h, w = v2.query_size(flat_inputs)
-        ch = int(torch.randint(min(self.min_size, h), min(self.max_size, h) + 1, ()))
-        cw = int(torch.randint(min(self.min_size, w), min(self.max_size, w) + 1, ()))
+        ch, cw = self._side(h), self._side(w)
         top = int(torch.randint(0, h - ch + 1, ()))
         left = int(torch.randint(0, w - cw + 1, ()))
         return {"top": top, "left": left, "height": ch, "width": cw}
@@ -36,11 +41,18 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(v2.functional.crop, inpt, **params)
 
 
-def _finish() -> list[v2.Transform]:
+def multi_scale_resize(scales: Sequence[int], max_size: int | None = None) -> v2.Transform:
+    """Short side to a random one of `scales`, shrunk further if the long side would exceed `max_size`.
+
+    Not v2.RandomShortestSize: it truncates the scaled sides, so the short side can come out a pixel
+    below the requested one (175 px -> 64 gives 63).
+    """
+    return v2.RandomChoice([v2.Resize(int(s), max_size=max_size) for s in scales])
+
+
+def _to_model_input() -> list[v2.Transform]:
     return [
         v2.ClampBoundingBoxes(),
-        # Boxes cropped to under a pixel are dropped with their labels (DETR drops zero-size ones).
-        v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
@@ -50,33 +62,39 @@ def train_transforms(
     scales: Sequence[int] = COCO_TRAIN_SCALES,
     max_size: int = 1333,
     crop_resize: Sequence[int] = (400, 500, 600),
-    crop_size: tuple[int, int] = (384, 600),
+    crop_size: Sequence[int] = (384, 600),
 ) -> v2.Compose:
-    """Flip; then either multi-scale resize or resize -> random crop -> multi-scale resize (p 0.5 each)."""
-    scales, crop_resize = list(scales), list(crop_resize)
+    """Flip (p 0.5); then, with p 0.5 each, multi-scale resize or resize -> random crop -> multi-scale resize."""
+    crop_min, crop_max = (int(s) for s in crop_size)
     return v2.Compose([
         v2.ToImage(),
         v2.RandomHorizontalFlip(0.5),
         v2.RandomChoice([
-            v2.RandomShortestSize(scales, max_size=max_size),
+            multi_scale_resize(scales, max_size),
             v2.Compose([
-                v2.RandomShortestSize(crop_resize),
-                RandomSizeCrop(*crop_size),
-                v2.RandomShortestSize(scales, max_size=max_size),
+                # The official recipe caps only the final resize's long side, not this one.
+                multi_scale_resize(crop_resize),
+                RandomSizeCrop(crop_min, crop_max),
+                multi_scale_resize(scales, max_size),
             ]),
         ]),
-        *_finish(),
+        *_to_model_input(),
     ])
 
 
 def eval_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
-    """Short side to `size`, long side at most `max_size`."""
-    return v2.Compose([v2.ToImage(), v2.RandomShortestSize([size], max_size=max_size), *_finish()])
+    """Short side to `size`, shrunk further if the long side would exceed `max_size`."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(size), max_size=max_size), *_to_model_input()])
 
 
-def to_normalized_cxcywh(boxes: tv_tensors.BoundingBoxes) -> torch.Tensor:
-    """Absolute xyxy boxes on their canvas -> cxcywh normalized by the canvas (the unpadded image)."""
-    h, w = boxes.canvas_size
+def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop empty xyxy boxes (and their labels); return the rest as cxcywh divided by the (h, w) `size`.
+
+    The official rule keeps any positive extent; v2.SanitizeBoundingBoxes would also drop
+    sub-pixel boxes (its min_size is at least 1).
+    """
     xyxy = boxes.as_subclass(torch.Tensor).float()
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    h, w = (int(v) for v in size)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    return box_convert(xyxy, "xyxy", "cxcywh") / scale
+    return box_convert(xyxy[keep], "xyxy", "cxcywh") / scale, labels[keep]

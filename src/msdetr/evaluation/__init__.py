@@ -1,4 +1,4 @@
-"""COCO evaluation (pycocotools or faster-coco-eval), correct under distributed data parallel."""
-from .coco_eval import STAT_NAMES, CocoEvaluator
+"""COCO box evaluation (pycocotools or faster-coco-eval), correct under distributed data parallel."""
+from .coco_eval import BACKENDS, STAT_NAMES, CocoEvaluator
 
-__all__ = ["CocoEvaluator", "STAT_NAMES"]
+__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator"]

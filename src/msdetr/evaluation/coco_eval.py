@@ -1,95 +1,103 @@
-"""COCO box evaluation that counts every image once, also under DDP (where samplers pad with repeats)."""
+"""COCO box evaluation (pycocotools or faster-coco-eval) that counts every image once, also under DDP."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 
+# The order of COCOeval.stats for boxes.
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
-def _cocoeval_class(backend: str):
+def _backend(coco_gt: COCO, backend: str) -> tuple[Any, type, dict[str, Any]]:
+    """(ground truth in the backend's COCO class, its COCOeval class, COCOeval keyword arguments)."""
     if backend == "pycocotools":
         from pycocotools.cocoeval import COCOeval
 
-        return COCOeval
+        return coco_gt, COCOeval, {}
     if backend == "faster_coco_eval":
         try:
-            from faster_coco_eval.core.faster_eval_api import COCOeval_faster
+            import faster_coco_eval
         except ImportError:
-            raise ImportError("the faster_coco_eval backend is not installed; pip install 'msdetr[fast-eval]'.") from None
-        return COCOeval_faster
-    raise ValueError(f"unknown COCO evaluation backend {backend!r}; use 'pycocotools' or 'faster_coco_eval'.")
+            raise ImportError("eval backend 'faster_coco_eval' is not installed; pip install msdetr[fast-eval] "
+                              "or use the 'pycocotools' backend.") from None
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = faster_coco_eval.COCO(coco_gt.dataset)
+        # Its summary goes to a logger by default; print() puts the table where pycocotools puts it.
+        return gt, faster_coco_eval.COCOeval_faster, {"print_function": print}
+    raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {list(BACKENDS)}.")
 
 
 class CocoEvaluator:
-    """Collects detections {image_id: {'scores','labels','boxes' xyxy in original pixels}} and scores them."""
+    """Collects detections per image and scores them with COCO box AP on exactly the images seen.
+
+    Detections: {image_id: {'scores' (n,), 'labels' (n,) category ids, 'boxes' (n, 4) xyxy in
+    original-image pixels}}. An image id seen twice (distributed samplers pad with repeats) is
+    counted once.
+    """
 
     def __init__(self, coco_gt: COCO, backend: str = "pycocotools"):
         self.coco_gt = coco_gt
         self.backend = backend
-        self._cocoeval = _cocoeval_class(backend)
+        self._gt, self._cocoeval, self._eval_kwargs = _backend(coco_gt, backend)
+        self._known_ids = set(coco_gt.getImgIds())
         self.reset()
 
     def reset(self) -> None:
-        self.results: dict[int, dict[str, torch.Tensor]] = {}
+        # image id -> (n, 6) rows [x, y, w, h, score, label]: small to pickle across ranks.
+        self.results: dict[int, np.ndarray] = {}
 
-    def update(self, predictions: dict[int, dict[str, torch.Tensor]]) -> None:
+    def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         for image_id, det in predictions.items():
-            # A repeated id (distributed sampler padding) is the same image: keep one copy.
-            self.results[int(image_id)] = {k: v.detach().cpu() for k, v in det.items()}
+            image_id = int(image_id)
+            if image_id not in self._known_ids:
+                raise ValueError(f"image id {image_id} is not in the ground-truth annotations; evaluate against the "
+                                 "annotation file of the images being predicted (data.val_ann).")
+            if image_id in self.results:
+                continue
+            boxes = det["boxes"].detach().to("cpu", torch.float64).reshape(-1, 4)
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+            scores = det["scores"].detach().to("cpu", torch.float64).reshape(-1, 1)
+            labels = det["labels"].detach().to("cpu", torch.float64).reshape(-1, 1)
+            self.results[image_id] = torch.cat([xywh, scores, labels], dim=1).numpy()
 
     def synchronize(self) -> None:
-        """Gather every rank's detections, deduplicated by image id, onto every rank."""
+        """Merge every rank's detections onto every rank, one entry per image id."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        gathered: list[dict[int, np.ndarray] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.results)
-        merged: dict[int, dict] = {}
+        merged: dict[int, np.ndarray] = {}
         for part in gathered:
-            merged.update(part)
+            for image_id, rows in part.items():
+                merged.setdefault(image_id, rows)
         self.results = merged
 
-    def _detections(self) -> list[dict]:
-        out = []
-        for image_id, det in self.results.items():
-            boxes = det["boxes"].float()
-            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-            for box, score, label in zip(xywh, det["scores"].tolist(), det["labels"].tolist()):
-                out.append({"image_id": image_id, "category_id": int(label), "bbox": box, "score": float(score)})
-        return out
-
     def summarize(self, verbose: bool = True) -> dict[str, float]:
+        """COCO box metrics in [0, 1] over the images updated so far; prints the COCO table if verbose."""
         image_ids = sorted(self.results)
-        detections = self._detections()
-        if not image_ids or not detections:
-            return {name: 0.0 for name in STAT_NAMES}
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
-            coco_dt = self._load_results(detections)
-            ev = self._cocoeval(self.coco_gt, coco_dt, "bbox")
-            ev.params.imgIds = image_ids
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
+        rows = [np.concatenate([np.full((len(r), 1), image_id, dtype=np.float64), r], axis=1)
+                for image_id, r in self.results.items() if len(r)]
+        if not rows:
+            if verbose:
+                print(f"COCO evaluation: no detections on {len(image_ids)} image(s); every metric is 0.")
+            return dict.fromkeys(STAT_NAMES, 0.0)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            # Rows [image_id, x, y, w, h, score, category_id]: the array form both loadRes accept.
+            coco_dt = self._gt.loadRes(np.concatenate(rows))
+            evaluator = self._cocoeval(self._gt, coco_dt, "bbox", **self._eval_kwargs)
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
         if verbose:
-            print("\n".join(line for line in stdout.getvalue().splitlines() if "Average" in line))
-        stats = np.asarray(ev.stats, dtype=np.float64)
-        # COCO reports -1 where a size range has no GT; keep metrics in [0, 1].
-        return {name: float(max(v, 0.0)) for name, v in zip(STAT_NAMES, stats)}
-
-    def _load_results(self, detections: list[dict]) -> COCO:
-        coco_dt = COCO()
-        coco_dt.dataset = {"images": copy.deepcopy(self.coco_gt.dataset["images"]),
-                           "categories": copy.deepcopy(self.coco_gt.dataset["categories"])}
-        for i, d in enumerate(detections):
-            x, y, w, h = d["bbox"]
-            d.update(id=i + 1, area=w * h, iscrowd=0)
-        coco_dt.dataset["annotations"] = detections
-        coco_dt.createIndex()
-        return coco_dt
+            print("\n".join(line for line in log.getvalue().splitlines() if line.lstrip().startswith("Average")))
+        # COCO writes -1 where a size range has no ground truth; report 0 there to stay in [0, 1].
+        return {name: max(float(v), 0.0) for name, v in zip(STAT_NAMES, evaluator.stats)}
