@@ -11,6 +11,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from ..box_ops import cxcywh_to_xyxy, generalized_box_iou
+from ..matching import HungarianMatcher, solve_assignments
 
 Targets = list[dict[str, torch.Tensor]]
 
@@ -24,6 +25,8 @@ class Branch:
     assigner: callable(layer_outputs, targets) -> list of (query_idx, gt_idx) per image.
     weights: loss weight per term (`ce`, `bbox`, `giou`). suffix: appended to every loss name.
     binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
+    merge_with: stream of an earlier branch whose assignment of the same layer is merged into this
+    one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts).
     """
 
     stream: str
@@ -32,12 +35,25 @@ class Branch:
     suffix: str = ""
     aux: bool = True
     binary: bool = False
+    merge_with: str | None = None
 
     def __post_init__(self):
         unknown = set(self.weights) - {"ce", "bbox", "giou"}
         if unknown:
             raise ValueError(f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, bbox, giou.")
         self.weights = {k: float(v) for k, v in self.weights.items()}
+
+
+def merge_indices(first, second, num_queries: int):
+    """Per image the union of two assignments, one GT per query, `second` winning; sorted by query."""
+    merged = []
+    for (q1, g1), (q2, g2) in zip(first, second):
+        table = torch.full((num_queries,), -1, dtype=torch.int64, device=q1.device)
+        table[q1] = g1
+        table[q2] = g2.to(q1.device)
+        queries = (table >= 0).nonzero().squeeze(1)
+        merged.append((queries, table[queries]))
+    return merged
 
 
 def world_num_boxes(targets: Targets, device) -> float:
@@ -85,27 +101,47 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
         num_boxes = world_num_boxes(targets, device)
-        binary_targets = None
+        binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        jobs = [(branch, layer_suffix, layer_out, binary_targets if branch.binary else targets)
+                for branch in self.branches for layer_suffix, layer_out in self._layers(branch, outputs)]
+        assigned = self._assign(jobs)
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        for branch in self.branches:
-            tgts = targets
-            if branch.binary:
-                if binary_targets is None:
-                    binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-                tgts = binary_targets
-            for layer_suffix, layer_out in self._layers(branch, outputs):
-                indices = branch.assigner(layer_out, tgts)
-                name = layer_suffix + branch.suffix
-                terms = self.layer_losses(layer_out, tgts, indices, num_boxes)
-                for key in ("ce", "bbox", "giou"):
-                    losses[f"loss_{key}{name}"] = terms[key]
-                    weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
-                losses[f"cardinality_error{name}"] = terms["cardinality"]
-                if not branch.binary and not layer_suffix:
-                    losses[f"class_error{branch.suffix}"] = self.class_error(layer_out, tgts, indices)
+        for branch, layer_suffix, layer_out, tgts in jobs:
+            indices = assigned[(branch.stream, layer_suffix)]
+            name = layer_suffix + branch.suffix
+            terms = self.layer_losses(layer_out, tgts, indices, num_boxes)
+            for key in ("ce", "bbox", "giou"):
+                losses[f"loss_{key}{name}"] = terms[key]
+                weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
+            losses[f"cardinality_error{name}"] = terms["cardinality"]
+            if not branch.binary and not layer_suffix:
+                losses[f"class_error{branch.suffix}"] = self.class_error(layer_out, tgts, indices)
         self._weight_dict = weights
         return losses
+
+    @staticmethod
+    def _assign(jobs) -> dict[tuple[str, str], list]:
+        """Every branch's assignment of every layer. The Hungarian cost matrices of all layers and
+        images are solved together: one device-to-host copy per step instead of one per layer."""
+        assigned: dict[tuple[str, str], list] = {}
+        hungarian = [j for j in jobs if isinstance(j[0].assigner, HungarianMatcher)]
+        with torch.no_grad():
+            costs = [branch.assigner.cost_matrices(out, tgts) for branch, _, out, tgts in hungarian]
+        solved = solve_assignments([c for per_image in costs for c in per_image])
+        for (branch, layer_suffix, _, tgts), per_image in zip(hungarian, costs):
+            assigned[(branch.stream, layer_suffix)], solved = solved[:len(per_image)], solved[len(per_image):]
+        for branch, layer_suffix, layer_out, tgts in jobs:
+            key = (branch.stream, layer_suffix)
+            if key not in assigned:
+                assigned[key] = branch.assigner(layer_out, tgts)
+            if branch.merge_with is not None:
+                if (branch.merge_with, layer_suffix) not in assigned:
+                    raise KeyError(f"branch {branch.stream!r} merges with {branch.merge_with!r}, which must be "
+                                   "an earlier branch over the same decoder layers.")
+                other = assigned[(branch.merge_with, layer_suffix)]
+                assigned[key] = merge_indices(other, assigned[key], layer_out["pred_logits"].shape[1])
+        return assigned
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
