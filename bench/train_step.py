@@ -17,19 +17,21 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(matcher: str, model: str, backbone: str, num_classes: int):
+def build(matcher: str, model: str, backbone: str, num_classes: int, experiment: str | None = None):
+    """The module of an experiment, or of a model + matcher pair, with a random-init backbone."""
     from msdetr.runner import build_module
 
+    chosen = [f"experiment={experiment}"] if experiment else ["~experiment", f"model={model}", f"matcher={matcher}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
-            f"model={model}", f"matcher={matcher}", "~experiment", "data=coco",
-            f"data.num_classes={num_classes}", f"model.detector.backbone.name={backbone}",
-            "model.detector.backbone.pretrained=false",
+            *chosen, "data=coco", f"data.num_classes={num_classes}",
+            f"model.detector.backbone.name={backbone}", "model.detector.backbone.pretrained=false",
         ])
     return build_module(cfg)
 
 
 def synthetic_batch(num_gts: int, num_classes: int, device, generator):
+    """Two padded images (384x512, 352x480) with `num_gts` random boxes each."""
     sizes = [(384, 512), (352, 480)]
     h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
     images = torch.randn(len(sizes), 3, h, w, generator=generator)
