@@ -8,11 +8,11 @@ from msdetr.matching import MixedScoreTopKAssigner, cap_positives, quality_assig
 def test_quality_assign_threshold_and_low_quality_rescue():
     quality = torch.tensor([[0.9, 0.5, 0.1, 0.2],
                             [0.1, 0.3, 0.2, 0.35]])
-    best_gt, positive = quality_assign(quality, threshold=0.4)
+    best_gt, positive, negative = quality_assign(quality, threshold=0.4)
     assert best_gt.tolist() == [0, 0, 1, 1]
     # query 3 is below the threshold but is GT 1's best: rescued, keeping its own best GT (1).
     assert positive.tolist() == [True, True, False, True]
-    _, strict = quality_assign(quality, threshold=0.4, allow_low_quality=False)
+    _, strict, _ = quality_assign(quality, threshold=0.4, low_quality="none")
     assert strict.tolist() == [True, True, False, False]
 
 

@@ -31,6 +31,7 @@ def compose_cfg(*overrides, name="train"):
     ("ms_detr_300", "ms_detr_c"),
     ("ms_detr_pp_300", "ms_detr_c_pp"),
     ("ms_detr_a_300", "ms_detr_a"),
+    ("deta_12ep", "deta"),
 ])
 def test_experiment_config_reproduces_fixture_losses(experiment, fixture):
     fx = load_fixture(f"{fixture}.pt")

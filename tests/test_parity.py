@@ -11,8 +11,9 @@ TOL_GRAD = 1e-4
 
 
 # deformable_detr: two-stage + refine; ms_detr_c / ms_detr_c_pp: MS-DETR root code (Figure 4 c + aux
-# FFN, without / with mixed selection and look-forward-twice); ms_detr_a: MS-DETR impl_a (Figure 4 a).
-FIXTURES = ["deformable_detr", "ms_detr_c", "ms_detr_c_pp", "ms_detr_a"]
+# FFN, without / with mixed selection and look-forward-twice); ms_detr_a: MS-DETR impl_a (Figure 4 a);
+# deta: 5 levels, NMS proposal selection, pix_trans, stage-1/2 IoU assigners, NMS post-processing.
+FIXTURES = ["deformable_detr", "ms_detr_c", "ms_detr_c_pp", "ms_detr_a", "deta"]
 
 
 @pytest.fixture(scope="module", params=FIXTURES)
@@ -51,8 +52,27 @@ def test_losses_and_weights(run):
     assert rel_err(total, fx["total_loss"]) < TOL_OUT
 
 
+# DETA's fixture weights leave sampling_offsets.weight at its zero init, so encoder samples sit exactly
+# on pixel centres, where the bilinear location gradient is discontinuous: fp32 rounding picks a side
+# and moves early-backbone gradient norms by ~1e-4. In float64 this implementation lands within 1e-5
+# of the fixture, so its gradients are checked from a float64 run.
+GRADS_IN_FLOAT64 = {"deta"}
+
+
+def _float64_grads(fx):
+    module = from_official(fixture_state_dict(fx), fx["flags"]).double()
+    images, mask = fixture_batch(fx)
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in fx["targets"]]
+    module.train()
+    losses = module.criterion(module.model(images.double(), mask), targets)
+    module.criterion.total(losses).backward()
+    return module
+
+
 def test_gradient_norms(run):
     fx, module, *_ = run
+    if fx["name"] in GRADS_IN_FLOAT64:
+        module = _float64_grads(fx)
     names = official_names(module)
     grads = {names[n]: p.grad for n, p in module.named_parameters() if p.grad is not None}
     assert set(grads) == set(fx["grad_norms"])

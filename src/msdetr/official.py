@@ -16,9 +16,9 @@ import torch
 
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
-from .matching import HungarianMatcher, MixedScoreTopKAssigner
+from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
 from .models import Backbone, DeformableDETR
-from .postprocess import TopKPostProcess
+from .postprocess import NMSPostProcess, TopKPostProcess
 
 # Defaults of the official main.py flags this project reads (the Deformable-DETR values; MS-DETR and
 # DETA add flags of their own with the defaults below).
@@ -41,12 +41,8 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "assign_first_stage": False, "assign_second_stage": False,
 }
 
-# Flags whose training or inference this release cannot reproduce yet: such a module is refused
-# clearly (the architecture itself is built by `build_model`, so its checkpoints still convert).
-_UNSUPPORTED = {
-    "assign_first_stage": "DETA's NMS proposal selection",
-    "assign_second_stage": "DETA's stage-2 assigner", "masks": "segmentation heads",
-}
+# Flags whose training or inference this release cannot reproduce: such a module is refused clearly.
+_UNSUPPORTED = {"masks": "segmentation heads"}
 
 
 def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +121,10 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
         o2m_tap=("output" if impl_a else "cross_attn") if ms_detr else None,
         aux_ffn=ms_detr and not impl_a and bool(args.get("use_aux_ffn")),
         o2m_separate_class_heads=impl_a,
-        pix_trans=bool(args.get("assign_first_stage")),
+        # DETA's two-stage queries always add the selected tokens' features; its checkpoints say so.
+        pix_trans=args["two_stage"] and (any(k.startswith("transformer.pix_trans.") for k in keys)
+                                         or bool(args["assign_first_stage"] or args["assign_second_stage"])),
+        proposal_selection="nms" if args["assign_first_stage"] else "topk",
     )
 
 
@@ -139,7 +138,12 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterab
     matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
                                focal_alpha=args["focal_alpha"])
     weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
-    branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
+    if args["assign_second_stage"]:
+        # DETA stage 2: IoU to the decoder's input proposals, assigned once and shared by all layers.
+        branches = [Branch("main", IoUTopKAssigner("init_reference", 0.6, 4, 0.25), weights, aux=args["aux_loss"],
+                           assign_once=True)]
+    else:
+        branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
     if args["use_ms_detr"]:
         # --o2m_matcher_threshold / --o2m_matcher_k / --use_indices_merge never reach the official
         # criterion: the released models trained with its defaults, which are this assigner's.
@@ -154,12 +158,16 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterab
                                            focal_alpha=args["focal_alpha"], box_key="anchors")
             enc_weights = {"ce": args["enc_cls_loss_coef"], "bbox": args["enc_bbox_loss_coef"],
                            "giou": args["enc_giou_loss_coef"]}
+        elif args["assign_first_stage"]:
+            enc_matcher = IoUTopKAssigner("anchors", 0.7, 4, 0.5, sample_size=256, ignore_below=0.3)
+            enc_weights = dict(weights)
         else:
             enc_matcher, enc_weights = matcher, dict(weights)
         branches.append(Branch("enc_outputs", enc_matcher, enc_weights, suffix="_enc", aux=False, binary=True))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
+    postprocess = NMSPostProcess() if args["assign_second_stage"] else TopKPostProcess(args["topk_eval"])
     return DetectionModule(
-        model, criterion, TopKPostProcess(args["topk_eval"]), lr=args["lr"],
+        model, criterion, postprocess, lr=args["lr"],
         lr_backbone=args["lr_backbone"], lr_linear_proj_mult=args["lr_linear_proj_mult"],
         weight_decay=args["weight_decay"], lr_drop_epochs=[args["lr_drop"]],
     )

@@ -27,6 +27,8 @@ class Branch:
     binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
     merge_with: stream of an earlier branch whose assignment of the same layer is merged into this
     one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts).
+    assign_once: assign on the stream's last layer and reuse it for every layer (DETA's stage 2,
+    whose quality depends only on the decoder's input proposals).
     """
 
     stream: str
@@ -36,6 +38,7 @@ class Branch:
     aux: bool = True
     binary: bool = False
     merge_with: str | None = None
+    assign_once: bool = False
 
     def __post_init__(self):
         unknown = set(self.weights) - {"ce", "bbox", "giou"}
@@ -120,8 +123,7 @@ class SetCriterion(nn.Module):
         self._weight_dict = weights
         return losses
 
-    @staticmethod
-    def _assign(jobs) -> dict[tuple[str, str], list]:
+    def _assign(self, jobs) -> dict[tuple[str, str], list]:
         """Every branch's assignment of every layer. The Hungarian cost matrices of all layers and
         images are solved together: one device-to-host copy per step instead of one per layer."""
         assigned: dict[tuple[str, str], list] = {}
@@ -131,10 +133,21 @@ class SetCriterion(nn.Module):
         solved = solve_assignments([c for per_image in costs for c in per_image])
         for (branch, layer_suffix, _, tgts), per_image in zip(hungarian, costs):
             assigned[(branch.stream, layer_suffix)], solved = solved[:len(per_image)], solved[len(per_image):]
+        once: dict[str, list] = {}
+        # As the official criteria do: per branch the last layer first, then the aux layers in order.
+        ordered = sorted(range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i))
+        for branch, layer_suffix, layer_out, tgts in (jobs[i] for i in ordered):
+            key = (branch.stream, layer_suffix)
+            if key in assigned:
+                continue
+            if branch.assign_once:
+                if branch.stream not in once:
+                    once[branch.stream] = branch.assigner(layer_out, tgts)
+                assigned[key] = once[branch.stream]
+            else:
+                assigned[key] = branch.assigner(layer_out, tgts)
         for branch, layer_suffix, layer_out, tgts in jobs:
             key = (branch.stream, layer_suffix)
-            if key not in assigned:
-                assigned[key] = branch.assigner(layer_out, tgts)
             if branch.merge_with is not None:
                 if (branch.merge_with, layer_suffix) not in assigned:
                     raise KeyError(f"branch {branch.stream!r} merges with {branch.merge_with!r}, which must be "

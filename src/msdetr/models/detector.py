@@ -57,6 +57,7 @@ class DeformableDETR(nn.Module):
         aux_ffn: bool = False,
         o2m_separate_class_heads: bool = False,
         pix_trans: bool = False,
+        proposal_selection: str = "topk",
         attn_backend: str = "auto",
     ):
         super().__init__()
@@ -81,7 +82,7 @@ class DeformableDETR(nn.Module):
         self.transformer = DeformableTransformer(
             hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, num_feature_levels,
             enc_n_points, dec_n_points, two_stage, num_queries, mixed_selection, look_forward_twice,
-            with_box_refine, cross_attn_first, o2m_tap, aux_ffn, pix_trans, attn_backend,
+            with_box_refine, cross_attn_first, o2m_tap, aux_ffn, pix_trans, proposal_selection, attn_backend,
         )
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)

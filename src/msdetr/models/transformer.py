@@ -6,8 +6,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import batched_nms
 
-from ..box_ops import inverse_sigmoid
+from ..box_ops import cxcywh_to_xyxy, inverse_sigmoid
 from .attention import MSDeformAttn
 from .position_encoding import box_sine_embedding
 
@@ -208,9 +209,15 @@ class DeformableTransformer(nn.Module):
         o2m_tap: str | None = None,
         aux_ffn: bool = False,
         pix_trans: bool = False,
+        proposal_selection: str = "topk",
         attn_backend: str = "auto",
     ):
         super().__init__()
+        if proposal_selection not in ("topk", "nms"):
+            raise ValueError(f"unknown proposal_selection {proposal_selection!r}; use 'topk' or 'nms'.")
+        if proposal_selection == "nms" and not two_stage:
+            raise ValueError("proposal_selection='nms' selects two-stage proposals; set two_stage=true.")
+        self.proposal_selection = proposal_selection
         self.d_model = d_model
         self.decoder_refines = with_box_refine
         self.two_stage = two_stage
@@ -279,11 +286,13 @@ class DeformableTransformer(nn.Module):
             proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
             start += h * w
         proposals = torch.cat(proposals, 1)
+        level_ids = torch.cat([torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
+                               for lvl, (h, w) in enumerate(spatial_shapes.tolist())])
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
         invalid = padding_mask.unsqueeze(-1) | ~valid
         proposals = proposals.masked_fill(invalid, float("inf"))
-        return memory.masked_fill(invalid, 0.0), proposals
+        return memory.masked_fill(invalid, 0.0), proposals, level_ids
 
     def flatten_levels(self, srcs, masks, pos_embeds):
         spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
@@ -305,6 +314,38 @@ class DeformableTransformer(nn.Module):
             topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
         return topk
 
+    @torch.no_grad()
+    def select_proposals_nms(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor,
+                             pre_nms_per_level: int = 1000, iou_threshold: float = 0.9) -> torch.Tensor:
+        """DETA's selection: per image, the top tokens of every level, NMS within each level, at most
+        Q / L per level (best first), filled up with the best leftovers; in global score order.
+
+        Unlike the official code this works with fewer than 1000 tokens (per level or in total).
+        """
+        logits = enc_class[..., 0]
+        boxes = cxcywh_to_xyxy(enc_coord_unact.sigmoid().float()).clamp(0, 1)
+        k = self.two_stage_num_proposals
+        num_levels = int(level_ids.max()) + 1
+        per_level = k // num_levels
+        picks = []
+        for b in range(logits.shape[0]):
+            candidates = torch.cat([
+                idx[logits[b, idx].topk(min(pre_nms_per_level, idx.numel()))[1]]
+                for idx in (torch.nonzero(level_ids == lvl).squeeze(1) for lvl in range(num_levels)) if idx.numel()
+            ])
+            keep = candidates[batched_nms(boxes[b, candidates], logits[b, candidates].float(), level_ids[candidates],
+                                          iou_threshold)]
+            if keep.numel() < k:  # too few survivors: plain top-k (cycling on tiny maps)
+                picks.append(self.select_proposals(enc_class[b:b + 1])[0])
+                continue
+            onehot = level_ids[keep][None] == torch.arange(num_levels, device=keep.device)[:, None]
+            chosen = (onehot & (onehot.cumsum(1) <= per_level)).any(0)
+            missing = k - int(chosen.sum())
+            if missing > 0:
+                chosen[torch.nonzero(~chosen).squeeze(1)[:missing]] = True
+            picks.append(keep[chosen])
+        return torch.stack(picks)
+
     def forward(self, srcs, masks, pos_embeds, query_embed=None, class_embed=None, bbox_embed=None,
                 self_attn_mask=None):
         src, mask, pos, spatial_shapes, level_start_index, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
@@ -313,12 +354,15 @@ class DeformableTransformer(nn.Module):
         out = {"memory": memory, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
                "valid_ratios": valid_ratios, "mask_flatten": mask}
         if self.two_stage:
-            output_memory, proposals = self.encoder_proposals(memory, mask, spatial_shapes)
+            output_memory, proposals, level_ids = self.encoder_proposals(memory, mask, spatial_shapes)
             output_memory = self.enc_output_norm(self.enc_output(output_memory))
             num_dec = self.decoder.num_layers
             enc_class = class_embed[num_dec](output_memory)
             enc_coord_unact = bbox_embed[num_dec](output_memory) + proposals
-            topk = self.select_proposals(enc_class)
+            if self.proposal_selection == "nms":
+                topk = self.select_proposals_nms(enc_class, enc_coord_unact, level_ids)
+            else:
+                topk = self.select_proposals(enc_class)
             topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))

@@ -1,0 +1,135 @@
+"""One-to-many assigners built on a match-quality matrix: MS-DETR's mixed score, DETA's IoU stages.
+
+Both follow the same steps (per image, no gradient): quality (G, N) -> each candidate's best GT,
+positive / negative by thresholds, low-quality rescue -> a random cap on the positives -> for each
+GT with c positives its top-min(c, k) candidates by quality over *all* candidates, pairs in
+ascending quality (a query claimed twice keeps the better GT's class last).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..box_ops import box_iou, cxcywh_to_xyxy
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
+LOW_QUALITY = ("none", "best", "ties")
+
+
+def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "best",
+                   ignore_below: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(G, N) quality -> per candidate its best GT, a positive mask and a negative mask.
+
+    Positive: best quality >= `threshold`; negative: below `ignore_below` (default the threshold),
+    ignored in between. Low-quality rescue makes every GT's best candidate positive, keeping its own
+    best GT: "best" one per GT (MS-DETR's `topk(1)`), "ties" all tied ones (DETA, the RPN rule).
+    """
+    if low_quality not in LOW_QUALITY:
+        raise ValueError(f"unknown low_quality {low_quality!r}; use one of {LOW_QUALITY}.")
+    best_val, best_gt = quality.max(dim=0)
+    positive = best_val >= threshold
+    negative = best_val < (threshold if ignore_below is None else ignore_below)
+    if low_quality == "best" and quality.shape[1]:
+        positive[quality.argmax(dim=1)] = True
+    elif low_quality == "ties":
+        positive |= (quality == quality.max(dim=1, keepdim=True).values).any(dim=0)
+    return best_gt, positive, negative & ~positive
+
+
+def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Keep at most `max_positives` of the positives, a uniformly random subset (no effect below)."""
+    idx = positive.nonzero().squeeze(1)
+    if idx.numel() <= max_positives:
+        return positive
+    perm = torch.randperm(idx.numel(), device="cpu", generator=generator).to(idx.device)
+    capped = torch.zeros_like(positive)
+    capped[idx[perm[:max_positives]]] = True
+    return capped
+
+
+def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each GT with c positives its top-min(c, k) candidates over all candidates, ascending."""
+    num_gt, num_cand = quality.shape
+    counts = torch.bincount(best_gt[positive], minlength=num_gt)
+    k = min(k, num_cand)
+    values, cand = quality.topk(k, dim=1)
+    keep = torch.arange(k, device=quality.device)[None, :] < counts[:, None]
+    gt = torch.arange(num_gt, device=quality.device)[:, None].expand(-1, k)
+    order = values[keep].argsort()
+    return cand[keep][order], gt[keep][order]
+
+
+class QualityTopKAssigner:
+    """The shared procedure; subclasses define the quality matrix."""
+
+    def __init__(self, threshold: float, k: int, positive_fraction: float, low_quality: str,
+                 sample_size: int | None = None, ignore_below: float | None = None, seed: int | None = None):
+        if k < 1:
+            raise ValueError(f"the assigner's k must be >= 1, got {k}.")
+        if not 0 < positive_fraction <= 1:
+            raise ValueError(f"positive_fraction must be in (0, 1], got {positive_fraction}.")
+        if low_quality not in LOW_QUALITY:
+            raise ValueError(f"unknown low_quality {low_quality!r}; use one of {LOW_QUALITY}.")
+        self.threshold, self.k, self.positive_fraction = threshold, k, positive_fraction
+        self.low_quality, self.sample_size, self.ignore_below = low_quality, sample_size, ignore_below
+        # A generator of the run's seed keeps the random cap reproducible; None uses torch's global RNG.
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
+        num_candidates = outputs["pred_logits"].shape[1]
+        cap = int(self.positive_fraction * (self.sample_size or num_candidates))
+        out = []
+        for b, tgt in enumerate(targets):
+            if len(tgt["labels"]) == 0:
+                empty = torch.zeros(0, dtype=torch.int64, device=outputs["pred_logits"].device)
+                out.append((empty, empty))
+                continue
+            q = self.quality(outputs, b, tgt)
+            best_gt, positive, _ = quality_assign(q, self.threshold, self.low_quality, self.ignore_below)
+            out.append(topk_per_gt(q, best_gt, cap_positives(positive, cap, self.generator), self.k))
+        return out
+
+
+class MixedScoreTopKAssigner(QualityTopKAssigner):
+    """MS-DETR's one-to-many assigner: quality = box_weight * IoU + class_weight * p[label].
+
+    The released models used threshold 0.4, k 6, weights 0.7 / 0.3, positive fraction 0.25 of the
+    queries and the single-best low-quality rescue.
+    """
+
+    def __init__(self, threshold: float = 0.4, k: int = 6, box_weight: float = 0.7, class_weight: float = 0.3,
+                 positive_fraction: float = 0.25, low_quality: str = "best", seed: int | None = None):
+        super().__init__(threshold, k, positive_fraction, low_quality, seed=seed)
+        self.box_weight, self.class_weight = box_weight, class_weight
+
+    def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
+        boxes = outputs["pred_boxes"][b].detach().float()
+        iou = box_iou(cxcywh_to_xyxy(target["boxes"].float()), cxcywh_to_xyxy(boxes))
+        prob = outputs["pred_logits"][b].detach().float().sigmoid()[:, target["labels"]].T
+        return self.box_weight * iou + self.class_weight * prob
+
+
+class IoUTopKAssigner(QualityTopKAssigner):
+    """DETA's IoU assigners: quality = IoU(GT, outputs[box_key]).
+
+    Stage 1 (encoder): box_key="anchors", threshold 0.7, ignore_below 0.3, sample_size 256,
+    positive_fraction 0.5, k 4. Stage 2 (decoder): box_key="init_reference" (the decoder's input
+    proposals), threshold 0.6, positive_fraction 0.25 of the queries, k 4. Both rescue ties.
+    """
+
+    def __init__(self, box_key: str = "init_reference", threshold: float = 0.6, k: int = 4,
+                 positive_fraction: float = 0.25, sample_size: int | None = None, ignore_below: float | None = None,
+                 low_quality: str = "ties", seed: int | None = None):
+        super().__init__(threshold, k, positive_fraction, low_quality, sample_size, ignore_below, seed)
+        self.box_key = box_key
+
+    def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
+        if self.box_key not in outputs:
+            raise KeyError(f"the IoU assigner matches against outputs[{self.box_key!r}], which this stream lacks; "
+                           "use a two-stage model.")
+        boxes = outputs[self.box_key][b].detach().float()
+        return box_iou(cxcywh_to_xyxy(target["boxes"].float()), cxcywh_to_xyxy(boxes))
