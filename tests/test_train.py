@@ -115,3 +115,13 @@ def test_ddp_two_processes_cpu(tmp_path):
     metrics = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
     assert metrics and "val/AP" in metrics[0].read_text()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_matcher_sweep_fast_dev_run(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr,ms_detr_a,deta",
+           "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
