@@ -1,5 +1,6 @@
 """End to end through the Hydra configs: train, predictions picture, resume, config errors, DDP."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +108,20 @@ def test_unknown_config_option_is_one_clear_error(tmp_path, override, message):
     assert "Traceback" not in result.stderr
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
-    result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                        "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null")
+    for _attempt in range(3):  # a port taken between choosing and binding it is retried, nothing else
+        result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                            "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
+                            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        if "EADDRINUSE" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
     assert metrics and "val/AP" in metrics[0].read_text()
