@@ -7,11 +7,9 @@ the Hungarian cost matrices of all layers and images together).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from train_step import build, sync, synthetic_batch
+from train_step import build, synthetic_batch, time_step
 
 
 def count_dtoh(fn) -> int:
@@ -36,26 +34,8 @@ def main(argv=None) -> None:
     module = build("", "", args.backbone, 91, experiment=args.experiment).to(device)
     module.train()
     images, mask, targets = synthetic_batch(args.gts, 91, device, torch.Generator().manual_seed(0))
-    fwd, crit, bwd = [], [], []
-    for step in range(args.steps + 1):
-        module.zero_grad(set_to_none=True)
-        sync(device)
-        t0 = time.perf_counter()
-        out = module.model(images, mask)
-        sync(device)
-        t1 = time.perf_counter()
-        losses = module.criterion(out, targets)
-        total = module.criterion.total(losses)
-        sync(device)
-        t2 = time.perf_counter()
-        total.backward()
-        sync(device)
-        t3 = time.perf_counter()
-        if step:  # the first step warms up
-            fwd.append(t1 - t0)
-            crit.append(t2 - t1)
-            bwd.append(t3 - t2)
-    f, c, b = (statistics.median(v) for v in (fwd, crit, bwd))
+    med = time_step(module, images, mask, targets, args.steps, 1, device)
+    f, c, b = med["forward"], med["criterion"], med["backward"]
     print(f"# criterion: experiment={args.experiment} backbone={args.backbone} device={device} "
           f"threads={torch.get_num_threads()} images=2 gts/img={args.gts} loss terms={len(module.criterion.weight_dict)} "
           f"steps={args.steps} (median)")

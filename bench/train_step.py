@@ -51,6 +51,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_step(module, images, mask, targets, steps: int, warmup: int, device) -> dict[str, float]:
+    """Median seconds of forward, criterion and backward over `steps` steps after `warmup`."""
+    times = {"forward": [], "criterion": [], "backward": []}
+    for step in range(warmup + steps):
+        module.zero_grad(set_to_none=True)
+        sync(device)
+        t0 = time.perf_counter()
+        out = module.model(images, mask)
+        sync(device)
+        t1 = time.perf_counter()
+        total = module.criterion.total(module.criterion(out, targets))
+        sync(device)
+        t2 = time.perf_counter()
+        total.backward()
+        sync(device)
+        t3 = time.perf_counter()
+        if step >= warmup:
+            for name, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[name].append(seconds)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matcher", default="hungarian")
@@ -68,26 +90,7 @@ def main(argv=None) -> None:
     module.train()
     gen = torch.Generator().manual_seed(0)
     images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen)
-    times = {"forward": [], "criterion": [], "backward": []}
-    for step in range(args.warmup + args.steps):
-        module.zero_grad(set_to_none=True)
-        sync(device)
-        t0 = time.perf_counter()
-        out = module.model(images, mask)
-        sync(device)
-        t1 = time.perf_counter()
-        losses = module.criterion(out, targets)
-        total = module.criterion.total(losses)
-        sync(device)
-        t2 = time.perf_counter()
-        total.backward()
-        sync(device)
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            times["forward"].append(t1 - t0)
-            times["criterion"].append(t2 - t1)
-            times["backward"].append(t3 - t2)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = time_step(module, images, mask, targets, args.steps, args.warmup, device)
     step_s = sum(med.values())
     print(f"# train step: model={args.model} matcher={args.matcher} backbone={args.backbone} "
           f"device={device} threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} "

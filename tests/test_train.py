@@ -90,11 +90,18 @@ def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
     assert trainer.current_epoch == 3
 
 
+# Variables that tell Lightning it was launched by a cluster or by torchrun: inherited from an
+# earlier in-process distributed test they would make a fresh run wait for ranks nobody starts.
+_LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
+
+
 def _run_train(tmp_path, *args, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.run.dir={tmp_path / 'run'}", *args]
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})})
+                          env={**clean, "HYDRA_FULL_ERROR": "0", **(env or {})})
 
 
 @pytest.mark.parametrize("override, message", [
@@ -132,7 +139,8 @@ def test_matcher_sweep_fast_dev_run(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr,ms_detr_a,deta",
            "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]

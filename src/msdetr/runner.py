@@ -1,7 +1,9 @@
 """What train.py and evaluate.py do, from a composed Hydra config (the only place DictConfig is read)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +14,23 @@ from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO
 
 log = logging.getLogger("msdetr")
+
+# Lightning writes these into os.environ when a Trainer starts; left behind, they make the next run
+# of the same process (the next job of a Hydra multirun) believe an outside launcher started it.
+_LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+
+
+@contextlib.contextmanager
+def _restore_launcher_env():
+    saved = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build_datamodule(cfg: DictConfig):
@@ -48,7 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    with _restore_launcher_env():
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = dict(module.last_metrics)
     if trainer.is_global_zero and metrics:
         log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
@@ -63,5 +83,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     load_weights(module, cfg.ckpt_path)
     trainer = build_trainer(cfg)
-    trainer.validate(module, datamodule=dm)
+    with _restore_launcher_env():
+        trainer.validate(module, datamodule=dm)
     return dict(module.last_metrics)
