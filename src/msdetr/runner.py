@@ -10,6 +10,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .checkpoints import load_weights
 from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO
 
@@ -76,8 +77,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from .checkpoints import load_weights
-
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     module = build_module(cfg)
