@@ -49,7 +49,8 @@ _TUNE_KEY = ["M", "D", "L", "LQ_CLASS", "NUM_POINTS"]
 
 
 @triton.jit
-def _program_coords(Lq, M, BLOCK_Q: tl.constexpr):
+def _program_coords(Lq, M, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch n, head m, query rows (with mask) and channel vector (with mask)."""
     # Heads vary fastest across program ids: neighbouring programs then read the same query rows of
     # the locations and the same pixels of value (heads are adjacent in memory), sharing L2 lines.
     pid = tl.program_id(0).to(tl.int64)
@@ -58,13 +59,19 @@ def _program_coords(Lq, M, BLOCK_Q: tl.constexpr):
     num_q_blocks = tl.cdiv(Lq, BLOCK_Q)
     n = rest // num_q_blocks
     q = (rest % num_q_blocks) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    return n, m, q
+    q_mask = q < Lq
+    row = (n * Lq + q) * M + m
+    c = tl.arange(0, BLOCK_D)
+    return n, m, q_mask, row, c, c < D
 
 
 @triton.jit
-def _level_samples(loc_ptr, attn_ptr, row, q_mask, level, h, w, start, MD, L,
+def _level_samples(loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L,
                    NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, ACC: tl.constexpr):
     """Bilinear set-up of every (query, point) of one level: (BLOCK_Q, POINTS_PAD) tiles."""
+    h = tl.load(shapes_ptr + 2 * level)
+    w = tl.load(shapes_ptr + 2 * level + 1)
+    start = tl.load(starts_ptr + level)
     pt = tl.arange(0, POINTS_PAD)
     # Index of (n, q, m, level, point) in attention_weights; locations interleave (x, y) after it.
     lp = (row[:, None] * L + level) * NUM_POINTS + pt[None, :]
@@ -91,7 +98,7 @@ def _level_samples(loc_ptr, attn_ptr, row, q_mask, level, h, w, start, MD, L,
     yi = tl.minimum(tl.maximum(y0, -1.0), hf).to(tl.int64)
     # Element offset of the top-left corner's channel 0 relative to value[n, 0, m, 0].
     corner = (start + yi * w + xi) * MD
-    return lp, lp_mask, a, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
+    return h, w, lp, lp_mask, a, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
 
 
 @triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -102,22 +109,15 @@ def _msda_fwd_kernel(
     D: tl.constexpr, NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    n, m, q = _program_coords(Lq, M, BLOCK_Q)
-    q_mask = q < Lq
+    n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    row = (n * Lq + q) * M + m
-    c = tl.arange(0, BLOCK_D)
-    c_in = c < D
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     value_nm = value_ptr + n * S * MD + m * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in range(L):
-        h = tl.load(shapes_ptr + 2 * level)
-        w = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
-        _, _, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
-            loc_ptr, attn_ptr, row, q_mask, level, h, w, start, MD, L, NUM_POINTS, POINTS_PAD, ACC)
+        _, w, _, _, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
+            loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L, NUM_POINTS, POINTS_PAD, ACC)
         ptr = value_nm + corner[:, :, None] + c3
         # All 4 * points gathers of the level are independent loads in flight together.
         v00 = tl.load(ptr, mask=in00[:, :, None] & c_mask, other=0.0).to(ACC)
@@ -143,12 +143,8 @@ def _msda_bwd_kernel(
     D: tl.constexpr, NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
-    n, m, q = _program_coords(Lq, M, BLOCK_Q)
-    q_mask = q < Lq
+    n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    row = (n * Lq + q) * M + m
-    c = tl.arange(0, BLOCK_D)
-    c_in = c < D
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     nm_offset = n * S * MD + m * D
@@ -158,11 +154,8 @@ def _msda_bwd_kernel(
                 other=0.0).to(ACC)
     g3 = g[:, None, :]
     for level in range(L):
-        h = tl.load(shapes_ptr + 2 * level)
-        w = tl.load(shapes_ptr + 2 * level + 1)
-        start = tl.load(starts_ptr + level)
-        lp, lp_mask, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
-            loc_ptr, attn_ptr, row, q_mask, level, h, w, start, MD, L, NUM_POINTS, POINTS_PAD, ACC)
+        h, w, lp, lp_mask, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
+            loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L, NUM_POINTS, POINTS_PAD, ACC)
         offs = corner[:, :, None] + c3
         m00 = in00[:, :, None] & c_mask
         m01 = in01[:, :, None] & c_mask
