@@ -59,7 +59,6 @@ class PredictionImages(L.Callback):
         self.num_images = num_images
         self.score_threshold = score_threshold
         self.every_n_epochs = every_n_epochs
-        self.last_path: Path | None = None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         n = self.every_n_epochs
@@ -107,5 +106,4 @@ class PredictionImages(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"predictions_{tag}.png"
         write_png(grid, str(path))
-        self.last_path = path
         return path

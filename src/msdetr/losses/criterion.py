@@ -77,6 +77,7 @@ class SetCriterion(nn.Module):
         self.branches = list(branches)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self._weight_dict: dict[str, float] = {}
 
     @staticmethod
     def _layers(branch: Branch, outputs: dict) -> list[tuple[str, dict]]:
@@ -99,7 +100,7 @@ class SetCriterion(nn.Module):
     @property
     def weight_dict(self) -> dict[str, float]:
         """Weights of the names this criterion produces, for the number of aux layers last seen."""
-        return dict(self._weight_dict) if hasattr(self, "_weight_dict") else {}
+        return dict(self._weight_dict)
 
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device

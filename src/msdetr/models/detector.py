@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..box_ops import inverse_sigmoid
+from ..kernels import BACKENDS
+from .attention import MSDeformAttn
 from .backbone import Backbone, resize_mask
 from .position_encoding import PositionEmbeddingSine
 from .transformer import DeformableTransformer
@@ -114,9 +116,6 @@ class DeformableDETR(nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every deformable attention between "auto", "triton" and "reference"."""
-        from ..kernels import BACKENDS
-        from .attention import MSDeformAttn
-
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}.")
         for m in self.modules():
