@@ -46,20 +46,24 @@ def test_experiment_config_reproduces_fixture_losses(experiment, fixture):
     assert rel_err(module.criterion.total(losses), fx["total_loss"]) < 2e-5
 
 
-def test_official_checkpoint_evaluates_through_evaluate_py(tmp_path):
-    manifest = json.loads((FIXTURES / "manifests" / "ms_detr_pp_900.json").read_text())
+@pytest.mark.parametrize("experiment, manifest_name, other", [
+    ("ms_detr_pp_900", "ms_detr_pp_900", "ms_detr_300"),
+    ("deta_12ep", "deta_r50", "deformable_detr_two_stage_refine_50ep"),
+])
+def test_official_checkpoint_evaluates_through_evaluate_py(tmp_path, experiment, manifest_name, other):
+    manifest = json.loads((FIXTURES / "manifests" / f"{manifest_name}.json").read_text())
     args = parse_flags(manifest["flags"])
     model = build_model(args, keys=manifest["state_dict"])
     official = to_official(model)
     assert {k: list(v.shape) for k, v in official.items()} == manifest["state_dict"]
-    path = tmp_path / "ms_detr_pp_900.pth"
+    path = tmp_path / f"{manifest_name}.pth"
     torch.save({"model": official, "args": argparse.Namespace(**args), "epoch": 11}, path)
     small = ["data=synthetic", f"data.root={tmp_path / 'synth'}", "data.synthetic_train=2", "data.synthetic_val=2",
              "data.num_workers=0", "data.eval_size=96", "data.max_size=128", "data.num_classes=91",
              "model.detector.backbone.pretrained=false", "trainer.accelerator=cpu", "trainer.devices=1",
              "logger=none", f"ckpt_path={path}"]
-    metrics = evaluate(compose_cfg("experiment=ms_detr_pp_900", *small, name="evaluate"))
+    metrics = evaluate(compose_cfg(f"experiment={experiment}", *small, name="evaluate"))
     assert set(metrics) >= {"AP", "AP50"} and all(0 <= v <= 1 for v in metrics.values())
     # A checkpoint of another architecture is refused in one sentence, not a shape error.
     with pytest.raises(ValueError, match="does not fit the configured architecture"):
-        evaluate(compose_cfg("experiment=ms_detr_300", *small, name="evaluate"))
+        evaluate(compose_cfg(f"experiment={other}", *small, name="evaluate"))

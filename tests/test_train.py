@@ -136,11 +136,16 @@ def test_ddp_two_processes_cpu(tmp_path):
 
 
 def test_matcher_sweep_fast_dev_run(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr,ms_detr_a,deta",
+    matchers = ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr", "ms_detr_deta"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),
            "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
     clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert jobs == ["0", "1", "2", "3"]
+    assert jobs == [str(i) for i in range(len(matchers))]
+    for i, matcher in enumerate(matchers):  # every job really ran its matcher to the end
+        overrides = (tmp_path / "sweep" / str(i) / ".hydra" / "overrides.yaml").read_text()
+        assert f"matcher={matcher}" in overrides
+    assert result.stderr.count("`Trainer.fit` stopped: `max_steps=1` reached") == len(matchers)

@@ -17,7 +17,8 @@ import torch
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
 from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from .models import Backbone, DeformableDETR
+from .models import Backbone, DeformableDETR, SwinBackbone
+from .models.swin import is_swin_buffer, swin_official_to_timm, swin_timm_to_official
 from .postprocess import NMSPostProcess, TopKPostProcess
 
 # Defaults of the official main.py flags this project reads (the Deformable-DETR values; MS-DETR and
@@ -88,7 +89,10 @@ def _num_classes(state_dict: Mapping[str, torch.Tensor]) -> int:
 
 
 def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The ResNet depth the backbone weights have (block type and layer3 length), None if absent."""
+    """The ResNet depth the backbone weights have (block type and layer3 length), "swin" for DETA's
+    Swin-L, None if absent."""
+    if "backbone.0.body.patch_embed.proj.weight" in state_dict:
+        return "swin"
     prefix = "backbone.0.body.layer3."
     blocks = {int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix)}
     if not blocks:
@@ -107,8 +111,12 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
         raise NotImplementedError("the official --masks (segmentation) heads are not supported.")
     ms_detr = bool(args.get("use_ms_detr"))
     impl_a = ms_detr and any(k.startswith("class_embed_o2m.") for k in keys)
-    backbone = Backbone(args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
-                        return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
+    if args["backbone"] == "swin":  # DETA's Swin-L (models/swin.py there)
+        backbone = SwinBackbone("swin_large_patch4_window12_384", pretrained=pretrained_backbone,
+                                train_backbone=args["lr_backbone"] > 0, drop_path_rate=0.3, checkpointing=True)
+    else:
+        backbone = Backbone(args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
+                            return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
     return DeformableDETR(
         backbone, num_classes=num_classes, num_queries=args["num_queries"], hidden_dim=args["hidden_dim"],
         nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
@@ -182,13 +190,14 @@ _FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|n
 
 def _to_official_name(name: str) -> str:
     name = name.removeprefix("model.")
-    name = name.replace("backbone.body.", "backbone.0.body.", 1) if name.startswith("backbone.body.") else name
+    if name.startswith("backbone.body."):
+        name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body."):])
     return _FFN.sub(r"\1", name)
 
 
 def _from_official_name(name: str) -> str:
     if name.startswith("backbone.0.body."):
-        name = "backbone.body." + name[len("backbone.0.body."):]
+        name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body."):])
     def repl(m: re.Match) -> str:
         if m.group(5):
             return f"{m.group(5)}aux_ffn.{m.group(6)}."
@@ -252,7 +261,7 @@ def to_official(module) -> dict[str, torch.Tensor]:
 
 
 def _convert_state_dict(model: DeformableDETR, official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    official = dict(official)
+    official = {k: v for k, v in official.items() if not is_swin_buffer(k)}
     for head, alias, after in _aliases(model):
         for name in [k for k in official if k.startswith(alias)]:
             tensor = official.pop(name)

@@ -68,6 +68,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
+    if cfg.get("init_from") and not ckpt_path:
+        load_weights(module, cfg.init_from)
+        log.info("initialised from %s", cfg.init_from)
     with _restore_launcher_env():
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = dict(module.last_metrics)

@@ -38,6 +38,8 @@ class DetectionModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "criterion", "postprocess"])
+        if hasattr(model, "output_streams"):
+            criterion.check_model(model.output_streams)  # a matcher that cannot fit the model fails here
         self.model = model
         self.criterion = criterion
         self.postprocess = postprocess if postprocess is not None else TopKPostProcess()

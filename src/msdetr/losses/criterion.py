@@ -15,6 +15,13 @@ from ..matching import HungarianMatcher, solve_assignments
 
 Targets = list[dict[str, torch.Tensor]]
 
+_STREAM_HINTS = {
+    "enc_outputs": "the encoder branch needs a two-stage model (model.detector.two_stage=true)",
+    "o2m_outputs": "the one-to-many branch needs model.detector.o2m_tap (set by the ms_detr* matcher configs)",
+    "hybrid_outputs": "this branch needs model.detector.hybrid_queries or query_groups (set by the h_detr and "
+                      "group_detr matcher configs)",
+}
+
 
 @dataclass
 class Branch:
@@ -29,6 +36,11 @@ class Branch:
     one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts).
     assign_once: assign on the stream's last layer and reuse it for every layer (DETA's stage 2,
     whose quality depends only on the decoder's input proposals).
+    repeat_targets: every GT appears this many times (H-DETR's one-to-many branch, k = 6); the
+    normalizer grows with it, as in H-DETR where the branch sees k times the boxes.
+    num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups).
+    required: a model without this stream is an error; otherwise the branch is skipped (the encoder
+    branch of a one-stage model, as the official criteria do).
     """
 
     stream: str
@@ -39,8 +51,13 @@ class Branch:
     binary: bool = False
     merge_with: str | None = None
     assign_once: bool = False
+    repeat_targets: int = 1
+    num_boxes_scale: float = 1.0
+    required: bool = True
 
     def __post_init__(self):
+        if self.repeat_targets < 1 or self.num_boxes_scale <= 0:
+            raise ValueError(f"branch {self.stream!r}: repeat_targets must be >= 1 and num_boxes_scale > 0.")
         unknown = set(self.weights) - {"ce", "bbox", "giou"}
         if unknown:
             raise ValueError(f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, bbox, giou.")
@@ -71,13 +88,41 @@ def world_num_boxes(targets: Targets, device) -> float:
 class SetCriterion(nn.Module):
     """Sums the focal / L1 / GIoU losses of every branch; losses keep the official names."""
 
-    def __init__(self, num_classes: int, branches: list[Branch], focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+    def __init__(self, num_classes: int, branches: list[Branch] | dict[str, Branch | None], focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0):
+        """`branches`: a list, or a dict by name (what configs compose: a later config adds a branch
+        by name or removes one with null); evaluated in order."""
         super().__init__()
         self.num_classes = num_classes
+        if isinstance(branches, dict):
+            branches = [b for b in branches.values() if b is not None]
+        if not branches:
+            raise ValueError("the criterion has no branches; the matcher config must supervise at least one stream.")
         self.branches = list(branches)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self._weight_dict: dict[str, float] = {}
+
+    def check_model(self, streams: dict[str, set[str]]) -> None:
+        """Raise one sentence when a branch needs a stream or box key the model does not produce.
+
+        `streams`: the model's `output_streams` (stream -> box keys its assigners may match against).
+        """
+        for branch in self.branches:
+            if branch.stream not in streams:
+                if branch.required:
+                    raise ValueError(
+                        f"this matcher supervises the {branch.stream!r} stream, which the model does not produce "
+                        f"(it has {sorted(streams)}): {_STREAM_HINTS.get(branch.stream, 'pick a matching model')}."
+                    )
+                continue
+            key = getattr(branch.assigner, "box_key", "pred_boxes")
+            if key not in streams[branch.stream]:
+                raise ValueError(
+                    f"the {branch.stream!r} branch assigns against {key!r}, which this model does not have there "
+                    f"(only {sorted(streams[branch.stream])}); the IoU assigners need a two-stage model "
+                    "(model.detector.two_stage=true)."
+                )
 
     @staticmethod
     def _layers(branch: Branch, outputs: dict) -> list[tuple[str, dict]]:
@@ -85,6 +130,8 @@ class SetCriterion(nn.Module):
             stream = outputs
         elif branch.stream in outputs:
             stream = outputs[branch.stream]
+        elif not branch.required:
+            return []
         else:
             raise KeyError(
                 f"the criterion has a branch on {branch.stream!r}, which this model does not output "
@@ -102,19 +149,28 @@ class SetCriterion(nn.Module):
         """Weights of the names this criterion produces, for the number of aux layers last seen."""
         return dict(self._weight_dict)
 
+    @staticmethod
+    def _branch_targets(branch: Branch, targets: Targets) -> Targets:
+        targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if branch.binary else targets
+        if branch.repeat_targets > 1:
+            k = branch.repeat_targets
+            targets = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+        return targets
+
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
         num_boxes = world_num_boxes(targets, device)
-        binary_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-        jobs = [(branch, layer_suffix, layer_out, binary_targets if branch.binary else targets)
-                for branch in self.branches for layer_suffix, layer_out in self._layers(branch, outputs)]
+        per_branch = [(branch, self._branch_targets(branch, targets)) for branch in self.branches]
+        jobs = [(branch, layer_suffix, layer_out, tgts)
+                for branch, tgts in per_branch for layer_suffix, layer_out in self._layers(branch, outputs)]
         assigned = self._assign(jobs)
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for branch, layer_suffix, layer_out, tgts in jobs:
             indices = assigned[(branch.stream, layer_suffix)]
             name = layer_suffix + branch.suffix
-            terms = self.layer_losses(layer_out, tgts, indices, num_boxes)
+            normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
+            terms = self.layer_losses(layer_out, tgts, indices, normalizer)
             for key in ("ce", "bbox", "giou"):
                 losses[f"loss_{key}{name}"] = terms[key]
                 weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
@@ -132,8 +188,10 @@ class SetCriterion(nn.Module):
         with torch.no_grad():
             costs = [branch.assigner.cost_matrices(out, tgts) for branch, _, out, tgts in hungarian]
         solved = solve_assignments([c for per_image in costs for c in per_image])
-        for (branch, layer_suffix, _, tgts), per_image in zip(hungarian, costs):
-            assigned[(branch.stream, layer_suffix)], solved = solved[:len(per_image)], solved[len(per_image):]
+        for (branch, layer_suffix, out, _), blocks in zip(hungarian, costs):
+            assigned[(branch.stream, layer_suffix)] = branch.assigner.indices(solved[:len(blocks)],
+                                                                              out["pred_logits"].shape[1])
+            solved = solved[len(blocks):]
         once: dict[str, list] = {}
         # As the official criteria do: per branch the last layer first, then the aux layers in order.
         ordered = sorted(range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i))

@@ -21,38 +21,68 @@ class HungarianMatcher:
     """Per image, the minimum-cost one-to-one matching of queries to ground truths.
 
     `box_key` chooses the boxes that are matched: `pred_boxes` (Deformable-DETR) or `anchors`
-    (MS-DETR's encoder loss, with cost_class=0). Costs are built in fp32 on the outputs' device and
-    copied to the host in one transfer per call.
+    (MS-DETR's encoder loss, with cost_class=0). `group_size` splits the queries into consecutive
+    blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are built in fp32 on
+    the outputs' device and copied to the host in one transfer per call.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_key: str = "pred_boxes"):
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_key: str = "pred_boxes",
+                 group_size: int | None = None):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all Hungarian matcher costs are 0; set at least one of cost_class/cost_bbox/cost_giou.")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"Hungarian matcher group_size={group_size}; use a positive query count or null.")
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = focal_alpha, focal_gamma
         self.box_key = box_key
+        self.group_size = group_size
 
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
+        """Per image, per query group, the (group_size, n) cost matrix."""
         logits = outputs["pred_logits"].float()
         boxes = outputs[self.box_key].float()
+        groups = self._groups(logits.shape[1])
         costs = []
         for b, tgt in enumerate(targets):
             tgt_boxes = tgt["boxes"].float()
             if len(tgt_boxes) == 0:
-                costs.append(logits.new_zeros(logits.shape[1], 0))
-                continue
-            c = self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
-            c = c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes))
-            if self.cost_class:
-                c = c + self.cost_class * focal_class_cost(logits[b].sigmoid(), tgt["labels"], self.alpha, self.gamma)
-            costs.append(c)
+                c = logits.new_zeros(logits.shape[1], 0)
+            else:
+                c = self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
+                c = c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes))
+                if self.cost_class:
+                    c = c + self.cost_class * focal_class_cost(logits[b].sigmoid(), tgt["labels"], self.alpha,
+                                                               self.gamma)
+            costs.extend(c.chunk(groups))
         return costs
+
+    def _groups(self, num_queries: int) -> int:
+        if self.group_size is None:
+            return 1
+        if num_queries % self.group_size:
+            raise ValueError(f"{num_queries} queries do not split into groups of {self.group_size}; group_size must "
+                             "divide the stream's query count.")
+        return num_queries // self.group_size
+
+    def indices(self, solved: Indices, num_queries: int) -> Indices:
+        """The solutions of `cost_matrices`' blocks -> per image (query, GT) pairs over all queries."""
+        groups = self._groups(num_queries)
+        if groups == 1:
+            return list(solved)
+        out = []
+        for i in range(0, len(solved), groups):
+            rows, cols, offset = [], [], 0
+            for block_rows, block_cols in solved[i:i + groups]:
+                rows.append(block_rows + offset)
+                cols.append(block_cols)
+                offset += self.group_size
+            out.append((torch.cat(rows), torch.cat(cols)))
+        return out
 
     @torch.no_grad()
     def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
-        costs = self.cost_matrices(outputs, targets)
-        return solve_assignments(costs)
+        return self.indices(solve_assignments(self.cost_matrices(outputs, targets)), outputs["pred_logits"].shape[1])
 
 
 def solve_assignments(costs: list[torch.Tensor]) -> Indices:

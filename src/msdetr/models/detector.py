@@ -60,9 +60,20 @@ class DeformableDETR(nn.Module):
         o2m_separate_class_heads: bool = False,
         pix_trans: bool = False,
         proposal_selection: str = "topk",
+        hybrid_queries: int = 0,
+        query_groups: int = 1,
         attn_backend: str = "auto",
     ):
         super().__init__()
+        if hybrid_queries < 0 or query_groups < 1:
+            raise ValueError(f"hybrid_queries={hybrid_queries} / query_groups={query_groups}: use hybrid_queries >= 0 "
+                             "and query_groups >= 1.")
+        if hybrid_queries and query_groups > 1:
+            raise ValueError("hybrid_queries (H-DETR) and query_groups (Group DETR) both add training-only queries; "
+                             "set only one of them.")
+        if query_groups > 1 and two_stage and not mixed_selection:
+            raise ValueError("query_groups on a two-stage model needs mixed_selection=true: the groups share the "
+                             "selected proposals, so without learned content they would be identical copies.")
         if o2m_separate_class_heads and o2m_tap is None:
             raise ValueError("o2m_separate_class_heads needs a one-to-many stream; set o2m_tap as well.")
         if mixed_selection and not two_stage:
@@ -76,6 +87,11 @@ class DeformableDETR(nn.Module):
             )
         self.num_classes = num_classes
         self.num_queries = num_queries
+        # Training-only query blocks that see nothing of each other in self-attention: the one-to-one
+        # queries first, then H-DETR's one-to-many queries or Group DETR's extra groups.
+        self.query_blocks = [num_queries, hybrid_queries] if hybrid_queries else [num_queries] * query_groups
+        self.query_groups = query_groups
+        total_queries = sum(self.query_blocks)
         self.num_feature_levels = num_feature_levels
         self.two_stage = two_stage
         self.with_box_refine = with_box_refine
@@ -87,9 +103,9 @@ class DeformableDETR(nn.Module):
             with_box_refine, cross_attn_first, o2m_tap, aux_ffn, pix_trans, proposal_selection, attn_backend,
         )
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
+            self.query_embed = nn.Embedding(total_queries, hidden_dim * 2)
         elif mixed_selection:
-            self.query_embed = nn.Embedding(num_queries, hidden_dim)
+            self.query_embed = nn.Embedding(total_queries, hidden_dim)
         self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
 
         class_embed = nn.Linear(hidden_dim, num_classes)
@@ -175,16 +191,48 @@ class DeformableDETR(nn.Module):
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
         }
 
+    @property
+    def output_streams(self) -> dict[str, set[str]]:
+        """The streams a training forward returns, each with the box keys an assigner may match against."""
+        boxes = {"pred_boxes", "init_reference"} if self.two_stage else {"pred_boxes"}
+        streams = {"main": boxes}
+        if self.transformer.decoder.layers[0].o2m_tap is not None:
+            streams["o2m_outputs"] = boxes
+        if len(self.query_blocks) > 1:
+            streams["hybrid_outputs"] = boxes
+        if self.two_stage:
+            streams["enc_outputs"] = {"pred_boxes", "anchors"}
+        return streams
+
+    def self_attn_mask(self, device) -> torch.Tensor:
+        """(T, T) bool, True where a query may not attend: across the training query blocks."""
+        block = torch.repeat_interleave(torch.arange(len(self.query_blocks), device=device),
+                                        torch.as_tensor(self.query_blocks, device=device))
+        return block[:, None] != block[None, :]
+
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
-        query_embed = self.query_embed.weight if hasattr(self, "query_embed") else None
-        t = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed)
-        out = self._stream(*self.head_outputs(t["hidden"], t["box_refs"], t["boxes"]))
-        out["init_reference"] = t["init_reference"]
+        extra = self.training and len(self.query_blocks) > 1
+        total = sum(self.query_blocks) if extra else self.num_queries
+        query_embed = self.query_embed.weight[:total] if hasattr(self, "query_embed") else None
+        # H-DETR ranks proposals for all its queries; Group DETR's groups share the one-to-one proposals.
+        groups = self.query_groups if extra else 1
+        t = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed,
+                             self.self_attn_mask(images.device) if extra else None,
+                             num_proposals=total // groups, proposal_groups=groups)
+        q = self.num_queries
+        logits, coords = self.head_outputs(t["hidden"], t["box_refs"], t["boxes"])
+        out = self._stream([x[:, :q] for x in logits], [x[:, :q] for x in coords])
+        out["init_reference"] = t["init_reference"][:, :q]
+        if extra:
+            out["hybrid_outputs"] = self._stream([x[:, q:] for x in logits], [x[:, q:] for x in coords])
+            out["hybrid_outputs"]["init_reference"] = t["init_reference"][:, q:]
         if t["hidden_o2m"] and t["hidden_o2m"][0] is not None:
-            # One-to-many predictions use the same reference as the one-to-one ones of their layer.
+            # One-to-many predictions of the one-to-one queries, on the same references as their layer.
             heads = getattr(self, "class_embed_o2m", None)
-            out["o2m_outputs"] = self._stream(*self.head_outputs(t["hidden_o2m"], t["box_refs"], class_heads=heads))
+            out["o2m_outputs"] = self._stream(*self.head_outputs(
+                [h[:, :q] for h in t["hidden_o2m"]], [r[:, :q] for r in t["box_refs"]], class_heads=heads))
+            out["o2m_outputs"]["init_reference"] = out["init_reference"]
         if self.two_stage:
             out["enc_outputs"] = {
                 "pred_logits": t["enc_class"],

@@ -305,10 +305,9 @@ class DeformableTransformer(nn.Module):
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios
 
-    def select_proposals(self, enc_class: torch.Tensor) -> torch.Tensor:
+    def select_proposals(self, enc_class: torch.Tensor, k: int) -> torch.Tensor:
         """(B, k) token indices: top-k by the channel-0 encoder logit; on maps smaller than k they repeat."""
         num_tokens = enc_class.shape[1]
-        k = self.two_stage_num_proposals
         topk = torch.topk(enc_class[..., 0], min(k, num_tokens), dim=1)[1]
         if num_tokens < k:  # tiny images: cycle the ranked tokens instead of failing in topk
             topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
@@ -316,7 +315,7 @@ class DeformableTransformer(nn.Module):
 
     @torch.no_grad()
     def select_proposals_nms(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor,
-                             pre_nms_per_level: int = 1000, iou_threshold: float = 0.9) -> torch.Tensor:
+                             k: int, pre_nms_per_level: int = 1000, iou_threshold: float = 0.9) -> torch.Tensor:
         """DETA's selection: per image, the top tokens of every level, NMS within each level, at most
         Q / L per level (best first), filled up with the best leftovers; in global score order.
 
@@ -324,7 +323,6 @@ class DeformableTransformer(nn.Module):
         """
         logits = enc_class[..., 0]
         boxes = cxcywh_to_xyxy(enc_coord_unact.sigmoid().float()).clamp(0, 1)
-        k = self.two_stage_num_proposals
         num_levels = int(level_ids.max()) + 1
         per_level = k // num_levels
         picks = []
@@ -336,7 +334,7 @@ class DeformableTransformer(nn.Module):
             keep = candidates[batched_nms(boxes[b, candidates], logits[b, candidates].float(), level_ids[candidates],
                                           iou_threshold)]
             if keep.numel() < k:  # too few survivors: plain top-k (cycling on tiny maps)
-                picks.append(self.select_proposals(enc_class[b:b + 1])[0])
+                picks.append(self.select_proposals(enc_class[b:b + 1], k)[0])
                 continue
             onehot = level_ids[keep][None] == torch.arange(num_levels, device=keep.device)[:, None]
             chosen = (onehot & (onehot.cumsum(1) <= per_level)).any(0)
@@ -347,7 +345,9 @@ class DeformableTransformer(nn.Module):
         return torch.stack(picks)
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, class_embed=None, bbox_embed=None,
-                self_attn_mask=None):
+                self_attn_mask=None, num_proposals: int | None = None, proposal_groups: int = 1):
+        """Two-stage: `num_proposals` (default two_stage_num_proposals) tokens become queries, repeated
+        `proposal_groups` times (Group DETR); `self_attn_mask` (T, T) keeps query blocks apart."""
         src, mask, pos, spatial_shapes, level_start_index, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
         memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos, mask)
         bs, _, c = memory.shape
@@ -359,10 +359,12 @@ class DeformableTransformer(nn.Module):
             num_dec = self.decoder.num_layers
             enc_class = class_embed[num_dec](output_memory)
             enc_coord_unact = bbox_embed[num_dec](output_memory) + proposals
+            k = num_proposals or self.two_stage_num_proposals
             if self.proposal_selection == "nms":
-                topk = self.select_proposals_nms(enc_class, enc_coord_unact, level_ids)
+                topk = self.select_proposals_nms(enc_class, enc_coord_unact, level_ids, k)
             else:
-                topk = self.select_proposals(enc_class)
+                topk = self.select_proposals(enc_class, k)
+            topk = topk.repeat(1, proposal_groups)
             topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
             reference_points = topk_coords_unact.sigmoid()
             pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
