@@ -1,12 +1,15 @@
 """Seconds per training step on CPU (or GPU), split into forward / criterion / backward.
 
 python bench/train_step.py [--matcher hungarian] [--steps 5] [--device cpu] [--backbone resnet50]
+python bench/train_step.py --matchers hungarian,ms_detr,deta,h_detr   # one table, cost x hungarian
 Default: two-stage + box refinement, 2 images ~384x512, 300 queries, 20 GTs per image.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,6 +76,19 @@ def time_step(module, images, mask, targets, steps: int, warmup: int, device) ->
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _without(argv: list[str], flag: str) -> list[str]:
+    """argv without `flag` and its value (either `--flag value` or `--flag=value`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matcher", default="hungarian")
@@ -82,24 +98,52 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gts", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the medians of one matcher as JSON")
+    p.add_argument("--matchers", default=None,
+                   help="comma-separated matcher configs to compare on the same model and batch (first = baseline)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    torch.manual_seed(0)
     num_classes = 91
-    module = build(args.matcher, args.model, args.backbone, num_classes).to(device)
-    module.train()
     gen = torch.Generator().manual_seed(0)
     images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen)
-    med = time_step(module, images, mask, targets, args.steps, args.warmup, device)
-    step_s = sum(med.values())
-    print(f"# train step: model={args.model} matcher={args.matcher} backbone={args.backbone} "
-          f"device={device} threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} "
-          f"steps={args.steps} (median)")
-    print("| part | seconds | share |")
-    print("|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.3f} | {100 * v / step_s:.1f}% |")
-    print(f"| step | {step_s:.3f} | 100% |")
+    matchers = args.matchers.split(",") if args.matchers else [args.matcher]
+    results = {}
+    if len(matchers) == 1:
+        torch.manual_seed(0)
+        module = build(matchers[0], args.model, args.backbone, num_classes).to(device)
+        module.train()
+        results[matchers[0]] = time_step(module, images, mask, targets, args.steps, args.warmup, device)
+    else:
+        # One fresh process per matcher: in a shared process the allocator state the previous
+        # (possibly much larger) model left behind changes the next one's timings by 10-20%.
+        for matcher in matchers:
+            rest = _without(list(argv if argv is not None else sys.argv[1:]), "--matchers")
+            cmd = [sys.executable, __file__, *rest, "--matcher", matcher, "--json"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[matcher] = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(results[matchers[0]]))
+        return
+    print(f"# train step: model={args.model} backbone={args.backbone} device={device} "
+          f"threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} "
+          f"steps={args.steps} after {args.warmup} warm-up (median)")
+    if len(matchers) == 1:
+        med = results[matchers[0]]
+        step_s = sum(med.values())
+        print(f"# matcher={matchers[0]}")
+        print("| part | seconds | share |")
+        print("|---|---|---|")
+        for k, v in med.items():
+            print(f"| {k} | {v:.3f} | {100 * v / step_s:.1f}% |")
+        print(f"| step | {step_s:.3f} | 100% |")
+        return
+    base = sum(results[matchers[0]].values())
+    print(f"| matcher | forward s | criterion s | backward s | step s | x {matchers[0]} |")
+    print("|---|---|---|---|---|---|")
+    for matcher, med in results.items():
+        step_s = sum(med.values())
+        print(f"| `{matcher}` | {med['forward']:.3f} | {med['criterion']:.3f} | {med['backward']:.3f} | "
+              f"{step_s:.3f} | {step_s / base:.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -34,6 +35,15 @@ def _restore_launcher_env():
                 os.environ[k] = v
 
 
+def _plain_config(cfg: DictConfig) -> dict:
+    """The config as plain values (what a checkpoint stores); unresolvable interpolations (Hydra's,
+    outside a Hydra app) stay as written."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 def build_datamodule(cfg: DictConfig):
     dm = instantiate(cfg.data)
     if cfg.data.get("num_classes") is None:
@@ -50,12 +60,14 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     criterion = instantiate(cfg.matcher.criterion)
     postprocess = instantiate(cfg.model.postprocess)
     optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
-    return DetectionModule(model, criterion, postprocess, **optim)
+    return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"), **optim)
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                        plugins=[AtomicCheckpointIO()], **overrides)
 
@@ -64,10 +76,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     module = build_module(cfg)
+    module.run_config = _plain_config(cfg)
+    module.category_names = dm.category_names
     trainer = build_trainer(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
+    own_last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if not ckpt_path and cfg.get("auto_resume") and own_last.is_file():
+        # The run directory already has a checkpoint: a SLURM requeue (or a rerun) of this job.
+        ckpt_path = str(own_last)
+        log.info("resuming this run from %s", own_last)
     if cfg.get("init_from") and not ckpt_path:
         load_weights(module, cfg.init_from)
         log.info("initialised from %s", cfg.init_from)

@@ -1,7 +1,8 @@
-"""Callbacks and plugins: prediction pictures of validation images, atomic checkpoint writes."""
+"""Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes."""
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 import lightning as L
@@ -47,6 +48,46 @@ def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | N
     palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
     colors = [palette[int(l) % len(palette)] for l in labels]
     return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
+
+
+class Throughput(L.Callback):
+    """Logs training speed every `log_every_n_steps` optimizer steps: `perf/images_per_sec` (all ranks),
+    `perf/peak_mem_gb` (CUDA: peak allocated; CPU: peak resident set) and `perf/criterion_share`,
+    the fraction of the step spent in the criterion (matching + losses). On CUDA it synchronizes
+    around the step and the criterion, which costs a little speed; leave it out of production runs
+    if that matters (callbacks.throughput=null)."""
+
+    def __init__(self, log_every_n_steps: int = 50):
+        self.log_every_n_steps = log_every_n_steps
+        self._start = 0.0
+        self._logged_step = -1
+        self._window = {"images": 0, "seconds": 0.0, "criterion": 0.0}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pl_module.sync_timing = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = pl_module._clock()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        w = self._window
+        w["seconds"] += pl_module._clock() - self._start
+        w["criterion"] += pl_module.criterion_seconds
+        w["images"] += batch[0].shape[0] * trainer.world_size
+        step = trainer.global_step  # optimizer steps: with gradient accumulation, several batches each
+        if step == self._logged_step or (step % self.log_every_n_steps and not trainer.fast_dev_run):
+            return
+        self._logged_step = step
+        if pl_module.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        pl_module.log_dict({
+            "perf/images_per_sec": w["images"] / max(w["seconds"], 1e-9),
+            "perf/peak_mem_gb": float(peak),
+            "perf/criterion_share": w["criterion"] / max(w["seconds"], 1e-9),
+        }, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._window = {"images": 0, "seconds": 0.0, "criterion": 0.0}
 
 
 class PredictionImages(L.Callback):
@@ -106,4 +147,15 @@ class PredictionImages(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"predictions_{tag}.png"
         write_png(grid, str(path))
+        self._log_to_loggers(trainer, grid, tag)
         return path
+
+    @staticmethod
+    def _log_to_loggers(trainer, grid: torch.Tensor, tag: str) -> None:
+        """The picture also goes to loggers that take images (W&B, TensorBoard)."""
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # WandbLogger
+                logger.log_image(key="val/predictions", images=[grid.permute(1, 2, 0).numpy()], caption=[tag],
+                                 step=trainer.global_step)
+            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
+                logger.experiment.add_image("val/predictions", grid, trainer.global_step)

@@ -1,6 +1,7 @@
 """DetectionModule: the LightningModule that trains and evaluates any detector + criterion pair."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import lightning as L
@@ -45,15 +46,38 @@ class DetectionModule(L.LightningModule):
         self.postprocess = postprocess if postprocess is not None else TopKPostProcess()
         self.evaluator = None
         self.last_metrics: dict[str, float] = {}
+        # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
+        self.run_config: dict | None = None
+        self.category_names: dict[int, str] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["msdetr_config"] = self.run_config
+        checkpoint["category_names"] = self.category_names
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run keeps the config it was started with now; a bare module adopts the saved one.
+        self.run_config = self.run_config or checkpoint.get("msdetr_config")
+        self.category_names = self.category_names or checkpoint.get("category_names") or {}
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         return self.model(images, padding_mask)
 
     # -- training ---------------------------------------------------------------------------
+    # The Throughput callback sets this so that the criterion time excludes queued forward work.
+    sync_timing = False
+    criterion_seconds = 0.0
+
+    def _clock(self) -> float:
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def training_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
+        start = self._clock()
         losses = self.criterion(outputs, targets)
+        self.criterion_seconds = self._clock() - start
         total = self.criterion.total(losses)
         if not torch.isfinite(total):
             raise FloatingPointError(

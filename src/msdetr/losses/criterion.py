@@ -158,6 +158,12 @@ class SetCriterion(nn.Module):
         return targets
 
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
+        """Every loss term (and logged metric) by its official name. Under mixed precision the
+        matching costs and the loss reductions run in fp32 (autocast off, outputs upcast)."""
+        with torch.autocast(outputs["pred_logits"].device.type, enabled=False):
+            return self._losses(outputs, targets)
+
+    def _losses(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
         device = outputs["pred_logits"].device
         num_boxes = world_num_boxes(targets, device)
         per_branch = [(branch, self._branch_targets(branch, targets)) for branch in self.branches]
