@@ -76,19 +76,6 @@ def time_step(module, images, mask, targets, steps: int, warmup: int, device) ->
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _without(argv: list[str], flag: str) -> list[str]:
-    """argv without `flag` and its value (either `--flag value` or `--flag=value`)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == flag:
-            skip = True
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matcher", default="hungarian")
@@ -98,7 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--gts", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print the medians of one matcher as JSON")
+    p.add_argument("--json", action="store_true", help="print one matcher's medians as JSON (used by --matchers)")
     p.add_argument("--matchers", default=None,
                    help="comma-separated matcher configs to compare on the same model and batch (first = baseline)")
     args = p.parse_args(argv)
@@ -107,26 +94,30 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen)
     matchers = args.matchers.split(",") if args.matchers else [args.matcher]
-    results = {}
     if len(matchers) == 1:
         torch.manual_seed(0)
-        module = build(matchers[0], args.model, args.backbone, num_classes).to(device)
-        module.train()
-        results[matchers[0]] = time_step(module, images, mask, targets, args.steps, args.warmup, device)
+        module = build(matchers[0], args.model, args.backbone, num_classes).to(device).train()
+        results = {matchers[0]: time_step(module, images, mask, targets, args.steps, args.warmup, device)}
+        if args.json:
+            print(json.dumps(results[matchers[0]]))
+            return
     else:
-        # One fresh process per matcher: in a shared process the allocator state the previous
-        # (possibly much larger) model left behind changes the next one's timings by 10-20%.
-        for matcher in matchers:
-            rest = _without(list(argv if argv is not None else sys.argv[1:]), "--matchers")
-            cmd = [sys.executable, __file__, *rest, "--matcher", matcher, "--json"]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[matcher] = json.loads(done.stdout.strip().splitlines()[-1])
-    if args.json:
-        print(json.dumps(results[matchers[0]]))
-        return
+        # Each of the `steps` rounds times one step of every matcher, each in a fresh process: a
+        # shared process keeps the allocator state (and memory) of the largest model, and rounds
+        # spread a drifting machine speed (shared CPUs) over all matchers alike.
+        times = {m: {"forward": [], "criterion": [], "backward": []} for m in matchers}
+        for _ in range(args.steps):
+            for matcher in matchers:
+                cmd = [sys.executable, __file__, "--matcher", matcher, "--model", args.model, "--backbone",
+                       args.backbone, "--gts", str(args.gts), "--device", args.device, "--steps", "1",
+                       "--warmup", str(args.warmup), "--json"]
+                step = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                for part, seconds in step.items():
+                    times[matcher][part].append(seconds)
+        results = {m: {part: statistics.median(v) for part, v in parts.items()} for m, parts in times.items()}
     print(f"# train step: model={args.model} backbone={args.backbone} device={device} "
           f"threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} "
-          f"steps={args.steps} after {args.warmup} warm-up (median)")
+          f"median of {args.steps} steps after {args.warmup} warm-up" + (", matchers interleaved" if len(matchers) > 1 else ""))
     if len(matchers) == 1:
         med = results[matchers[0]]
         step_s = sum(med.values())

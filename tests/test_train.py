@@ -135,6 +135,29 @@ def test_ddp_two_processes_cpu(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
+def test_ddp_jobs_of_a_sweep_do_not_reenter_the_sweep(tmp_path):
+    # Lightning starts rank 1 by rerunning the job's saved config in the job's absolute directory.
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", "trainer=ddp",
+           "trainer.accelerator=cpu", "trainer.devices=2", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
+           "callbacks.predictions=null", *TINY, f"paths.data_root={tmp_path / 'data'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    for _attempt in range(3):
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                                env={**clean, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        if "EADDRINUSE" not in result.stderr:
+            break
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no nested sweeps
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert (sweep / job / "train_ddp_rank1.log").is_file()  # rank 1 ran this job, in this directory
+        assert not list((sweep / job).glob("*/multirun.yaml"))
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
 def test_matcher_sweep_fast_dev_run(tmp_path):
     matchers = ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr", "ms_detr_deta"]
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),

@@ -4,9 +4,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -22,12 +24,52 @@ log = logging.getLogger("msdetr")
 _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 
 
+def _rank_command(cfg: DictConfig):
+    """What Lightning runs for DDP ranks > 0 under Hydra. Lightning's own command reruns sys.argv:
+    inside a multirun that re-enters the whole sweep, with a relative run dir that is not the job's.
+    This reruns exactly this job instead: its saved config, in its own absolute directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd
+
+    def command(local_rank: int) -> tuple[list[str], str]:
+        import __main__
+
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
+        config_dir = run_dir / ".ddp"
+        config_dir.mkdir(exist_ok=True)
+        OmegaConf.save(cfg, config_dir / "config.yaml")  # unresolved: ${hydra:...} resolves in the child
+        if __main__.__spec__ is None:
+            program = [sys.executable, str(Path(sys.argv[0]).resolve())]
+        else:
+            program = [sys.executable, "-m", __main__.__spec__.name]
+        return [*program, "--config-path", str(config_dir), "--config-name", "config", f"hydra.run.dir={run_dir}",
+                "hydra.output_subdir=null", f"hydra.job.name={hydra_cfg.job.name}_ddp_rank{local_rank}"], \
+            get_original_cwd()
+
+    return command
+
+
 @contextlib.contextmanager
-def _restore_launcher_env():
+def _launch_context(cfg: DictConfig):
+    """Around a fit / validate: rank > 0 processes rerun this job only (see `_rank_command`); after
+    it, the process group is closed and the launcher variables Lightning leaves in os.environ are
+    restored, so the next job of a sweep starts clean."""
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
     saved = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    original = subprocess_script._hydra_subprocess_cmd
+    if HydraConfig.initialized():
+        subprocess_script._hydra_subprocess_cmd = _rank_command(cfg)
     try:
         yield
     finally:
+        subprocess_script._hydra_subprocess_cmd = original
+        # Lightning keeps its process group after fit; the next job of a sweep would reuse it,
+        # with peers that have exited.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -90,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from") and not ckpt_path:
         load_weights(module, cfg.init_from)
         log.info("initialised from %s", cfg.init_from)
-    with _restore_launcher_env():
+    with _launch_context(cfg):
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     metrics = dict(module.last_metrics)
     if trainer.is_global_zero and metrics:
@@ -104,6 +146,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     load_weights(module, cfg.ckpt_path)
     trainer = build_trainer(cfg)
-    with _restore_launcher_env():
+    with _launch_context(cfg):
         trainer.validate(module, datamodule=dm)
     return dict(module.last_metrics)
