@@ -154,3 +154,11 @@ def test_slurm_config_runs_one_task_per_gpu():
     assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices == 8
     assert launcher.nodes == cfg.trainer.num_nodes and launcher.max_num_timeout > 0
     assert cfg.trainer.strategy == "ddp" and cfg.auto_resume
+
+
+def test_missing_wandb_is_one_sentence(tmp_path, monkeypatch):
+    from msdetr.lit.loggers import wandb_logger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'msdetr\[wandb\]'"):
+        wandb_logger(str(tmp_path))
