@@ -13,6 +13,7 @@ from torchvision.io import ImageReadMode, decode_image, write_png
 from .checkpoints import load_weights
 from .data import collate
 from .data.transforms import eval_transforms
+from .files import atomic_write
 from .lit.callbacks import draw_detections
 
 log = logging.getLogger("msdetr")
@@ -84,8 +85,6 @@ def predict(cfg: DictConfig) -> Path:
                                 "score": round(float(score), 4)})
             write_png(draw_detections(image, det, names, cfg.score_threshold), str(out_dir / "images" / f"{path.stem}.png"))
     target = out_dir / "detections.json"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(results))
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: tmp.write_text(json.dumps(results)))
     log.info("%d detections on %d images -> %s", len(results), len(paths), target)
     return target

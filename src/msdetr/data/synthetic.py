@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import atomic_write
 
 
 def _fit_unit_box(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -100,13 +101,6 @@ def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: in
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), objects
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write via a private temporary + rename, so concurrent writers (DDP ranks) never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_synthetic_coco(
     root: str | Path,
     num_train: int = 256,
@@ -141,16 +135,16 @@ def write_synthetic_coco(
             rng = np.random.default_rng([seed, split_index, image_id])
             img, objects = _render(rng, settings["image_size"], num_classes, max_objects)
             file_name = f"{image_id:06d}.png"
-            _atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
+            atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
             images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
             for category, (x0, y0, x1, y1) in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                                     "iscrowd": 0})
         coco = {"images": images, "annotations": annotations, "categories": categories}
-        _atomic_write(root / "annotations" / f"instances_{split}.json", lambda p: p.write_text(json.dumps(coco)))
+        atomic_write(root / "annotations" / f"instances_{split}.json", lambda p: p.write_text(json.dumps(coco)))
     # Last, so an interrupted write is redone on the next call.
-    _atomic_write(manifest, lambda p: p.write_text(json.dumps(settings)))
+    atomic_write(manifest, lambda p: p.write_text(json.dumps(settings)))
     return root
 
 

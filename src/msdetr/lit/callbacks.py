@@ -1,7 +1,6 @@
 """Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes."""
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ..box_ops import cxcywh_to_xyxy
 from ..data import collate
+from ..files import atomic_write
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -23,10 +23,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn file."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
+                                                                                       storage_options))
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
