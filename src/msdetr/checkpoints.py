@@ -1,21 +1,17 @@
 """Load weights into a configured DetectionModule from this project's .ckpt or an official .pth."""
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-import torch
+from typing import Any
 
 from .lit import DetectionModule
-from .official import load_official_state_dict, read_official_checkpoint
+from .official import load_official_state_dict, official_contents, read_checkpoint_file
 
 
-def load_weights(module: DetectionModule, path: str) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; check ckpt_path.")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def load_weights(module: DetectionModule, path: str, ckpt: Any = None) -> None:
+    """Load this project's .ckpt or an official .pth into `module`; `ckpt`: the file already read
+    with `read_checkpoint_file` (so callers that look inside it read it once)."""
+    if ckpt is None:
+        ckpt = read_checkpoint_file(path)
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         state, expected = ckpt["state_dict"], module.state_dict()
         missing = sorted(set(expected) - set(state))
@@ -30,5 +26,5 @@ def load_weights(module: DetectionModule, path: str) -> None:
             )
         module.load_state_dict(state)
         return
-    state_dict, _ = read_official_checkpoint(path)
+    state_dict, _ = official_contents(ckpt, path)
     load_official_state_dict(module, state_dict)

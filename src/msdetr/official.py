@@ -296,25 +296,35 @@ def load_official_state_dict(module: DetectionModule, official: Mapping[str, tor
     model.load_state_dict(mine, strict=True)
 
 
-def read_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(state dict, args dict or None) of an official .pth, loaded without unpickling arbitrary objects."""
+def read_checkpoint_file(path: str | os.PathLike, kind: str = "a checkpoint") -> Any:
+    """torch.load of a checkpoint (official .pth or Lightning .ckpt; `kind` names it in errors)
+    without unpickling arbitrary objects: tensors, containers and `argparse.Namespace` only."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"official checkpoint '{path}' does not exist; check the path.")
+        raise FileNotFoundError(f"'{path}' does not exist; check the path to {kind}.")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ValueError(
-                f"'{path}' could not be read as an official checkpoint safely ({type(exc).__name__}: "
+                f"'{path}' could not be read as {kind} safely ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0]}); it should be a torch.save'd dict with 'model' (and 'args')."
             ) from exc
+
+
+def official_contents(ckpt: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, args dict or None) of a loaded official checkpoint."""
     if isinstance(ckpt, Mapping) and "model" in ckpt:
         args = ckpt.get("args")
         return dict(ckpt["model"]), (vars(args) if isinstance(args, argparse.Namespace) else args)
     if isinstance(ckpt, Mapping) and all(torch.is_tensor(v) for v in ckpt.values()):
         return dict(ckpt), None
     raise ValueError(f"'{path}' holds no 'model' state dict; is it an official Deformable-DETR/MS-DETR/DETA checkpoint?")
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, args dict or None) of an official .pth, loaded without unpickling arbitrary objects."""
+    return official_contents(read_checkpoint_file(path, "an official checkpoint"), path)
 
 
 def from_official(checkpoint, flags=None, pretrained_backbone: bool | str = False) -> DetectionModule:

@@ -15,6 +15,7 @@ from .data import collate
 from .data.transforms import eval_transforms
 from .files import atomic_write
 from .lit.callbacks import draw_detections
+from .official import read_checkpoint_file
 
 log = logging.getLogger("msdetr")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -32,27 +33,18 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     return images
 
 
-def _saved_run_config(ckpt_path: str) -> tuple[dict | None, dict[int, str]]:
-    """(config the checkpoint was trained with, category names) of this project's .ckpt; (None, {})
-    for an official .pth, which needs the experiment config on the command line."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception:  # official .pth with an argparse.Namespace, read by load_weights later
-        return None, {}
-    if isinstance(ckpt, dict) and ckpt.get("msdetr_config"):
-        return ckpt["msdetr_config"], {int(k): v for k, v in (ckpt.get("category_names") or {}).items()}
-    return None, {}
-
-
 def build_predictor(cfg: DictConfig):
-    """The module (weights loaded) and category names for `cfg.ckpt_path`."""
+    """The module (weights loaded) and category names for `cfg.ckpt_path`. This project's .ckpt
+    carries its config and names; an official .pth needs the experiment config on the command line."""
     from .runner import build_module
 
-    saved, names = _saved_run_config(cfg.ckpt_path)
-    model_cfg = OmegaConf.create(saved) if saved is not None else cfg.copy()
+    ckpt = read_checkpoint_file(cfg.ckpt_path)
+    saved = ckpt.get("msdetr_config") if isinstance(ckpt, dict) else None
+    names = {int(k): v for k, v in (ckpt.get("category_names") or {}).items()} if saved else {}
+    model_cfg = OmegaConf.create(saved) if saved else cfg.copy()
     model_cfg.model.detector.backbone.pretrained = False  # the checkpoint brings every weight
     module = build_module(model_cfg)
-    load_weights(module, cfg.ckpt_path)
+    load_weights(module, cfg.ckpt_path, ckpt)
     return module.eval(), names
 
 

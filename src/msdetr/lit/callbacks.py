@@ -59,7 +59,11 @@ class Throughput(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self._start = 0.0
         self._logged_step = -1
-        self._window = {"images": 0, "seconds": 0.0, "criterion": 0.0}
+        self._window = self._empty_window()
+
+    @staticmethod
+    def _empty_window() -> dict[str, float]:
+        return {"images": 0, "seconds": 0.0, "criterion": 0.0}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         pl_module.sync_timing = True
@@ -85,7 +89,7 @@ class Throughput(L.Callback):
             "perf/peak_mem_gb": float(peak),
             "perf/criterion_share": w["criterion"] / max(w["seconds"], 1e-9),
         }, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._window = {"images": 0, "seconds": 0.0, "criterion": 0.0}
+        self._window = self._empty_window()
 
 
 class PredictionImages(L.Callback):
