@@ -33,7 +33,8 @@ class Branch:
     weights: loss weight per term (`ce`, `bbox`, `giou`). suffix: appended to every loss name.
     binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
     merge_with: stream of an earlier branch whose assignment of the same layer is merged into this
-    one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts).
+    one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts;
+    see `merge_indices`).
     assign_once: assign on the stream's last layer and reuse it for every layer (DETA's stage 2,
     whose quality depends only on the decoder's input proposals).
     repeat_targets: every GT appears this many times (H-DETR's one-to-many branch, k = 6); the
@@ -64,16 +65,45 @@ class Branch:
         self.weights = {k: float(v) for k, v in self.weights.items()}
 
 
+def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(num_queries,) position of each query's last pair in `queries`, -1 where it has none.
+
+    This is what the official `x[queries] = values` leaves on a CPU (the last write wins), made
+    deterministic on every device (an index_put with repeated indices is not, on CUDA). The
+    one-to-many assigners list their pairs by ascending quality, so a query claimed by several GTs
+    ends with its best one.
+    """
+    positions = torch.arange(len(queries), device=queries.device)
+    last = torch.full((num_queries,), -1, dtype=torch.int64, device=queries.device)
+    return last.scatter_reduce_(0, queries, positions, reduce="amax")
+
+
 def merge_indices(first, second, num_queries: int):
-    """Per image the union of two assignments, one GT per query, `second` winning; sorted by query."""
+    """Per image the union of two assignments with one GT per query (official `indices_merge`):
+    `second` wins conflicts and, within one assignment, a query's last pair wins; sorted by query."""
     merged = []
     for (q1, g1), (q2, g2) in zip(first, second):
-        table = torch.full((num_queries,), -1, dtype=torch.int64, device=q1.device)
-        table[q1] = g1
-        table[q2] = g2.to(q1.device)
-        queries = (table >= 0).nonzero().squeeze(1)
-        merged.append((queries, table[queries]))
+        queries, gts = torch.cat([q1, q2.to(q1.device)]), torch.cat([g1, g2.to(g1.device)])
+        last = last_pair_per_query(queries, num_queries)
+        kept = (last >= 0).nonzero().squeeze(1)
+        merged.append((kept, gts[last[kept]]))
     return merged
+
+
+def query_class_targets(indices, targets: Targets, num_queries: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class target of a layer's assignment: one class per query, as the official criteria set it.
+
+    Returns (batch, query, label) with each assigned query once. A query in several pairs (a
+    one-to-many assigner's top-k of two GTs) takes the label of its last pair, i.e. of its best GT;
+    the box terms still count every pair.
+    """
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    flat = batch * num_queries + torch.cat([src for src, _ in indices])
+    last = last_pair_per_query(flat, len(indices) * num_queries)
+    kept = (last >= 0).nonzero().squeeze(1)
+    return kept // num_queries, kept % num_queries, labels[last[kept]]
 
 
 def world_num_boxes(targets: Targets, device) -> float:
@@ -226,14 +256,14 @@ class SetCriterion(nn.Module):
 
     def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
         logits = out["pred_logits"]
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        # One-hot targets over every (query, class); unmatched queries are all-negative.
+        # One class per assigned query; unassigned queries are all-negative.
         onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        onehot[batch_idx, src_idx, labels] = 1.0
+        onehot[query_class_targets(indices, targets, logits.shape[1])] = 1.0
         loss_ce = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
 
+        # The box terms count every (query, GT) pair.
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+        src_idx = torch.cat([src for src, _ in indices])
         src_boxes = out["pred_boxes"][batch_idx, src_idx].float()
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
@@ -250,7 +280,8 @@ class SetCriterion(nn.Module):
     @staticmethod
     @torch.no_grad()
     def class_error(out: dict, targets: Targets, indices) -> torch.Tensor:
-        """100 - top-1 accuracy (%) of the matched queries; logged, never summed."""
+        """100 - top-1 accuracy (%) over the assigned (query, GT) pairs, each pair with its own GT's
+        label, as the official metric counts them; logged, never summed."""
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
