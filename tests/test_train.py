@@ -1,5 +1,6 @@
 """End to end through the Hydra configs: train, predictions picture, resume, config errors, DDP."""
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -62,11 +63,13 @@ class _Capture(L.Callback):
         self.sched_epoch = trainer.lr_scheduler_configs[0].scheduler.last_epoch
         self.opt_state = {k: v["step"].clone() for k, v in opt.state.items()}
         self.lrs = [g["lr"] for g in opt.param_groups]
+        self.generators = [g.get_state() for g in pl_module._generators()]
+        self.python_rng = random.getstate()
 
 
 def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
     cfg = config(tmp_path, "schedule.epochs=3", "schedule.optim.lr_drop_epochs=[1]", "callbacks.predictions=null",
-                 "trainer.check_val_every_n_epoch=1")
+                 "trainer.check_val_every_n_epoch=1", "matcher=ms_detr")
     L.seed_everything(0)
     dm, module = build_datamodule(cfg), build_module(cfg)
     trainer = build_trainer(cfg)
@@ -87,6 +90,11 @@ def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
     assert capture.lrs == [g["lr"] for g in saved["optimizer_states"][0]["param_groups"]]
     assert capture.lrs[0] == pytest.approx(cfg.schedule.optim.lr * 0.1)  # dropped after epoch 1
     assert all(int(v) == 2 for v in capture.opt_state.values())
+    # The random state of the process (the o2m assigner's generator included) comes back as saved.
+    (state,) = saved["msdetr_rng"]
+    assert len(capture.generators) == len(state["generators"]) == 1
+    assert torch.equal(capture.generators[0], state["generators"][0])
+    assert list(capture.python_rng[1]) == state["python"]["internal"]
     assert trainer.current_epoch == 3
 
 
@@ -124,7 +132,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
     for _attempt in range(3):  # a port taken between choosing and binding it is retried, nothing else
-        result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "matcher=ms_detr",
                             "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
                             env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         if "EADDRINUSE" not in result.stderr:
@@ -132,7 +140,12 @@ def test_ddp_two_processes_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = list((tmp_path / "run" / "csv").rglob("metrics.csv"))
     assert metrics and "val/AP" in metrics[0].read_text()
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    # Each rank draws from seed + rank (the official per-process seed): the checkpoint holds both
+    # ranks' random states, and their o2m assigner generators differ.
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    rank0, rank1 = saved["msdetr_rng"]
+    assert not torch.equal(rank0["generators"][0], rank1["generators"][0])
+    assert not torch.equal(rank0["torch"], rank1["torch"])
 
 
 @pytest.mark.slow

@@ -13,8 +13,18 @@ from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO
 
 
+def _run_seed(seed_everything):
+    """model.seed follows seed_everything (an int; True/False/None leave per-rank reseeding off)."""
+    return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else None
+
+
+class MsdetrCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_run_seed)
+
+
 def main(args=None) -> LightningCLI:
-    return LightningCLI(
+    return MsdetrCLI(
         DetectionModule, CocoDataModule, args=args,
         trainer_defaults={"plugins": [AtomicCheckpointIO()], "gradient_clip_val": 0.1},
         save_config_kwargs={"overwrite": True},

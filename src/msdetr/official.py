@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -18,7 +17,9 @@ from .lit import DetectionModule
 from .losses import Branch, SetCriterion
 from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
 from .models import Backbone, DeformableDETR, SwinBackbone
-from .models.swin import is_swin_buffer, swin_official_to_timm, swin_timm_to_official
+from .models.swin import is_swin_buffer
+from .naming import (class_heads_to_skip, from_official_name, head_aliases, official_names, to_official,
+                     to_official_name)
 from .postprocess import NMSPostProcess, TopKPostProcess
 
 # Defaults of the official main.py flags this project reads (the Deformable-DETR values; MS-DETR and
@@ -29,6 +30,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "num_feature_levels": 4, "enc_n_points": 4, "dec_n_points": 4, "two_stage": False,
     "with_box_refine": False, "aux_loss": True, "masks": False,
     "lr": 2e-4, "lr_backbone": 2e-5, "lr_linear_proj_mult": 0.1, "weight_decay": 1e-4, "lr_drop": 40,
+    "lr_backbone_names": ["backbone.0"], "lr_linear_proj_names": ["reference_points", "sampling_offsets"],
     "epochs": 50, "clip_max_norm": 0.1, "batch_size": 2,
     "set_cost_class": 2.0, "set_cost_bbox": 5.0, "set_cost_giou": 2.0,
     "cls_loss_coef": 2.0, "bbox_loss_coef": 5.0, "giou_loss_coef": 2.0, "focal_alpha": 0.25,
@@ -59,7 +61,16 @@ def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -
         if not tok.startswith("--"):
             raise ValueError(f"official flag list has a stray value {tok!r}; pass flags as ['--name', 'value', ...].")
         name = tok[2:]
-        if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+        if isinstance(args.get(name), list):  # nargs='+' flags: every value up to the next flag
+            values = []
+            while i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                values.append(tokens[i + 1])
+                i += 1
+            if not values:
+                raise ValueError(f"official flag --{name} needs at least one value.")
+            args[name] = values
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
             raw = tokens[i + 1]
             default = args.get(name)
             if isinstance(default, bool):
@@ -174,126 +185,69 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterab
         branches.append(Branch("enc_outputs", enc_matcher, enc_weights, suffix="_enc", aux=False, binary=True))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
     postprocess = NMSPostProcess() if args["assign_second_stage"] else TopKPostProcess(args["topk_eval"])
+    # The official optimiser: AdamW groups selected by official parameter name, StepLR(--lr_drop).
     return DetectionModule(
-        model, criterion, postprocess, lr=args["lr"],
-        lr_backbone=args["lr_backbone"], lr_linear_proj_mult=args["lr_linear_proj_mult"],
-        weight_decay=args["weight_decay"], lr_drop_epochs=[args["lr_drop"]],
+        model, criterion, postprocess, lr=args["lr"], lr_backbone=args["lr_backbone"],
+        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=args["lr_linear_proj_mult"],
+        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
+        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
     )
 
 
-# -- names ------------------------------------------------------------------------------------
-_FFN = re.compile(r"(transformer\.(?:encoder|decoder)\.layers\.\d+\.)(?:ffn|aux_ffn)\.")
-_FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|norm2)\.|"
-                       r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.|"
-                       r"(transformer\.decoder\.layers\.\d+\.)(linear3|linear4|norm4)\.")
-
-
-def _to_official_name(name: str) -> str:
-    name = name.removeprefix("model.")
-    if name.startswith("backbone.body."):
-        name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body."):])
-    return _FFN.sub(r"\1", name)
-
-
-def _from_official_name(name: str) -> str:
-    if name.startswith("backbone.0.body."):
-        name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body."):])
-    def repl(m: re.Match) -> str:
-        if m.group(5):
-            return f"{m.group(5)}aux_ffn.{m.group(6)}."
-        return f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}."
-
-    return _FFN_BACK.sub(repl, name)
-
-
-def _aliases(model: DeformableDETR) -> list[tuple[str, str, bool]]:
-    """Heads the official model registers under a second name: (head prefix, alias prefix, alias
-    registered after the head). Loading a state dict, the official model keeps the value of the
-    name it visits last, so that one wins here too."""
-    out = []
-    if model.with_box_refine:
-        out.append(("bbox_embed.", "transformer.decoder.bbox_embed.", False))
-    if model.two_stage:
-        out.append(("class_embed.", "transformer.decoder.class_embed.", False))
-    if hasattr(model, "class_embed_o2m"):
-        # MS-DETR impl_a: bbox_embed_o2m = bbox_embed[:-1], set after the heads.
-        out.append(("bbox_embed.", "bbox_embed_o2m.", True))
-    return out
-
-
-def _alias_indices(model: DeformableDETR, alias: str) -> int:
-    return len(model.class_embed_o2m) if alias == "bbox_embed_o2m." else len(model.bbox_embed)
-
-
-def _unwrap(module) -> DeformableDETR:
-    return module.model if isinstance(module, DetectionModule) else module
-
-
-def official_names(module) -> dict[str, str]:
-    """{name in module.named_parameters(): the name official code's named_parameters() gives it}."""
-    model = _unwrap(module)
-    aliases = _aliases(model)
-    prefix = "model." if isinstance(module, DetectionModule) else ""
-    out = {}
-    for name, _ in model.named_parameters():
-        official = _to_official_name(name)
-        # named_parameters() names a shared tensor by its first registration: the transformer's alias.
-        for head, alias, after in aliases:
-            if official.startswith(head) and not after:
-                official = alias + official[len(head):]
-        out[prefix + name] = official
-    return out
-
-
-def to_official(module) -> dict[str, torch.Tensor]:
-    """The module's state dict under the official names, aliases included (as in official checkpoints)."""
-    model = _unwrap(module)
-    sd = {}
-    for name, tensor in model.state_dict().items():
-        sd[_to_official_name(name)] = tensor
-    for head, alias, _ in _aliases(model):
-        count = _alias_indices(model, alias)
-        for name in [k for k in sd if k.startswith(head)]:
-            rest = name[len(head):]
-            if int(rest.split(".")[0]) < count:
-                sd[alias + rest] = sd[name]
-    return sd
+def official_trainer_args(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """The `lightning.Trainer` arguments of the official flags' training loop: epochs and
+    `clip_grad_norm_(--clip_max_norm)` before every step (0 turns clipping off, as officially)."""
+    args = parse_flags(flags)
+    clip = float(args["clip_max_norm"])
+    return {"max_epochs": int(args["epochs"]), "gradient_clip_val": clip if clip > 0 else None,
+            "gradient_clip_algorithm": "norm"}
 
 
 def _convert_state_dict(model: DeformableDETR, official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     official = {k: v for k, v in official.items() if not is_swin_buffer(k)}
-    for head, alias, after in _aliases(model):
+    for head, alias, after in head_aliases(model):
         for name in [k for k in official if k.startswith(alias)]:
             tensor = official.pop(name)
             canonical = head + name[len(alias):]
             if after or canonical not in official:
                 official[canonical] = tensor
-    return {_from_official_name(name): tensor for name, tensor in official.items()}
+    return {from_official_name(name): tensor for name, tensor in official.items()}
 
 
-def load_official_state_dict(module: DetectionModule, official: Mapping[str, torch.Tensor]) -> None:
-    """Load an official state dict into a module of the matching architecture, or say what differs."""
+def load_official_state_dict(module: DetectionModule, official: Mapping[str, torch.Tensor], *,
+                             fine_tune: bool = False, reset_class_heads: bool = False,
+                             source: str = "the official checkpoint") -> None:
+    """Load an official state dict into a module of the matching architecture, or say what differs.
+    Fine-tuning, the class heads may differ or be left out (`naming.class_heads_to_skip`)."""
+
     model = module.model
     mine = _convert_state_dict(model, official)
     expected = model.state_dict()
+    skip = class_heads_to_skip(expected, mine, fine_tune=fine_tune, reset_class_heads=reset_class_heads,
+                               source=source)
+    mine = {k: v for k, v in mine.items() if k not in skip.keys}
+    expected = {k: v for k, v in expected.items() if k not in skip.keys}
     missing = sorted(set(expected) - set(mine))
     unexpected = sorted(set(mine) - set(expected))
     wrong = sorted(k for k in set(mine) & set(expected) if tuple(mine[k].shape) != tuple(expected[k].shape))
     if missing or unexpected or wrong:
         detail = []
         if missing:
-            detail.append(f"{len(missing)} missing (e.g. {_to_official_name(missing[0])})")
+            detail.append(f"{len(missing)} missing (e.g. {to_official_name(missing[0])})")
         if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {_to_official_name(unexpected[0])})")
+            detail.append(f"{len(unexpected)} unexpected (e.g. {to_official_name(unexpected[0])})")
         if wrong:
             k = wrong[0]
-            detail.append(f"{len(wrong)} of another shape (e.g. {_to_official_name(k)}: checkpoint "
+            detail.append(f"{len(wrong)} of another shape (e.g. {to_official_name(k)}: checkpoint "
                           f"{tuple(mine[k].shape)} vs model {tuple(expected[k].shape)})")
         raise ValueError(
             "the official checkpoint does not fit the configured architecture: " + "; ".join(detail)
-            + ". Use the experiment config that matches the checkpoint (or pass its official flags)."
+            + ". Use the experiment config that matches the checkpoint (or pass its official flags)"
+            + ("; fine-tuning, only the class heads may differ." if fine_tune or reset_class_heads else ".")
         )
-    model.load_state_dict(mine, strict=True)
+    skip.warn()
+    # Left-out heads are the only keys `mine` lacks: they keep the model's initialisation.
+    model.load_state_dict(mine, strict=not skip.keys)
 
 
 def read_checkpoint_file(path: str | os.PathLike, kind: str = "a checkpoint") -> Any:

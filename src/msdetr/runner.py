@@ -102,7 +102,8 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     criterion = instantiate(cfg.matcher.criterion)
     postprocess = instantiate(cfg.model.postprocess)
     optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
-    return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"), **optim)
+    return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
+                           seed=cfg.get("seed"), **optim)
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
@@ -130,7 +131,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = str(own_last)
         log.info("resuming this run from %s", own_last)
     if cfg.get("init_from") and not ckpt_path:
-        load_weights(module, cfg.init_from)
+        # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
+        # keep their fresh initialisation, with a warning; anything else must match.
+        load_weights(module, cfg.init_from, fine_tune=True,
+                     reset_class_heads=bool(cfg.init_reset_class_heads))
         log.info("initialised from %s", cfg.init_from)
     with _launch_context(cfg):
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Sequence
 
 import lightning as L
@@ -10,7 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..losses import SetCriterion
+from ..models import DeformableDETR
+from ..naming import official_names
 from ..postprocess import TopKPostProcess
+from . import rng
 
 
 def _matches(name: str, keywords: Sequence[str]) -> bool:
@@ -20,7 +24,23 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
 class DetectionModule(L.LightningModule):
     """Official Deformable-DETR optimisation: AdamW with backbone / linear-projection lr groups,
     LR steps per epoch, COCO evaluation every validation epoch (gradient clipping is the Trainer's
-    `gradient_clip_val`)."""
+    `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`).
+
+    Args:
+        lr, lr_backbone, weight_decay: AdamW's (official `--lr`, `--lr_backbone`, `--weight_decay`).
+        lr_backbone_names, lr_linear_proj_names: a parameter whose *official* name (the name the
+            official code gives it, see `msdetr.official.official_names`) contains one of these
+            goes to the backbone group (lr_backbone) or the linear-projection group
+            (lr * lr_linear_proj_mult), as the official `--lr_backbone_names` /
+            `--lr_linear_proj_names`; every other trainable parameter gets lr.
+        lr_drop_epochs: lr x lr_gamma after each of these epochs (MultiStepLR).
+        lr_drop_every: lr x lr_gamma every this many epochs (StepLR, the official `--lr_drop`);
+            set lr_drop_epochs to null with it.
+        seed: the run's seed. Training process `rank` > 0 reseeds torch, numpy, python and the
+            assigners' generators with seed + rank when fit starts (the official per-process seed),
+            so ranks draw different augmentations and positives; rank 0 keeps the run's stream.
+            Checkpoints carry every rank's random state, and a resume puts it back.
+    """
 
     def __init__(
         self,
@@ -29,15 +49,22 @@ class DetectionModule(L.LightningModule):
         postprocess: nn.Module | None = None,
         lr: float = 2e-4,
         lr_backbone: float = 2e-5,
-        lr_backbone_names: Sequence[str] = ("backbone.",),
+        lr_backbone_names: Sequence[str] = ("backbone.0",),
         lr_linear_proj_mult: float = 0.1,
-        lr_linear_proj_names: Sequence[str] = ("sampling_offsets", "reference_points"),
+        lr_linear_proj_names: Sequence[str] = ("reference_points", "sampling_offsets"),
         weight_decay: float = 1e-4,
-        lr_drop_epochs: Sequence[int] = (40,),
+        lr_drop_epochs: Sequence[int] | None = (40,),
+        lr_drop_every: int | None = None,
         lr_gamma: float = 0.1,
         eval_backend: str = "pycocotools",
+        seed: int | None = None,
     ):
         super().__init__()
+        if lr_drop_every is not None and lr_drop_epochs:
+            raise ValueError(f"schedule.optim sets both lr_drop_epochs={list(lr_drop_epochs)} and "
+                             f"lr_drop_every={lr_drop_every}; keep one (set the other to null).")
+        if lr_drop_every is not None and lr_drop_every < 1:
+            raise ValueError(f"schedule.optim.lr_drop_every={lr_drop_every}; use a positive number of epochs.")
         self.save_hyperparameters(ignore=["model", "criterion", "postprocess"])
         if hasattr(model, "output_streams"):
             criterion.check_model(model.output_streams)  # a matcher that cannot fit the model fails here
@@ -50,14 +77,46 @@ class DetectionModule(L.LightningModule):
         self.run_config: dict | None = None
         self.category_names: dict[int, str] = {}
 
+    def _generators(self) -> list[torch.Generator]:
+        return [a.generator for a in self.criterion.assigners() if getattr(a, "generator", None) is not None]
+
+    def setup(self, stage: str) -> None:
+        rank = self.global_rank
+        if stage == "fit" and self.hparams.seed is not None and rank > 0:
+            rng.seed_process(self.hparams.seed + rank)
+            for assigner in self.criterion.assigners():
+                if hasattr(assigner, "seed_rank"):
+                    assigner.seed_rank(rank)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["msdetr_config"] = self.run_config
         checkpoint["category_names"] = self.category_names
+        # Every rank runs this hook; rank 0 writes the file, so it collects all ranks' states.
+        states = [rng.capture(self._generators())]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        checkpoint["msdetr_rng"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run keeps the config it was started with now; a bare module adopts the saved one.
         self.run_config = self.run_config or checkpoint.get("msdetr_config")
         self.category_names = self.category_names or checkpoint.get("category_names") or {}
+        states = checkpoint.get("msdetr_rng")
+        try:
+            resuming = self.trainer.training
+        except RuntimeError:  # load_from_checkpoint outside a Trainer: leave the caller's random state alone
+            resuming = False
+        if states is None or not resuming:
+            return
+        world = self.trainer.world_size
+        if len(states) != world:
+            warnings.warn(f"the checkpoint holds the random state of {len(states)} process(es) but this run has "
+                          f"{world}; the random streams restart from the seed, so the run will not continue "
+                          "bit for bit.", stacklevel=2)
+            return
+        rng.restore(states[self.global_rank], self._generators())
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         return self.model(images, padding_mask)
@@ -95,22 +154,43 @@ class DetectionModule(L.LightningModule):
                 self.log(f"train/{name}", value, batch_size=bs)
         return total
 
-    def configure_optimizers(self):
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Called before the Trainer clips: the total norm official logs show as grad_norm.
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
+
+    def param_group_names(self) -> dict[str, str]:
+        """{parameter name: "default" | "backbone" | "linear_proj"} for every trainable parameter,
+        selected by the official name as the official main.py does."""
         hp = self.hparams
-        groups = {"default": [], "backbone": [], "linear_proj": []}
+        official = official_names(self.model) if isinstance(self.model, DeformableDETR) else {}
+        out = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            if _matches(name, hp.lr_backbone_names):
-                groups["backbone"].append(p)
-            elif _matches(name, hp.lr_linear_proj_names):
-                groups["linear_proj"].append(p)
+            key = official.get(name, name)
+            if _matches(key, hp.lr_backbone_names):
+                out[name] = "backbone"
+            elif _matches(key, hp.lr_linear_proj_names):
+                out[name] = "linear_proj"
             else:
-                groups["default"].append(p)
+                out[name] = "default"
+        return out
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups: dict[str, list] = {"default": [], "backbone": [], "linear_proj": []}
+        params = dict(self.model.named_parameters())
+        for name, group in self.param_group_names().items():
+            groups[group].append(params[name])
         lrs = {"default": hp.lr, "backbone": hp.lr_backbone, "linear_proj": hp.lr * hp.lr_linear_proj_mult}
         param_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
         optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_drop_epochs), gamma=hp.lr_gamma)
+        if hp.lr_drop_every is not None:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_drop_every, gamma=hp.lr_gamma)
+        else:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_drop_epochs or ()), gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -- evaluation -------------------------------------------------------------------------

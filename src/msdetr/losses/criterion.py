@@ -133,6 +133,13 @@ class SetCriterion(nn.Module):
         self.focal_gamma = focal_gamma
         self._weight_dict: dict[str, float] = {}
 
+    def assigners(self) -> list:
+        """Each distinct assigner of the branches once, in branch order."""
+        seen: dict[int, Any] = {}
+        for branch in self.branches:
+            seen.setdefault(id(branch.assigner), branch.assigner)
+        return list(seen.values())
+
     def check_model(self, streams: dict[str, set[str]]) -> None:
         """Raise one sentence when a branch needs a stream or box key the model does not produce.
 

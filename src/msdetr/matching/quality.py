@@ -73,7 +73,14 @@ class QualityTopKAssigner:
         self.threshold, self.k, self.positive_fraction = threshold, k, positive_fraction
         self.low_quality, self.sample_size, self.ignore_below = low_quality, sample_size, ignore_below
         # A generator of the run's seed keeps the random cap reproducible; None uses torch's global RNG.
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def seed_rank(self, rank: int) -> None:
+        """Give process `rank` its own draws: the generator restarts from seed + rank (as the
+        official main.py seeds each process), so DDP ranks do not sample the same positives."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + rank)
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
         raise NotImplementedError
