@@ -1,5 +1,6 @@
 """COCO-format data: synthetic writer, target format, transforms, collate, datamodule and every bad input."""
 import json
+import random
 import shutil
 
 import pytest
@@ -11,8 +12,9 @@ from torchvision.transforms import v2
 
 from msdetr.data import CocoDataModule, CocoDetection, collate, write_synthetic_coco
 from msdetr.data.synthetic import SHAPES, main
-from msdetr.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, eval_transforms,
-                                    finalize_boxes, train_transforms)
+from msdetr.data.transforms import (COCO_TRAIN_SCALES, IMAGENET_MEAN, IMAGENET_STD, DetrResize, RandomSizeCrop,
+                                    detr_resize_size, eval_transforms, finalize_boxes, multi_scale_resize,
+                                    train_transforms)
 
 SMALL = dict(num_train=6, num_val=3)
 
@@ -165,8 +167,101 @@ def test_eval_transforms_resize(synth):
         assert target["size"].tolist() == [h, w]
         if max(oh, ow) / min(oh, ow) * 64 <= 80:
             assert min(h, w) == 64
-        else:
-            assert max(h, w) == 80 and min(h, w) < 64
+        else:  # capped: the official rounding puts the long side within a pixel or two of max_size
+            assert abs(max(h, w) - 80) <= 2 and min(h, w) < 64
+        assert (h, w) == _official_size(ow, oh, 64, 80)
+
+
+def _official_size(w, h, size, max_size=None):
+    """The official DETR get_size_with_aspect_ratio, transcribed line by line: (w, h) in, (h, w) out."""
+    if max_size is not None:
+        min_original_size = float(min((w, h)))
+        max_original_size = float(max((w, h)))
+        if max_original_size / min_original_size * size > max_size:
+            size = int(round(max_size * min_original_size / max_original_size))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return (h, w)
+    if w < h:
+        ow = size
+        oh = int(size * h / w)
+    else:
+        oh = size
+        ow = int(size * w / h)
+    return (oh, ow)
+
+
+def test_detr_resize_size_matches_the_official_rule():
+    rng = random.Random(0)
+    cases = []
+    for _ in range(4000):
+        h, w = rng.randint(1, 3000), rng.randint(1, 3000)
+        cases.append((h, w, rng.choice(COCO_TRAIN_SCALES), 1333))
+        cases.append((h, w, rng.randint(1, 3000), rng.choice([None, 1333, rng.randint(1, 4000)])))
+    for _ in range(2000):  # COCO-like images, where the 1333 cap often applies
+        cases.append((rng.randint(200, 640), rng.randint(200, 640), rng.choice(COCO_TRAIN_SCALES), 1333))
+    for s in (1, 2, 3, 480, 800):  # a side equal to the target, squares, ties and caps that land on a side
+        for other in {1, max(s - 1, 1), s, s + 1, 2 * s, 3 * s + 1, 1333, 2999}:
+            for max_size in (None, s, s + 1, 2 * s, 1333):
+                cases += [(s, other, s, max_size), (other, s, s, max_size)]
+    cases += [(500, 1333, 800, 1333), (1333, 500, 800, 1333),  # the cap lands exactly on the short side
+              (90, 120, 96, 110),  # 82.5 rounds to even: 82
+              (341, 576, 800, 1333), (318, 613, 704, 1333)]  # v2.Resize(max_size=1333) gives 1333 and 691
+    mismatches = [c for c in cases if detr_resize_size(*c) != _official_size(c[1], c[0], c[2], c[3])]
+    assert not mismatches, mismatches[:10]
+    assert detr_resize_size(90, 120, 96, 110) == (82, 109)
+    assert detr_resize_size(341, 576, 800, 1333) == (789, 1332)
+    assert detr_resize_size(500, 1333, 800, 1333) == (500, 1333)
+
+
+def _boxes_sample(h, w):
+    image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+    boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [0.0, 0.0, w, h], [0.5 * w, 0.1 * h, 0.7 * w, 0.3 * h]])
+    return image, {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+                   "labels": torch.tensor([1, 2, 3])}
+
+
+def _assert_official_resize(before, after, size, max_size):
+    (image, target), (out, out_target) = before, after
+    h, w = image.shape[-2:]
+    oh, ow = _official_size(w, h, size, max_size)
+    assert tuple(out.shape[-2:]) == (oh, ow) and tuple(out_target["boxes"].canvas_size) == (oh, ow)
+    scale = torch.tensor([ow / w, oh / h, ow / w, oh / h])
+    torch.testing.assert_close(out_target["boxes"].as_subclass(torch.Tensor), target["boxes"] * scale)
+    assert torch.equal(out_target["labels"], target["labels"])
+
+
+@pytest.mark.parametrize("h, w", [(341, 576), (553, 311), (318, 613), (427, 640), (500, 1333), (800, 800)])
+def test_eval_and_train_resize_give_the_official_size_and_scaled_boxes(h, w):
+    sample = _boxes_sample(h, w)
+    _assert_official_resize(sample, eval_transforms(800, 1333)(*sample), 800, 1333)
+    for size, max_size in ((704, 1333), (480, 1333), (600, None)):  # the crop branch's resize has no cap
+        resized = multi_scale_resize([size], max_size)(*sample)
+        _assert_official_resize(sample, resized, size, max_size)
+        # Bilinear with antialias, as v2.Resize does by default.
+        expected = v2.functional.resize(sample[0], list(resized[0].shape[-2:]), antialias=True)
+        assert torch.equal(resized[0], expected)
+
+
+def test_multi_scale_resize_draws_every_scale():
+    torch.manual_seed(0)
+    sample = _boxes_sample(318, 613)
+    tf = multi_scale_resize(COCO_TRAIN_SCALES, 1333)
+    official = {_official_size(613, 318, s, 1333): s for s in COCO_TRAIN_SCALES}  # 704..800 all hit the cap
+    assert len(official) == 8
+    seen = set()
+    for _ in range(100):
+        out = tf(*sample)
+        size = tuple(out[0].shape[-2:])
+        assert size in official
+        _assert_official_resize(sample, out, official[size], 1333)
+        seen.add(size)
+    assert seen == set(official)
+    with pytest.raises(ValueError, match="non-empty list of positive ints"):
+        DetrResize([])
+    with pytest.raises(ValueError, match="max_size must be a positive int"):
+        DetrResize([800], 0)
+    # An aspect ratio beyond what the official code can handle still gives a non-empty image.
+    assert multi_scale_resize([800], 1333)(tv_tensors.Image(torch.zeros(3, 1, 3000))).shape[-2:] == (1, 1333)
 
 
 def test_collate_pads_bottom_right_and_masks(synth):

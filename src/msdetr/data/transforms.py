@@ -41,13 +41,63 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(v2.functional.crop, inpt, **params)
 
 
-def multi_scale_resize(scales: Sequence[int], max_size: int | None = None) -> v2.Transform:
-    """Short side to a random one of `scales`, shrunk further if the long side would exceed `max_size`.
+def detr_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
+    """The (h, w) that the official DETR `resize` gives an image of (`height`, `width`) for short side `size`.
 
-    Not v2.RandomShortestSize: it truncates the scaled sides, so the short side can come out a pixel
-    below the requested one (175 px -> 64 gives 63).
+    If the long side would exceed `max_size`, the short side becomes round(max_size * short / long)
+    (Python's round: halves go to even). The long side is then int(size * long / short), truncated,
+    so it can end up a pixel or so above `max_size`. An image whose short side already equals the
+    target is returned unchanged. Float operations follow the official order.
     """
-    return v2.RandomChoice([v2.Resize(int(s), max_size=max_size) for s in scales])
+    short, long = (width, height) if width <= height else (height, width)
+    if max_size is not None and float(long) / float(short) * size > max_size:
+        size = int(round(max_size * float(short) / float(long)))
+    if short == size:
+        return height, width
+    new_long = int(size * long / short)
+    return (new_long, size) if width < height else (size, new_long)
+
+
+class DetrResize(v2.Transform):
+    """Resize to `detr_resize_size` for a short side drawn uniformly from `sizes`.
+
+    v2.Resize(size, max_size=...) caps differently: in most capped cases it is off by 1-2 px.
+    Boxes and masks follow through v2.functional.resize to the explicit (h, w), so boxes scale by
+    new/old per axis as in the official code. Bilinear with antialias, v2.Resize's default and the
+    nearest tensor equivalent of the official PIL bilinear resize.
+    """
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None):
+        super().__init__()
+        self.sizes = [int(s) for s in sizes]
+        if not self.sizes or min(self.sizes) < 1:
+            raise ValueError(f"resize sizes must be a non-empty list of positive ints, got {list(sizes)}.")
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size must be a positive int or None, got {max_size}.")
+        self.max_size = None if max_size is None else int(max_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        size = self.sizes[int(torch.randint(len(self.sizes), ()))]
+        oh, ow = detr_resize_size(h, w, size, self.max_size)
+        if min(oh, ow) < 1 and self.max_size is not None:
+            # The capped short side rounded to 0 (aspect ratio over 2 * max_size : 1), where the
+            # official code fails; fit the long side to max_size and keep one pixel across instead.
+            scale = self.max_size / max(h, w)
+            oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
+        return {"size": [oh, ow]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return v2.functional.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+def multi_scale_resize(scales: Sequence[int], max_size: int | None = None) -> v2.Transform:
+    """Short side to a random one of `scales`, capped by `max_size` exactly as the official `resize`.
+
+    See `detr_resize_size`. Neither v2.Resize(max_size=...) nor v2.RandomShortestSize gives the
+    official sizes: both differ by a pixel or two in some cases.
+    """
+    return DetrResize(scales, max_size)
 
 
 def _to_model_input() -> list[v2.Transform]:
@@ -83,8 +133,8 @@ def train_transforms(
 
 
 def eval_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
-    """Short side to `size`, shrunk further if the long side would exceed `max_size`."""
-    return v2.Compose([v2.ToImage(), v2.Resize(int(size), max_size=max_size), *_to_model_input()])
+    """Short side to `size`, capped by `max_size` as the official `resize` does (see `detr_resize_size`)."""
+    return v2.Compose([v2.ToImage(), DetrResize([size], max_size), *_to_model_input()])
 
 
 def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
