@@ -106,6 +106,11 @@ def query_class_targets(indices, targets: Targets, num_queries: int
     return kept // num_queries, kept % num_queries, labels[last[kept]]
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Losses reduce in fp32 at least: half-precision outputs are upcast, fp64 ones kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def world_num_boxes(targets: Targets, device) -> float:
     """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term."""
     num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -264,15 +269,16 @@ class SetCriterion(nn.Module):
     def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
         logits = out["pred_logits"]
         # One class per assigned query; unassigned queries are all-negative.
-        onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        scores = _upcast(logits)
+        onehot = torch.zeros_like(scores)
         onehot[query_class_targets(indices, targets, logits.shape[1])] = 1.0
-        loss_ce = sigmoid_focal_loss(logits.float(), onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+        loss_ce = sigmoid_focal_loss(scores, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
 
         # The box terms count every (query, GT) pair.
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
-        src_boxes = out["pred_boxes"][batch_idx, src_idx].float()
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        src_boxes = _upcast(out["pred_boxes"][batch_idx, src_idx])
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes.dtype)
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
         giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
         loss_giou = (1 - giou).sum()
