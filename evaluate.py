@@ -2,11 +2,16 @@
 import hydra
 from omegaconf import DictConfig
 
-from msdetr.runner import evaluate
+from msdetr.config_schema import validate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    validate(cfg)  # a wrong type or range stops here, in one sentence
+    # Imported only now: msdetr.runner loads Lightning and the models (10-20 s), which a config
+    # mistake should not have to wait for.
+    from msdetr.runner import evaluate
+
     return evaluate(cfg).get("AP", 0.0)
 
 

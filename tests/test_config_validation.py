@@ -1,0 +1,136 @@
+"""The composed config is checked (types, ranges) before Lightning is imported: one sentence per mistake."""
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from msdetr.config_schema import ConfigValidationError, RunConfig, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def compose_cfg(*overrides, name="train"):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# Every option of every group, each with the rest of train.yaml's defaults (matchers with the default
+# model), and every experiment on its own.
+SHIPPED = [f"{group}={option}" for group in ("experiment", "matcher", "model", "backbone", "schedule", "data",
+                                             "trainer", "logger", "callbacks", "hparams_search", "cluster")
+           for option in options(group)]
+
+
+@pytest.mark.parametrize("override", SHIPPED)
+def test_every_shipped_config_validates(override):
+    validate(compose_cfg(override))
+
+
+@pytest.mark.parametrize("name, overrides", [("evaluate", []), ("evaluate", ["experiment=deta_12ep"]),
+                                              ("predict", []), ("predict", ["eval_size=800", "max_size=1333"])])
+def test_evaluate_and_predict_configs_validate(name, overrides):
+    validate(compose_cfg(*overrides, name=name))
+
+
+def test_validation_leaves_the_config_as_composed():
+    cfg = compose_cfg("experiment=ms_detr_pp_900", "schedule.optim.lr=1", "trainer.devices=[0,1]")
+    before = OmegaConf.to_yaml(cfg)  # unresolved: interpolations and int-vs-float stay visible
+    validate(cfg)
+    assert OmegaConf.to_yaml(cfg) == before
+    assert isinstance(cfg.schedule.optim.lr, int)  # the schema's float is not written back
+
+
+@pytest.mark.parametrize("override, sentence", [
+    ("trainer.max_epochs=abc",
+     "trainer.max_epochs=abc is not allowed: Value 'abc' of type 'str' could not be converted to Integer."),
+    ("model.detector.num_queries=0", "model.detector.num_queries=0 is not allowed: use an integer >= 1."),
+    ("schedule.optim.lr=-1", "schedule.optim.lr=-1 is not allowed: use a number > 0."),
+    ("data.batch_size=0", "data.batch_size=0 is not allowed: use an integer >= 1."),
+    # trainer.max_epochs interpolates schedule.epochs: the error names the key that was set
+    ("schedule.epochs=0", "schedule.epochs=0 is not allowed: use an integer >= 1."),
+    ("schedule.optim.lr_backbone=-1e-5", "schedule.optim.lr_backbone=-1e-05 is not allowed: use a number >= 0."),
+    ("schedule.optim.weight_decay=-1", "schedule.optim.weight_decay=-1 is not allowed: use a number >= 0."),
+    ("schedule.clip_max_norm=-0.1", "schedule.clip_max_norm=-0.1 is not allowed: use a number >= 0 or null."),
+    ("data.train_scales=[96,0]", "data.train_scales[1]=0 is not allowed: use an integer >= 1."),
+    ("data.train_scales=[96,x]",
+     "data.train_scales[1]=x is not allowed: Value 'x' of type 'str' could not be converted to Integer."),
+    ("model.detector.dropout=1", "model.detector.dropout=1 is not allowed: use a number in [0, 1)."),
+    ("model.detector.two_stage=maybe",
+     "model.detector.two_stage=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
+    ("model.detector.hidden_dim=100",
+     "model.detector.hidden_dim=100 is not allowed: use a multiple of model.detector.nheads=8."),
+    ("trainer.devices=0", "trainer.devices=0 is not allowed: use a count >= 1, -1 (all devices), 'auto' or a list "
+                          "of device indices."),
+])
+def test_a_wrong_value_is_one_sentence(override, sentence):
+    with pytest.raises(ConfigValidationError) as err:
+        validate(compose_cfg(override))
+    assert str(err.value) == sentence
+
+
+@pytest.mark.parametrize("override", [
+    "schedule.clip_max_norm=null", "schedule.optim.lr_drop_epochs=null", "trainer.devices=-1", "trainer.devices=[0,1]",
+    "trainer.devices=auto", "trainer.fast_dev_run=true", "trainer.fast_dev_run=3", "+trainer.limit_train_batches=2",
+    "trainer.max_epochs=-1", "schedule.optim.lr=1", "+model.detector.backbone.extra=1", "data.num_classes=null",
+])
+def test_allowed_values_and_extra_keys_pass(override):
+    validate(compose_cfg(override))
+
+
+def test_schema_keys_are_the_code_parameters():
+    """A key the schema checks is one the code takes (a renamed parameter would leave it unchecked)."""
+    import lightning as L
+
+    from msdetr.data import CocoDataModule
+    from msdetr.lit import DetectionModule
+    from msdetr.models import DeformableDETR
+    from msdetr.postprocess import NMSPostProcess, TopKPostProcess
+
+    def params(*classes):
+        return set().union(*(inspect.signature(c.__init__).parameters for c in classes))
+
+    def keys(section):  # the checked values of a section (its sub-sections left out)
+        return {k for k in section if OmegaConf.is_missing(section, k)}
+
+    schema = OmegaConf.structured(RunConfig)
+    assert keys(schema.model.detector) <= params(DeformableDETR)
+    assert keys(schema.model.postprocess) <= params(TopKPostProcess, NMSPostProcess)
+    assert keys(schema.data) <= params(CocoDataModule)
+    assert keys(schema.schedule) <= {"epochs", "clip_max_norm"}  # read by the trainer config
+    assert keys(schema.schedule.optim) <= params(DetectionModule)
+    assert keys(schema.trainer) <= params(L.Trainer)
+    top = keys(schema)
+    shipped = set().union(*(OmegaConf.load(CONF / f"{n}.yaml").keys() for n in ("train", "evaluate", "predict")))
+    assert top <= shipped
+
+
+@pytest.mark.parametrize("script, args, sentence", [
+    ("train.py", ["trainer.max_epochs=abc"],
+     "trainer.max_epochs=abc is not allowed: Value 'abc' of type 'str' could not be converted to Integer."),
+    ("evaluate.py", ["ckpt_path=none.ckpt", "data.batch_size=0"],
+     "data.batch_size=0 is not allowed: use an integer >= 1."),
+    ("predict.py", ["ckpt_path=none.ckpt", "input=none", "batch_size=0"],
+     "batch_size=0 is not allowed: use an integer >= 1."),
+])
+def test_entry_script_stops_in_one_sentence_before_importing_lightning(tmp_path, script, args, sentence):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args,
+                             f"hydra.run.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & {"torch", "lightning"}
+    errors = [line for line in lines if not line.startswith("import time:") and line.strip()]
+    assert sentence in errors
+    assert "Traceback" not in result.stderr
