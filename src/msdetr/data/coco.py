@@ -6,12 +6,13 @@ import io
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -101,21 +102,100 @@ def build_coco(data: dict[str, Any]) -> COCO:
     return coco
 
 
+VERIFY_IMAGES = ("header", "full", "none")
+# Pixel modes that PIL's convert("RGB") maps faithfully. 16- and 32-bit integer and float modes
+# ('I;16', 'I', 'F') would come out clipped to 0..255, mostly white: refused rather than trained on.
+_RGB_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                        "HSV"})
+_SHOWN = 10  # files named in one message; the rest are counted
+
+
+class UnreadableImageError(OSError):
+    """An image file that is missing, not an image, in an unsupported pixel mode, or that fails to decode."""
+
+
+def _mode_problem(mode: str) -> str | None:
+    if mode in _RGB_MODES:
+        return None
+    return (f"pixel mode '{mode}' (16/32-bit or float) is not supported; save it as an 8-bit RGB or grayscale "
+            "image")
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "the file does not exist"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str | None, tuple[int, int] | None]:
+    """(why `path` cannot be used as an image or None, its (width, height) or None).
+
+    The header (PIL `Image.open`: format, mode, size) is always read; `decode=True` also decodes
+    every pixel, which is what finds a truncated file (its header is intact)."""
+    try:
+        with Image.open(path) as im:
+            problem = _mode_problem(im.mode)
+            if problem is None and min(im.size) < 1:
+                problem = f"it is {im.size[0]}x{im.size[1]} pixels"
+            if problem is None and decode:
+                im.load()
+            return problem, tuple(im.size)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        return _why(exc), None
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` as 8-bit RGB, fully decoded; anything that prevents it raises
+    UnreadableImageError naming the file and the reason."""
+    try:
+        with Image.open(path) as im:
+            problem = _mode_problem(im.mode)
+            if problem is None:
+                return im.convert("RGB")
+    except Exception as exc:
+        problem = _why(exc)
+    raise UnreadableImageError(f"image '{path}' cannot be read ({problem})")
+
+
+def _name_files(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_SHOWN])
+    return shown + (f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+
+
 class CocoDetection(Dataset):
     """(image, target) pairs; target = labels, boxes (cxcywh normalized by the image), image_id, orig_size, size.
 
     Class index = category id. Crowd boxes are dropped; boxes are clipped to their image and empty
     ones dropped (one warning per dataset); images without boxes are kept.
+
+    Image files are checked when the dataset is built: `verify_images="header"` (default) opens
+    each file's header (format, pixel mode, size; a truncated file passes), `"full"` decodes every
+    image, `"none"` only checks that the files exist. Bad files are an error that names them, or,
+    with `skip_bad_images=True`, are left out (with their annotations) with one warning naming
+    them. A file that still fails to decode while loading raises an error naming it, or, with
+    `skip_bad_images=True`, is replaced by the next readable image with a warning naming it.
     """
 
-    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None):
+    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None,
+                 verify_images: str = "header", skip_bad_images: bool = False):
+        if verify_images not in VERIFY_IMAGES:
+            raise ValueError(f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
+                             "file's header), 'full' (decode every image) or 'none'.")
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
+        self.verify_images = verify_images
+        self.skip_bad_images = bool(skip_bad_images)
         data = read_coco_json(self.ann_file)
+        data = self._check_images(data)
         self.ids = [int(img["id"]) for img in data["images"]]
         self._files = [str(img["file_name"]) for img in data["images"]]
-        self._check_image_files()
+        self._unreadable: set[int] = set()  # indices found undecodable while loading (skip_bad_images)
         self.category_names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
         self._boxes, self._labels, self._starts = self._index_boxes(data)
         self.coco = build_coco(data)
@@ -125,17 +205,58 @@ class CocoDetection(Dataset):
         """Class channels this file needs: max category id + 1."""
         return max(self.category_names, default=-1) + 1
 
-    def _check_image_files(self) -> None:
-        missing = [f for f in self._files if not os.path.isfile(self.img_folder / f)]
-        if missing:
+    def _check_images(self, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` without the images that cannot be used (skip_bad_images), or an error naming them."""
+        files = [str(img["file_name"]) for img in data["images"]]
+        bad = {i: "the file does not exist" for i, f in enumerate(files) if not os.path.isfile(self.img_folder / f)}
+        if bad and not self.skip_bad_images:
+            missing = [files[i] for i in bad]
             shown = ", ".join(f"'{f}'" for f in missing[:3])
             if len(missing) > 3:
                 shown += f" and {len(missing) - 3} more"
             raise FileNotFoundError(
                 f"{len(missing)} image file(s) listed in '{self.ann_file}' are missing from '{self.img_folder}' "
                 f"({shown}); point data.train_images / data.val_images (or data.root) at this annotation file's "
-                "images, or remove those images from it."
+                "images, or remove those images from it (data.skip_bad_images=true leaves them out)."
             )
+        if self.verify_images != "none":
+            todo = [i for i in range(len(files)) if i not in bad]
+            decode = self.verify_images == "full"
+            with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
+                probes = pool.map(lambda i: probe_image(self.img_folder / files[i], decode), todo)
+                mismatched = []
+                for i, (problem, size) in zip(todo, probes):
+                    if problem is not None:
+                        bad[i] = problem
+                    elif size != (data["images"][i]["width"], data["images"][i]["height"]):
+                        mismatched.append(f"'{self.img_folder / files[i]}' is {size[0]}x{size[1]}, the annotation "
+                                          f"file says {data['images'][i]['width']}x{data['images'][i]['height']}")
+            if mismatched:
+                warnings.warn(
+                    f"'{self.ann_file}': {len(mismatched)} image(s) differ in size from their width/height there "
+                    f"({_name_files(mismatched)}); their boxes are clipped to the image file's size.",
+                    UserWarning, stacklevel=3,
+                )
+        if not bad:
+            return data
+        listed = [f"'{self.img_folder / files[i]}' ({why})" for i, why in sorted(bad.items())]
+        if not self.skip_bad_images:
+            raise ValueError(
+                f"{len(bad)} image file(s) listed in '{self.ann_file}' cannot be used: {_name_files(listed)}; fix "
+                "or remove these files (or their entries in the annotation file), or set data.skip_bad_images=true "
+                "to leave them out with a warning."
+            )
+        if len(bad) == len(files):
+            raise ValueError(f"none of the {len(files)} image file(s) listed in '{self.ann_file}' can be used "
+                             f"({_name_files(listed)}); check data.train_images / data.val_images (or data.root).")
+        warnings.warn(
+            f"data.skip_bad_images=true: leaving out {len(bad)} of the {len(files)} image(s) listed in "
+            f"'{self.ann_file}', and their annotations, because they cannot be used: {_name_files(listed)}.",
+            UserWarning, stacklevel=3,
+        )
+        dropped = {data["images"][i]["id"] for i in bad}
+        return {**data, "images": [img for img in data["images"] if img["id"] not in dropped],
+                "annotations": [a for a in data["annotations"] if a["image_id"] not in dropped]}
 
     def _index_boxes(self, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Clean boxes into flat arrays with per-image offsets.
@@ -168,9 +289,31 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _read(self, index: int) -> tuple[int, Image.Image]:
+        """(index, RGB image) of `index`, or, with skip_bad_images, of the next readable image after it."""
+        for step in range(len(self.ids)):
+            i = (index + step) % len(self.ids)
+            if i in self._unreadable:
+                continue
+            try:
+                return i, load_rgb(self.img_folder / self._files[i])
+            except UnreadableImageError as exc:
+                if not self.skip_bad_images:
+                    found = ("" if self.verify_images == "full" else
+                             f" (data.verify_images={self.verify_images} did not decode it when the dataset was "
+                             "built; data.verify_images=full finds every such file before training)")
+                    raise UnreadableImageError(
+                        f"{exc}{found}; fix or remove it, or set data.skip_bad_images=true to skip unreadable "
+                        "images with a warning."
+                    ) from None
+                self._unreadable.add(i)
+                warnings.warn(f"{exc}; data.skip_bad_images=true: skipping it, the next readable image of "
+                              f"'{self.ann_file}' takes its place.", UserWarning, stacklevel=3)
+        raise UnreadableImageError(f"none of the {len(self.ids)} image(s) listed in '{self.ann_file}' can be read; "
+                                   "see the warnings above for each file.")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        with Image.open(self.img_folder / self._files[index]) as im:
-            image = im.convert("RGB")
+        index, image = self._read(index)
         w, h = image.size
         lo, hi = int(self._starts[index]), int(self._starts[index + 1])
         boxes = tv_tensors.BoundingBoxes(torch.from_numpy(self._boxes[lo:hi].copy()), format="XYXY",
