@@ -200,7 +200,7 @@ def test_resume_ignores_init_from(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_weights", lambda *a, **kw: calls.append((a, kw)))
     monkeypatch.setattr(L.Trainer, "fit", lambda self, module, datamodule=None, ckpt_path=None: calls.append(ckpt_path))
     last = tmp_path / "last.ckpt"
-    last.write_bytes(b"")
+    torch.save({"global_step": 0}, last)
     train(config(tmp_path, "data.num_classes=5", f"ckpt_path={last}", f"init_from={tmp_path / 'none.pth'}",
                  "callbacks.predictions=null"))
     assert calls == [str(last)]

@@ -250,15 +250,16 @@ def load_official_state_dict(module: DetectionModule, official: Mapping[str, tor
     model.load_state_dict(mine, strict=not skip.keys)
 
 
-def read_checkpoint_file(path: str | os.PathLike, kind: str = "a checkpoint") -> Any:
+def read_checkpoint_file(path: str | os.PathLike, kind: str = "a checkpoint", mmap: bool = False) -> Any:
     """torch.load of a checkpoint (official .pth or Lightning .ckpt; `kind` names it in errors)
-    without unpickling arbitrary objects: tensors, containers and `argparse.Namespace` only."""
+    without unpickling arbitrary objects: tensors, containers and `argparse.Namespace` only.
+    `mmap`: map the tensors instead of reading them (to look at a checkpoint's metadata)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; check the path to {kind}.")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             raise ValueError(
                 f"'{path}' could not be read as {kind} safely ({type(exc).__name__}: "

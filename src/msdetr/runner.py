@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .checkpoints import load_weights
+from .official import read_checkpoint_file
 from .lit import DetectionModule
-from .lit.callbacks import AtomicCheckpointIO
+from .lit.callbacks import AtomicCheckpointIO, Preempted
 
 log = logging.getLogger("msdetr")
 
@@ -87,7 +93,7 @@ def _plain_config(cfg: DictConfig) -> dict:
 
 
 def build_datamodule(cfg: DictConfig):
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, seed=cfg.get("seed"))
     if cfg.data.get("num_classes") is None:
         # Custom datasets: num_classes = max category id + 1, read from the annotation file.
         with open_dict(cfg):
@@ -111,17 +117,78 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                       plugins=[AtomicCheckpointIO()], **overrides)
+    if overrides.get("fast_dev_run", cfg.trainer.get("fast_dev_run")):
+        # A smoke test writes no checkpoint (Lightning's ModelCheckpoint still writes last.ckpt at
+        # the end of a fast_dev_run when save_last is set).
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # The Preemption callback saves at a step boundary and requeues; Lightning's own SLURM
+        # requeue would save a second, mid-step checkpoint elsewhere.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **overrides)
+
+
+_RESUME_MUST_MATCH = ("matcher", "model")  # the matcher first: it also sets model options
+
+
+def _first_difference(saved, current, path: str = ""):
+    """The first key path where two plain configs differ, with both values (None if equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            found = _first_difference(saved.get(key, "<absent>"), current.get(key, "<absent>"),
+                                      f"{path}.{key}" if path else str(key))
+            if found:
+                return found
+        return None
+    return None if saved == current else (path, saved, current)
+
+
+def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
+    """Refuse, in one sentence and before the model is built, to resume a checkpoint made with
+    another model or matcher config; return the checkpoint's global step."""
+    ckpt = read_checkpoint_file(ckpt_path, "a checkpoint to resume", mmap=True)
+    saved = ckpt.get("msdetr_config") if isinstance(ckpt, dict) else None
+    step = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
+    if not saved:
+        return step
+    current = _plain_config(cfg)
+    for group in _RESUME_MUST_MATCH:
+        found = _first_difference(saved.get(group), current.get(group), group)
+        if found:
+            key, was, now = found
+            raise ValueError(
+                f"cannot resume from '{ckpt_path}': it was made with {key}={was!r}, this run has {key}={now!r}; "
+                "resume with the config the run started with (or start a new run with init_from=<checkpoint>)."
+            )
+    return step
+
+
+def continue_csv_history(trainer: L.Trainer, resumed_step: int) -> None:
+    """Lightning's CSVLogger starts its metrics file afresh; a resumed run logs the rows of the steps
+    before `resumed_step` again first, so the file stays one history (rows the interrupted run wrote
+    after its checkpoint are dropped: the resumed run logs those steps anew)."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < resumed_step]
+        for row in rows:
+            step = int(row.pop("step"))
+            logger.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None)}, step=step)
+        logger.save()
+
+
+def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
+    """The run directory of `<run dir>/checkpoints/<file>.ckpt`, where a resume keeps writing."""
+    path = Path(ckpt_path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    L.seed_everything(cfg.seed, workers=True)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg)
-    module.run_config = _plain_config(cfg)
-    module.category_names = dm.category_names
-    trainer = build_trainer(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
@@ -130,6 +197,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # The run directory already has a checkpoint: a SLURM requeue (or a rerun) of this job.
         ckpt_path = str(own_last)
         log.info("resuming this run from %s", own_last)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)  # num_classes may come from the data: compare after it is known
+    resumed_step = None
+    if ckpt_path:
+        resumed_step = check_resume_config(cfg, ckpt_path)
+        run_dir = _resumed_run_dir(ckpt_path)
+        if run_dir is not None and run_dir != Path(cfg.paths.output_dir).resolve():
+            # One run, one directory: checkpoints, metrics and pictures continue where they were.
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(run_dir)
+            log.info("resuming into the run directory %s", run_dir)
+    module = build_module(cfg)
+    module.run_config = _plain_config(cfg)
+    module.category_names = dm.category_names
+    trainer = build_trainer(cfg)
+    if resumed_step is not None:
+        continue_csv_history(trainer, resumed_step)
     if cfg.get("init_from") and not ckpt_path:
         # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
         # keep their fresh initialisation, with a warning; anything else must match.
@@ -137,7 +221,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
                      reset_class_heads=bool(cfg.init_reset_class_heads))
         log.info("initialised from %s", cfg.init_from)
     with _launch_context(cfg):
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        except SIGTERMException as exc:
+            # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
+            # what it could (or the last epoch's checkpoint stands): never report success.
+            raise Preempted(128 + signal.SIGTERM) from exc
     metrics = dict(module.last_metrics)
     if trainer.is_global_zero and metrics:
         log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})

@@ -6,9 +6,11 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from .coco import CocoDetection, read_coco_json
+from .coco import VERIFY_IMAGES, CocoDetection, read_coco_json
+from .seeding import EpochSeededDataset
 from .transforms import COCO_TRAIN_SCALES, eval_transforms, train_transforms
 
 
@@ -32,6 +34,8 @@ class CocoDataModule(L.LightningDataModule):
     `root` stands for root/{train,val}/ and root/annotations/instances_{train,val}.json; explicit
     paths override it. `num_classes` is the model's: None reads max category id + 1 from the files,
     a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to `root`.
+    `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and val
+    images are checked when the datasets are built, and what happens to bad ones (see CocoDetection).
     The validation loader doubles as the test and predict loader.
     """
 
@@ -56,8 +60,17 @@ class CocoDataModule(L.LightningDataModule):
         synthetic: bool = False,
         synthetic_train: int = 256,
         synthetic_val: int = 32,
+        seed: int | None = None,
+        verify_images: str = "header",
+        skip_bad_images: bool = False,
     ):
         super().__init__()
+        if verify_images not in VERIFY_IMAGES:
+            raise ValueError(f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
+                             "file's header), 'full' (decode every image) or 'none'.")
+        # Seed of the training augmentations (the run's seed); None: torch's initial seed.
+        self.seed = seed
+        self._seeded_train: EpochSeededDataset | None = None
         if root is not None:
             base = Path(root)
             train_images = train_images or str(base / "train")
@@ -82,6 +95,8 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_tf = eval_transforms(eval_size, max_size)
         self.synthetic = synthetic
         self.synthetic_sizes = (synthetic_train, synthetic_val)
+        self.verify_images = verify_images
+        self.skip_bad_images = skip_bad_images
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
 
@@ -131,7 +146,8 @@ class CocoDataModule(L.LightningDataModule):
             self.val_dataset = self._dataset(self.val_images, self.val_ann, self.eval_tf)
 
     def _dataset(self, images: str, ann: str, transforms: Callable) -> CocoDetection:
-        dataset = CocoDetection(images, ann, transforms)
+        dataset = CocoDetection(images, ann, transforms, verify_images=self.verify_images,
+                                skip_bad_images=self.skip_bad_images)
         if self._num_classes is not None and dataset.num_classes > self._num_classes:
             raise ValueError(
                 f"'{ann}' has category id {dataset.num_classes - 1}, but the model has num_classes="
@@ -140,19 +156,34 @@ class CocoDataModule(L.LightningDataModule):
             )
         return dataset
 
-    def _loader(self, dataset: CocoDetection | None, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
         # Lightning swaps in a DistributedSampler under DDP (it pads with repeated images; the
-        # evaluator counts each image id once).
-        return DataLoader(
+        # evaluator counts each image id once). The training loader is torchdata's
+        # StatefulDataLoader: Lightning saves its position in every checkpoint and a resumed run
+        # continues mid-epoch with the batches the interrupted one had not seen.
+        loader = StatefulDataLoader if train else DataLoader
+        return loader(
             dataset, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=collate,
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the training augmentations are drawn for (see `EpochSeededDataset`)."""
+        if self._seeded_train is not None:
+            self._seeded_train.set_epoch(epoch)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, train=True)
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
+        # Augmentations are a function of (seed, epoch, index): exact on resume, independent of workers.
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        self._seeded_train = EpochSeededDataset(self.train_dataset, seed, epoch)
+        return self._loader(self._seeded_train, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, self.val_batch_size, train=False)

@@ -1,4 +1,4 @@
-"""COCO box evaluation (pycocotools or faster-coco-eval), correct under distributed data parallel."""
-from .coco_eval import BACKENDS, STAT_NAMES, CocoEvaluator
+"""COCO box evaluation (pycocotools or faster-coco-eval) as a torchmetrics Metric, correct under DDP."""
+from .coco_eval import BACKENDS, STAT_NAMES, CocoMetric
 
-__all__ = ["BACKENDS", "STAT_NAMES", "CocoEvaluator"]
+__all__ = ["BACKENDS", "STAT_NAMES", "CocoMetric"]

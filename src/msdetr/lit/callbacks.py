@@ -1,12 +1,18 @@
-"""Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes."""
+"""Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes, preemption."""
 from __future__ import annotations
 
+import os
 import resource
+import signal
+import subprocess
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.io import write_png
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 from torchvision.utils import draw_bounding_boxes, make_grid
@@ -161,3 +167,119 @@ class PredictionImages(L.Callback):
                                  step=trainer.global_step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
                 logger.experiment.add_image("val/predictions", grid, trainer.global_step)
+
+
+class Preempted(SystemExit):
+    """The run stopped on a signal after saving its state; the exit status is 128 + the signal."""
+
+
+class Preemption(L.Callback):
+    """Stops a run cleanly on SIGTERM, SIGUSR1, SIGUSR2 (what SLURM and submitit send before a
+    preemption or time limit) and Ctrl-C, with its state saved.
+
+    The signal is noted; at the end of the running training step (or validation) every rank agrees
+    to stop, `checkpoints/last.ckpt` is written atomically with the mid-epoch state (weights,
+    optimizer, loop and dataloader position, random states), and then:
+    - under SLURM, the job is requeued: a handler that was there before (hydra-submitit-launcher's)
+      is called and requeues it through submitit; otherwise `scontrol requeue <job id>`;
+    - the process exits with status 128 + signal: a stopped run never reports success.
+    A requeued job reruns in its own directory and `auto_resume` continues from last.ckpt.
+    Stale temporaries of a save that a hard kill interrupted are removed when a run starts.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+    def __init__(self, dirpath: str, requeue: bool = True):
+        self.dirpath = Path(dirpath)
+        self.requeue = requeue
+        self.received: int | None = None
+        self._saved: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dirpath / "last.ckpt"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero and self.dirpath.is_dir():
+            for stale in self.dirpath.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning has installed its own handlers (its SIGTERM one would end the run right
+        # after the step with status 0 and nothing saved); the ranks agree to stop instead.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            signum = getattr(signal, name)
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._note)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            if signal.getsignal(signum) == self._note:
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
+        self.received = self.received or signum
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    # The decision and the save happen where Lightning's own step checkpoints are taken (the end of
+    # a step, the end of validation); the exit comes at the next hook, once the step's metrics are
+    # logged, so the history the resumed run continues has no gap.
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._save_if_signalled(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._save_if_signalled(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._exit_if_saved(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._exit_if_saved(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._exit_if_saved(trainer)
+
+    def _save_if_signalled(self, trainer) -> None:
+        if self._saved is not None:
+            return
+        local = self.received is not None or trainer.received_sigterm
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        self._saved = self.received or signal.SIGTERM
+        if not trainer.fast_dev_run:
+            trainer.save_checkpoint(self.ckpt_path)
+            rank_zero_info(f"{signal.Signals(self._saved).name}: saved the run's state to {self.ckpt_path}")
+
+    def _exit_if_saved(self, trainer) -> None:
+        if self._saved is None:
+            return
+        if self.requeue and trainer.is_global_zero and SLURMEnvironment.detect():
+            self._requeue(self._saved)
+        raise Preempted(128 + self._saved)
+
+    def _requeue(self, signum: int) -> None:
+        previous = self._previous.get(signum)
+        if callable(previous) and signum in (signal.SIGUSR1, signal.SIGUSR2):
+            previous(signum, None)  # submitit's handler: it requeues the job (and may exit itself)
+            return
+        job = SLURMEnvironment.job_id()
+        array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job_id = f"{array_job}_{array_task}" if array_job and array_task else str(job)
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        if result.returncode:
+            rank_zero_info(f"scontrol requeue {job_id} failed ({result.stderr.strip()}); resume by hand from "
+                           f"{self.ckpt_path}.")
+        else:
+            rank_zero_info(f"requeued SLURM job {job_id}")

@@ -1,6 +1,7 @@
 """DetectionModule: the LightningModule that trains and evaluates any detector + criterion pair."""
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Sequence
@@ -10,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..evaluation import CocoMetric
 from ..losses import SetCriterion
 from ..models import DeformableDETR
 from ..naming import official_names
@@ -71,11 +73,13 @@ class DetectionModule(L.LightningModule):
         self.model = model
         self.criterion = criterion
         self.postprocess = postprocess if postprocess is not None else TopKPostProcess()
-        self.evaluator = None
+        # COCO AP over the validation set; its states are not persistent, so checkpoints do not carry it.
+        self.coco_metric = CocoMetric(backend=eval_backend)
         self.last_metrics: dict[str, float] = {}
         # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
         self.run_config: dict | None = None
         self.category_names: dict[int, str] = {}
+        self._rng_to_restore: dict | None = None
 
     def _generators(self) -> list[torch.Generator]:
         return [a.generator for a in self.criterion.assigners() if getattr(a, "generator", None) is not None]
@@ -116,7 +120,19 @@ class DetectionModule(L.LightningModule):
                           f"{world}; the random streams restart from the seed, so the run will not continue "
                           "bit for bit.", stacklevel=2)
             return
-        rng.restore(states[self.global_rank], self._generators())
+        # Put back just before the first resumed step: what Lightning does in between (a sanity
+        # check, new loader iterators) draws from the global generator, the interrupted run did not.
+        self._rng_to_restore = states[self.global_rank]
+
+    def on_train_epoch_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            rng.restore(self._rng_to_restore, self._generators())
+            self._rng_to_restore = None
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
         return self.model(images, padding_mask)
@@ -195,37 +211,32 @@ class DetectionModule(L.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def _coco_gt(self):
+        """(the validation set's COCO ground truth, its annotation file)."""
         dm = getattr(self.trainer, "datamodule", None)
         dataset = getattr(dm, "val_dataset", None)
         if dataset is None or not hasattr(dataset, "coco"):
             raise RuntimeError("COCO evaluation needs a datamodule with a `val_dataset.coco` (CocoDataModule).")
-        return dataset.coco
+        return dataset.coco, str(getattr(dataset, "ann_file", "the validation annotations"))
 
     def on_validation_epoch_start(self) -> None:
-        from ..evaluation import CocoEvaluator
-
-        self.evaluator = CocoEvaluator(self._coco_gt(), backend=self.hparams.eval_backend)
+        self.coco_metric.set_ground_truth(*self._coco_gt())
+        self.coco_metric.reset()
 
     def validation_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
         detections = self.postprocess(outputs, orig_sizes)
-        self.evaluator.update({int(t["image_id"]): {k: v.cpu() for k, v in d.items()}
-                               for t, d in zip(targets, detections)})
+        self.coco_metric.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
 
     def on_validation_epoch_end(self) -> None:
-        self.evaluator.synchronize()
-        stats = [None]
-        if self.global_rank == 0:
-            stats = [self.evaluator.summarize()]
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(stats, src=0)
-        self.last_metrics = stats[0]
+        # Every rank gets the same numbers (gathered by torchmetrics, scored on rank 0, broadcast).
+        self.last_metrics = self.coco_metric.compute()
         for name, value in self.last_metrics.items():
-            # Every rank logs the same (broadcast) value, so no further reduction is needed.
-            self.log(f"val/{name}", float(value), prog_bar=name in ("AP", "AP50"), rank_zero_only=False, sync_dist=False)
-        self.evaluator = None
+            if math.isnan(value):
+                continue  # undefined (no ground truth in that size range): a logged NaN would poison monitors
+            self.log(f"val/{name}", value, prog_bar=name in ("AP", "AP50"), rank_zero_only=False, sync_dist=False)
+        self.coco_metric.reset()
 
     test_step = validation_step
     on_test_epoch_start = on_validation_epoch_start
