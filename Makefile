@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -22,6 +22,23 @@ test: install
 
 bench: install
 	$(PY) bench/train_step.py
+
+# On a lent GPU machine (no registry there): `make gpu-wheels` here first, carry .gpu-wheels, then
+# `make gpu-check PYTHON=python3` there. Writes $(GPU_OUT)/RESULTS-gpu.md; ARGS=--dry-run for a CPU run.
+GPU_OUT ?= bench/gpu-out
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu_check.sh $(GPU_OUT) $(ARGS)
+
+# Pure-python or manylinux cp312 wheels of what msdetr imports and the GPU machine's image lacks.
+# antlr4-python3-runtime 4.9.3 has only an sdist on PyPI: built into a pure-python wheel here.
+GPU_WHEELS := .gpu-wheels
+gpu-wheels:
+	@mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+		-d $(GPU_WHEELS) hydra-core==1.3.2 'omegaconf>=2.3,<2.4' pycocotools==2.0.11 torchdata==0.11.0
+	$(PYTHON) -m pip wheel -q --no-deps -w $(GPU_WHEELS) antlr4-python3-runtime==4.9.3
+	@ls $(GPU_WHEELS)
 
 clean:
 	rm -rf outputs multirun lightning_logs .pytest_cache
