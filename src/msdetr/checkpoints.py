@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .lit import DetectionModule
-from .naming import class_heads_to_skip
+from .naming import class_heads_to_skip, compare_state_dicts
 from .official import load_official_state_dict, official_contents, read_checkpoint_file
 
 def load_weights(module: DetectionModule, path: str, ckpt: Any = None, *, fine_tune: bool = False,
@@ -24,11 +24,7 @@ def load_weights(module: DetectionModule, path: str, ckpt: Any = None, *, fine_t
         state, expected = ckpt["state_dict"], module.state_dict()
         skip = class_heads_to_skip(expected, state, fine_tune=fine_tune, reset_class_heads=reset_class_heads,
                                    source=f"'{path}'")
-        state = {k: v for k, v in state.items() if k not in skip.keys}
-        expected = {k: v for k, v in expected.items() if k not in skip.keys}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        state, missing, unexpected, wrong = compare_state_dicts(expected, state, skip)
         if missing or unexpected or wrong:
             example = (missing or unexpected or wrong)[0]
             advice = ("fine-tune from it with the experiment/model config it was trained with (only the class "

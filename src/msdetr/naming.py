@@ -163,3 +163,26 @@ def class_heads_to_skip(expected: Mapping[str, torch.Tensor], state: Mapping[str
                       f"checkpoint {theirs} vs model {ours})")
     return SkippedHeads(heads, f"{source}: the class heads {_heads(heads)} are not loaded and keep their "
                                f"fresh initialisation: {reason}.")
+
+
+class StateDiff(NamedTuple):
+    """How a checkpoint's state dict (this project's names) differs from a model's, after leaving
+    out the keys a fine-tune skips: `state` is what remains to load."""
+
+    state: dict[str, torch.Tensor]
+    missing: list[str]
+    unexpected: list[str]
+    wrong: list[str]  # present in both with another shape
+
+
+def compare_state_dicts(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                        skip: SkippedHeads) -> StateDiff:
+    """The one comparison behind loading a .ckpt and an official .pth."""
+    state = {k: v for k, v in state.items() if k not in skip.keys}
+    expected = {k: v for k, v in expected.items() if k not in skip.keys}
+    return StateDiff(
+        state,
+        sorted(set(expected) - set(state)),
+        sorted(set(state) - set(expected)),
+        sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)),
+    )

@@ -18,8 +18,8 @@ from .losses import Branch, SetCriterion
 from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
 from .models import Backbone, DeformableDETR, SwinBackbone
 from .models.swin import is_swin_buffer
-from .naming import (class_heads_to_skip, from_official_name, head_aliases, official_names, to_official,
-                     to_official_name)
+from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
+                     to_official, to_official_name)
 from .postprocess import NMSPostProcess, TopKPostProcess
 
 # Defaults of the official main.py flags this project reads (the Deformable-DETR values; MS-DETR and
@@ -225,11 +225,7 @@ def load_official_state_dict(module: DetectionModule, official: Mapping[str, tor
     expected = model.state_dict()
     skip = class_heads_to_skip(expected, mine, fine_tune=fine_tune, reset_class_heads=reset_class_heads,
                                source=source)
-    mine = {k: v for k, v in mine.items() if k not in skip.keys}
-    expected = {k: v for k, v in expected.items() if k not in skip.keys}
-    missing = sorted(set(expected) - set(mine))
-    unexpected = sorted(set(mine) - set(expected))
-    wrong = sorted(k for k in set(mine) & set(expected) if tuple(mine[k].shape) != tuple(expected[k].shape))
+    mine, missing, unexpected, wrong = compare_state_dicts(expected, mine, skip)
     if missing or unexpected or wrong:
         detail = []
         if missing:
