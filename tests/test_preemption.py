@@ -105,3 +105,38 @@ def test_hard_kill_resumes_from_the_step_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not stale.exists()
     assert _losses(run_dir) == expected
+
+
+class _Strategy:
+    def __init__(self):
+        self.calls = 0
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.calls += 1
+        return decision
+
+
+class _Trainer:
+    def __init__(self, world_size: int, batches: int):
+        self.world_size, self.num_training_batches = world_size, batches
+        self.strategy, self.received_sigterm, self.fast_dev_run = _Strategy(), False, True
+
+
+@pytest.mark.parametrize("world_size, expected", [(1, 23), (2, 2 + 1)])
+def test_ranks_agree_on_stopping_every_n_steps_not_every_step(tmp_path, world_size, expected):
+    """Under DDP the agreement is an all-reduce that waits for the GPU: every 10 steps and at an
+    epoch's last step (steps 10, 20 and 23 of 23), every step for one process."""
+    from msdetr.lit.callbacks import Preemption
+
+    callback, trainer = Preemption(str(tmp_path), check_every_n_steps=10), _Trainer(world_size, batches=23)
+    for batch_idx in range(23):
+        callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert trainer.strategy.calls == expected
+    callback.received = signal.SIGTERM  # noted mid-interval: acted on at the next agreement
+    for batch_idx in range(9):
+        callback.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert callback._saved == (signal.SIGTERM if world_size == 1 else None)
+    callback.on_train_batch_end(trainer, None, None, None, 9)
+    assert callback._saved == signal.SIGTERM
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        Preemption(str(tmp_path), check_every_n_steps=0)

@@ -185,13 +185,20 @@ class Preemption(L.Callback):
     - the process exits with status 128 + signal: a stopped run never reports success.
     A requeued job reruns in its own directory and `auto_resume` continues from last.ckpt.
     Stale temporaries of a save that a hard kill interrupted are removed when a run starts.
+
+    With several ranks the agreement is an all-reduce, which waits for the step's GPU work: it is
+    taken every `check_every_n_steps` steps (and at the last step of an epoch and after validation)
+    instead of every step. One process decides alone, every step, at no cost.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
-    def __init__(self, dirpath: str, requeue: bool = True):
+    def __init__(self, dirpath: str, requeue: bool = True, check_every_n_steps: int = 10):
+        if check_every_n_steps < 1:
+            raise ValueError(f"Preemption: check_every_n_steps={check_every_n_steps}; use 1 or more.")
         self.dirpath = Path(dirpath)
         self.requeue = requeue
+        self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None
         self._saved: int | None = None
         self._previous: dict[int, object] = {}
@@ -236,7 +243,9 @@ class Preemption(L.Callback):
     # a step, the end of validation); the exit comes at the next hook, once the step's metrics are
     # logged, so the history the resumed run continues has no gap.
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._save_if_signalled(trainer)
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
+            self._save_if_signalled(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
