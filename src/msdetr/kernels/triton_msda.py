@@ -1,50 +1,105 @@
 """Triton forward and backward kernels for multi-scale deformable attention, registered as the
-differentiable custom op ``msdetr::ms_deform_attn_fwd`` (backward: ``msdetr::ms_deform_attn_bwd``)."""
+differentiable custom op ``msdetr::ms_deform_attn_fwd`` (backward: ``msdetr::ms_deform_attn_bwd``).
+
+Kernel v2: the number of levels and points are compile-time constants (levels unrolled with
+``tl.static_range``); each program reads its rows of locations and weights once, as contiguous tiles;
+the backward keeps the location / weight gradients of all levels in registers and stores them once.
+Besides the op: ``check_deterministic`` (the backward's atomics under
+``torch.use_deterministic_algorithms``), ``warm_up`` (autotune before CUDA-graph capture),
+``candidate_configs`` and ``aot_compile`` (per-architecture configs, checked for register spills
+without a GPU by ``bench/aot.py`` and ``tests/test_kernels_aot.py``).
+"""
 from __future__ import annotations
 
+import functools
 import os
+import re
+import subprocess
+import tempfile
+import warnings
+from typing import NamedTuple, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ms_deform_attn_triton"]
+__all__ = ["ms_deform_attn_triton", "check_deterministic", "warm_up", "candidate_configs", "aot_compile", "AotResult"]
 
 # Read once, like triton itself: the interpreter flag must be set before triton is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_MAX_ELEMENTS_PER_THREAD = 16
+
+# Autotune candidates per GPU architecture, as (BLOCK_Q, num_warps), and the most elements per thread
+# that one (BLOCK_Q, points, channels) corner gather may hold there (4 such tiles are in flight;
+# one (BLOCK_Q, 4, points, channels) gather instead needed ~255 registers in the backward on sm_80).
+# tests/test_kernels_aot.py compiles every candidate for its architecture (D=32, 4 points, 4 and 5
+# levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses the
+# table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
+# never compiled here: sm_90's).
+_ARCH_CONFIGS = {
+    # sm_80's ptxas gives the backward 240-255 registers at 16 elements per thread (at the edge of
+    # spilling, 8 warps per SM); at 8 it stays under ~185.
+    80: dict(pairs=((4, 2), (8, 4), (16, 8)), max_per_thread=8),
+    # sm_90 holds 16 elements per thread in under ~190 registers: one more, larger tile to try.
+    90: dict(pairs=((4, 2), (8, 4), (16, 4), (16, 8)), max_per_thread=16),
+}
+# Below 2 elements per thread most threads of a block wait on a handful of loads.
+_MIN_ELEMENTS_PER_THREAD = 2
 
 
-def _configs() -> list[triton.Config]:
+def _union_configs() -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter runs program instances one by one (~10 ms each) and cannot benchmark: one
         # config, with a block of queries large enough to keep the instance count small.
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    # num_stages=1: the loop body is gathers through data-dependent pointers, nothing to pipeline.
-    return [
-        triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=1)
-        for bq in (4, 8, 16, 32, 64)
-        for w in (2, 4, 8)
-    ]
+    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch["pairs"]})
+    # num_stages=1: the body is gathers through data-dependent pointers, nothing to pipeline.
+    return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=1) for bq, w in pairs]
+
+
+_CONFIGS = _union_configs()
+
+
+def _arch_table(arch: int) -> dict:
+    below = [a for a in _ARCH_CONFIGS if a <= arch]
+    return _ARCH_CONFIGS[max(below) if below else min(_ARCH_CONFIGS)]
+
+
+def candidate_configs(arch: int, head_dim: int, num_points: int) -> list[triton.Config]:
+    """The autotune configs that the kernels may run with on a GPU of compute capability ``arch``
+    (e.g. 80, 90) for this head dimension and number of points: the autotuner benchmarks these."""
+    if _INTERPRET:
+        return list(_CONFIGS)
+    tile = triton.next_power_of_2(num_points) * triton.next_power_of_2(head_dim)
+    table = _arch_table(arch)
+
+    def per_thread(cfg: triton.Config) -> float:
+        return cfg.kwargs["BLOCK_Q"] * tile / (32 * cfg.num_warps)
+
+    configs = [c for c in _CONFIGS if (c.kwargs["BLOCK_Q"], c.num_warps) in table["pairs"]]
+    kept = [c for c in configs if _MIN_ELEMENTS_PER_THREAD <= per_thread(c) <= table["max_per_thread"]]
+    # Large heads or many points: every tile of the table holds more; take the smallest.
+    return kept or [min(configs, key=per_thread)]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _prune(configs, named_args, **kwargs):
-    """Benchmark only configs holding 2..16 elements per thread of a (BLOCK_Q, points, channels)
-    tile: each of the four corner gathers is such a tile, beyond 16 the backward spills registers
-    (ptxas, sm_90, D=32), below 2 most threads of the block wait on a handful of loads."""
     args = {**named_args, **kwargs}
-    tile = args["POINTS_PAD"] * args["BLOCK_D"]
-
-    def per_thread(cfg):
-        return cfg.kwargs["BLOCK_Q"] * tile / (32 * cfg.num_warps)
-
-    kept = [c for c in configs if 2 <= per_thread(c) <= _MAX_ELEMENTS_PER_THREAD]
-    return kept or [min(configs, key=lambda c: abs(per_thread(c) - _MAX_ELEMENTS_PER_THREAD))]
+    value = args["value_ptr"]
+    if not value.is_cuda:  # only reached under the interpreter: nothing to choose
+        return configs[:1]
+    keep = {id(c) for c in candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"])}
+    return [c for c in configs if id(c) in keep]
 
 
 # Lq changes with every image size; keying the tuner on its power-of-two class (LQ_CLASS, an argument
 # the kernels never read) tunes once per class instead of once per shape. D is a constexpr so that
-# the compiler knows how far channel rows are aligned and vectorizes the gathers.
+# the compiler knows how far channel rows are aligned and vectorizes the gathers; L and NUM_POINTS
+# are constexprs so that the level loop unrolls and the point tiles have a fixed size.
 _TUNE_KEY = ["M", "D", "L", "LQ_CLASS", "NUM_POINTS"]
 
 
@@ -66,85 +121,110 @@ def _program_coords(Lq, M, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _level_samples(loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L,
-                   NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, ACC: tl.constexpr):
-    """Bilinear set-up of every (query, point) of one level: (BLOCK_Q, POINTS_PAD) tiles."""
+def _row_tiles(loc_ptr, attn_ptr, row, q_mask, L: tl.constexpr, NUM_POINTS: tl.constexpr,
+               L_PAD: tl.constexpr, POINTS_PAD: tl.constexpr, ACC: tl.constexpr):
+    """All locations and weights of this program's (query, head) rows, each element read once:
+    (BLOCK_Q, L_PAD, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and mask."""
+    lvl = tl.arange(0, L_PAD)[None, :, None]
+    pt = tl.arange(0, POINTS_PAD)[None, None, :]
+    # A row's L * NUM_POINTS weights (and 2x as many coordinates) are contiguous in memory.
+    lp = (row[:, None, None] * L + lvl) * NUM_POINTS + pt
+    mask = q_mask[:, None, None] & (lvl < L) & (pt < NUM_POINTS)
+    xy = tl.arange(0, 2)[None, None, None, :]
+    # The interleaved (x, y) pairs in one load, split in registers. Padding reads NaN: it then takes
+    # the out-of-map path of _bilinear (zero contribution) and needs no mask of its own later.
+    loc = tl.load(loc_ptr + 2 * lp[:, :, :, None] + xy, mask=mask[:, :, :, None], other=float("nan"))
+    x, y = tl.split(loc.to(ACC))
+    a = tl.load(attn_ptr + lp, mask=mask, other=0.0).to(ACC)
+    return lvl, lp, mask, x, y, a
+
+
+@triton.jit
+def _pick(tile, lvl, level: tl.constexpr):
+    """tile[:, level, :] of a (BLOCK_Q, L_PAD, POINTS_PAD) tile, as (BLOCK_Q, POINTS_PAD)."""
+    # Register tensors cannot be sliced; with `level` a constant this select-and-add is a few
+    # instructions per level, far cheaper than reading the row again from memory.
+    return tl.sum(tl.where(lvl == level, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
+    """Bilinear set-up of (BLOCK_Q, POINTS_PAD) samples of one level: fractions, the element offset
+    of the top-left corner's channel 0 relative to value[n, 0, m, 0], validity of the 4 corners."""
+    # Three uniform scalars per level, the same for every thread: served by the cache, and with the
+    # level loop unrolled all of them are independent loads issued up front.
     h = tl.load(shapes_ptr + 2 * level)
     w = tl.load(shapes_ptr + 2 * level + 1)
     start = tl.load(starts_ptr + level)
-    pt = tl.arange(0, POINTS_PAD)
-    # Index of (n, q, m, level, point) in attention_weights; locations interleave (x, y) after it.
-    lp = (row[:, None] * L + level) * NUM_POINTS + pt[None, :]
-    lp_mask = q_mask[:, None] & (pt[None, :] < NUM_POINTS)
-    loc_x = tl.load(loc_ptr + 2 * lp, mask=lp_mask, other=0.0).to(ACC)
-    loc_y = tl.load(loc_ptr + 2 * lp + 1, mask=lp_mask, other=0.0).to(ACC)
-    a = tl.load(attn_ptr + lp, mask=lp_mask, other=0.0).to(ACC)
-    wf = w.to(ACC)
-    hf = h.to(ACC)
+    wf = w.to(x.dtype)
+    hf = h.to(x.dtype)
     # align_corners=False: pixel i's centre sits at normalized (i + 0.5) / W.
-    x = loc_x * wf - 0.5
-    y = loc_y * hf - 0.5
-    x0 = tl.floor(x)
-    y0 = tl.floor(y)
-    fx = x - x0
-    fy = y - y0
-    # Corner validity is decided in floating point, before the clamp below could make it look valid.
+    px = x * wf - 0.5
+    py = y * hf - 0.5
+    # px < -1 or px > W has no corner in the map: zero contribution and zero gradients, as at -2.
+    # Moving those to -2, and NaN / inf (every comparison false), keeps fx, fy and the int
+    # conversion finite: a NaN fraction would poison the weighted sums even with masked corners.
+    px = tl.where((px >= -1.0) & (px <= wf), px, -2.0)
+    py = tl.where((py >= -1.0) & (py <= hf), py, -2.0)
+    x0 = tl.floor(px)
+    y0 = tl.floor(py)
+    fx = px - x0
+    fy = py - y0
     x_lo = (x0 >= 0) & (x0 < wf)
     x_hi = (x0 >= -1) & (x0 < wf - 1)
-    y_lo = lp_mask & (y0 >= 0) & (y0 < hf)
-    y_hi = lp_mask & (y0 >= -1) & (y0 < hf - 1)
-    # Clamping keeps the float->int conversion defined for locations far outside the map.
-    xi = tl.minimum(tl.maximum(x0, -1.0), wf).to(tl.int64)
-    yi = tl.minimum(tl.maximum(y0, -1.0), hf).to(tl.int64)
-    # Element offset of the top-left corner's channel 0 relative to value[n, 0, m, 0].
-    corner = (start + yi * w + xi) * MD
-    return h, w, lp, lp_mask, a, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
+    y_lo = (y0 >= 0) & (y0 < hf)
+    y_hi = (y0 >= -1) & (y0 < hf - 1)
+    corner = (start + y0.to(tl.int64) * w + x0.to(tl.int64)) * MD
+    return w, h, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    Lq, S, M, L, LQ_CLASS,
-    D: tl.constexpr, NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    Lq, S, M, LQ_CLASS,
+    D: tl.constexpr, L: tl.constexpr, NUM_POINTS: tl.constexpr, L_PAD: tl.constexpr,
+    POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
+    lvl, _, _, x, y, a = _row_tiles(loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC)
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     value_nm = value_ptr + n * S * MD + m * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
-    for level in range(L):
-        _, w, _, _, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
-            loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L, NUM_POINTS, POINTS_PAD, ACC)
+    for level in tl.static_range(L):
+        a_l = _pick(a, lvl, level)
+        w, _, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
+            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD)
         ptr = value_nm + corner[:, :, None] + c3
         # All 4 * points gathers of the level are independent loads in flight together.
         v00 = tl.load(ptr, mask=in00[:, :, None] & c_mask, other=0.0).to(ACC)
         v01 = tl.load(ptr + MD, mask=in01[:, :, None] & c_mask, other=0.0).to(ACC)
         v10 = tl.load(ptr + w * MD, mask=in10[:, :, None] & c_mask, other=0.0).to(ACC)
         v11 = tl.load(ptr + (w + 1) * MD, mask=in11[:, :, None] & c_mask, other=0.0).to(ACC)
-        w00 = (a * (1 - fx) * (1 - fy))[:, :, None]
-        w01 = (a * fx * (1 - fy))[:, :, None]
-        w10 = (a * (1 - fx) * fy)[:, :, None]
-        w11 = (a * fx * fy)[:, :, None]
+        w00 = (a_l * (1 - fx) * (1 - fy))[:, :, None]
+        w01 = (a_l * fx * (1 - fy))[:, :, None]
+        w10 = (a_l * (1 - fx) * fy)[:, :, None]
+        w11 = (a_l * fx * fy)[:, :, None]
         acc += tl.sum(w00 * v00 + w01 * v01 + w10 * v10 + w11 * v11, axis=1)
     out = out_ptr + row[:, None] * D + c[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & c_in[None, :])
 
 
-@triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
                  reset_to_zero=["grad_value_ptr"])  # benchmarking replays the atomic scatter
 @triton.jit
 def _msda_bwd_kernel(
     grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
     grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
-    Lq, S, M, L, LQ_CLASS,
-    D: tl.constexpr, NUM_POINTS: tl.constexpr, POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    Lq, S, M, LQ_CLASS,
+    D: tl.constexpr, L: tl.constexpr, NUM_POINTS: tl.constexpr, L_PAD: tl.constexpr,
+    POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
+    lvl, lp, lp_mask, x, y, a = _row_tiles(loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC)
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     nm_offset = n * S * MD + m * D
@@ -153,9 +233,14 @@ def _msda_bwd_kernel(
     g = tl.load(grad_out_ptr + row[:, None] * D + c[None, :], mask=q_mask[:, None] & c_in[None, :],
                 other=0.0).to(ACC)
     g3 = g[:, None, :]
-    for level in range(L):
-        h, w, lp, lp_mask, a, fx, fy, corner, in00, in01, in10, in11 = _level_samples(
-            loc_ptr, attn_ptr, shapes_ptr, starts_ptr, row, q_mask, level, MD, L, NUM_POINTS, POINTS_PAD, ACC)
+    # Location / weight gradients of every level, kept in registers and stored once at the end.
+    grad_x_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
+    grad_y_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
+    grad_a_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
+    for level in tl.static_range(L):
+        a_l = _pick(a, lvl, level)
+        w, h, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
+            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD)
         offs = corner[:, :, None] + c3
         m00 = in00[:, :, None] & c_mask
         m01 = in01[:, :, None] & c_mask
@@ -170,33 +255,96 @@ def _msda_bwd_kernel(
         b01 = fx * (1 - fy)
         b10 = (1 - fx) * fy
         b11 = fx * fy
-        grad_a = b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
+        at = lvl == level
+        grad_a_all = tl.where(at, (b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11)[:, None, :], grad_a_all)
         # d sample / d loc = (d sample / d pixel) * (map size); out-of-map corners count as zeros.
-        grad_x = a * w.to(ACC) * ((1 - fy) * (s01 - s00) + fy * (s11 - s10))
-        grad_y = a * h.to(ACC) * ((1 - fx) * (s10 - s00) + fx * (s11 - s01))
-        # This program alone owns these (query, head) rows: plain stores.
-        tl.store(grad_attn_ptr + lp, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
-        tl.store(grad_loc_ptr + 2 * lp, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
-        tl.store(grad_loc_ptr + 2 * lp + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
+        grad_x = a_l * w.to(ACC) * ((1 - fy) * (s01 - s00) + fy * (s11 - s10))
+        grad_y = a_l * h.to(ACC) * ((1 - fx) * (s10 - s00) + fx * (s11 - s01))
+        grad_x_all = tl.where(at, grad_x[:, None, :], grad_x_all)
+        grad_y_all = tl.where(at, grad_y[:, None, :], grad_y_all)
         # Pixels are shared between queries of all programs: scatter with (relaxed) atomics.
-        ag = a[:, :, None] * g3
+        ag = a_l[:, :, None] * g3
         tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
         tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
         tl.atomic_add(grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed")
         tl.atomic_add(grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed")
+    # This program alone owns these (query, head) rows: plain stores, one per tensor, contiguous.
+    tl.store(grad_attn_ptr + lp, grad_a_all.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
+    xy = tl.arange(0, 2)[None, None, None, :]
+    tl.store(grad_loc_ptr + 2 * lp[:, :, :, None] + xy,
+             tl.join(grad_x_all, grad_y_all).to(grad_loc_ptr.dtype.element_ty), mask=lp_mask[:, :, :, None])
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+              grad_output=None) -> None:
+    """Shapes, dtypes and devices only: nothing is read from the device (no host-device sync)."""
+    op = "ms_deform_attn (triton)"
+    if value.dim() != 4:
+        raise ValueError(f"{op}: value must be (N, S, M, D), got shape {_shape(value)}.")
+    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+        raise ValueError(f"{op}: spatial_shapes must be (L, 2) rows of (H, W), got shape {_shape(spatial_shapes)}.")
+    n, _, m, d = value.shape
+    num_levels = spatial_shapes.shape[0]
+    if _shape(level_start_index) != (num_levels,):
+        raise ValueError(f"{op}: level_start_index must be (L,) = ({num_levels},) like spatial_shapes, "
+                         f"got shape {_shape(level_start_index)}.")
+    loc = sampling_locations
+    if loc.dim() != 6 or (loc.shape[0], loc.shape[2], loc.shape[3], loc.shape[5]) != (n, m, num_levels, 2):
+        raise ValueError(f"{op}: sampling_locations must be (N, Lq, M, L, P, 2) = ({n}, Lq, {m}, {num_levels}, "
+                         f"P, 2) for value {_shape(value)} and {num_levels} levels, got shape {_shape(loc)}.")
+    if _shape(attention_weights) != _shape(loc)[:-1]:
+        raise ValueError(f"{op}: attention_weights must be (N, Lq, M, L, P) = {_shape(loc)[:-1]} like "
+                         f"sampling_locations, got shape {_shape(attention_weights)}.")
+    if grad_output is not None and _shape(grad_output) != (n, loc.shape[1], m * d):
+        raise ValueError(f"{op}: grad_output must be (N, Lq, M * D) = {(n, loc.shape[1], m * d)}, "
+                         f"got shape {_shape(grad_output)}.")
+    named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                 sampling_locations=loc, attention_weights=attention_weights)
+    if grad_output is not None:
+        named["grad_output"] = grad_output
+    for name, t in named.items():
+        if t.device != value.device:
+            raise ValueError(f"{op}: all inputs must be on one device, but value is on {value.device} "
+                             f"and {name} on {t.device}.")
+    for name in ("spatial_shapes", "level_start_index"):
+        if named[name].dtype != torch.int64:
+            raise ValueError(f"{op}: {name} must be int64, got {named[name].dtype}.")
+    for name in ("value", "sampling_locations", "attention_weights", "grad_output"):
+        if name in named and named[name].dtype not in _SUPPORTED:
+            raise ValueError(f"{op}: {name} must be one of {', '.join(map(str, _SUPPORTED))}, "
+                             f"got {named[name].dtype}.")
+
+
+def check_deterministic(op: str = "msdetr::ms_deform_attn_bwd") -> None:
+    """Refuse, like PyTorch's own non-deterministic ops, when ``torch.use_deterministic_algorithms``
+    is on (warn instead under ``warn_only=True``): the backward adds the value gradient with atomics,
+    whose order, and so the rounding of the sum, changes from run to run."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{op} (Triton) adds the value gradient with atomics, which is not deterministic, but "
+               "torch.use_deterministic_algorithms(True) is set; pass warn_only=True to it to run anyway "
+               "with this warning, turn determinism off around the backward, or use "
+               "backend='reference' on CPU.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return
+    raise RuntimeError(message)
+
+
 def _meta(value: torch.Tensor, sampling_locations: torch.Tensor) -> dict:
-    if value.dtype not in _SUPPORTED:
-        raise TypeError(f"ms_deform_attn (triton) supports {_SUPPORTED} values, got {value.dtype}.")
     n, s, m, d = value.shape
     lq, num_levels, num_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     return dict(
-        Lq=lq, S=s, M=m, D=d, L=num_levels, LQ_CLASS=triton.next_power_of_2(lq),
-        NUM_POINTS=num_points, POINTS_PAD=triton.next_power_of_2(num_points),
+        Lq=lq, S=s, M=m, LQ_CLASS=triton.next_power_of_2(lq),
+        D=d, L=num_levels, NUM_POINTS=num_points,
+        L_PAD=triton.next_power_of_2(num_levels), POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(d),
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
     )
@@ -219,6 +367,7 @@ def ms_deform_attn_fwd(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
+    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     if _nothing_to_do(value, sampling_locations):
@@ -234,6 +383,7 @@ def ms_deform_attn_fwd(
 
 @ms_deform_attn_fwd.register_fake
 def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     n, _, m, d = value.shape
     return value.new_empty(n, sampling_locations.shape[1], m * d)
 
@@ -247,6 +397,7 @@ def ms_deform_attn_bwd(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     # fp32 (fp64) buffer: half-precision atomics lose the small contributions, bf16 ones are slow.
     grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
@@ -256,6 +407,7 @@ def ms_deform_attn_bwd(
     grad_loc = alloc(sampling_locations.shape, dtype=sampling_locations.dtype, device=sampling_locations.device)
     grad_attn = alloc(attention_weights.shape, dtype=attention_weights.dtype, device=attention_weights.device)
     if launch:
+        check_deterministic()
         n, _, m, _ = value.shape
         lq = sampling_locations.shape[1]
         _msda_bwd_kernel[_grid(n, m, lq)](
@@ -268,6 +420,7 @@ def ms_deform_attn_bwd(
 
 @ms_deform_attn_bwd.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
     return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
             attention_weights.new_empty(attention_weights.shape))
 
@@ -294,10 +447,135 @@ def ms_deform_attn_triton(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Same contract as ``msdetr.kernels.ms_deform_attn``; locations are sampled in fp32 (fp64 for
-    fp64 values) whatever dtype they come in, and their gradient flows back through the cast."""
+    fp64 values) whatever dtype they come in, and their gradient flows back through the cast.
+    NaN / inf locations contribute zero and get zero gradients (as grid_sample's zeros padding)."""
+    if sampling_locations.dtype not in _SUPPORTED:
+        raise ValueError(f"ms_deform_attn (triton): sampling_locations must be one of "
+                         f"{', '.join(map(str, _SUPPORTED))}, got {sampling_locations.dtype}.")
     loc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     index = dict(device=value.device, dtype=torch.int64)
     return ms_deform_attn_fwd(
         value, spatial_shapes.to(**index), level_start_index.to(**index),
         sampling_locations.to(loc_dtype), attention_weights,
     )
+
+
+def warm_up(
+    spatial_shapes: Sequence[Sequence[int]] | torch.Tensor,
+    num_heads: int,
+    head_dim: int,
+    num_points: int,
+    query_counts: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cuda",
+    weight_dtype: torch.dtype | None = None,
+    batch_size: int = 1,
+) -> list[dict]:
+    """Run the forward and the backward once for every autotune key these shapes will meet, so
+    that the autotuner has benchmarked and picked its configs before the kernels are captured in a
+    CUDA graph (benchmarking inside a capture fails). Call it outside the capture, e.g. before
+    ``torch.cuda.graphs.make_graphed_callables`` or ``torch.compile(mode="reduce-overhead")``.
+
+    The tuner keys on heads, head dim, levels, points, the power-of-two class of the query count
+    and the tensors' dtypes: pass every query count the model uses (the encoder's is the value
+    length, sum(H * W); the decoder's the number of queries) and the value dtype; weight_dtype
+    (default: dtype) is the attention weights' dtype, fp32 under autocast (softmax runs in fp32).
+    The spatial shapes and batch_size (not part of the key) only set the inputs benchmarked: the
+    training ones pick the configs best for training. Returns the keys warmed up, as dicts.
+    """
+    device = torch.device(device)
+    weight_dtype = dtype if weight_dtype is None else weight_dtype
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()  # one sync, outside any capture
+    hw = [(int(h), int(w)) for h, w in spatial_shapes]
+    shapes = torch.tensor(hw, dtype=torch.int64, device=device)
+    starts = torch.tensor([0] + [h * w for h, w in hw][:-1], dtype=torch.int64, device=device).cumsum(0)
+    loc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # A few pixels around one reference point per query, like trained models sample.
+    pixel = torch.tensor([[1.0 / w, 1.0 / h] for h, w in hw], dtype=loc_dtype, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    value = torch.randn(batch_size, sum(h * w for h, w in hw), num_heads, head_dim, dtype=dtype, device=device,
+                        generator=generator)
+    warmed, seen = [], set()
+    for lq in query_counts:
+        key = dict(M=num_heads, D=head_dim, L=len(hw), LQ_CLASS=triton.next_power_of_2(lq), NUM_POINTS=num_points,
+                   dtype=dtype, weight_dtype=weight_dtype)
+        if lq <= 0 or tuple(key.values()) in seen:
+            continue
+        seen.add(tuple(key.values()))
+        size = (batch_size, lq, num_heads, len(hw), num_points)
+        reference = torch.rand(batch_size, lq, 1, 1, 1, 2, dtype=loc_dtype, device=device, generator=generator)
+        offsets = torch.randn(*size, 2, dtype=loc_dtype, device=device, generator=generator) * 2
+        loc = (reference + offsets * pixel[:, None, :]).requires_grad_(True)
+        weights = torch.rand(size, dtype=weight_dtype, device=device, generator=generator).requires_grad_(True)
+        val = value.detach().requires_grad_(True)
+        out = ms_deform_attn_triton(val, shapes, starts, loc, weights)
+        torch.autograd.grad(out, (val, loc, weights), torch.ones_like(out))
+        warmed.append(key)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return warmed
+
+
+# Ahead-of-time compilation (no GPU needed): registers, spills and shared memory of each config.
+
+class AotResult(NamedTuple):
+    kernel: str  # "fwd" or "bwd"
+    arch: int  # compute capability, e.g. 90
+    dtype: str  # of value (and of weights, output, gradients)
+    block_q: int
+    num_warps: int
+    n_regs: int  # registers per thread
+    n_spills: int  # as Triton's CompiledKernel.n_spills: local memory bytes per thread / 4
+    shared: int  # bytes of shared memory per block (Triton's metadata.shared)
+    compiled: object  # triton's CompiledKernel (asm["ptx"], asm["cubin"], metadata)
+
+
+_AOT_ACC = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": tl.float64}
+
+
+def _aot_signature(fn, dtype: str) -> dict:
+    loc = "fp64" if dtype == "fp64" else "fp32"
+    grad_value = "fp64" if dtype == "fp64" else "fp32"
+    pointers = {"shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": f"*{loc}", "grad_loc_ptr": f"*{loc}",
+                "grad_value_ptr": f"*{grad_value}"}
+    constexprs = {p.name for p in fn.params if p.is_constexpr}
+    return {name: "constexpr" if name in constexprs else pointers.get(name, f"*{dtype}")
+            if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """REG / LOCAL / SHARED ... of the (single) kernel in a cubin, from cuobjdump -res-usage (as the
+    driver would report them; triton only asks the driver, which needs a GPU)."""
+    tool = triton.knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def aot_compile(kernel: str, dtype: str, arch: int, config: triton.Config, head_dim: int = 32,
+                num_levels: int = 4, num_points: int = 4) -> AotResult:
+    """Compile the "fwd" or "bwd" kernel for compute capability ``arch`` (80, 90, ...) with one
+    autotune ``config`` and value ``dtype`` ("fp32", "bf16", "fp16", "fp64"), without a GPU: what the
+    autotuner would build on that GPU (16-byte aligned pointers, as torch allocates), and its
+    resources. Needs TRITON_INTERPRET unset when this module was imported."""
+    if _INTERPRET:
+        raise RuntimeError("aot_compile needs the real Triton compiler: unset TRITON_INTERPRET before importing "
+                           "triton.")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = {"fwd": _msda_fwd_kernel, "bwd": _msda_bwd_kernel}[kernel].fn
+    acc = _AOT_ACC[dtype]
+    constexprs = dict(D=head_dim, L=num_levels, NUM_POINTS=num_points, L_PAD=triton.next_power_of_2(num_levels),
+                      POINTS_PAD=triton.next_power_of_2(num_points), BLOCK_D=triton.next_power_of_2(head_dim),
+                      ACC=acc, **config.kwargs)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
+    source = ASTSource(fn, _aot_signature(fn, dtype), constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    usage = _resource_usage(compiled.asm["cubin"])
+    return AotResult(kernel, arch, dtype, config.kwargs["BLOCK_Q"], config.num_warps, usage["REG"],
+                     usage["LOCAL"] // 4, compiled.metadata.shared, compiled)
