@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from .box_ops import cxcywh_to_xyxy
 
@@ -32,11 +32,22 @@ class TopKPostProcess(nn.Module):
 
 class NMSPostProcess(nn.Module):
     """DETA's class-aware NMS: every (query, class) pair, at most `pre_topk` by score, batched NMS by
-    label at `iou_threshold`, the best `num_select` kept; no score threshold."""
+    label at `iou_threshold`, the best `num_select` kept; no score threshold.
 
-    def __init__(self, num_select: int = 100, iou_threshold: float = 0.7, pre_topk: int = 10000):
+    `whole_batch`: one NMS over the whole batch (every (image, class) its own group) and one read
+    of the device to split it by image, instead of NMS image by image (torchvision's batched_nms,
+    which on large inputs loops over the classes, a sync each). None (default): on accelerators
+    only; on the CPU there is nothing to wait for, and one NMS over many boxes costs more there
+    than the class-by-class loop. Both ways give the same detections: NMS runs on a strict order
+    (equal scores ranked by candidate index) and in float64, so neither torchvision's choice of
+    algorithm nor the offsets that keep the groups apart can change which box suppresses which.
+    """
+
+    def __init__(self, num_select: int = 100, iou_threshold: float = 0.7, pre_topk: int = 10000,
+                 whole_batch: bool | None = None):
         super().__init__()
         self.num_select, self.iou_threshold, self.pre_topk = num_select, iou_threshold, pre_topk
+        self.whole_batch = whole_batch
 
     @torch.no_grad()
     def forward(self, outputs: dict, orig_sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -45,14 +56,46 @@ class NMSPostProcess(nn.Module):
         scores = logits.float().sigmoid().view(b, -1)
         h, w = orig_sizes.to(torch.float32).unbind(1)
         boxes = cxcywh_to_xyxy(boxes.float()) * torch.stack([w, h, w, h], 1)[:, None, :]
-        results = []
-        for i in range(b):
-            score = scores[i]
-            idx = torch.arange(q * c, device=score.device)
-            if q * c > self.pre_topk:
-                idx = score.topk(self.pre_topk).indices
-            query, label = torch.div(idx, c, rounding_mode="floor"), idx % c
-            box, score = boxes[i, query], score[idx]
-            keep = batched_nms(box, score, label, self.iou_threshold)[: self.num_select]
-            results.append({"scores": score[keep], "labels": label[keep], "boxes": box[keep]})
-        return results
+        n = min(q * c, self.pre_topk)  # candidates per image
+        if q * c > self.pre_topk:
+            idx = scores.topk(self.pre_topk, dim=1).indices
+        else:
+            idx = torch.arange(q * c, device=scores.device).expand(b, -1)
+        label = idx % c
+        box = torch.gather(boxes, 1, torch.div(idx, c, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4))
+        score = torch.gather(scores, 1, idx)
+        if b * n == 0:
+            return [{"scores": score[i], "labels": label[i], "boxes": box[i]} for i in range(b)]
+        # NMS only uses the order of the scores: a strict one, highest first, ties by position.
+        order = score.sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, -1))
+        key = (n - rank).double()
+        whole_batch = self.whole_batch if self.whole_batch is not None else box.device.type != "cpu"
+        if whole_batch:
+            kept = self._split_by_image(self.batch_nms(box, key, label, c), n, b)
+        else:
+            kept = [batched_nms(box[i].double(), key[i], label[i], self.iou_threshold) for i in range(b)]
+        return [{"scores": score[i, k], "labels": label[i, k], "boxes": box[i, k]}
+                for i, k in enumerate(k[: self.num_select] for k in kept)]
+
+    def batch_nms(self, box: torch.Tensor, key: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """One class-aware NMS over the whole batch: (B, n, 4) boxes -> kept positions in the flattened
+        (B * n) candidates, by decreasing key. Every (image, class) is its own group, shifted by an
+        integer offset wider than all boxes; in float64 the shifted float32 coordinates stay exact,
+        so each group sees exactly the IoUs of its own boxes."""
+        b, n, _ = box.shape
+        group = (torch.arange(b, device=box.device)[:, None] * num_classes + label).flatten()
+        flat = box.reshape(-1, 4).double()
+        span = (flat.max() - flat.min()).floor() + 1
+        return nms(flat + (group.double() * span)[:, None], key.reshape(-1), self.iou_threshold)
+
+    @staticmethod
+    def _split_by_image(keep: torch.Tensor, n: int, b: int) -> list[torch.Tensor]:
+        """Kept flattened positions (decreasing key) -> per image its positions, still by decreasing
+        key; one read of the device (the per-image counts)."""
+        image = torch.div(keep, n, rounding_mode="floor")
+        sorted_image, perm = image.sort(stable=True)
+        grouped = keep[perm] - sorted_image * n
+        # bincount would read the largest id from the device to size its output; scatter_add does not.
+        counts = image.new_zeros(b).scatter_add_(0, image, torch.ones_like(image)).cpu().tolist()
+        return list(grouped.split(counts))

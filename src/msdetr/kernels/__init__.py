@@ -1,13 +1,15 @@
 """The multi-scale deformable attention op: one public function, several backends."""
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
 from .reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_reference", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "reference")
+Shapes = Sequence[tuple[int, int]]
 
 
 def _triton_op():
@@ -26,6 +28,48 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _run_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
+    # The kernels read the level geometry from the int64 device tensors; `shapes` is not needed.
+    if not value.is_cuda and not _triton_interpreted():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
+            "imported, for CPU testing); use backend='reference' on CPU."
+        )
+    return _triton_op()(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _run_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
+    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                    shapes=shapes)
+
+
+# Backend name -> implementation(value, spatial_shapes, level_start_index, sampling_locations,
+# attention_weights, shapes); `shapes` is the levels' (H, W) as Python ints or None (then an
+# implementation that needs them on the host reads `spatial_shapes`). A new backend is one entry here.
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "triton": _run_triton,
+    "reference": _run_reference,
+}
+BACKENDS = ("auto", *_IMPLEMENTATIONS)
+
+
+def _auto_backend(value: torch.Tensor) -> str:
+    return "triton" if value.is_cuda else "reference"
+
+
+def _checked_shapes(shapes: Shapes, value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """`shapes` as a tuple of (H, W) Python ints, checked against the tensors' shapes (no device read)."""
+    shapes = tuple((h, w) for h, w in shapes)  # no int(): sizes may be symbolic under torch.compile
+    tokens = sum(h * w for h, w in shapes)
+    if value.shape[1] != tokens or sampling_locations.shape[3] != len(shapes):
+        raise ValueError(
+            f"ms_deform_attn: shapes={list(shapes)} give {len(shapes)} levels and {tokens} tokens, but value has "
+            f"{value.shape[1]} tokens and sampling_locations {sampling_locations.shape[3]} levels; pass the (H, W) "
+            "of every level, in order."
+        )
+    return shapes
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -33,6 +77,8 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     backend: str = "auto",
+    *,
+    shapes: Shapes | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention.
 
@@ -40,16 +86,16 @@ def ms_deform_attn(
     sampling_locations (N, Lq, M, L, P, 2) normalized (x, y); attention_weights (N, Lq, M, L, P).
     Returns (N, Lq, M * D) in value's dtype. backend "auto" uses Triton for CUDA tensors and the
     PyTorch reference on CPU.
+
+    `shapes`: the same (H, W) per level as Python ints, when the caller has them (the model derives
+    them from the feature maps). Backends that split `value` on the host use them instead of reading
+    `spatial_shapes` back from the device, which would synchronize with it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown ms_deform_attn backend {backend!r}; choose one of {BACKENDS}.")
+    if shapes is not None:
+        shapes = _checked_shapes(shapes, value, sampling_locations)
     if backend == "auto":
-        backend = "triton" if value.is_cuda else "reference"
-    if backend == "triton":
-        if not value.is_cuda and not _triton_interpreted():
-            raise RuntimeError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
-                "imported, for CPU testing); use backend='reference' on CPU."
-            )
-        return _triton_op()(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        backend = _auto_backend(value)
+    return _IMPLEMENTATIONS[backend](value, spatial_shapes, level_start_index, sampling_locations,
+                                     attention_weights, shapes)

@@ -1,6 +1,8 @@
 """PyTorch reference of multi-scale deformable attention (bilinear sampling via grid_sample)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,11 @@ def ms_deform_attn_reference(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    *,
+    shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
+    """`shapes`: the levels' (H, W) as Python ints; without them they are read from `spatial_shapes`
+    (one device-to-host copy when it lives on a GPU)."""
     out_dtype = value.dtype
     # Half-precision inputs are sampled in fp32: bf16 locations are ~0.6 px off on a 167-wide map.
     compute = torch.float64 if value.dtype == torch.float64 else torch.float32
@@ -19,7 +25,8 @@ def ms_deform_attn_reference(
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     # Python ints so the per-level split works without a device sync per level.
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if shapes is None:
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample's align_corners=False convention: pixel centre i sits at (2i + 1) / W - 1.
     grids = 2 * sampling_locations.to(compute) - 1

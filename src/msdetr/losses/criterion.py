@@ -11,7 +11,8 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from ..box_ops import cxcywh_to_xyxy, generalized_box_iou
-from ..matching import HungarianMatcher, solve_assignments
+from ..matching import HungarianMatcher, QualityTopKAssigner, solve_assignments
+from ..matching.quality import assign_quality_batch
 
 Targets = list[dict[str, torch.Tensor]]
 
@@ -81,12 +82,37 @@ def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor
 def merge_indices(first, second, num_queries: int):
     """Per image the union of two assignments with one GT per query (official `indices_merge`):
     `second` wins conflicts and, within one assignment, a query's last pair wins; sorted by query."""
+    return merge_indices_batch([(first, second, num_queries)])[0]
+
+
+def counts_on_host(counts: torch.Tensor) -> list[int]:
+    """The host read of `merge_indices_batch` (a CPU copy of the kept counts). Tests without real
+    data (fake tensors) replace this one function."""
+    return counts.tolist()
+
+
+def merge_indices_batch(merges: list[tuple[list, list, int]]) -> list[list]:
+    """`merge_indices` of several (first, second, num_queries) at once (every layer of a step), with
+    a single device-to-host copy (how many queries each merge keeps) for all of them."""
+    lasts = []  # per merge, per image: (last pair of each query, the pairs' GTs)
+    for first, second, num_queries in merges:
+        per_image = []
+        for (q1, g1), (q2, g2) in zip(first, second):
+            queries, gts = torch.cat([q1, q2.to(q1.device)]), torch.cat([g1, g2.to(g1.device)])
+            per_image.append((last_pair_per_query(queries, num_queries), gts))
+        lasts.append(per_image)
+    flat = [last for per_image in lasts for last, _ in per_image]
+    if not flat:
+        return [[] for _ in merges]
+    counts = iter(counts_on_host(torch.stack([(last >= 0).sum() for last in flat]).cpu()))
     merged = []
-    for (q1, g1), (q2, g2) in zip(first, second):
-        queries, gts = torch.cat([q1, q2.to(q1.device)]), torch.cat([g1, g2.to(g1.device)])
-        last = last_pair_per_query(queries, num_queries)
-        kept = (last >= 0).nonzero().squeeze(1)
-        merged.append((kept, gts[last[kept]]))
+    for per_image in lasts:
+        merged.append([])
+        for last, gts in per_image:
+            # The kept queries in ascending order, without `nonzero`: queries without a pair sort last.
+            query = torch.arange(len(last), device=last.device)
+            kept = torch.where(last >= 0, query, len(last)).sort().values[:next(counts)]
+            merged[-1].append((kept, gts[last[kept]]))
     return merged
 
 
@@ -106,18 +132,35 @@ def query_class_targets(indices, targets: Targets, num_queries: int
     return kept // num_queries, kept % num_queries, labels[last[kept]]
 
 
+def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets) -> torch.Tensor:
+    """Write 1 into the (B, Q, C) zeros `onehot` at each `query_class_targets` entry, in place and
+    without compacting the assigned queries (no data-dependent shape, so no device sync)."""
+    b, q, c = onehot.shape
+    batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    flat = batch * q + torch.cat([src for src, _ in indices])
+    if flat.numel() == 0:
+        return onehot
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    last = last_pair_per_query(flat, b * q)
+    # Every (image, query) row gets one write: 1 at its last pair's label, 0 (a no-op) if unassigned.
+    onehot.view(b * q, c).scatter_(1, labels[last.clamp(min=0)][:, None], (last >= 0)[:, None].to(onehot.dtype))
+    return onehot
+
+
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     """Losses reduce in fp32 at least: half-precision outputs are upcast, fp64 ones kept."""
     return x if x.dtype == torch.float64 else x.float()
 
 
 def world_num_boxes(targets: Targets, device) -> float:
-    """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term."""
-    num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term.
+    On one process it never touches the device; under DDP the all-reduced count is read back once."""
+    num = float(sum(len(t["labels"]) for t in targets))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(num)
-        num = num / dist.get_world_size()
-    return max(num.item(), 1.0)
+        total = torch.as_tensor([num], device=device)
+        dist.all_reduce(total)
+        num = (total / dist.get_world_size()).item()
+    return max(num, 1.0)
 
 
 class SetCriterion(nn.Module):
@@ -240,27 +283,47 @@ class SetCriterion(nn.Module):
             assigned[(branch.stream, layer_suffix)] = branch.assigner.indices(solved[:len(blocks)],
                                                                               out["pred_logits"].shape[1])
             solved = solved[len(blocks):]
-        once: dict[str, list] = {}
+        once: dict[str, tuple[str, str]] = {}
+        calls, aliases = [], {}
         # As the official criteria do: per branch the last layer first, then the aux layers in order.
+        # This is the order of the assigners' random draws, which the batched assignment keeps.
         ordered = sorted(range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i))
         for branch, layer_suffix, layer_out, tgts in (jobs[i] for i in ordered):
             key = (branch.stream, layer_suffix)
             if key in assigned:
                 continue
             if branch.assign_once:
-                if branch.stream not in once:
-                    once[branch.stream] = branch.assigner(layer_out, tgts)
-                assigned[key] = once[branch.stream]
-            else:
-                assigned[key] = branch.assigner(layer_out, tgts)
+                if branch.stream in once:
+                    aliases[key] = once[branch.stream]
+                    continue
+                once[branch.stream] = key
+            calls.append((key, branch.assigner, layer_out, tgts))
+        # The quality (one-to-many) assigners of every layer and branch together: one round trip to
+        # the host per step instead of several per layer and image.
+        quality = [c for c in calls if isinstance(c[1], QualityTopKAssigner)]
+        for (key, *_), result in zip(quality, assign_quality_batch([c[1:] for c in quality])):
+            assigned[key] = result
+        for key, assigner, layer_out, tgts in calls:
+            if key not in assigned:
+                assigned[key] = assigner(layer_out, tgts)
+        for key, source in aliases.items():
+            assigned[key] = assigned[source]
+        merges = []
         for branch, layer_suffix, layer_out, tgts in jobs:
-            key = (branch.stream, layer_suffix)
             if branch.merge_with is not None:
                 if (branch.merge_with, layer_suffix) not in assigned:
                     raise KeyError(f"branch {branch.stream!r} merges with {branch.merge_with!r}, which must be "
                                    "an earlier branch over the same decoder layers.")
-                other = assigned[(branch.merge_with, layer_suffix)]
-                assigned[key] = merge_indices(other, assigned[key], layer_out["pred_logits"].shape[1])
+                merges.append(((branch.stream, layer_suffix), (branch.merge_with, layer_suffix),
+                               layer_out["pred_logits"].shape[1]))
+        merged_keys = {key for key, _, _ in merges}
+        if any(source in merged_keys for _, source, _ in merges):  # chained merges: one after the other
+            for key, source, num_queries in merges:
+                assigned[key] = merge_indices(assigned[source], assigned[key], num_queries)
+            return assigned
+        batch = merge_indices_batch([(assigned[source], assigned[key], q) for key, source, q in merges])
+        for (key, _, _), merged in zip(merges, batch):
+            assigned[key] = merged
         return assigned
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -271,7 +334,7 @@ class SetCriterion(nn.Module):
         # One class per assigned query; unassigned queries are all-negative.
         scores = _upcast(logits)
         onehot = torch.zeros_like(scores)
-        onehot[query_class_targets(indices, targets, logits.shape[1])] = 1.0
+        set_class_targets_(onehot, indices, targets)
         loss_ce = sigmoid_focal_loss(scores, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
 
         # The box terms count every (query, GT) pair.
@@ -284,7 +347,8 @@ class SetCriterion(nn.Module):
         loss_giou = (1 - giou).sum()
 
         with torch.no_grad():
-            counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device, dtype=torch.float32)
+            counts = torch.tensor([float(len(t["labels"])) for t in targets], dtype=torch.float32)
+            counts = counts.to(logits.device, non_blocking=True)  # the host does not wait for the copy
             card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
             cardinality = F.l1_loss(card_pred, counts)
         return {"ce": loss_ce / num_boxes, "bbox": loss_bbox / num_boxes, "giou": loss_giou / num_boxes,

@@ -1,6 +1,7 @@
 """One-to-one Hungarian assignment with the focal / L1 / GIoU cost of Deformable-DETR."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -85,20 +86,33 @@ class HungarianMatcher:
         return self.indices(solve_assignments(self.cost_matrices(outputs, targets)), outputs["pred_logits"].shape[1])
 
 
-def solve_assignments(costs: list[torch.Tensor]) -> Indices:
-    """Solve a list of (Q_i, n_i) cost matrices with scipy after a single device-to-host copy."""
-    device = costs[0].device if costs else torch.device("cpu")
-    flat = torch.cat([c.flatten() for c in costs]).cpu() if costs else torch.empty(0)
+def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The host part of `solve_assignments`: the cost matrices, concatenated flat in a CPU tensor,
+    -> per matrix the (rows, cols) of its minimum-cost matching. Tests without real data (fake
+    tensors) replace this one function."""
     if not torch.isfinite(flat).all():
         raise FloatingPointError(
             "the matching cost has NaN/inf entries (predictions diverged, or boxes are degenerate); "
             "lower the learning rate, check the annotations' boxes, or train in fp32."
         )
+    values = flat.numpy()
     out, start = [], 0
-    for c in costs:
-        block = flat[start:start + c.numel()].view(c.shape).numpy()
-        start += c.numel()
-        rows, cols = linear_sum_assignment(block)
-        out.append((torch.as_tensor(rows, dtype=torch.int64, device=device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=device)))
+    for rows, cols in shapes:
+        out.append(linear_sum_assignment(values[start:start + rows * cols].reshape(rows, cols)))
+        start += rows * cols
     return out
+
+
+def solve_assignments(costs: list[torch.Tensor]) -> Indices:
+    """Solve a list of (Q_i, n_i) cost matrices with scipy after a single device-to-host copy; the
+    solutions go back in a single (non-blocking) host-to-device copy."""
+    if not costs:
+        return []
+    device = costs[0].device
+    flat = torch.cat([c.flatten() for c in costs]).cpu()
+    solved = solve_on_host(flat, [(c.shape[0], c.shape[1]) for c in costs])
+    sizes = [len(rows) for rows, _ in solved]
+    pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)])
+                            for rows, cols in solved], axis=1)
+    pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
+    return [(rows, cols) for rows, cols in zip(pairs[0].split(sizes), pairs[1].split(sizes))]

@@ -7,6 +7,9 @@ ascending quality (a query claimed twice keeps the better GT's class last).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 from ..box_ops import box_iou, cxcywh_to_xyxy
@@ -85,20 +88,90 @@ class QualityTopKAssigner:
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def cap(self, num_candidates: int) -> int:
+        """The most positives an image keeps before the top-k step."""
+        return int(self.positive_fraction * (self.sample_size or num_candidates))
+
     @torch.no_grad()
     def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
-        num_candidates = outputs["pred_logits"].shape[1]
-        cap = int(self.positive_fraction * (self.sample_size or num_candidates))
-        out = []
+        return assign_quality_batch([(self, outputs, targets)])[0]
+
+
+class HostSpec(NamedTuple):
+    """One image of one assigner call, as `select_on_host` needs it."""
+    num_gt: int
+    num_candidates: int
+    cap: int  # the most positives kept (`cap_positives`)
+    k: int  # top-k per GT, at most num_candidates
+    generator: torch.Generator | None
+
+
+def select_on_host(host: torch.Tensor, specs: list[HostSpec]) -> list[np.ndarray]:
+    """The host part of `assign_quality_batch`. `host`: a CPU tensor, per image (concatenated) per
+    candidate its best GT where positive, else -1. Per image: the random cap of `cap_positives` (the
+    same draw), then which entries of the (G, k) top-k matrix `topk_per_gt` keeps, as flat positions
+    in row-major order (GT g: its first min(c_g, k) entries, c_g its capped positives). Tests
+    without real data (fake tensors) replace this one function."""
+    values = host.numpy()
+    positions, start = [], 0
+    for spec in specs:
+        enc = values[start:start + spec.num_candidates]
+        start += spec.num_candidates
+        kept = np.flatnonzero(enc >= 0)  # the positives, ascending (as `nonzero` lists them)
+        if kept.size > spec.cap:
+            perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
+            kept = kept[perm[:spec.cap].numpy()]
+        counts = np.minimum(np.bincount(enc[kept], minlength=spec.num_gt), spec.k)
+        positions.append(np.concatenate([np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
+                                         for g, n in enumerate(counts)]))
+    return positions
+
+
+@torch.no_grad()
+def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]]]) -> list[Indices]:
+    """Several quality-assigner calls (e.g. every decoder layer of a step) at once: per call what
+    `assigner(outputs, targets)` returns, with one device-to-host copy and one host-to-device copy in
+    all, whatever the number of calls and images.
+
+    Same result, bit for bit, as `cap_positives` + `topk_per_gt` image by image: the random cap is
+    drawn on the host, call by call and image by image in the given order, with the same
+    `torch.randperm(n, device="cpu", generator=...)` draws; the per-GT top-k and the final sort
+    run on the device on the very same tensors.
+    """
+    jobs = []  # (call, image, quality, best_gt, positive)
+    out: list[list] = []
+    for c, (assigner, outputs, targets) in enumerate(calls):
+        device = outputs["pred_logits"].device
+        out.append([None] * len(targets))
         for b, tgt in enumerate(targets):
             if len(tgt["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=outputs["pred_logits"].device)
-                out.append((empty, empty))
+                empty = torch.zeros(0, dtype=torch.int64, device=device)
+                out[c][b] = (empty, empty)
                 continue
-            q = self.quality(outputs, b, tgt)
-            best_gt, positive, _ = quality_assign(q, self.threshold, self.low_quality, self.ignore_below)
-            out.append(topk_per_gt(q, best_gt, cap_positives(positive, cap, self.generator), self.k))
+            q = assigner.quality(outputs, b, tgt)
+            best_gt, positive, _ = quality_assign(q, assigner.threshold, assigner.low_quality, assigner.ignore_below)
+            jobs.append((c, b, q, best_gt, positive))
+    if not jobs:
         return out
+    # The one device-to-host copy: per candidate its best GT where positive, -1 elsewhere.
+    device = jobs[0][2].device
+    host = torch.cat([best_gt.masked_fill(~positive, -1) for _, _, _, best_gt, positive in jobs]).cpu()
+    specs = []
+    for c, _, q, _, _ in jobs:
+        assigner = calls[c][0]
+        specs.append(HostSpec(q.shape[0], q.shape[1], assigner.cap(calls[c][1]["pred_logits"].shape[1]),
+                              min(assigner.k, q.shape[1]), assigner.generator))
+    positions = select_on_host(host, specs)
+    sizes = [len(p) for p in positions]
+    # The one host-to-device copy (non-blocking: the host does not wait for it).
+    flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64).to(device, non_blocking=True)
+    for (c, b, q, _, _), pos in zip(jobs, flat_positions.split(sizes)):
+        k = min(calls[c][0].k, q.shape[1])
+        values, cand = q.topk(k, dim=1)
+        values, cand = values.flatten()[pos], cand.flatten()[pos]
+        order = values.argsort()
+        out[c][b] = (cand[order], torch.div(pos, max(k, 1), rounding_mode="floor")[order])
+    return out
 
 
 class MixedScoreTopKAssigner(QualityTopKAssigner):

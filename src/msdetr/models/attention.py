@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +48,13 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
+        *,
+        shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor:
-        """query (N, Lq, C); reference_points (N, Lq, L, 2) points or (N, Lq, L, 4) boxes, normalized."""
+        """query (N, Lq, C); reference_points (N, Lq, L, 2) points or (N, Lq, L, 4) boxes, normalized.
+
+        `shapes`: the levels' (H, W) as Python ints (the same as `spatial_shapes`), passed on to the
+        kernel so that no backend reads the level geometry back from the device."""
         n, lq, _ = query.shape
         s = input_flatten.shape[1]
         value = self.value_proj(input_flatten)
@@ -72,5 +78,6 @@ class MSDeformAttn(nn.Module):
             )
         else:
             raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {reference_points.shape[-1]}.")
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend)
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=self.backend,
+                             shapes=shapes)
         return self.output_proj(out)

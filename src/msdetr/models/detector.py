@@ -206,8 +206,9 @@ class DeformableDETR(nn.Module):
 
     def self_attn_mask(self, device) -> torch.Tensor:
         """(T, T) bool, True where a query may not attend: across the training query blocks."""
-        block = torch.repeat_interleave(torch.arange(len(self.query_blocks), device=device),
-                                        torch.as_tensor(self.query_blocks, device=device))
+        # Built on the device from Python ints: no host-to-device copy, no size read back.
+        block = torch.cat([torch.full((n,), i, dtype=torch.long, device=device)
+                           for i, n in enumerate(self.query_blocks)])
         return block[:, None] != block[None, :]
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,21 @@ from .attention import MSDeformAttn
 from .position_encoding import box_sine_embedding
 
 
+Shapes = Sequence[tuple[int, int]]
+
+
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+def level_shapes(spatial_shapes: torch.Tensor | Shapes) -> tuple[tuple[int, int], ...]:
+    """The levels' (H, W) as Python ints. The model passes them down as such (derived from the
+    feature maps' shapes); a (L, 2) tensor is still accepted and read (a device sync on a GPU)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
+    # No int(): under torch.compile the sizes are symbolic, and int() would specialize the graph to
+    # one image size (a recompile for every new size).
+    return tuple((h, w) for h, w in spatial_shapes)
 
 
 class FFN(nn.Module):
@@ -43,8 +57,9 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = FFN(d_model, d_ffn, dropout, ("linear1", "linear2", "norm2"))
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
-        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, shapes=None):
+        src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                              shapes=shapes)
         src = self.norm1(src + self.dropout1(src2))
         return self.ffn(src)
 
@@ -56,10 +71,12 @@ class DeformableEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
-        """Pixel centres of every level in the valid-region frame, then scaled into each level's frame."""
+    def reference_points(spatial_shapes: torch.Tensor | Shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
+        """Pixel centres of every level in the valid-region frame, then scaled into each level's frame.
+
+        `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
         refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(level_shapes(spatial_shapes)):
             ys = torch.arange(h, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
             xs = torch.arange(w, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
             ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -69,10 +86,12 @@ class DeformableEncoder(nn.Module):
         ref = torch.cat(refs, 1)
         return ref[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask):
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+    def forward(self, src, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask, shapes=None):
+        """`shapes`: the levels' (H, W) as Python ints; without them they are read from `spatial_shapes`."""
+        shapes = level_shapes(spatial_shapes if shapes is None else shapes)
+        reference_points = self.reference_points(shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, padding_mask, shapes)
         return src
 
 
@@ -111,16 +130,18 @@ class DecoderLayer(nn.Module):
         tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=attn_mask)[0]
         return self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
 
-    def cross_attention(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask):
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    def cross_attention(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                        shapes=None):
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
+                               shapes=shapes)
         return self.norm1(tgt + self.dropout1(tgt2))
 
     def forward(self, tgt, query_pos, reference_points, src, spatial_shapes, level_start_index, padding_mask,
-                self_attn_mask=None):
+                self_attn_mask=None, shapes=None):
         """-> (one-to-one features, one-to-many features or None)."""
         def cross(x):
             return self.cross_attention(x, query_pos, reference_points, src, spatial_shapes, level_start_index,
-                                        padding_mask)
+                                        padding_mask, shapes)
 
         def self_(x):
             return self.self_attention(x, query_pos, self_attn_mask)
@@ -156,7 +177,7 @@ class DeformableDecoder(nn.Module):
         self.look_forward_twice = look_forward_twice
 
     def forward(self, tgt, reference_points, src, spatial_shapes, level_start_index, valid_ratios, query_pos,
-                padding_mask, bbox_embed: nn.ModuleList | None = None, self_attn_mask=None):
+                padding_mask, bbox_embed: nn.ModuleList | None = None, self_attn_mask=None, shapes=None):
         hidden, hidden_o2m, box_refs, boxes = [], [], [], []
         ref_for_head = reference_points  # what layer l's box head is added to
         for lid, layer in enumerate(self.layers):
@@ -165,7 +186,7 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             tgt, tgt_o2m = layer(tgt, query_pos, ref_input, src, spatial_shapes, level_start_index, padding_mask,
-                                 self_attn_mask)
+                                 self_attn_mask, shapes)
             hidden.append(tgt)
             hidden_o2m.append(tgt_o2m)
             box_refs.append(ref_for_head)
@@ -266,11 +287,14 @@ class DeformableTransformer(nn.Module):
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
     @staticmethod
-    def encoder_proposals(memory, padding_mask, spatial_shapes):
-        """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where invalid."""
+    def encoder_proposals(memory, padding_mask, spatial_shapes: torch.Tensor | Shapes):
+        """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where invalid.
+
+        `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
         n = memory.shape[0]
+        shapes = level_shapes(spatial_shapes)
         proposals, start = [], 0
-        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        for lvl, (h, w) in enumerate(shapes):
             mask = padding_mask[:, start:start + h * w].view(n, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
@@ -287,7 +311,7 @@ class DeformableTransformer(nn.Module):
             start += h * w
         proposals = torch.cat(proposals, 1)
         level_ids = torch.cat([torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
-                               for lvl, (h, w) in enumerate(spatial_shapes.tolist())])
+                               for lvl, (h, w) in enumerate(shapes)])
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
         invalid = padding_mask.unsqueeze(-1) | ~valid
@@ -295,15 +319,25 @@ class DeformableTransformer(nn.Module):
         return memory.masked_fill(invalid, 0.0), proposals, level_ids
 
     def flatten_levels(self, srcs, masks, pos_embeds):
-        spatial_shapes = torch.as_tensor([s.shape[-2:] for s in srcs], dtype=torch.long, device=srcs[0].device)
+        """-> flattened src, mask and pos, `spatial_shapes` (L, 2) and `level_start_index` (L,) int64 on
+        the device (for the kernels and the official API), valid ratios, and `shapes`: the same (H, W)
+        as Python ints, which everything computed on the host uses (no read back from the device)."""
+        shapes = tuple((s.shape[-2], s.shape[-1]) for s in srcs)  # ints (symbolic under torch.compile)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        # One host-to-device copy for both tensors; non_blocking: the host never waits for the device.
+        geometry = torch.tensor([v for hw in shapes for v in hw] + starts, dtype=torch.long)
+        geometry = geometry.to(srcs[0].device, non_blocking=True)
+        spatial_shapes = geometry[:2 * len(shapes)].view(len(shapes), 2)
+        level_start_index = geometry[2 * len(shapes):]
         src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
         pos_flatten = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratio(m) for m in masks], 1)
-        return src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios
+        return src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios, shapes
 
     def select_proposals(self, enc_class: torch.Tensor, k: int) -> torch.Tensor:
         """(B, k) token indices: top-k by the channel-0 encoder logit; on maps smaller than k they repeat."""
@@ -315,53 +349,65 @@ class DeformableTransformer(nn.Module):
 
     @torch.no_grad()
     def select_proposals_nms(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor,
-                             k: int, pre_nms_per_level: int = 1000, iou_threshold: float = 0.9) -> torch.Tensor:
+                             k: int, pre_nms_per_level: int = 1000, iou_threshold: float = 0.9, *,
+                             shapes: Shapes | None = None) -> torch.Tensor:
         """DETA's selection: per image, the top tokens of every level, NMS within each level, at most
         Q / L per level (best first), filled up with the best leftovers; in global score order.
 
         Unlike the official code this works with fewer than 1000 tokens (per level or in total).
+
+        The one place of the model that waits for the device: how many boxes survive NMS depends on
+        the data (one NMS per image). Everything else is read from `shapes` (the levels' (H, W) as
+        Python ints; without them the level sizes are counted from `level_ids`, which are contiguous
+        per level) and stays on the device. Kept in this one method so that it can be swapped out.
         """
         logits = enc_class[..., 0]
         boxes = cxcywh_to_xyxy(enc_coord_unact.sigmoid().float()).clamp(0, 1)
-        num_levels = int(level_ids.max()) + 1
+        sizes = [h * w for h, w in shapes] if shapes is not None else torch.bincount(level_ids).tolist()
+        num_levels = len(sizes)
         per_level = k // num_levels
+        # Every image's top tokens of each level (a level is a slice of the tokens), level by level.
+        candidates, start = [], 0
+        for size in sizes:
+            if size:
+                candidates.append(logits[:, start:start + size].topk(min(pre_nms_per_level, size), dim=1)[1] + start)
+            start += size
+        candidates = torch.cat(candidates, 1)
+        levels = torch.arange(num_levels, device=logits.device)[:, None]
         picks = []
         for b in range(logits.shape[0]):
-            candidates = torch.cat([
-                idx[logits[b, idx].topk(min(pre_nms_per_level, idx.numel()))[1]]
-                for idx in (torch.nonzero(level_ids == lvl).squeeze(1) for lvl in range(num_levels)) if idx.numel()
-            ])
-            keep = candidates[batched_nms(boxes[b, candidates], logits[b, candidates].float(), level_ids[candidates],
-                                          iou_threshold)]
+            cand = candidates[b]
+            keep = cand[batched_nms(boxes[b, cand], logits[b, cand].float(), level_ids[cand], iou_threshold)]
             if keep.numel() < k:  # too few survivors: plain top-k (cycling on tiny maps)
                 picks.append(self.select_proposals(enc_class[b:b + 1], k)[0])
                 continue
-            onehot = level_ids[keep][None] == torch.arange(num_levels, device=keep.device)[:, None]
+            onehot = level_ids[keep][None] == levels
             chosen = (onehot & (onehot.cumsum(1) <= per_level)).any(0)
-            missing = k - int(chosen.sum())
-            if missing > 0:
-                chosen[torch.nonzero(~chosen).squeeze(1)[:missing]] = True
-            picks.append(keep[chosen])
+            # Fill up with the first (best) leftovers: exactly k chosen, taken in `keep` order.
+            leftover = ~chosen
+            chosen = chosen | (leftover & (leftover.cumsum(0) <= k - chosen.sum()))
+            picks.append(keep[chosen.to(torch.uint8).argsort(descending=True, stable=True)[:k]])
         return torch.stack(picks)
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, class_embed=None, bbox_embed=None,
                 self_attn_mask=None, num_proposals: int | None = None, proposal_groups: int = 1):
         """Two-stage: `num_proposals` (default two_stage_num_proposals) tokens become queries, repeated
         `proposal_groups` times (Group DETR); `self_attn_mask` (T, T) keeps query blocks apart."""
-        src, mask, pos, spatial_shapes, level_start_index, valid_ratios = self.flatten_levels(srcs, masks, pos_embeds)
-        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos, mask)
+        src, mask, pos, spatial_shapes, level_start_index, valid_ratios, shapes = self.flatten_levels(
+            srcs, masks, pos_embeds)
+        memory = self.encoder(src, spatial_shapes, level_start_index, valid_ratios, pos, mask, shapes)
         bs, _, c = memory.shape
         out = {"memory": memory, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
                "valid_ratios": valid_ratios, "mask_flatten": mask}
         if self.two_stage:
-            output_memory, proposals, level_ids = self.encoder_proposals(memory, mask, spatial_shapes)
+            output_memory, proposals, level_ids = self.encoder_proposals(memory, mask, shapes)
             output_memory = self.enc_output_norm(self.enc_output(output_memory))
             num_dec = self.decoder.num_layers
             enc_class = class_embed[num_dec](output_memory)
             enc_coord_unact = bbox_embed[num_dec](output_memory) + proposals
             k = num_proposals or self.two_stage_num_proposals
             if self.proposal_selection == "nms":
-                topk = self.select_proposals_nms(enc_class, enc_coord_unact, level_ids, k)
+                topk = self.select_proposals_nms(enc_class, enc_coord_unact, level_ids, k, shapes=shapes)
             else:
                 topk = self.select_proposals(enc_class, k)
             topk = topk.repeat(1, proposal_groups)
@@ -387,6 +433,6 @@ class DeformableTransformer(nn.Module):
         out["init_reference"] = reference_points
         refine = bbox_embed if self.decoder_refines else None
         hidden, hidden_o2m, box_refs, boxes = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,
-                                               valid_ratios, query_pos, mask, refine, self_attn_mask)
+                                               valid_ratios, query_pos, mask, refine, self_attn_mask, shapes)
         out.update(hidden=hidden, hidden_o2m=hidden_o2m, box_refs=box_refs, boxes=boxes)
         return out

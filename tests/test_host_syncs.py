@@ -1,0 +1,464 @@
+"""No needless host-device synchronisation in the model, the criterion and the post-processing.
+
+(a) Under FakeTensorMode every tensor is a fake on a fake `cuda` device (no GPU needed): any
+    data-dependent host read (`.item()`, `.tolist()`, `nonzero`, a boolean mask index) raises, and so
+    does an op mixing CPU and CUDA tensors. The model (training and eval forward), the criterion and
+    the post-processing run under it. The few intended host steps are stubbed, each one named
+    function: the Hungarian solve (`hungarian.solve_on_host`), the one-to-many cap draw
+    (`quality.select_on_host`), the merged-assignment sizes (`criterion.counts_on_host`) and DETA's
+    NMS proposal selection (`DeformableTransformer.select_proposals_nms`). The autograd engine
+    needs a real device for CUDA tensors, so the backward runs under the same mode on fake CPU
+    tensors instead (which still rejects every data-dependent read).
+(b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
+    same number for 2 or 6 layers and 1 or 3 images, DETA's post-processing the same for batch 2 and 4.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from msdetr.losses import Branch, SetCriterion
+from msdetr.losses import criterion as criterion_module
+from msdetr.matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
+from msdetr.matching import hungarian as hungarian_module
+from msdetr.matching import quality as quality_module
+from msdetr.models import Backbone, DeformableDETR
+from msdetr.models.attention import MSDeformAttn
+from msdetr.models.transformer import DeformableTransformer
+from msdetr.postprocess import NMSPostProcess, TopKPostProcess
+
+NUM_CLASSES = 5
+
+
+def tiny(**kw) -> DeformableDETR:
+    opts = dict(num_classes=NUM_CLASSES, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
+                dim_feedforward=64, dropout=0.0)
+    opts.update(kw)
+    return DeformableDETR(Backbone("resnet18", pretrained=False), **opts)
+
+
+def ms_detr_branches(seed=0):
+    hungarian = HungarianMatcher()
+    return [Branch("main", hungarian),
+            Branch("o2m_outputs", MixedScoreTopKAssigner(seed=seed), suffix="_o2m", merge_with="main"),
+            Branch("enc_outputs", HungarianMatcher(cost_class=0, box_key="anchors"), suffix="_enc", aux=False,
+                   binary=True, required=False)]
+
+
+def deta_branches(seed=0):
+    return [Branch("main", IoUTopKAssigner(seed=seed), assign_once=True),
+            Branch("enc_outputs", IoUTopKAssigner(box_key="anchors", threshold=0.7, ignore_below=0.3, sample_size=256,
+                                                  positive_fraction=0.5, seed=seed), suffix="_enc", aux=False,
+                   binary=True)]
+
+
+CASES = {
+    "ms_detr": (dict(two_stage=True, with_box_refine=True, mixed_selection=True, look_forward_twice=True,
+                     cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True), ms_detr_branches),
+    "one_stage_o2m": (dict(with_box_refine=True, o2m_tap="output"), ms_detr_branches),
+    "h_detr": (dict(two_stage=True, with_box_refine=True, hybrid_queries=5),
+               lambda: [Branch("main", HungarianMatcher()),
+                        Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
+    "deta": (dict(two_stage=True, with_box_refine=True, pix_trans=True, num_feature_levels=5,
+                  proposal_selection="nms"), deta_branches),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) FakeTensorMode on a fake CUDA device
+
+
+def _solve_stub(flat, shapes):
+    return [(np.arange(min(r, c)), np.arange(min(r, c))) for r, c in shapes]
+
+
+def _select_stub(host, specs):
+    return [np.arange(min(s.k, s.num_gt * s.k), dtype=np.int64) for s in specs]
+
+
+def _counts_stub(counts):
+    return [1] * counts.shape[0]
+
+
+def _proposals_stub(self, enc_class, enc_coord_unact, level_ids, k, *args, shapes=None, **kwargs):
+    # NMS keeps a data-dependent number of boxes: the one host step of the model. A fixed-size
+    # stand-in with the same output (B, k) lets everything around it run fake.
+    return self.select_proposals(enc_class, k)
+
+
+@pytest.fixture
+def host_steps_stubbed(monkeypatch):
+    monkeypatch.setattr(hungarian_module, "solve_on_host", _solve_stub)
+    monkeypatch.setattr(quality_module, "select_on_host", _select_stub)
+    monkeypatch.setattr(criterion_module, "counts_on_host", _counts_stub)
+    monkeypatch.setattr(DeformableTransformer, "select_proposals_nms", _proposals_stub)
+
+
+def fake_model(mode: FakeTensorMode, model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """The model's parameters and buffers as fakes on `device`.
+
+    Building the module inside the mode does not work (nn.init's in-place initialisers run in a
+    fake mode of their own and refuse ours), so the model is built for real on the CPU, then every
+    tensor is converted with `mode.from_tensor` (a fake CPU tensor of the same mode) and moved with
+    `.to(device)` inside the mode; moving a fake needs no device at all. With the future flag the
+    module takes the new Parameter objects instead of assigning `.data` of the real ones."""
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        with mode:
+            model._apply(lambda t: mode.from_tensor(t).to(device))
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    return model
+
+
+def fake_batch(device: str, num_images=2, h=64, w=80):
+    images = torch.randn(num_images, 3, h, w, device=device)
+    mask = torch.zeros(num_images, h, w, dtype=torch.bool, device=device)
+    mask[-1, h // 2:, :] = True
+    mask[-1, :, w // 2:] = True
+    targets = [{"labels": torch.randint(0, NUM_CLASSES, (n,), device=device), "boxes": torch.rand(n, 4, device=device)
+                * 0.5 + 0.25} for n in (2, 3, 0, 1)[:num_images]]
+    return images, mask, targets
+
+
+def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool = False):
+    kw, branches = CASES[case]
+    mode = FakeTensorMode()
+    model = fake_model(mode, tiny(**kw), device)
+    model.set_attn_backend(backend)
+    criterion = SetCriterion(NUM_CLASSES, branches())
+    with mode:
+        images, mask, targets = fake_batch(device)
+        out = model(images, mask)
+        criterion.check_model(model.output_streams)
+        losses = criterion(out, targets)
+        total = criterion.total(losses)
+        assert total.device.type == device and isinstance(total, torch.Tensor)
+        if backward:
+            total.backward()
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            assert any(g is not None for g in grads) and all(g.device.type == device for g in grads if g is not None)
+        model.eval()
+        out = model(images, mask)
+        sizes = torch.tensor([[64, 80], [32, 40]], device=device)
+        post = TopKPostProcess(10)(out, sizes)
+        assert post[0]["boxes"].shape == (10, 4) and post[0]["boxes"].device.type == device
+    return losses
+
+
+def test_there_is_no_gpu_here():
+    # The fake-CUDA tests below are meant to run (and do run) on machines without one.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the fake tests still run, this only documents the CPU-only set-up")
+    with FakeTensorMode():
+        assert torch.empty(2, device="cuda").device.type == "cuda"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_criterion_and_eval_run_on_fake_cuda(case, host_steps_stubbed):
+    losses = run_fake_step(case, "cuda")
+    assert all(v.device.type == "cuda" for v in losses.values())
+
+
+def test_reference_attention_runs_on_fake_cuda(host_steps_stubbed):
+    # "auto" picks the Triton op on CUDA (its registered fake runs here); the reference path must be
+    # free of host reads on CUDA tensors too.
+    run_fake_step("ms_detr", "cuda", backend="reference")
+
+
+@pytest.mark.parametrize("case", ["ms_detr", "deta"])
+def test_training_step_with_backward_runs_on_fake_cpu(case, host_steps_stubbed):
+    run_fake_step(case, "cpu", backward=True)
+
+
+@pytest.mark.parametrize("fault", ["item", "tolist", "nonzero", "mask_index", "cpu_mix"])
+def test_fake_step_catches_an_inserted_sync(fault, host_steps_stubbed, monkeypatch):
+    """The harness has teeth: one sync (or device mix) inserted in the attention makes it fail."""
+    forward = MSDeformAttn.forward
+
+    def faulty(self, query, *args, **kwargs):
+        if fault == "item":
+            query = query * query.abs().max().item()
+        elif fault == "tolist":
+            query = query * len(query.flatten()[:3].tolist())
+        elif fault == "nonzero":
+            query = query + torch.nonzero(query > 0).shape[0]
+        elif fault == "mask_index":
+            query = query + query[query > 0].sum()
+        else:
+            query = query + torch.ones(query.shape[-1])  # a CPU tensor, not a scalar
+        return forward(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(MSDeformAttn, "forward", faulty)
+    with pytest.raises(Exception) as info:
+        run_fake_step("ms_detr", "cuda")
+    assert not isinstance(info.value, AssertionError) or "device" in str(info.value)
+
+
+def test_proposal_nms_selection_is_the_one_stubbed_step():
+    """Without the stub DETA's NMS selection is the (allowed) data-dependent step of the model."""
+    kw, _ = CASES["deta"]
+    mode = FakeTensorMode()
+    model = fake_model(mode, tiny(**kw), "cuda")
+    model.eval()
+    with mode, pytest.raises(Exception, match="(?i)dynamic|data.dependent|nonzero|nms"):
+        model(*fake_batch("cuda")[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) counting syncs on the CPU
+
+
+aten = torch.ops.aten
+# Ops that read device data on the host or produce a shape that depends on it.
+SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default, aten.is_nonzero.default,
+            aten.masked_select.default, aten.bincount.default, aten.repeat_interleave.Tensor,
+            aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default,
+            torch.ops.torchvision.nms.default}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts what would synchronise with a GPU in a CPU run.
+
+    On the CPU every tensor lives on the host, so the counter tracks which tensors stand for device
+    data: all of them, except host copies (`Tensor.cpu()`, patched to count the copy), draws of
+    `torch.randperm` (the assigners draw on the host by design) and what is computed from host
+    tensors alone. Counted: a sync op or a boolean mask index on device data, `.cpu()` of device
+    data, and `.tolist()` / `.numpy()` of device data (those bypass the dispatcher, so they are
+    patched too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.host = WeakIdKeyDictionary()
+
+    def is_device(self, t: torch.Tensor) -> bool:
+        return t not in self.host
+
+    def mark_host(self, out):
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.host[t] = True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        on_device = any(self.is_device(t) for t in tensors)
+        if on_device:
+            if func in SYNC_OPS:
+                self.counts[str(func.overloadpacket)] += 1
+            elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
+                    i is not None and i.dtype == torch.bool for i in args[1]):
+                self.counts["boolean index"] += 1
+        out = func(*args, **kwargs)
+        if func is aten.randperm.default or func is aten.randperm.generator or (tensors and not on_device):
+            self.mark_host(out)
+        return out
+
+    def __enter__(self):
+        counter = self
+        self._patched = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "numpy")}
+        cpu, tolist, numpy = (self._patched[n] for n in ("cpu", "tolist", "numpy"))
+
+        def patched_cpu(t, *a, **k):
+            if not counter.is_device(t):
+                return cpu(t, *a, **k)
+            counter.counts["copy to host"] += 1
+            out = cpu(t, *a, **k).clone()  # a new tensor even on the CPU, to mark it as the host copy
+            counter.host[out] = True
+            return out
+
+        def read(name, original):
+            def patched(t, *a, **k):
+                if counter.is_device(t):
+                    counter.counts[name] += 1
+                return original(t, *a, **k)
+            return patched
+
+        torch.Tensor.cpu = patched_cpu
+        torch.Tensor.tolist = read("tolist", tolist)
+        torch.Tensor.numpy = read("numpy", numpy)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _synthetic_ms_detr_outputs(num_layers: int, num_images: int, q=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def layer():
+        return {"pred_logits": torch.randn(num_images, q, NUM_CLASSES, generator=g),
+                "pred_boxes": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3}
+
+    def stream():
+        layers = [layer() for _ in range(num_layers)]
+        return {**layers[-1], "aux_outputs": layers[:-1]}
+
+    out = stream()
+    out["o2m_outputs"] = stream()
+    out["enc_outputs"] = {**layer(), "anchors": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3}
+    targets = [{"labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
+                "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.35} for n in (4, 0, 6)[:num_images]]
+    return out, targets
+
+
+def criterion_syncs(num_layers: int, num_images: int) -> collections.Counter:
+    criterion = SetCriterion(NUM_CLASSES, ms_detr_branches())
+    outputs, targets = _synthetic_ms_detr_outputs(num_layers, num_images)
+    with SyncCounter() as counter:
+        losses = criterion(outputs, targets)
+    assert len(losses) > 0
+    return counter.counts
+
+
+def test_the_counter_sees_syncs():
+    x = torch.randn(5)
+    with SyncCounter() as counter:
+        x.sum().item()
+        x.tolist()
+        torch.nonzero(x > 0)
+        x[x > 0]
+        h = x.cpu()
+        h.tolist()  # a host copy: reading it is free
+        torch.randperm(4)[:2].tolist()  # a host draw: free as well
+    assert counter.counts == {"aten._local_scalar_dense": 1, "tolist": 1, "aten.nonzero": 1, "boolean index": 1,
+                              "copy to host": 1}
+
+
+def test_criterion_syncs_are_constant_in_layers_and_images():
+    counts = {(layers, images): criterion_syncs(layers, images) for layers, images in [(2, 1), (6, 2), (6, 3), (2, 3)]}
+    reference = counts[(6, 2)]
+    assert all(c == reference for c in counts.values()), counts
+    # One host copy per step each: the Hungarian costs, the one-to-many positives, the merge sizes.
+    assert reference == {"copy to host": 3}, reference
+
+
+def _deta_outputs(num_images: int, q=300, c=NUM_CLASSES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_images, q, c, generator=g)
+    boxes = torch.rand(num_images, q, 4, generator=g) * 0.5 + 0.25
+    sizes = torch.randint(200, 800, (num_images, 2), generator=g)
+    return {"pred_logits": logits, "pred_boxes": boxes}, sizes
+
+
+def nms_postprocess_syncs(num_images: int) -> collections.Counter:
+    outputs, sizes = _deta_outputs(num_images)
+    with SyncCounter() as counter:
+        # whole_batch: what runs on a GPU (on the CPU the default is the per-image loop)
+        NMSPostProcess(num_select=100, pre_topk=1000, whole_batch=True)(outputs, sizes)
+    return counter.counts
+
+
+def test_nms_postprocess_syncs_do_not_grow_with_the_batch():
+    counts = {b: nms_postprocess_syncs(b) for b in (1, 2, 4)}
+    assert counts[1] == counts[2] == counts[4], counts
+    assert counts[2] == {"torchvision.nms": 1, "copy to host": 1}, counts[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched post-processing: the same detections as the per-image loop it replaced
+
+
+def _greedy_nms(pp: NMSPostProcess, outputs, orig_sizes):
+    """The rule written out: per image, candidates (the pre_topk best pairs) from the highest score
+    down, equal scores by candidate position; a candidate is kept unless a kept box of its class
+    overlaps it by more than the threshold (IoU in float64)."""
+    from torchvision.ops import box_iou
+
+    from msdetr.box_ops import cxcywh_to_xyxy
+
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    b, q, c = logits.shape
+    scores = logits.float().sigmoid().view(b, -1)
+    h, w = orig_sizes.to(torch.float32).unbind(1)
+    boxes = cxcywh_to_xyxy(boxes.float()) * torch.stack([w, h, w, h], 1)[:, None, :]
+    results = []
+    for i in range(b):
+        idx = scores[i].topk(pp.pre_topk).indices if q * c > pp.pre_topk else torch.arange(q * c)
+        label, box, score = idx % c, boxes[i, idx // c], scores[i, idx]
+        iou = box_iou(box.double(), box.double())
+        kept: list[int] = []
+        for j in sorted(range(len(idx)), key=lambda j: (-score[j].item(), j)):
+            if all(label[k] != label[j] or iou[k, j] <= pp.iou_threshold for k in kept):
+                kept.append(j)
+        keep = torch.tensor(kept[: pp.num_select], dtype=torch.long)
+        results.append({"scores": score[keep], "labels": label[keep], "boxes": box[keep]})
+    return results
+
+
+@pytest.mark.parametrize("whole_batch", [True, False])
+@pytest.mark.parametrize("trial", range(12))
+def test_batched_nms_postprocess_matches_the_per_image_loop(trial, whole_batch):
+    g = torch.Generator().manual_seed(trial)
+    b, q, c = (1, 2, 3, 4)[trial % 4], (10, 40, 120)[trial % 3], (3, 7, 20)[trial % 3]
+    logits = torch.randn(b, q, c, generator=g)
+    if trial % 2:
+        logits = torch.round(logits * 2) / 2  # many equal scores
+    boxes = torch.rand(b, q, 4, generator=g) * 0.5 + 0.25
+    if trial % 3 == 1:
+        boxes[:, q // 2:] = boxes[:, : q - q // 2]  # duplicate boxes (IoU exactly 1)
+    sizes = torch.randint(100, 900, (b, 2), generator=g)
+    # pre_topk below q * c in some trials; q * c above 1000 in others (torchvision's class-by-class regime)
+    pp = NMSPostProcess(num_select=(5, 50, 300)[trial % 3], pre_topk=(60, 10000, 500)[trial % 3],
+                        whole_batch=whole_batch)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    for got, want in zip(pp(outputs, sizes), _greedy_nms(pp, outputs, sizes), strict=True):
+        for key in ("scores", "labels", "boxes"):
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_batched_nms_postprocess_on_empty_inputs():
+    outputs = {"pred_logits": torch.zeros(2, 0, 3), "pred_boxes": torch.zeros(2, 0, 4)}
+    for whole_batch in (True, False):
+        results = NMSPostProcess(whole_batch=whole_batch)(outputs, torch.tensor([[10, 10], [20, 20]]))
+        assert len(results) == 2 and all(r["boxes"].shape == (0, 4) for r in results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python shapes instead of reading the device tensor
+
+
+def test_ms_deform_attn_takes_python_shapes():
+    from msdetr.kernels import ms_deform_attn
+
+    shapes = [(4, 5), (2, 3)]
+    spatial_shapes = torch.tensor(shapes)
+    starts = torch.tensor([0, 20])
+    value = torch.randn(2, 26, 2, 4)
+    loc = torch.rand(2, 3, 2, 2, 2, 2)
+    weights = torch.rand(2, 3, 2, 2, 2)
+    expected = ms_deform_attn(value, spatial_shapes, starts, loc, weights, backend="reference")
+    got = ms_deform_attn(value, spatial_shapes, starts, loc, weights, backend="reference", shapes=shapes)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="shapes=.*tokens"):
+        ms_deform_attn(value, spatial_shapes, starts, loc, weights, shapes=[(4, 5), (2, 2)])
+
+
+def test_proposal_nms_selection_with_python_shapes_matches_level_ids():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 10), (4, 5), (2, 3), (1, 2)]
+    tokens = sum(h * w for h, w in shapes)
+    enc_class = torch.round(torch.randn(2, tokens, 2, generator=g))  # ties
+    coord = torch.randn(2, tokens, 4, generator=g) * 0.3
+    level_ids = torch.cat([torch.full((h * w,), lvl) for lvl, (h, w) in enumerate(shapes)])
+    transformer = DeformableTransformer.__new__(DeformableTransformer)  # the selection uses no parameters
+    with SyncCounter() as counter:
+        picks = transformer.select_proposals_nms(enc_class, coord, level_ids, 30, 20, 0.5, shapes=shapes)
+    assert torch.equal(picks, transformer.select_proposals_nms(enc_class, coord, level_ids, 30, 20, 0.5))
+    assert picks.shape == (2, 30)
+    assert set(counter.counts) == {"torchvision.nms"}  # one NMS per image, nothing else read back
