@@ -6,13 +6,23 @@ Cases: the encoder call (B=2, levels 100x167, 50x84, 25x42, 13x21: S = Lq = 22,2
 P=4) and decoder calls with 300 and 900 queries on the same value. The DRAM floor counts every input
 read once and every output written once; GB/s = floor bytes / median time. Peak memory is what the
 call allocates above its inputs. L2 is flushed before each timed call unless --no-flush.
+
+python bench/msda.py --device cpu [--backends reference,gather] [--iters 3] [--warmup 1] [--dtypes fp32]
+CPU comparison of the PyTorch backends (no CUDA needed): the same cases, each (query count, backend,
+mode) in a fresh subprocess. Times are medians of perf_counter: fwd (no grad), bwd (one retained
+graph) and fwd+bwd; peak memory is the growth of the process's peak resident set (ru_maxrss) over its
+value just before the first call, for a forward-only process and for a forward + backward one.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import time
 
 import torch
 
@@ -125,6 +135,91 @@ def measure(fn, warmup: int, iters: int, flush: torch.Tensor | None) -> tuple[fl
     return ms, torch.cuda.max_memory_allocated() - baseline
 
 
+# --------------------------------------------------------------------------------------------- CPU
+
+
+def cpu_backends() -> dict:
+    """The differentiable CPU implementations, all with the (value, shapes, starts, loc, weights) call."""
+    from msdetr.kernels import ms_deform_attn_reference
+
+    def gather(value, shapes, starts, loc, weights):
+        from msdetr.kernels.gather import ms_deform_attn_gather
+
+        return ms_deform_attn_gather(value, shapes, loc, weights)
+
+    return {"reference": ms_deform_attn_reference, "gather": gather}
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cpu_case(lq: int, backend: str, dtype_name: str, mode: str, iters: int, warmup: int, locations: str) -> dict:
+    """One case in this process: median ms of fwd / bwd / fwd+bwd (mode "train") or of fwd only
+    (mode "fwd"), and the peak RSS growth over the value just before the first call."""
+    op = cpu_backends()[backend]
+    generator = torch.Generator().manual_seed(0)
+    value, shapes, starts, loc, weights, grad_out = make_inputs(lq, DTYPES[dtype_name], locations, "cpu", generator)
+    # Before autograd_impl: it runs one forward to keep a graph for bwd.
+    before = peak_rss_bytes()
+    calls = autograd_impl(op, value, shapes, starts, loc, weights, grad_out) if mode == "train" else None
+    ms = {}
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return op(value, shapes, starts, loc, weights)
+        calls = {"fwd": fwd}
+    for name, fn in calls.items():
+        if name == "fwd" and mode == "train":
+            continue  # timed without autograd in the "fwd" process
+        times = []
+        for i in range(warmup + iters):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+        ms[name] = statistics.median(times)
+    return {"ms": ms, "peak_mib": (peak_rss_bytes() - before) / 2**20}
+
+
+def cpu_main(args) -> int:
+    backends = args.backends.split(",")
+    unknown = sorted(set(backends) - set(cpu_backends()))
+    if unknown:
+        sys.exit(f"bench/msda.py: unknown CPU backend(s) {unknown}; choose from {sorted(cpu_backends())}.")
+    encoder_queries = sum(h * w for h, w in LEVELS)
+    queries = args.queries or [encoder_queries, 300, 900]
+    dtypes = args.dtypes or ["fp32"]
+    print(f"# ms_deform_attn on CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+          f"B={BATCH} M={HEADS} D={CHANNELS} L={len(LEVELS)} P={POINTS} S={encoder_queries}; "
+          f"locations={args.locations}; median of {args.iters} after {args.warmup} warm-up; every case in a "
+          f"fresh process; peak = growth of ru_maxrss over its value before the first call")
+    print()
+    print("| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fwd+bwd x first |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for lq in queries:
+        for dtype_name in dtypes:
+            first = None
+            for backend in backends:
+                results = {}
+                for mode in ("fwd", "train"):
+                    cmd = [sys.executable, __file__, "--cpu-case", str(lq), backend, dtype_name, mode,
+                           "--iters", str(args.iters), "--warmup", str(args.warmup), "--locations", args.locations,
+                           "--threads", str(torch.get_num_threads())]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        sys.exit(f"bench/msda.py: case {lq} {backend} {dtype_name} {mode} failed:\n{proc.stderr[-2000:]}")
+                    results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+                train = results["train"]["ms"]
+                first = first or train["fwd+bwd"]
+                print(f"| {lq} | {dtype_name} | {backend} | {results['fwd']['ms']['fwd']:.1f} | {train['bwd']:.1f} | "
+                      f"{train['fwd+bwd']:.1f} | {results['fwd']['peak_mib']:.0f} | {results['train']['peak_mib']:.0f} | "
+                      f"{train['fwd+bwd'] / first:.2f} |", flush=True)
+    return 0
+
+
 def load_original_extension():
     try:
         import MultiScaleDeformableAttention as ext
@@ -135,15 +230,33 @@ def load_original_extension():
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    p.add_argument("--iters", type=int, default=None, help="timed calls (default 100 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 20 on CUDA, 1 on CPU)")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
+                   help="default: fp32 bf16 on CUDA, fp32 on CPU")
     p.add_argument("--queries", nargs="+", type=int, default=None,
                    help="query counts to run (default: the encoder's 22223, then 300 and 900)")
     p.add_argument("--locations", choices=("local", "uniform"), default="local",
                    help="local: a few pixels around each query's reference point; uniform: anywhere")
     p.add_argument("--no-flush", action="store_true", help="keep L2 warm between timed calls")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: Triton vs reference (the default); cpu: --backends compared on the CPU")
+    p.add_argument("--backends", default="reference,gather", help="CPU backends, comma-separated (--device cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    p.add_argument("--cpu-case", nargs=4, metavar=("LQ", "BACKEND", "DTYPE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    cpu = args.device == "cpu" or args.cpu_case
+    args.iters = args.iters if args.iters is not None else (3 if cpu else 100)
+    args.warmup = args.warmup if args.warmup is not None else (1 if cpu else 20)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_case:
+        lq, backend, dtype_name, mode = args.cpu_case
+        print(json.dumps(cpu_case(int(lq), backend, dtype_name, mode, args.iters, args.warmup, args.locations)))
+        return 0
+    if args.device == "cpu":
+        return cpu_main(args)
+    args.dtypes = args.dtypes or ["fp32", "bf16"]
 
     if not torch.cuda.is_available():
         sys.exit("bench/msda.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")

@@ -66,3 +66,26 @@ def test_backend_validation():
     value, shapes, starts, loc, weights = make()
     with pytest.raises(ValueError, match="unknown ms_deform_attn backend"):
         ms_deform_attn(value, shapes, starts, loc, weights, backend="cuda")
+
+
+def test_auto_backend_is_gather_on_cpu_and_under_deterministic_algorithms_on_cuda():
+    """On the CPU "auto" runs the gather formulation (the reference's result, faster); on CUDA it
+    runs Triton, except under torch.use_deterministic_algorithms, whose atomic backward refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from msdetr.kernels import _auto_backend
+
+    value, shapes, starts, loc, weights = make()
+    assert _auto_backend(value) == "gather"
+    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, weights),
+                               ms_deform_attn(value, shapes, starts, loc, weights, backend="reference"),
+                               rtol=1e-10, atol=1e-10)
+    with FakeTensorMode():
+        on_cuda = torch.empty(1, 4, 1, 2, device="cuda")  # a fake CUDA tensor: no GPU needed
+    assert _auto_backend(on_cuda) == "triton"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _auto_backend(on_cuda) == "gather"
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -329,9 +329,9 @@ def check_deterministic(op: str = "msdetr::ms_deform_attn_bwd") -> None:
     if not torch.are_deterministic_algorithms_enabled():
         return
     message = (f"{op} (Triton) adds the value gradient with atomics, which is not deterministic, but "
-               "torch.use_deterministic_algorithms(True) is set; pass warn_only=True to it to run anyway "
-               "with this warning, turn determinism off around the backward, or use "
-               "backend='reference' on CPU.")
+               "torch.use_deterministic_algorithms(True) is set; use attn_backend='auto' (which then "
+               "picks the deterministic 'gather' backend) or 'gather', or pass warn_only=True to it to "
+               "run Triton anyway with this warning.")
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, UserWarning, stacklevel=2)
         return
