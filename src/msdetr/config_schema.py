@@ -142,10 +142,29 @@ class PostprocessConfig:
     pre_topk: int = spec(at_least(1))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class ModelConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # torch.compile of the detector (DetectionModule's compile_* arguments)
+    compile: bool = spec()
+    compile_mode: Optional[str] = spec(Rule(", ".join(repr(m) for m in COMPILE_MODES), lambda v: v in COMPILE_MODES))
+    compile_dynamic: Optional[bool] = spec()
+    compile_backend: str = spec(Rule("a torch.compile backend name ('inductor', 'aot_eager', 'eager')",
+                                     lambda v: v.strip() != ""))
+
+    @staticmethod
+    def check(node: DictConfig, path: str) -> Optional[str]:
+        """Across fields: a compile mode is an inductor setting."""
+        if OmegaConf.is_missing(node, "compile_mode") or OmegaConf.is_missing(node, "compile_backend"):
+            return None
+        if node.compile_mode is not None and node.compile_backend != "inductor":
+            return (f"{path}compile_mode={node.compile_mode} is not allowed with {path}compile_backend="
+                    f"{node.compile_backend}: a mode is an inductor setting, so set {path}compile_mode=null.")
+        return None
 
 
 @dataclass

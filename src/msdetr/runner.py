@@ -108,8 +108,13 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     criterion = instantiate(cfg.matcher.criterion)
     postprocess = instantiate(cfg.model.postprocess)
     optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
+    # torch.compile of the detector, applied by the module's configure_model (configs without these keys: eager)
+    compile_args = dict(compile_model=bool(cfg.model.get("compile", False)),
+                        compile_mode=cfg.model.get("compile_mode"),
+                        compile_dynamic=cfg.model.get("compile_dynamic", True),
+                        compile_backend=cfg.model.get("compile_backend", "inductor"))
     return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
-                           seed=cfg.get("seed"), **optim)
+                           seed=cfg.get("seed"), **optim, **compile_args)
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
@@ -130,12 +135,17 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
 
 
 _RESUME_MUST_MATCH = ("matcher", "model")  # the matcher first: it also sets model options
+# How the model runs, not what it is: a resume may change these (and checkpoints from before they existed lack them).
+_RESUME_MAY_CHANGE = {"model.compile", "model.compile_mode", "model.compile_dynamic", "model.compile_backend",
+                      "model.detector.attn_backend"}
 
 
 def _first_difference(saved, current, path: str = ""):
     """The first key path where two plain configs differ, with both values (None if equal)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         for key in sorted(set(saved) | set(current), key=str):
+            if (f"{path}.{key}" if path else str(key)) in _RESUME_MAY_CHANGE:
+                continue
             found = _first_difference(saved.get(key, "<absent>"), current.get(key, "<absent>"),
                                       f"{path}.{key}" if path else str(key))
             if found:
