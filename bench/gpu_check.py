@@ -218,29 +218,44 @@ def _markdown_table(text: str) -> dict:
     return {"header": cells[0], "rows": cells[1:]} if cells else {"header": [], "rows": []}
 
 
+def _run_bench(script: str, cli: list[str], timeout: float, interpret: bool = False) -> dict:
+    """bench/<script> in a subprocess -> its markdown table and '#' notes; the rows it printed
+    before a timeout are kept, and a failure or an empty table fails the step."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), *cli]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    if not interpret:
+        env.pop("TRITON_INTERPRET", None)
+    print("$ " + " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+        proc = subprocess.CompletedProcess(cmd, f"timed out after {timeout} s", text(exc.stdout),
+                                           text(exc.stderr) + f"\nstopped after {timeout} s")
+    print(proc.stdout)
+    print(proc.stderr, file=sys.stderr)
+    result = _markdown_table(proc.stdout)
+    result["notes"] = [ln for ln in proc.stdout.splitlines() if ln.startswith(("#", "DRAM"))]
+    if proc.returncode != 0 or not result["rows"]:  # returncode is a string after a timeout
+        raise StepFailed(f"bench/{script} exited {proc.returncode}: {proc.stderr.strip()[-500:]}", result)
+    return result
+
+
+def step_infer(args, device):
+    """bench/infer.py: images/s at batch 4, fp32 / bf16, eager / compiled (full size on the GPU)."""
+    if args.dry_run:
+        return _run_bench("infer.py", ["--tiny", "--device", "cpu", "--modes", "eager"], args.infer_timeout)
+    # GPU time is short: every model eager, one of them compiled as well.
+    return _run_bench("infer.py", ["--device", "cuda", "--iters", "10", "--warmup", "2", "--compile-models",
+                                   "ms_detr_pp_900"], args.infer_timeout)
+
+
 def step_msda(args, device):
     if not args.dry_run:
-        cmd = [sys.executable, str(ROOT / "bench" / "msda.py"), "--iters", str(args.msda_iters), "--warmup",
-               str(args.msda_warmup)]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-        env.pop("TRITON_INTERPRET", None)
-        print("$ " + " ".join(cmd), flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.msda_timeout, env=env, cwd=ROOT)
-        except subprocess.TimeoutExpired as exc:
-            # Keep the rows it printed before it was stopped.
-            def text(b):
-                return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
-
-            proc = subprocess.CompletedProcess(cmd, f"timed out after {args.msda_timeout} s", text(exc.stdout),
-                                               text(exc.stderr) + f"\nstopped after {args.msda_timeout} s")
-        print(proc.stdout)
-        print(proc.stderr, file=sys.stderr)
-        result = _markdown_table(proc.stdout)
-        result["notes"] = [ln for ln in proc.stdout.splitlines() if ln.startswith(("#", "DRAM"))]
-        if proc.returncode != 0 or not result["rows"]:  # returncode is a string after a timeout
-            raise StepFailed(f"bench/msda.py exited {proc.returncode}: {proc.stderr.strip()[-500:]}", result)
-        return result
+        return _run_bench("msda.py", ["--iters", str(args.msda_iters), "--warmup", str(args.msda_warmup)],
+                          args.msda_timeout)
     # Dry run: bench/msda.py's own input, floor and autograd helpers at tiny shapes, timed with
     # perf_counter on the CPU (its main() needs CUDA events).
     import msda
@@ -313,33 +328,66 @@ def step_train(args, device):
         batch_txt = "2 images (384x512, 352x480), 20 GTs each, 300 queries, 6 + 6 layers"
     images, mask = images.to(device), mask.to(device)
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-    print(f"# {backbone} two-stage + refine, fp32, {batch_txt}; median of {steps} steps after {warmup} warm-up")
-    header = ["attention", "forward s", "criterion s", "backward s", "step s", "peak memory GiB"]
+    # The dry run goes through every code path (Triton, bf16 autocast, compilation) in 3 variants:
+    # a step of the Triton interpreter costs ~10 s even on the tiny model.
+    variants = ["reference", "triton", "bf16-compiled-reference"] if args.dry_run else list(TRAIN_VARIANTS)
+    extra = ["model.compile_backend=aot_eager"] if args.dry_run else []  # inductor compiles for minutes on a CPU
+    print(f"# {backbone} two-stage + refine, {batch_txt}; median of {steps} steps after {warmup} warm-up "
+          "(compiled: at least 2)")
+    header = ["variant", "forward s", "criterion s", "backward s", "step s", "speed-up vs reference",
+              "peak memory GiB", "warm-up s"]
     print("| " + " | ".join(header) + " |")
-    rows = []
-    for backend in ("triton", "reference"):
-        torch.manual_seed(0)
-        module = _build_train_module(backbone, overrides).to(device).train()
-        module.model.set_attn_backend(backend)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        med = train_step.time_step(module, images, mask, targets, steps, warmup, device)
+    rows, failed, base = [], [], None
+    for variant in variants:
+        try:
+            torch.manual_seed(0)
+            module = _build_train_module(backbone, [*overrides, *train_step.variant_overrides(variant), *extra])
+            module = module.to(device).train()
+            module.configure_model()  # compiles the detector for the compiled variants
+            autocast = train_step.variant_autocast(variant)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            n_warm = max(warmup, 2) if module.detector_compiled else warmup
+            train_step.time_step(module, images, mask, targets, 0, n_warm, device, autocast)
+            warm_s = time.perf_counter() - start
+            med = train_step.time_step(module, images, mask, targets, steps, 0, device, autocast)
+        except Exception as exc:  # one variant failing (a compile error) leaves the others measured
+            failed.append(f"{variant}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            rows.append([variant, "failed", "", "", "", "", "", ""])
+            print("| " + " | ".join(rows[-1]) + " |", flush=True)
+            continue
+        step_s = sum(med.values())
+        base = step_s if variant == "reference" else base
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device.type == "cuda" else "n/a (cpu)"
-        rows.append([backend, *(f"{med[k]:.3f}" for k in ("forward", "criterion", "backward")),
-                     f"{sum(med.values()):.3f}", peak])
+        rows.append([variant, *(f"{med[k]:.3f}" for k in ("forward", "criterion", "backward")), f"{step_s:.3f}",
+                     "", peak, f"{warm_s:.1f}"])
         print("| " + " | ".join(rows[-1]) + " |", flush=True)
         del module
-    return {"header": header, "rows": rows, "notes": [f"{backbone} two-stage + refine, fp32, {batch_txt}; "
-                                                      f"median of {steps} steps after {warmup} warm-up; peak = "
-                                                      "torch.cuda.max_memory_allocated over warm-up and steps"]}
+    for row in rows:  # the ratio column once the reference row is known
+        if base and row[1] != "failed":
+            row[5] = f"{base / float(row[4]):.2f}"
+    result = {"header": header, "rows": rows,
+              "notes": [f"{backbone} two-stage + refine, {batch_txt}; median of {steps} steps after {warmup} warm-up; "
+                        "bf16 = forward and criterion under bf16 autocast (trainer.precision=bf16-mixed); compiled = "
+                        "model.compile=true (dynamic shapes)" + (", aot_eager backend in the dry run" if extra else "")
+                        + "; peak = torch.cuda.max_memory_allocated over warm-up and steps", *failed]}
+    if failed:
+        raise StepFailed(f"{len(failed)} of {len(variants)} variants failed", result)
+    return result
+
+
+# The training-step variants of bench/train_step.py's --compare that the GPU check measures.
+TRAIN_VARIANTS = ("reference", "triton", "bf16-reference", "bf16-triton", "compiled-triton", "bf16-compiled-triton")
 
 
 STEPS = [
     ("environment", "Environment", step_environment),
     ("kernel", "Kernel correctness: Triton vs float64 reference", step_kernel),
     ("msda", "bench/msda.py", step_msda),
-    ("train_step", "bench/train_step.py: attention backend triton vs reference", step_train),
+    ("train_step", "bench/train_step.py: fp32 / bf16, eager / compiled, Triton vs reference attention", step_train),
+    ("infer", "bench/infer.py: images per second", step_infer),
 ]
 
 
@@ -410,6 +458,7 @@ def main(argv=None) -> int:
     p.add_argument("--msda-iters", type=int, default=50)
     p.add_argument("--msda-warmup", type=int, default=10)
     p.add_argument("--msda-timeout", type=int, default=300, help="seconds before bench/msda.py is stopped")
+    p.add_argument("--infer-timeout", type=int, default=240, help="seconds before bench/infer.py is stopped")
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--train-warmup", type=int, default=2)
     args = p.parse_args(argv)

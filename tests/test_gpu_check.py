@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["## Environment", "## Kernel correctness", "## bench/msda.py", "## bench/train_step.py", "## Failures"]
+SECTIONS = ["## Environment", "## Kernel correctness", "## bench/msda.py", "## bench/train_step.py",
+            "## bench/infer.py", "## Failures"]
 
 
 def test_dry_run_runs_every_step(tmp_path):
@@ -18,7 +19,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
-    assert [s["step"] for s in summary["steps"]] == ["environment", "kernel", "msda", "train_step"]
+    assert [s["step"] for s in summary["steps"]] == ["environment", "kernel", "msda", "train_step", "infer"]
     for step in summary["steps"]:
         assert step["status"] == "ok", step
         assert step["result"]["rows"], step
@@ -27,7 +28,10 @@ def test_dry_run_runs_every_step(tmp_path):
     assert {row[1] for row in kernel["rows"]} == {"fp32", "bf16", "fp16"}
     assert all(row[-1] == "pass" for row in kernel["rows"])
     assert any("gradcheck" in note and "pass" in note for note in kernel["notes"])
-    assert {row[0] for row in summary["steps"][3]["result"]["rows"]} == {"triton", "reference"}
+    assert {row[0] for row in summary["steps"][3]["result"]["rows"]} == {"triton", "reference",
+                                                                         "bf16-compiled-reference"}
+    assert {row[0] for row in summary["steps"][4]["result"]["rows"]} == {
+        "model=deformable_detr_two_stage_refine", "experiment=ms_detr_pp_900", "model=deta"}
     results = (out / "RESULTS-gpu.md").read_text()
     assert "Device: " in results and "Date: " in results
     for section in SECTIONS:
