@@ -190,21 +190,6 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
         torch.testing.assert_close(value, state[name], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("override, sentence", [
-    ("model.compile=maybe", "model.compile=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
-    ("model.compile_mode=fast", "model.compile_mode=fast is not allowed: use 'default', 'reduce-overhead', "
-                                "'max-autotune', 'max-autotune-no-cudagraphs' or null."),
-    ("model.compile_dynamic=sometimes",
-     "model.compile_dynamic=sometimes is not allowed: Value 'sometimes' is not a valid bool (type str)."),
-    ("model.compile_backend=", "model.compile_backend= is not allowed: use a torch.compile backend name "
-                               "('inductor', 'aot_eager', 'eager')."),
-])
-def test_compile_options_are_checked_in_one_sentence(override, sentence):
-    with pytest.raises(ConfigValidationError) as err:
-        validate(compose_cfg(override))
-    assert str(err.value) == sentence
-
-
 def test_compile_mode_needs_inductor():
     with pytest.raises(ConfigValidationError, match=r"^model.compile_mode=max-autotune is not allowed with "
                                                     r"model.compile_backend=aot_eager: .*\.$"):

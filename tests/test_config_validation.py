@@ -71,6 +71,13 @@ def test_validation_leaves_the_config_as_composed():
      "model.detector.hidden_dim=100 is not allowed: use a multiple of model.detector.nheads=8."),
     ("trainer.devices=0", "trainer.devices=0 is not allowed: use a count >= 1, -1 (all devices), 'auto' or a list "
                           "of device indices."),
+    ("model.compile=maybe", "model.compile=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
+    ("model.compile_mode=fast", "model.compile_mode=fast is not allowed: use 'default', 'reduce-overhead', "
+                                "'max-autotune', 'max-autotune-no-cudagraphs' or null."),
+    ("model.compile_dynamic=sometimes",
+     "model.compile_dynamic=sometimes is not allowed: Value 'sometimes' is not a valid bool (type str)."),
+    ("model.compile_backend=", "model.compile_backend= is not allowed: use a torch.compile backend name "
+                               "('inductor', 'aot_eager', 'eager')."),
 ])
 def test_a_wrong_value_is_one_sentence(override, sentence):
     with pytest.raises(ConfigValidationError) as err:

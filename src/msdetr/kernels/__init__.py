@@ -1,15 +1,14 @@
 """The multi-scale deformable attention op: one public function, several backends."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
+from .levels import Shapes, level_shapes
 from .reference import ms_deform_attn_reference
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "BACKENDS"]
-
-Shapes = Sequence[tuple[int, int]]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "level_shapes", "Shapes", "BACKENDS"]
 
 
 def _triton_op():
@@ -73,7 +72,7 @@ def _auto_backend(value: torch.Tensor) -> str:
 
 def _checked_shapes(shapes: Shapes, value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """`shapes` as a tuple of (H, W) Python ints, checked against the tensors' shapes (no device read)."""
-    shapes = tuple((h, w) for h, w in shapes)  # no int(): sizes may be symbolic under torch.compile
+    shapes = level_shapes(shapes)
     tokens = sum(h * w for h, w in shapes)
     if value.shape[1] != tokens or sampling_locations.shape[3] != len(shapes):
         raise ValueError(

@@ -31,15 +31,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .levels import level_shapes
+
 __all__ = ["ms_deform_attn_gather"]
 
 _STRATEGY = None  # value-gradient strategy override for benchmarks: "merged" or "keyed"
-
-
-def _level_shapes(shapes) -> tuple[tuple[int, int], ...]:
-    if isinstance(shapes, torch.Tensor):
-        shapes = shapes.tolist()
-    return tuple((int(h), int(w)) for h, w in shapes)
 
 
 def ms_deform_attn_gather(
@@ -55,7 +51,7 @@ def ms_deform_attn_gather(
     Returns (N, Lq, M * D) in value's dtype, computed in float64 for float64 values and in float32
     otherwise. Differentiable in all three tensors.
     """
-    levels = _level_shapes(shapes)
+    levels = level_shapes(shapes)
     if value.dim() != 4:
         raise ValueError(f"value must be (N, S, M, D), got shape {tuple(value.shape)}.")
     n, s, m, d = value.shape

@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .levels import level_shapes
+
 
 def ms_deform_attn_reference(
     value: torch.Tensor,
@@ -25,8 +27,7 @@ def ms_deform_attn_reference(
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     # Python ints so the per-level split works without a device sync per level.
-    if shapes is None:
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes if shapes is None else shapes)
     value_list = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample's align_corners=False convention: pixel centre i sits at (2i + 1) / W - 1.
     grids = 2 * sampling_locations.to(compute) - 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,25 +9,13 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from ..box_ops import cxcywh_to_xyxy, inverse_sigmoid
+from ..kernels import Shapes, level_shapes
 from .attention import MSDeformAttn
 from .position_encoding import box_sine_embedding
 
 
-Shapes = Sequence[tuple[int, int]]
-
-
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
-
-
-def level_shapes(spatial_shapes: torch.Tensor | Shapes) -> tuple[tuple[int, int], ...]:
-    """The levels' (H, W) as Python ints. The model passes them down as such (derived from the
-    feature maps' shapes); a (L, 2) tensor is still accepted and read (a device sync on a GPU)."""
-    if isinstance(spatial_shapes, torch.Tensor):
-        return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
-    # No int(): under torch.compile the sizes are symbolic, and int() would specialize the graph to
-    # one image size (a recompile for every new size).
-    return tuple((h, w) for h, w in spatial_shapes)
 
 
 class FFN(nn.Module):
