@@ -10,10 +10,10 @@ def main(cfg: DictConfig) -> float:
     validate(cfg)  # a wrong type or range stops here, in one sentence
     # Imported only now: msdetr.runner loads Lightning and the models (10-20 s), which a config
     # mistake should not have to wait for.
-    from msdetr.runner import train
+    from msdetr.runner import optimized_value, train
 
     metrics = train(cfg)
-    return metrics.get("AP", 0.0)  # the value a Hydra sweeper optimizes
+    return optimized_value(cfg, metrics)  # the value a Hydra sweeper optimizes (optimized_metric)
 
 
 if __name__ == "__main__":

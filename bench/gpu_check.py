@@ -311,8 +311,8 @@ def step_train(args, device):
 
     if args.dry_run:
         backbone, steps, warmup, gts = "resnet18", 1, 0, 3
-        overrides = ["model.detector.enc_layers=1", "model.detector.dec_layers=1", "model.detector.num_queries=10",
-                     "model.detector.dim_feedforward=64"]
+        overrides = ["model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=1", "model.num_queries=10",
+                     "model.dim_feedforward=64"]
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(2, 3, 64, 64, generator=generator)
         mask = torch.zeros(2, 64, 64, dtype=torch.bool)

@@ -33,8 +33,8 @@ MODELS = {
     "deta": (["~experiment", "model=deta", "matcher=hungarian"], "model=deta"),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-TINY = ["model.detector.hidden_dim=32", "model.detector.nheads=2", "model.detector.enc_layers=1",
-        "model.detector.dec_layers=1", "model.detector.dim_feedforward=32", "model.detector.num_queries=12",
+TINY = ["model.hidden_dim=32", "model.nheads=2", "model.detector.encoder.num_layers=1",
+        "model.detector.decoder.num_layers=1", "model.dim_feedforward=32", "model.num_queries=12",
         "model.postprocess.num_select=10"]
 
 

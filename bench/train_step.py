@@ -53,6 +53,10 @@ def build(matcher: str, model: str, backbone: str, num_classes: int, experiment:
             *chosen, "data=coco", f"data.num_classes={num_classes}",
             f"model.detector.backbone.name={backbone}", "model.detector.backbone.pretrained=false", *overrides,
         ])
+    if "groups" in cfg.model.detector.training_queries and cfg.model.detector.queries.get("mixed_selection") is False:
+        # Group DETR's groups share the two-stage proposals, so they need learned content (the model
+        # refuses otherwise): the one change to the model this row makes.
+        cfg.model.detector.queries.mixed_selection = True
     return build_module(cfg)
 
 
@@ -122,7 +126,7 @@ def variant_overrides(variant: str) -> list[str]:
             ("compiled" in words and "eager" in words):
         raise SystemExit(f"--compare variant {variant!r}: use [bf16-][compiled-[static-]]<attention backend> "
                          "(reference, gather, triton, ...), or eager / compiled.")
-    overrides = [f"model.detector.attn_backend={backends[0] if backends else 'reference'}"]
+    overrides = [f"model.attn_backend={backends[0] if backends else 'reference'}"]
     if "compiled" in words:
         overrides.append("model.compile=true")
         if "static" in words:

@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch._dynamo.utils import counters
 
+from detectors import tiny_detector
 from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.runner import build_datamodule, build_module, build_trainer, check_resume_config
 
@@ -17,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # MS-DETR++ (two-stage, refine, mixed selection, look-forward-twice, one-to-many stream) at toy size.
 TINY_PP = [
     "experiment=ms_detr_pp_300", "data.num_classes=5", "model.detector.backbone.name=resnet18",
-    "model.detector.backbone.pretrained=false", "model.detector.num_queries=10", "model.detector.hidden_dim=32",
-    "model.detector.nheads=4", "model.detector.enc_layers=1", "model.detector.dec_layers=1",
-    "model.detector.dim_feedforward=32", "model.detector.attn_backend=reference",
+    "model.detector.backbone.pretrained=false", "model.num_queries=10", "model.hidden_dim=32",
+    "model.nheads=4", "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=1",
+    "model.dim_feedforward=32", "model.attn_backend=reference",
     # A frozen backbone halves the joint graph the compilation traces (its forward is still compiled).
     "model.detector.backbone.train_backbone=false",
 ]
@@ -131,9 +132,9 @@ def test_triton_attention_is_one_op_in_the_graph():
     from msdetr.models import Backbone, DeformableDETR
 
     fresh_counters()
-    model = DeformableDETR(Backbone("resnet18", pretrained=False), num_classes=5, num_queries=4, hidden_dim=32,
+    model = tiny_detector(num_classes=5, num_queries=4, hidden_dim=32,
                            nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, dropout=0.0,
-                           two_stage=True, with_box_refine=True, attn_backend="triton").eval()
+                           two_stage=True, box_refine=True, attn_backend="triton").eval()
     images, mask, _ = make_batch(2, 64, 96, seed=3)
     graphs = []
     compiled = torch.compile(model, backend=_graph_backend(graphs), dynamic=False, fullgraph=True)
@@ -157,14 +158,14 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
     # Dynamo's capture only (the eager backend), static shapes: the wiring, fast; the dynamic-shape
     # compilation and its numerics are the test above.
     overrides = [
-        "model.detector.num_queries=10", "model.detector.hidden_dim=32", "model.detector.nheads=4",
-        "model.detector.enc_layers=1", "model.detector.dec_layers=1", "model.detector.dim_feedforward=32",
+        "model.num_queries=10", "model.hidden_dim=32", "model.nheads=4",
+        "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
         "model.postprocess.num_select=10", "data.synthetic_train=2", "data.synthetic_val=2", "data.batch_size=2",
         "data.num_workers=0", "data.train_scales=[64]", "data.max_size=80", "data.crop_resize=[64]",
         "data.crop_size=[48,64]", "data.eval_size=64", "logger=none", "callbacks=none",
         "trainer.fast_dev_run=1", f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
         "model.compile=true", "model.compile_backend=eager", "model.compile_dynamic=false",
-        "model.detector.attn_backend=reference",  # `auto` is `gather` on the CPU, whose nonzero breaks the graph
+        "model.attn_backend=reference",  # `auto` is `gather` on the CPU, whose nonzero breaks the graph
     ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -222,6 +223,6 @@ def test_resume_may_switch_compile(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save({"msdetr_config": saved, "global_step": 7}, path)
     assert check_resume_config(compose_cfg("model.compile=true", "model.compile_backend=aot_eager"), path) == 7
-    assert check_resume_config(compose_cfg("model.detector.attn_backend=reference"), path) == 7
-    with pytest.raises(ValueError, match="model.detector.num_queries"):
-        check_resume_config(compose_cfg("model.detector.num_queries=5"), path)
+    assert check_resume_config(compose_cfg("model.attn_backend=reference"), path) == 7
+    with pytest.raises(ValueError, match="model.num_queries"):
+        check_resume_config(compose_cfg("model.num_queries=5"), path)

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from msdetr.config_schema import ConfigValidationError, RunConfig, validate
+from msdetr.config_schema import ATTN_BACKENDS, ConfigValidationError, RunConfig, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -53,7 +53,7 @@ def test_validation_leaves_the_config_as_composed():
 @pytest.mark.parametrize("override, sentence", [
     ("trainer.max_epochs=abc",
      "trainer.max_epochs=abc is not allowed: Value 'abc' of type 'str' could not be converted to Integer."),
-    ("model.detector.num_queries=0", "model.detector.num_queries=0 is not allowed: use an integer >= 1."),
+    ("model.num_queries=0", "model.num_queries=0 is not allowed: use an integer >= 1."),
     ("schedule.optim.lr=-1", "schedule.optim.lr=-1 is not allowed: use a number > 0."),
     ("data.batch_size=0", "data.batch_size=0 is not allowed: use an integer >= 1."),
     # trainer.max_epochs interpolates schedule.epochs: the error names the key that was set
@@ -64,11 +64,17 @@ def test_validation_leaves_the_config_as_composed():
     ("data.train_scales=[96,0]", "data.train_scales[1]=0 is not allowed: use an integer >= 1."),
     ("data.train_scales=[96,x]",
      "data.train_scales[1]=x is not allowed: Value 'x' of type 'str' could not be converted to Integer."),
-    ("model.detector.dropout=1", "model.detector.dropout=1 is not allowed: use a number in [0, 1)."),
-    ("model.detector.two_stage=maybe",
-     "model.detector.two_stage=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
-    ("model.detector.hidden_dim=100",
-     "model.detector.hidden_dim=100 is not allowed: use a multiple of model.detector.nheads=8."),
+    ("model.dropout=1", "model.dropout=1 is not allowed: use a number in [0, 1)."),
+    ("model.detector.box_refine=maybe",
+     "model.detector.box_refine=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
+    ("model.detector.decoder.num_layers=0", "model.detector.decoder.num_layers=0 is not allowed: use an integer >= 1."),
+    ("model.detector.encoder.layer.n_points=0",
+     "model.detector.encoder.layer.n_points=0 is not allowed: use an integer >= 1."),
+    ("model.attn_backend=cuda", "model.attn_backend=cuda is not allowed: use 'auto', 'triton', 'reference', 'gather'."),
+    ("model=deta model.detector.queries.iou_threshold=2",
+     "model.detector.queries.iou_threshold=2 is not allowed: use a number in [0, 1]."),
+    ("model.hidden_dim=100",
+     "model.hidden_dim=100 is not allowed: use a multiple of model.nheads=8."),
     ("trainer.devices=0", "trainer.devices=0 is not allowed: use a count >= 1, -1 (all devices), 'auto' or a list "
                           "of device indices."),
     ("model.compile=maybe", "model.compile=maybe is not allowed: Value 'maybe' is not a valid bool (type str)."),
@@ -81,7 +87,7 @@ def test_validation_leaves_the_config_as_composed():
 ])
 def test_a_wrong_value_is_one_sentence(override, sentence):
     with pytest.raises(ConfigValidationError) as err:
-        validate(compose_cfg(override))
+        validate(compose_cfg(*override.split()))
     assert str(err.value) == sentence
 
 
@@ -100,8 +106,9 @@ def test_schema_keys_are_the_code_parameters():
 
     from msdetr.data import CocoDataModule
     from msdetr.lit import DetectionModule
-    from msdetr.models import DeformableDETR
+    from msdetr import models
     from msdetr.postprocess import NMSPostProcess, TopKPostProcess
+    from msdetr.kernels import BACKENDS
 
     def params(*classes):
         return set().union(*(inspect.signature(c.__init__).parameters for c in classes))
@@ -110,10 +117,19 @@ def test_schema_keys_are_the_code_parameters():
         return {k for k in section if OmegaConf.is_missing(section, k)}
 
     schema = OmegaConf.structured(RunConfig)
-    assert keys(schema.model.detector) <= params(DeformableDETR)
+    detector = schema.model.detector
+    assert keys(detector) <= params(models.DeformableDETR)
+    assert keys(detector.encoder) <= params(models.DeformableEncoder)
+    assert keys(detector.encoder.layer) <= params(models.EncoderLayer)
+    assert keys(detector.decoder) <= params(models.DeformableDecoder)
+    assert keys(detector.decoder.layer) <= params(models.DecoderLayer)
+    assert keys(detector.queries) <= params(models.LearnedQueries, models.TwoStageQueries, models.NMSTwoStageQueries)
+    # the shared sizes are keys of the model config, and the backends those of the kernels
+    assert keys(schema.model) <= set(OmegaConf.load(CONF / "model" / "deformable_detr.yaml"))
+    assert ATTN_BACKENDS == BACKENDS
     assert keys(schema.model.postprocess) <= params(TopKPostProcess, NMSPostProcess)
     assert keys(schema.data) <= params(CocoDataModule)
-    assert keys(schema.schedule) <= {"epochs", "clip_max_norm"}  # read by the trainer config
+    assert keys(schema.schedule) <= {"epochs", "clip_max_norm"} | (params(DetectionModule) & {"lr_interval"})  # the trainer config's, the module's
     assert keys(schema.schedule.optim) <= params(DetectionModule)
     assert keys(schema.trainer) <= params(L.Trainer)
     top = keys(schema)

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Fixture sizes: ResNet-18, 2 encoder / 3 decoder layers, FFN 512, 60 queries, dropout 0.
 FIXTURE_SIZE = [
     "model.detector.backbone.name=resnet18", "model.detector.backbone.pretrained=false",
-    "model.detector.enc_layers=2", "model.detector.dec_layers=3", "model.detector.dim_feedforward=512",
-    "model.detector.num_queries=60", "model.detector.dropout=0.0", "data.num_classes=91",
+    "model.detector.encoder.num_layers=2", "model.detector.decoder.num_layers=3", "model.dim_feedforward=512",
+    "model.num_queries=60", "model.dropout=0.0", "data.num_classes=91",
 ]
 
 

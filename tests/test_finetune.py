@@ -84,7 +84,7 @@ def test_other_class_count_keeps_fresh_heads(tmp_path, variant, fmt):
     assert f"class_embed.0-{num_heads - 1}" in message
     assert ("class_embed_o2m.0-1" in message) == (variant == "ms_detr_a")
     if "--two_stage" in VARIANTS[variant][0]:  # the encoder head predicts from the memory tokens
-        assert "class_embed.2.weight" in fresh and len(target.model.transformer.decoder.layers) == 2
+        assert "class_embed.2.weight" in fresh and len(target.model.decoder.layers) == 2
 
 
 @pytest.mark.parametrize("fmt", ["official", "lightning"])

@@ -6,7 +6,7 @@
     the post-processing run under it. The few intended host steps are stubbed, each one named
     function: the Hungarian solve (`hungarian.solve_on_host`), the one-to-many cap draw
     (`quality.select_on_host`), the merged-assignment sizes (`criterion.counts_on_host`) and DETA's
-    NMS proposal selection (`DeformableTransformer.select_proposals_nms`). The autograd engine
+    NMS proposal selection (`NMSTwoStageQueries.select`). The autograd engine
     needs a real device for CUDA tensors, so the backward runs under the same mode on fake CPU
     tensors instead (which still rejects every data-dependent read).
 (b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses import criterion as criterion_module
 from msdetr.matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
@@ -31,7 +32,7 @@ from msdetr.matching import hungarian as hungarian_module
 from msdetr.matching import quality as quality_module
 from msdetr.models import Backbone, DeformableDETR
 from msdetr.models.attention import MSDeformAttn
-from msdetr.models.transformer import DeformableTransformer
+from msdetr.models import NMSTwoStageQueries, TwoStageQueries
 from msdetr.postprocess import NMSPostProcess, TopKPostProcess
 
 NUM_CLASSES = 5
@@ -41,7 +42,7 @@ def tiny(**kw) -> DeformableDETR:
     opts = dict(num_classes=NUM_CLASSES, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
                 dim_feedforward=64, dropout=0.0)
     opts.update(kw)
-    return DeformableDETR(Backbone("resnet18", pretrained=False), **opts)
+    return tiny_detector(**opts)
 
 
 def ms_detr_branches(seed=0):
@@ -60,14 +61,14 @@ def deta_branches(seed=0):
 
 
 CASES = {
-    "ms_detr": (dict(two_stage=True, with_box_refine=True, mixed_selection=True, look_forward_twice=True,
+    "ms_detr": (dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True,
                      cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True), ms_detr_branches),
-    "one_stage_o2m": (dict(with_box_refine=True, o2m_tap="output"), ms_detr_branches),
-    "h_detr": (dict(two_stage=True, with_box_refine=True, hybrid_queries=5),
+    "one_stage_o2m": (dict(box_refine=True, o2m_tap="output"), ms_detr_branches),
+    "h_detr": (dict(two_stage=True, box_refine=True, hybrid_queries=5),
                lambda: [Branch("main", HungarianMatcher()),
                         Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
-    "deta": (dict(two_stage=True, with_box_refine=True, pix_trans=True, num_feature_levels=5,
-                  proposal_selection="nms"), deta_branches),
+    "deta": (dict(two_stage=True, box_refine=True, pix_trans=True, num_feature_levels=5,
+                  nms_selection=True), deta_branches),
 }
 
 
@@ -87,10 +88,10 @@ def _counts_stub(counts):
     return [1] * counts.shape[0]
 
 
-def _proposals_stub(self, enc_class, enc_coord_unact, level_ids, k, *args, shapes=None, **kwargs):
+def _proposals_stub(self, enc_class, enc_coord_unact, level_ids, k, shapes=None):
     # NMS keeps a data-dependent number of boxes: the one host step of the model. A fixed-size
     # stand-in with the same output (B, k) lets everything around it run fake.
-    return self.select_proposals(enc_class, k)
+    return TwoStageQueries.select(self, enc_class, enc_coord_unact, level_ids, k, shapes)
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ def host_steps_stubbed(monkeypatch):
     monkeypatch.setattr(hungarian_module, "solve_on_host", _solve_stub)
     monkeypatch.setattr(quality_module, "select_on_host", _select_stub)
     monkeypatch.setattr(criterion_module, "counts_on_host", _counts_stub)
-    monkeypatch.setattr(DeformableTransformer, "select_proposals_nms", _proposals_stub)
+    monkeypatch.setattr(NMSTwoStageQueries, "select", _proposals_stub)
 
 
 def fake_model(mode: FakeTensorMode, model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -458,9 +459,9 @@ def test_proposal_nms_selection_with_python_shapes_matches_level_ids():
     enc_class = torch.round(torch.randn(2, tokens, 2, generator=g))  # ties
     coord = torch.randn(2, tokens, 4, generator=g) * 0.3
     level_ids = torch.cat([torch.full((h * w,), lvl) for lvl, (h, w) in enumerate(shapes)])
-    transformer = DeformableTransformer.__new__(DeformableTransformer)  # the selection uses no parameters
+    selection = NMSTwoStageQueries(num_queries=30, d_model=8, pre_nms_per_level=20, iou_threshold=0.5)
     with SyncCounter() as counter:
-        picks = transformer.select_proposals_nms(enc_class, coord, level_ids, 30, 20, 0.5, shapes=shapes)
-    assert torch.equal(picks, transformer.select_proposals_nms(enc_class, coord, level_ids, 30, 20, 0.5))
+        picks = selection.select(enc_class, coord, level_ids, 30, shapes)
+    assert torch.equal(picks, selection.select(enc_class, coord, level_ids, 30))
     assert picks.shape == (2, 30)
     assert set(counter.counts) == {"torchvision.nms"}  # one NMS per image, nothing else read back

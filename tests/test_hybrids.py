@@ -18,10 +18,10 @@ TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.
 
 VARIANTS = [
     dict(hybrid_queries=11),
-    dict(hybrid_queries=11, two_stage=True, with_box_refine=True),
-    dict(hybrid_queries=11, two_stage=True, with_box_refine=True, mixed_selection=True, look_forward_twice=True),
+    dict(hybrid_queries=11, two_stage=True, box_refine=True),
+    dict(hybrid_queries=11, two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True),
     dict(query_groups=3),
-    dict(query_groups=3, two_stage=True, with_box_refine=True, mixed_selection=True),
+    dict(query_groups=3, two_stage=True, box_refine=True, mixed_selection=True),
 ]
 
 
@@ -31,33 +31,47 @@ def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(kw)
     model = tiny(**kw)
     images, mask = batch()
     out = model(images, mask)
-    extra = 11 if "hybrid_queries" in kw else 2 * 7
+    stream, extra = ("hybrid_outputs", 11) if "hybrid_queries" in kw else ("group_outputs", 2 * 7)
+    assert set(model.output_streams) - {"main"} == {k for k in out if k.endswith("_outputs") and k != "aux_outputs"}
     assert out["pred_logits"].shape == (2, 7, 5)
-    assert out["hybrid_outputs"]["pred_logits"].shape == (2, extra, 5)
-    assert len(out["hybrid_outputs"]["aux_outputs"]) == 1
+    assert out[stream]["pred_logits"].shape == (2, extra, 5)
+    assert len(out[stream]["aux_outputs"]) == 1
     # The self-attention mask isolates the blocks: with dropout 0 the one-to-one outputs of a training
     # forward are exactly the inference outputs, which never see the extra queries.
     model.eval()
     with torch.no_grad():
         ref = model(images, mask)
-    assert "hybrid_outputs" not in ref
+    assert stream not in ref
     torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"], atol=1e-5, rtol=1e-5)
     model.train()
     # ...and gradients of the one-to-one outputs never reach the extra queries' embeddings.
-    if hasattr(model, "query_embed"):
+    block = next(iter(model.training_queries.values()))
+    if block.embed is not None:
         out["pred_logits"].sum().backward()
-        grad = model.query_embed.weight.grad
-        assert grad[7:].abs().max() == 0 and grad[:7].abs().max() > 0
+        assert block.embed.weight.grad is None or block.embed.weight.grad.abs().max() == 0
+        assert model.queries.query_embed.weight.grad.abs().max() > 0
 
 
 def test_groups_share_the_one_to_one_proposals():
     torch.manual_seed(0)
-    model = tiny(query_groups=3, two_stage=True, with_box_refine=True, mixed_selection=True)
+    model = tiny(query_groups=3, two_stage=True, box_refine=True, mixed_selection=True)
     out = model(*batch())
-    refs = out["hybrid_outputs"]["init_reference"]
+    refs = out["group_outputs"]["init_reference"]
     torch.testing.assert_close(refs[:, :7], out["init_reference"])
     torch.testing.assert_close(refs[:, 7:], out["init_reference"])
+
+
+def test_hybrid_queries_take_the_next_ranked_proposals():
+    torch.manual_seed(0)
+    model = tiny(hybrid_queries=11, two_stage=True, box_refine=True)
+    out = model(*batch())
+    enc = out["enc_outputs"]
+    # The one-to-one and then the hybrid queries start from the encoder's best 7 + 11 boxes, in rank order.
+    best = enc["pred_logits"][..., 0].topk(18, dim=1)[1]
+    boxes = torch.gather(enc["pred_boxes"], 1, best[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(out["init_reference"], boxes[:, :7])
+    torch.testing.assert_close(out["hybrid_outputs"]["init_reference"], boxes[:, 7:])
 
 
 def test_group_hungarian_matches_every_group_on_its_own():
@@ -106,12 +120,17 @@ def _compose(*overrides):
 @pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     cfg = _compose(f"model={model}", f"matcher={matcher}", "model.detector.backbone.pretrained=false",
-                   "model.detector.backbone.name=resnet18", "model.detector.num_queries=6",
-                   "model.detector.hidden_dim=32", "model.detector.nheads=2", "model.detector.enc_layers=1",
-                   "model.detector.dec_layers=2", "model.detector.dim_feedforward=32",
-                   *(["model.detector.hybrid_queries=12"] if "h_detr" in matcher else []))
-    one_stage = not cfg.model.detector.two_stage
+                   "model.detector.backbone.name=resnet18", "model.num_queries=6",
+                   "model.hidden_dim=32", "model.nheads=2", "model.detector.encoder.num_layers=1",
+                   "model.detector.decoder.num_layers=2", "model.dim_feedforward=32",
+                   *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
+    one_stage = cfg.model.detector.queries._target_.endswith("LearnedQueries")
     needs_two_stage = matcher in ("deta", "ms_detr_deta", "ms_detr_iou")
+    if matcher == "group_detr" and not one_stage and not cfg.model.detector.queries.mixed_selection:
+        # Groups sharing two-stage proposals need learned content; switching it on silently would change the model.
+        with pytest.raises(Exception, match="mixed_selection=true"):
+            instantiate(cfg.model.detector)
+        return
     model_ = instantiate(cfg.model.detector)
     criterion = instantiate(cfg.matcher.criterion)
     if one_stage and needs_two_stage:
@@ -133,15 +152,36 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
 def test_a_branch_without_its_stream_is_one_sentence():
     model = tiny()
     crit = SetCriterion(5, [Branch("main", HungarianMatcher()), Branch("hybrid_outputs", HungarianMatcher())])
-    with pytest.raises(ValueError, match="hybrid_queries or query_groups"):
+    with pytest.raises(ValueError, match="needs H-DETR's hybrid queries in model.detector.training_queries"):
         DetectionModule(model, crit)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(hybrid_queries=4, query_groups=2), "only one of them"),
-    (dict(query_groups=2, two_stage=True), "mixed_selection=true"),
-    (dict(query_groups=0), "query_groups >= 1"),
-])
-def test_inconsistent_query_blocks_are_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**bad)
+def test_inconsistent_query_blocks_are_refused():
+    from msdetr.models import DeformableDETR, HybridQueries, QueryGroups
+    with pytest.raises(ValueError, match="groups >= 2"):
+        QueryGroups(groups=1)
+    with pytest.raises(ValueError, match="num_queries >= 1"):
+        HybridQueries(num_queries=0)
+    with pytest.raises(ValueError, match="mixed_selection=true"):
+        tiny(query_groups=2, two_stage=True)
+    parts = tiny()
+    with pytest.raises(ValueError, match="training_queries.b and .a both write hybrid_outputs"):
+        DeformableDETR(backbone=parts.backbone, encoder=parts.encoder, decoder=parts.decoder, queries=parts.queries,
+                       num_classes=5, training_queries={"a": HybridQueries(num_queries=3),
+                                                        "b": HybridQueries(num_queries=4)})
+
+
+def test_query_blocks_compose():
+    """H-DETR's hybrid queries and Group DETR's groups side by side: each its own stream, every
+    block invisible to the others, the one-to-one outputs those of inference."""
+    torch.manual_seed(0)
+    model = tiny(hybrid_queries=5, query_groups=3, two_stage=True, box_refine=True, mixed_selection=True)
+    images, mask = batch()
+    out = model(images, mask)
+    assert out["hybrid_outputs"]["pred_boxes"].shape == (2, 5, 4)
+    assert out["group_outputs"]["pred_boxes"].shape == (2, 14, 4)
+    torch.testing.assert_close(out["group_outputs"]["init_reference"][:, :7], out["init_reference"])
+    model.eval()
+    with torch.no_grad():
+        ref = model(images, mask)
+    torch.testing.assert_close(out["pred_logits"], ref["pred_logits"], atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import HungarianMatcher
 from msdetr.models import Backbone, DeformableDETR
@@ -12,7 +13,7 @@ def tiny(**kw):
     opts = dict(num_classes=5, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
                 dim_feedforward=64, dropout=0.0)
     opts.update(kw)
-    return DeformableDETR(Backbone("resnet18", pretrained=False), **opts)
+    return tiny_detector(**opts)
 
 
 def batch(h=64, w=80):
@@ -25,15 +26,15 @@ def batch(h=64, w=80):
 
 @pytest.mark.parametrize("kw", [
     dict(),
-    dict(with_box_refine=True),
-    dict(two_stage=True, with_box_refine=True),
+    dict(box_refine=True),
+    dict(two_stage=True, box_refine=True),
     dict(two_stage=True),
-    dict(two_stage=True, with_box_refine=True, mixed_selection=True, look_forward_twice=True),
-    dict(num_feature_levels=5, two_stage=True, with_box_refine=True, pix_trans=True),
+    dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True),
+    dict(num_feature_levels=5, two_stage=True, box_refine=True, pix_trans=True),
     dict(num_feature_levels=3),
-    dict(two_stage=True, with_box_refine=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
-    dict(two_stage=True, with_box_refine=True, o2m_tap="output", o2m_separate_class_heads=True),
-    dict(two_stage=True, with_box_refine=True, o2m_tap="self_attn"),
+    dict(two_stage=True, box_refine=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
+    dict(two_stage=True, box_refine=True, o2m_tap="output", o2m_class_heads=True),
+    dict(two_stage=True, box_refine=True, o2m_tap="self_attn"),
 ])
 def test_variants_forward_backward(kw):
     model = tiny(**kw)
@@ -54,14 +55,14 @@ def test_variants_forward_backward(kw):
 
 def test_tiny_image_fewer_tokens_than_queries():
     # 32x32 gives 16+4+1+1 = 22 tokens over four levels, fewer than 50 queries: no crash.
-    model = tiny(num_queries=50, two_stage=True, with_box_refine=True)
+    model = tiny(num_queries=50, two_stage=True, box_refine=True)
     out = model(*batch(32, 32))
     assert out["pred_boxes"].shape == (2, 50, 4)
     assert torch.isfinite(out["pred_logits"]).all()
 
 
 def test_criterion_handles_images_without_boxes():
-    model = tiny(two_stage=True, with_box_refine=True)
+    model = tiny(two_stage=True, box_refine=True)
     out = model(*batch())
     matcher = HungarianMatcher()
     crit = SetCriterion(5, [Branch("main", matcher), Branch("enc_outputs", matcher, suffix="_enc", aux=False, binary=True)])
@@ -94,7 +95,7 @@ def test_matcher_is_optimal_on_a_toy_problem():
 def test_criterion_names_a_missing_stream():
     model = tiny()  # one-stage: no encoder outputs
     crit = SetCriterion(5, [Branch("enc_outputs", HungarianMatcher(), suffix="_enc", binary=True)])
-    with pytest.raises(KeyError, match="two_stage=true"):
+    with pytest.raises(KeyError, match="needs a two-stage model"):
         crit(model(*batch()), [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2)
 
 
@@ -107,8 +108,60 @@ def test_postprocess_scales_to_original_size():
     torch.testing.assert_close(det["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))
 
 
-@pytest.mark.parametrize("bad", [dict(mixed_selection=True), dict(look_forward_twice=True),
-                                 dict(pix_trans=True), dict(o2m_tap="nowhere"), dict(aux_ffn=True)])
-def test_inconsistent_options_are_refused(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    (dict(look_forward_twice=True), "look_forward_twice needs box_refine"),
+    (dict(o2m_tap="nowhere"), "unknown o2m_tap"),
+    (dict(aux_ffn=True), "aux_ffn .* set o2m_tap"),
+    (dict(o2m_class_heads=True), "o2m_class_heads needs a one-to-many stream"),
+    (dict(num_feature_levels=2), "fewer than the backbone's 3 outputs"),
+    (dict(query_groups=3, two_stage=True), "mixed_selection=true"),
+])
+def test_inconsistent_options_are_refused(bad, message):
+    with pytest.raises(ValueError, match=message):
         tiny(**bad)
+
+
+def test_parts_of_other_widths_are_refused():
+    from msdetr.models import LearnedQueries
+    model = tiny()
+    with pytest.raises(ValueError, match="the parts disagree.*queries d_model=32"):
+        DeformableDETR(backbone=model.backbone, encoder=model.encoder, decoder=model.decoder,
+                       queries=LearnedQueries(num_queries=7, d_model=32))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(two_stage=True, box_refine=True, mixed_selection=True, o2m_tap="cross_attn", hybrid_queries=4),
+    dict(two_stage=True, box_refine=True, mixed_selection=True, query_groups=2, o2m_tap="output"),
+])
+def test_output_streams_are_what_a_training_forward_returns(kw):
+    """`output_streams` (what matchers are checked against) is derived from the parts, and names
+    exactly the DetectorOutput keys a training forward returns."""
+    from typing import get_type_hints
+
+    from msdetr.models import DetectorOutput
+    model = tiny(**kw)
+    out = model(*batch())
+    declared = get_type_hints(DetectorOutput)
+    assert set(out) <= set(declared)
+    streams = set(model.output_streams) - {"main"}
+    assert streams == {k for k in out if k.endswith("_outputs") and k != "aux_outputs"}
+    assert {"pred_logits", "pred_boxes", "aux_outputs", "init_reference"} <= set(out)
+
+
+def test_state_dict_names_convert_to_the_official_layout_and_back():
+    from msdetr.naming import from_official_name, to_official_name, upgrade_state_dict
+    model = tiny(two_stage=True, box_refine=True, mixed_selection=True, pix_trans=True, o2m_tap="cross_attn",
+                 aux_ffn=True)
+    names = list(model.state_dict())
+    official = [to_official_name(n) for n in names]
+    assert {"transformer.level_embed", "transformer.enc_output.weight", "transformer.pos_trans_norm.bias",
+            "transformer.pix_trans.weight", "query_embed.weight", "transformer.encoder.layers.0.linear1.weight",
+            "transformer.decoder.layers.0.linear3.weight"} <= set(official)
+    assert [from_official_name(n) for n in official] == names
+    # A state dict saved before the detector was composed of parts loads under today's names.
+    legacy = {"model." + n.replace("encoder.level_embed", "transformer.level_embed")
+              .replace("queries.query_embed.", "query_embed.").replace("queries.", "transformer.")
+              .replace("encoder.layers", "transformer.encoder.layers")
+              .replace("decoder.layers", "transformer.decoder.layers"): v for n, v in model.state_dict().items()}
+    assert list(upgrade_state_dict(legacy, "model.")) == ["model." + n for n in names]

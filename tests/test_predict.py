@@ -162,7 +162,7 @@ def test_predict_reads_a_lightning_cli_checkpoint(folder, tmp_path, resolutions,
               f"--trainer.default_root_dir={root}", f"--data.root={tmp_path / 'synthetic'}",
               "--data.synthetic_train=4", "--data.synthetic_val=2", "--data.eval_size=40", "--data.max_size=64",
               "--data.train_scales=[48]", "--data.crop_resize=[48]", "--data.crop_size=[32,48]",
-              "--model.model.init_args.hidden_dim=64", "--model.model.init_args.dim_feedforward=64"])
+              "--model.model.init_args.decoder.init_args.num_layers=1"])
     (ckpt,) = root.rglob("*.ckpt")
     assert (ckpt.parent.parent / "config.yaml").is_file()  # where LightningCLI saved the run's config
     dets = json.loads(run_predict(ckpt, folder, tmp_path / "out").read_text())

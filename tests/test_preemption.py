@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 # 8 training images in batches of 2: 4 steps an epoch, 2 epochs, validation after each.
 RUN = [
-    "model.detector.num_queries=12", "model.detector.hidden_dim=32", "model.detector.enc_layers=1",
-    "model.detector.dec_layers=2", "model.detector.dim_feedforward=32", "model.postprocess.num_select=12",
+    "model.num_queries=12", "model.hidden_dim=32", "model.detector.encoder.num_layers=1",
+    "model.detector.decoder.num_layers=2", "model.dim_feedforward=32", "model.postprocess.num_select=12",
     "model.detector.backbone.pretrained=false", "data.synthetic_train=8", "data.synthetic_val=2",
     "data.batch_size=2", "data.num_workers=0", "data.train_scales=[64,80]", "data.max_size=96",
     "data.crop_resize=[64]", "data.crop_size=[48,64]", "data.eval_size=64", "schedule.epochs=2",

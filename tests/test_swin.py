@@ -4,6 +4,7 @@ import torch
 
 pytest.importorskip("timm")
 
+from detectors import tiny_detector
 from msdetr.lit import DetectionModule  # noqa: E402
 from msdetr.losses import Branch, SetCriterion  # noqa: E402
 from msdetr.matching import HungarianMatcher  # noqa: E402
@@ -18,7 +19,7 @@ TINY = "swin_tiny_patch4_window7_224"
 
 def test_swin_maps_any_image_size():
     torch.manual_seed(0)
-    backbone = SwinBackbone(TINY, drop_path_rate=0.0)
+    backbone = SwinBackbone(name=TINY, drop_path_rate=0.0)
     assert backbone.num_channels == [192, 384, 768] and backbone.strides == [8, 16, 32]
     images, mask = batch(70, 90)  # neither a multiple of the patch size nor of a window
     feats = backbone(images, mask)
@@ -41,22 +42,22 @@ def _microsoft_checkpoint(tmp_path):
 
 def test_swin_loads_local_microsoft_weights(tmp_path):
     reference, path = _microsoft_checkpoint(tmp_path)
-    backbone = SwinBackbone(TINY, pretrained=str(path))
+    backbone = SwinBackbone(name=TINY, pretrained=str(path))
     mine = backbone.body.state_dict()
     for name, tensor in reference.state_dict().items():
         if not name.startswith(("head.", "norm.")):
             torch.testing.assert_close(mine[name], tensor, msg=name)
     with pytest.raises(ValueError, match="do not fit swin_small"):
-        SwinBackbone("swin_small_patch4_window7_224", pretrained=str(path))
+        SwinBackbone(name="swin_small_patch4_window7_224", pretrained=str(path))
     with pytest.raises(FileNotFoundError, match="do not exist"):
-        SwinBackbone(TINY, pretrained=str(tmp_path / "missing.pth"))
+        SwinBackbone(name=TINY, pretrained=str(tmp_path / "missing.pth"))
 
 
 def test_swin_detector_trains_and_round_trips_deta_names():
     torch.manual_seed(0)
-    model = DeformableDETR(SwinBackbone(TINY, drop_path_rate=0.0), num_classes=5, num_queries=7, hidden_dim=64,
+    model = tiny_detector(SwinBackbone(name=TINY, drop_path_rate=0.0), num_classes=5, num_queries=7, hidden_dim=64,
                            nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_feature_levels=5,
-                           two_stage=True, with_box_refine=True, pix_trans=True, proposal_selection="nms")
+                           two_stage=True, box_refine=True, pix_trans=True, nms_selection=True)
     criterion = SetCriterion(5, [Branch("main", HungarianMatcher())])
     module = DetectionModule(model, criterion)
     out = model(*batch(70, 90))
@@ -68,10 +69,10 @@ def test_swin_detector_trains_and_round_trips_deta_names():
     assert "backbone.0.body.layers.3.downsample.reduction.weight" not in official
     assert {f"backbone.0.body.norm{i}.weight" for i in (1, 2, 3)} <= set(official)
     official["backbone.0.body.layers.1.blocks.0.attn.relative_position_index"] = torch.zeros(1)  # saved by DETA
-    fresh = DetectionModule(DeformableDETR(SwinBackbone(TINY, drop_path_rate=0.0), num_classes=5, num_queries=7,
+    fresh = DetectionModule(tiny_detector(SwinBackbone(name=TINY, drop_path_rate=0.0), num_classes=5, num_queries=7,
                                            hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                                           num_feature_levels=5, two_stage=True, with_box_refine=True,
-                                           pix_trans=True, proposal_selection="nms"), criterion)
+                                           num_feature_levels=5, two_stage=True, box_refine=True,
+                                           pix_trans=True, nms_selection=True), criterion)
     load_official_state_dict(fresh, official)
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[name], tensor, msg=name)

@@ -74,7 +74,7 @@ def test_lightning_cli_fit_fast_dev_run(tmp_path):
 
 def test_bf16_forward_backward_keeps_costs_and_losses_fp32():
     torch.manual_seed(0)
-    model = tiny(two_stage=True, with_box_refine=True)
+    model = tiny(two_stage=True, box_refine=True)
     crit = SetCriterion(5, [Branch("main", HungarianMatcher()),
                             Branch("enc_outputs", HungarianMatcher(), suffix="_enc", aux=False, binary=True)])
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},

@@ -1,7 +1,7 @@
 """Types and ranges of the composed Hydra config, checked before anything heavy is imported.
 
 train.py, evaluate.py and predict.py call `validate(cfg)` first thing: a wrong value (a string for
-a number, `model.detector.num_queries=0`, a negative learning rate) then stops the run in one
+a number, `model.num_queries=0`, a negative learning rate) then stops the run in one
 sentence, within seconds, instead of after the Lightning import and the model build, or deep inside
 Lightning, or not at all.
 
@@ -99,40 +99,52 @@ class ScheduleConfig:
     epochs: int = spec(at_least(1))
     clip_max_norm: Optional[float] = spec(at_least(0))
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # `optimizer` and `lr_scheduler` (Hydra `_partial_` configs) pass through unchecked.
+    lr_interval: str = spec(Rule("'epoch' or 'step'", lambda v: v in ("epoch", "step")))
+
+
+@dataclass
+class LayerConfig:
+    n_points: int = spec(at_least(1))
+
+
+@dataclass
+class EncoderConfig:
+    num_layers: int = spec(at_least(1))
+    layer: LayerConfig = field(default_factory=LayerConfig)
+
+
+@dataclass
+class DecoderLayerConfig:
+    n_points: int = spec(at_least(1))
+    cross_attn_first: bool = spec()
+    aux_ffn: bool = spec()
+
+
+@dataclass
+class DecoderConfig:
+    num_layers: int = spec(at_least(1))
+    look_forward_twice: bool = spec()
+    layer: DecoderLayerConfig = field(default_factory=DecoderLayerConfig)
+
+
+@dataclass
+class QueriesConfig:
+    num_queries: int = spec(at_least(1))
+    mixed_selection: bool = spec()
+    pix_trans: bool = spec()
+    pre_nms_per_level: int = spec(at_least(1))
+    iou_threshold: float = spec(in_range(0, 1))
 
 
 @dataclass
 class DetectorConfig:
     num_classes: Optional[int] = spec(at_least(1))
-    num_queries: int = spec(at_least(1))
-    hidden_dim: int = spec(at_least(1))
-    nheads: int = spec(at_least(1))
-    enc_layers: int = spec(at_least(1))
-    dec_layers: int = spec(at_least(1))
-    dim_feedforward: int = spec(at_least(1))
-    dropout: float = spec(in_range(0, 1, high_open=True))
-    num_feature_levels: int = spec(at_least(1))
-    enc_n_points: int = spec(at_least(1))
-    dec_n_points: int = spec(at_least(1))
-    two_stage: bool = spec()
-    with_box_refine: bool = spec()
-    mixed_selection: bool = spec()
-    look_forward_twice: bool = spec()
-    cross_attn_first: bool = spec()
-    aux_ffn: bool = spec()
-    o2m_separate_class_heads: bool = spec()
-    pix_trans: bool = spec()
-    hybrid_queries: int = spec(at_least(0))
-    query_groups: int = spec(at_least(1))
-
-    @staticmethod
-    def check(node: DictConfig, path: str) -> Optional[str]:
-        """Across fields: the attention splits hidden_dim into nheads equal heads."""
-        if not (OmegaConf.is_missing(node, "hidden_dim") or OmegaConf.is_missing(node, "nheads")) \
-                and node.hidden_dim % node.nheads:
-            return (f"{path}hidden_dim={node.hidden_dim} is not allowed: use a multiple of "
-                    f"{path}nheads={node.nheads}.")
-        return None
+    box_refine: bool = spec()
+    o2m_class_heads: bool = spec()
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
 
 
 @dataclass
@@ -145,8 +157,19 @@ class PostprocessConfig:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+ATTN_BACKENDS = ("auto", "triton", "reference", "gather")  # msdetr.kernels.BACKENDS (not imported here: torch)
+
+
 @dataclass
 class ModelConfig:
+    # The sizes the detector's parts share (conf/model/deformable_detr.yaml)
+    hidden_dim: int = spec(at_least(1))
+    nheads: int = spec(at_least(1))
+    num_feature_levels: int = spec(at_least(1))
+    dim_feedforward: int = spec(at_least(1))
+    dropout: float = spec(in_range(0, 1, high_open=True))
+    num_queries: int = spec(at_least(1))
+    attn_backend: str = spec(Rule(", ".join(repr(b) for b in ATTN_BACKENDS), lambda v: v in ATTN_BACKENDS))
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     # torch.compile of the detector (DetectionModule's compile_* arguments)
@@ -158,7 +181,12 @@ class ModelConfig:
 
     @staticmethod
     def check(node: DictConfig, path: str) -> Optional[str]:
-        """Across fields: a compile mode is an inductor setting."""
+        """Across fields: the attention splits hidden_dim into nheads equal heads; a compile mode is an
+        inductor setting."""
+        if not (OmegaConf.is_missing(node, "hidden_dim") or OmegaConf.is_missing(node, "nheads")) \
+                and node.hidden_dim % node.nheads:
+            return (f"{path}hidden_dim={node.hidden_dim} is not allowed: use a multiple of "
+                    f"{path}nheads={node.nheads}.")
         if OmegaConf.is_missing(node, "compile_mode") or OmegaConf.is_missing(node, "compile_backend"):
             return None
         if node.compile_mode is not None and node.compile_backend != "inductor":
@@ -205,6 +233,7 @@ class TrainerConfig:
 class RunConfig:
     """The checked part of train.yaml, evaluate.yaml and predict.yaml (each key where it has it)."""
     seed: Optional[int] = spec()
+    optimized_metric: Optional[str] = spec(Rule("a logged metric name such as 'val/AP'", lambda v: v.strip() != ""))
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

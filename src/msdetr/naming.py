@@ -21,14 +21,39 @@ _FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|n
                        r"(transformer\.decoder\.layers\.\d+\.)(linear3|linear4|norm4)\.")
 
 
+# Where the detector's parts keep what the official model keeps under `transformer` (and its
+# `query_embed`): (official prefix, this project's prefix). Names outside these are the same in both
+# but for the FFN sub-modules (`_FFN`) and the backbone body (timm's Swin names).
+_MOVED = (  # first match wins: the level embedding before the rest of the encoder
+    ("transformer.level_embed", "encoder.level_embed"),
+    ("transformer.encoder.", "encoder."),
+    ("transformer.decoder.layers.", "decoder.layers."),
+    ("transformer.enc_output", "queries.enc_output"),
+    ("transformer.pos_trans", "queries.pos_trans"),
+    ("transformer.pix_trans", "queries.pix_trans"),
+    ("transformer.reference_points.", "queries.reference_points."),
+    ("query_embed.", "queries.query_embed."),
+)
+
+
+def _move(name: str, to_official: bool) -> str:
+    for official, ours in _MOVED:
+        src, dst = (ours, official) if to_official else (official, ours)
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
 def to_official_name(name: str) -> str:
-    name = name.removeprefix("model.")
+    name = _move(name.removeprefix("model."), to_official=True)
     if name.startswith("backbone.body."):
         name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body."):])
     return _FFN.sub(r"\1", name)
 
 
 def from_official_name(name: str) -> str:
+    """This project's name of an official parameter name. Names this project used before the
+    detector was composed of parts (the official `transformer.*` layout) convert the same way."""
     if name.startswith("backbone.0.body."):
         name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body."):])
     def repl(m: re.Match) -> str:
@@ -36,7 +61,15 @@ def from_official_name(name: str) -> str:
             return f"{m.group(5)}aux_ffn.{m.group(6)}."
         return f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}."
 
-    return _FFN_BACK.sub(repl, name)
+    return _move(_FFN_BACK.sub(repl, name), to_official=False)
+
+
+def upgrade_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A state dict saved before the detector was composed of parts (`transformer.*` names) under
+    today's names; today's state dicts come back unchanged. `prefix`: "model." for a module's."""
+    if not any(k.startswith(prefix + "transformer.") or k.startswith(prefix + "query_embed.") for k in state):
+        return dict(state)
+    return {(prefix + from_official_name(k[len(prefix):]) if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
 def head_aliases(model: DeformableDETR) -> list[tuple[str, str, bool]]:

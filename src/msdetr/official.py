@@ -16,7 +16,8 @@ import torch
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
 from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from .models import Backbone, DeformableDETR, SwinBackbone
+from .models import (Backbone, DecoderLayer, DeformableDecoder, DeformableDETR, DeformableEncoder, EncoderLayer,
+                     LearnedQueries, NMSTwoStageQueries, QuerySelection, SwinBackbone, TwoStageQueries)
 from .models.swin import is_swin_buffer
 from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
                      to_official, to_official_name)
@@ -123,28 +124,36 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
     ms_detr = bool(args.get("use_ms_detr"))
     impl_a = ms_detr and any(k.startswith("class_embed_o2m.") for k in keys)
     if args["backbone"] == "swin":  # DETA's Swin-L (models/swin.py there)
-        backbone = SwinBackbone("swin_large_patch4_window12_384", pretrained=pretrained_backbone,
+        backbone = SwinBackbone(name="swin_large_patch4_window12_384", pretrained=pretrained_backbone,
                                 train_backbone=args["lr_backbone"] > 0, drop_path_rate=0.3, checkpointing=True)
     else:
-        backbone = Backbone(args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
+        backbone = Backbone(name=args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
                             return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
-    return DeformableDETR(
-        backbone, num_classes=num_classes, num_queries=args["num_queries"], hidden_dim=args["hidden_dim"],
-        nheads=args["nheads"], enc_layers=args["enc_layers"], dec_layers=args["dec_layers"],
-        dim_feedforward=args["dim_feedforward"], dropout=args["dropout"],
-        num_feature_levels=args["num_feature_levels"], enc_n_points=args["enc_n_points"],
-        dec_n_points=args["dec_n_points"], two_stage=args["two_stage"], with_box_refine=args["with_box_refine"],
-        mixed_selection=args["mixed_selection"], look_forward_twice=args["look_forward_twice"],
-        # MS-DETR root code = Figure 4 (c): cross-attention first, o2m tapped after it; impl_a = (a).
-        cross_attn_first=ms_detr and not impl_a,
-        o2m_tap=("output" if impl_a else "cross_attn") if ms_detr else None,
-        aux_ffn=ms_detr and not impl_a and bool(args.get("use_aux_ffn")),
-        o2m_separate_class_heads=impl_a,
+    width = dict(d_model=args["hidden_dim"], n_heads=args["nheads"], n_levels=args["num_feature_levels"],
+                 d_ffn=args["dim_feedforward"], dropout=args["dropout"])
+    encoder = DeformableEncoder(layer=EncoderLayer(**width, n_points=args["enc_n_points"]),
+                                num_layers=args["enc_layers"])
+    # MS-DETR root code = Figure 4 (c): cross-attention first, o2m tapped after it; impl_a = (a).
+    decoder_layer = DecoderLayer(**width, n_points=args["dec_n_points"], cross_attn_first=ms_detr and not impl_a,
+                                 o2m_tap=("output" if impl_a else "cross_attn") if ms_detr else None,
+                                 aux_ffn=ms_detr and not impl_a and bool(args.get("use_aux_ffn")))
+    decoder = DeformableDecoder(layer=decoder_layer, num_layers=args["dec_layers"],
+                                look_forward_twice=args["look_forward_twice"])
+    queries: QuerySelection
+    if args["two_stage"]:
         # DETA's two-stage queries always add the selected tokens' features; its checkpoints say so.
-        pix_trans=args["two_stage"] and (any(k.startswith("transformer.pix_trans.") for k in keys)
-                                         or bool(args["assign_first_stage"] or args["assign_second_stage"])),
-        proposal_selection="nms" if args["assign_first_stage"] else "topk",
-    )
+        pix_trans = (any(k.startswith("transformer.pix_trans.") for k in keys)
+                     or bool(args["assign_first_stage"] or args["assign_second_stage"]))
+        selection = NMSTwoStageQueries if args["assign_first_stage"] else TwoStageQueries
+        queries = selection(num_queries=args["num_queries"], d_model=args["hidden_dim"],
+                            mixed_selection=args["mixed_selection"], pix_trans=pix_trans)
+    else:
+        if args["mixed_selection"]:
+            raise ValueError("the official flags set --mixed_selection without --two_stage; mixed selection mixes "
+                             "learned content with two-stage positions.")
+        queries = LearnedQueries(num_queries=args["num_queries"], d_model=args["hidden_dim"])
+    return DeformableDETR(backbone=backbone, encoder=encoder, decoder=decoder, queries=queries,
+                          num_classes=num_classes, box_refine=args["with_box_refine"], o2m_class_heads=impl_a)
 
 
 def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),

@@ -16,12 +16,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .checkpoints import load_weights
+from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
 from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO, Preempted
+from .lit.loggers import check_installed, finish_wandb_run
 
 log = logging.getLogger("msdetr")
 
@@ -56,40 +58,108 @@ def _rank_command(cfg: DictConfig):
     return command
 
 
-@contextlib.contextmanager
-def _launch_context(cfg: DictConfig):
-    """Around a fit / validate: rank > 0 processes rerun this job only (see `_rank_command`); after
-    it, the process group is closed and the launcher variables Lightning leaves in os.environ are
-    restored, so the next job of a sweep starts clean."""
-    from hydra.core.hydra_config import HydraConfig
-    from lightning.pytorch.strategies.launchers import subprocess_script
+# The one private attribute of a dependency msdetr touches (see `_rank_launch_patch`): Lightning's
+# DDP launcher (its `_SubprocessScriptLauncher`) starts ranks > 0 of a Hydra app with the command
+# this module-level function returns.
+_LIGHTNING_RANK_COMMAND = ("lightning.pytorch.strategies.launchers.subprocess_script", "_hydra_subprocess_cmd")
+_LIGHTNING_TESTED = "2.6"
 
-    saved = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
-    original = subprocess_script._hydra_subprocess_cmd
-    if HydraConfig.initialized():
-        subprocess_script._hydra_subprocess_cmd = _rank_command(cfg)
+
+def _launches_rank_processes(trainer: L.Trainer | None) -> bool:
+    """Whether fitting with `trainer` makes Lightning start this node's other rank processes itself
+    (DDP on several devices, no torchrun / SLURM having started them)."""
+    if trainer is None:
+        return True
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    return (trainer.num_devices > 1 and trainer.strategy.launcher is not None and environment is not None
+            and not environment.creates_processes_externally)
+
+
+@contextlib.contextmanager
+def _rank_launch_patch(cfg: DictConfig):
+    """Within it, Lightning starts DDP ranks > 0 with `_rank_command(cfg)` instead of its own Hydra
+    command. Lightning has no public hook for this command, so this replaces a private function;
+    it checks first that the function is still there with the signature relied on, and says what
+    to do, in one sentence, when a Lightning version changed it."""
+    import importlib
+    import inspect
+
+    module_name, attribute = _LIGHTNING_RANK_COMMAND
+    module = importlib.import_module(module_name)
+    original = getattr(module, attribute, None)
+    try:
+        expected = callable(original) and list(inspect.signature(original).parameters) == ["local_rank"]
+    except (TypeError, ValueError):
+        expected = False
+    if not expected:
+        raise RuntimeError(
+            f"this Lightning version ({L.__version__}) changed how it starts DDP ranks under Hydra "
+            f"({module_name}.{attribute}(local_rank) is gone or different), which msdetr replaces so that each "
+            f"rank reruns only its own job; msdetr is tested with lightning {_LIGHTNING_TESTED}.x: pin "
+            f"lightning=={_LIGHTNING_TESTED}.* or start the ranks with torchrun (python -m torch.distributed.run).")
+    setattr(module, attribute, _rank_command(cfg))
     try:
         yield
     finally:
-        subprocess_script._hydra_subprocess_cmd = original
-        # Lightning keeps its process group after fit; the next job of a sweep would reuse it,
-        # with peers that have exited.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        setattr(module, attribute, original)
+
+
+@contextlib.contextmanager
+def _launch_context(cfg: DictConfig, trainer: L.Trainer | None = None):
+    """Around a fit / validate: when Lightning starts the DDP ranks itself under Hydra, rank > 0
+    processes rerun this job only (see `_rank_command`, `_rank_launch_patch`); after it, the W&B run
+    is ended, the process group is closed and the launcher variables Lightning leaves in os.environ
+    are restored, so the next job of a sweep starts clean."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    with contextlib.ExitStack() as stack:
+        if HydraConfig.initialized() and _launches_rank_processes(trainer):
+            stack.enter_context(_rank_launch_patch(cfg))
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            finish_wandb_run(exit_code=1 if failed else 0)  # the next job of a sweep gets its own W&B run
+            # Lightning keeps its process group after fit; the next job of a sweep would reuse it,
+            # with peers that have exited.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _plain_config(cfg: DictConfig) -> dict:
-    """The config as plain values (what a checkpoint stores); unresolvable interpolations (Hydra's,
-    outside a Hydra app) stay as written."""
+    """The config as plain values (what a checkpoint stores and the loggers get as hyperparameters);
+    a value that does not resolve (Hydra's `${hydra:...}` outside a Hydra app, a missing `???`)
+    stays as written, every other one is resolved."""
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
+        return _resolve_each(cfg)
+
+
+def _resolve_each(node):
+    """`_plain_config` key by key: what resolves is resolved, the rest stays as written."""
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return node
+    written = OmegaConf.to_container(node, resolve=False)
+    keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+    out = {} if isinstance(node, DictConfig) else []
+    for key in keys:
+        try:
+            value = _resolve_each(node[key])
+        except Exception:
+            value = written[key]
+        if isinstance(out, dict):
+            out[key] = value
+        else:
+            out.append(value)
+    return out
 
 
 def build_datamodule(cfg: DictConfig):
@@ -113,13 +183,27 @@ def build_module(cfg: DictConfig) -> DetectionModule:
                         compile_mode=cfg.model.get("compile_mode"),
                         compile_dynamic=cfg.model.get("compile_dynamic", True),
                         compile_backend=cfg.model.get("compile_backend", "inductor"))
+    # Another optimizer / LR scheduler: `_partial_` configs called with the parameter groups / the
+    # optimizer (absent or null: AdamW / StepLR-or-MultiStepLR from schedule.optim).
+    schedule = {k: instantiate(cfg.schedule[k]) for k in ("optimizer", "lr_scheduler") if cfg.schedule.get(k) is not None}
     return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
-                           seed=cfg.get("seed"), **optim, **compile_args)
+                           seed=cfg.get("seed"), **optim, **compile_args, **schedule,
+                           lr_interval=cfg.schedule.get("lr_interval", "epoch"))
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The `logger` group's loggers, keyed by name (logger=[csv,wandb] composes both; a key set to
+    null is left out). A logger whose package is missing stops the run here, before any of them
+    starts, in one sentence naming the extra to install."""
+    chosen = {name: c for name, c in (cfg.get("logger") or {}).items() if c is not None}
+    for name, c in chosen.items():
+        check_installed(name, c.get("_target_", ""))
+    return [instantiate(c) for c in chosen.values()]
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or [])]
+    loggers = build_loggers(cfg)
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if overrides.get("fast_dev_run", cfg.trainer.get("fast_dev_run")):
@@ -137,14 +221,21 @@ def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
 _RESUME_MUST_MATCH = ("matcher", "model")  # the matcher first: it also sets model options
 # How the model runs, not what it is: a resume may change these (and checkpoints from before they existed lack them).
 _RESUME_MAY_CHANGE = {"model.compile", "model.compile_mode", "model.compile_dynamic", "model.compile_backend",
-                      "model.detector.attn_backend"}
+                      "model.attn_backend"}
+# ...and the layers' copies of model.attn_backend (the config is compared with interpolations resolved)
+_RESUME_MAY_CHANGE_LEAVES = {"attn_backend"}
 
 
 def _first_difference(saved, current, path: str = ""):
     """The first key path where two plain configs differ, with both values (None if equal)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current), key=str):
-            if (f"{path}.{key}" if path else str(key)) in _RESUME_MAY_CHANGE:
+        # Values before sections: a shared size (model.num_queries) is named rather than its
+        # interpolated copy inside a part (model.detector.queries.num_queries).
+        def order(key):
+            return isinstance(saved.get(key), dict) or isinstance(current.get(key), dict), str(key)
+
+        for key in sorted(set(saved) | set(current), key=order):
+            if (f"{path}.{key}" if path else str(key)) in _RESUME_MAY_CHANGE or key in _RESUME_MAY_CHANGE_LEAVES:
                 continue
             found = _first_difference(saved.get(key, "<absent>"), current.get(key, "<absent>"),
                                       f"{path}.{key}" if path else str(key))
@@ -160,6 +251,12 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     ckpt = read_checkpoint_file(ckpt_path, "a checkpoint to resume", mmap=True)
     saved = ckpt.get("msdetr_config") if isinstance(ckpt, dict) else None
     step = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
+    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    if any(k.startswith("model.transformer.") for k in state):
+        # Its optimizer state lists the parameters in the old order; the weights alone still load.
+        raise ValueError(
+            f"cannot resume from '{ckpt_path}': it was saved before msdetr composed the detector of parts, so its "
+            "optimizer state does not fit; start a new run from its weights with init_from=<checkpoint>.")
     if not saved:
         return step
     current = _plain_config(cfg)
@@ -230,7 +327,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_weights(module, cfg.init_from, fine_tune=True,
                      reset_class_heads=bool(cfg.init_reset_class_heads))
         log.info("initialised from %s", cfg.init_from)
-    with _launch_context(cfg):
+    with _launch_context(cfg, trainer):
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         except SIGTERMException as exc:
@@ -243,12 +340,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of `cfg.optimized_metric` (a logged name, `val/AP`) among a run's final validation
+    `metrics` (`train`'s result, {"AP": ...}): what train.py returns to a Hydra sweeper. A name the
+    validation did not produce is refused in one sentence; a run that never validated returns None
+    with a warning, except in a multirun, where a sweeper may be waiting for the value."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    produced = {f"val/{k}": v for k, v in metrics.items()}
+    if name in produced:
+        return float(produced[name])
+    if not produced:
+        message = (f"optimized_metric={name} has no value: the run ended without a validation (set "
+                   "trainer.check_val_every_n_epoch to divide schedule.epochs).")
+        if _in_multirun():
+            raise ConfigValidationError(message)
+        log.warning(message)
+        return None
+    raise ConfigValidationError(f"optimized_metric={name} is not a metric of this run; its final validation "
+                                f"gave {', '.join(sorted(produced))}.")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     module = build_module(cfg)
+    module.run_config = _plain_config(cfg)  # what the loggers get as hyperparameters
     load_weights(module, cfg.ckpt_path)
     trainer = build_trainer(cfg)
-    with _launch_context(cfg):
+    with _launch_context(cfg, trainer):
         trainer.validate(module, datamodule=dm)
     return dict(module.last_metrics)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 from ..evaluation import CocoMetric
 from ..losses import SetCriterion
 from ..models import DeformableDETR
-from ..naming import official_names
+from ..naming import official_names, upgrade_state_dict
 from ..postprocess import TopKPostProcess
 from . import rng
 
@@ -26,10 +26,19 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
 class DetectionModule(L.LightningModule):
     """Official Deformable-DETR optimisation: AdamW with backbone / linear-projection lr groups,
     LR steps per epoch, COCO evaluation every validation epoch (gradient clipping is the Trainer's
-    `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`).
+    `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`). Another
+    optimizer or LR scheduler comes in as a callable (`optimizer`, `lr_scheduler`: Hydra's
+    `_partial_` configs `schedule.optimizer` / `schedule.lr_scheduler`); the parameter groups stay
+    this module's.
+
+    When fitting or evaluating starts, every logger gets the run's whole config (`run_config`, set
+    by the runner; this module's hyperparameters without one) and the parameter counts
+    (`num_params`) as its hyperparameters.
 
     Args:
-        lr, lr_backbone, weight_decay: AdamW's (official `--lr`, `--lr_backbone`, `--weight_decay`).
+        lr, lr_backbone, weight_decay: AdamW's (official `--lr`, `--lr_backbone`, `--weight_decay`);
+            with `optimizer` given, lr and lr_backbone are still the groups' learning rates, and
+            weight_decay is the `optimizer` callable's to take (the config passes it).
         lr_backbone_names, lr_linear_proj_names: a parameter whose *official* name (the name the
             official code gives it, see `msdetr.official.official_names`) contains one of these
             goes to the backbone group (lr_backbone) or the linear-projection group
@@ -38,6 +47,13 @@ class DetectionModule(L.LightningModule):
         lr_drop_epochs: lr x lr_gamma after each of these epochs (MultiStepLR).
         lr_drop_every: lr x lr_gamma every this many epochs (StepLR, the official `--lr_drop`);
             set lr_drop_epochs to null with it.
+        optimizer: called with the parameter groups (a list of {"params", "lr", "name"}), returns
+            the optimizer; None: AdamW(groups, lr=lr, weight_decay=weight_decay).
+        lr_scheduler: called with the optimizer, returns the LR scheduler, stepped every
+            `lr_interval` ("epoch" or "step"); None: StepLR every lr_drop_every epochs if set, else
+            MultiStepLR at lr_drop_epochs, both x lr_gamma (lr_drop_every needs lr_scheduler None).
+            Neither callable is saved with the hyperparameters (checkpoints stay plain data): a
+            module loaded from a checkpoint has the defaults unless they are passed again.
         seed: the run's seed. Training process `rank` > 0 reseeds torch, numpy, python and the
             assigners' generators with seed + rank when fit starts (the official per-process seed),
             so ranks draw different augmentations and positives; rank 0 keeps the run's stream.
@@ -71,14 +87,28 @@ class DetectionModule(L.LightningModule):
         compile_mode: str | None = None,
         compile_dynamic: bool | None = True,
         compile_backend: str = "inductor",
+        optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        lr_interval: str = "epoch",
     ):
         super().__init__()
+        if lr_scheduler is not None and lr_drop_every is not None:
+            raise ValueError(f"schedule.optim.lr_drop_every={lr_drop_every} sets the built-in StepLR schedule, but "
+                             "schedule.lr_scheduler is set too; give the step in schedule.lr_scheduler "
+                             "(_target_=torch.optim.lr_scheduler.StepLR, step_size=...) or set schedule.lr_scheduler=null.")
+        if lr_interval not in ("epoch", "step"):
+            raise ValueError(f"schedule.lr_interval={lr_interval!r}; use 'epoch' or 'step'.")
         if lr_drop_every is not None and lr_drop_epochs:
             raise ValueError(f"schedule.optim sets both lr_drop_epochs={list(lr_drop_epochs)} and "
                              f"lr_drop_every={lr_drop_every}; keep one (set the other to null).")
         if lr_drop_every is not None and lr_drop_every < 1:
             raise ValueError(f"schedule.optim.lr_drop_every={lr_drop_every}; use a positive number of epochs.")
-        self.save_hyperparameters(ignore=["model", "criterion", "postprocess"])
+        # Plain values only (checkpoints load without unpickling code); the loggers get the whole
+        # run config instead (`log_run_description`), so Lightning's own hparams logging is off.
+        self.save_hyperparameters(ignore=["model", "criterion", "postprocess", "optimizer", "lr_scheduler"],
+                                  logger=False)
+        self._optimizer_factory = optimizer
+        self._scheduler_factory = lr_scheduler
         if hasattr(model, "output_streams"):
             criterion.check_model(model.output_streams)  # a matcher that cannot fit the model fails here
         self.model = model
@@ -124,7 +154,28 @@ class DetectionModule(L.LightningModule):
             torch._dynamo.maybe_mark_dynamic(padding_mask, (0, 1, 2))
         return self.model(images, padding_mask)
 
+    def num_params(self) -> dict:
+        """Parameter counts: total, trainable, and per top-level part of the detector (backbone,
+        transformer, heads, ...)."""
+        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in self.model.named_children()}
+        return {"total": sum(p.numel() for p in self.parameters()),
+                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "parts": {k: v for k, v in parts.items() if v}}
+
+    def log_run_description(self) -> None:
+        """Every logger gets the run's whole config (or, without one, this module's
+        hyperparameters) and `num_params`, as hyperparameters: CSV's hparams.yaml, TensorBoard's
+        hparams, the W&B run's config (so runs filter by matcher, model, lr). Rank 0 writes."""
+        if not self.loggers:
+            return
+        described = dict(self.run_config) if self.run_config else dict(self.hparams)
+        described["num_params"] = self.num_params()
+        for logger in self.loggers:
+            logger.log_hyperparams(described)
+
     def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            self.log_run_description()
         rank = self.global_rank
         if stage == "fit" and self.hparams.seed is not None and rank > 0:
             rng.seed_process(self.hparams.seed + rank)
@@ -144,6 +195,8 @@ class DetectionModule(L.LightningModule):
         checkpoint["msdetr_rng"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" in checkpoint:  # weights saved before the detector was composed of parts
+            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], "model.")
         # A resumed run keeps the config it was started with now; a bare module adopts the saved one.
         self.run_config = self.run_config or checkpoint.get("msdetr_config")
         self.category_names = self.category_names or checkpoint.get("category_names") or {}
@@ -242,12 +295,18 @@ class DetectionModule(L.LightningModule):
             groups[group].append(params[name])
         lrs = {"default": hp.lr, "backbone": hp.lr_backbone, "linear_proj": hp.lr * hp.lr_linear_proj_mult}
         param_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
-        optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.lr_drop_every is not None:
+        if self._optimizer_factory is not None:
+            optimizer = self._optimizer_factory(param_groups)
+        else:
+            optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if self._scheduler_factory is not None:
+            scheduler = self._scheduler_factory(optimizer)
+        elif hp.lr_drop_every is not None:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_drop_every, gamma=hp.lr_gamma)
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_drop_epochs or ()), gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": hp.get("lr_interval", "epoch")}}
 
     # -- evaluation -------------------------------------------------------------------------
     def _coco_gt(self):

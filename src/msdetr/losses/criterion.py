@@ -17,10 +17,14 @@ from ..matching.quality import assign_quality_batch
 Targets = list[dict[str, torch.Tensor]]
 
 _STREAM_HINTS = {
-    "enc_outputs": "the encoder branch needs a two-stage model (model.detector.two_stage=true)",
-    "o2m_outputs": "the one-to-many branch needs model.detector.o2m_tap (set by the ms_detr* matcher configs)",
-    "hybrid_outputs": "this branch needs model.detector.hybrid_queries or query_groups (set by the h_detr and "
-                      "group_detr matcher configs)",
+    "enc_outputs": "the encoder branch needs two-stage queries (a two-stage model, e.g. "
+                   "model=deformable_detr_two_stage_refine)",
+    "o2m_outputs": "the one-to-many branch needs model.detector.decoder.layer.o2m_tap (set by the ms_detr* matcher "
+                   "configs)",
+    "hybrid_outputs": "this branch needs H-DETR's hybrid queries in model.detector.training_queries (set by the "
+                      "h_detr matcher configs)",
+    "group_outputs": "this branch needs Group DETR's query groups in model.detector.training_queries (set by "
+                     "matcher=group_detr)",
 }
 
 
@@ -206,7 +210,7 @@ class SetCriterion(nn.Module):
                 raise ValueError(
                     f"the {branch.stream!r} branch assigns against {key!r}, which this model does not have there "
                     f"(only {sorted(streams[branch.stream])}); the IoU assigners need a two-stage model "
-                    "(model.detector.two_stage=true)."
+                    "(e.g. model=deformable_detr_two_stage_refine)."
                 )
 
     @staticmethod
@@ -221,7 +225,7 @@ class SetCriterion(nn.Module):
             raise KeyError(
                 f"the criterion has a branch on {branch.stream!r}, which this model does not output "
                 f"(it has {sorted(k for k in outputs if not k.startswith('pred_'))}); pick a matcher config "
-                "that fits the model (e.g. the encoder branch needs model.two_stage=true)."
+                "that fits the model (e.g. the encoder branch needs a two-stage model)."
             )
         layers = []
         if branch.aux:

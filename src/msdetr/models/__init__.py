@@ -1,6 +1,17 @@
-"""Model components: backbone, position encodings, deformable attention, transformer, detector."""
+"""The detector and its parts (docs/architecture.md): backbones, encoder, decoder, query selection,
+training-only query blocks, and the typed output."""
 from .backbone import Backbone
+from .decoder import DecoderLayer, DeformableDecoder
 from .detector import MLP, DeformableDETR
+from .encoder import DeformableEncoder, EncoderLayer, Levels
+from .outputs import DetectorOutput, EncoderStream, LayerStream, Prediction
+from .queries import (HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
+                      TrainingQueries, TwoStageQueries)
 from .swin import SwinBackbone
 
-__all__ = ["Backbone", "DeformableDETR", "MLP", "SwinBackbone"]
+__all__ = [
+    "Backbone", "DecoderLayer", "DeformableDETR", "DeformableDecoder", "DeformableEncoder", "DetectorOutput",
+    "EncoderLayer", "EncoderStream", "HybridQueries", "LayerStream", "LearnedQueries", "Levels", "MLP",
+    "NMSTwoStageQueries", "Prediction", "Queries", "QueryGroups", "QuerySelection", "SwinBackbone",
+    "TrainingQueries", "TwoStageQueries",
+]

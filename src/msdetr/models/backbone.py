@@ -72,10 +72,20 @@ class Backbone(nn.Module):
 
     `norm="batch"` (ordinary, trained BatchNorm) and `trainable_layers=5` are for training from
     scratch, where frozen statistics of a random init would normalize nothing.
+
+    Args:
+        name: resnet18 | resnet34 | resnet50 | resnet101.
+        pretrained: torchvision's ImageNet weights (True), none (False), or a local state-dict file.
+        train_backbone: whether layer2-4 (`trainable_layers`) train.
+        return_interm_layers: the maps of layer2-4 (strides 8/16/32); False: layer4 only.
+        dilation: dilate layer4 (stride 16), as the official --dilation.
+        trainable_layers: how many stages train, from layer4 down (0..5).
+        norm: "frozen" (official FrozenBatchNorm2d) or "batch".
     """
 
     def __init__(
         self,
+        *,
         name: str = "resnet50",
         pretrained: bool | str = True,
         train_backbone: bool = True,

@@ -1,8 +1,17 @@
-"""The Deformable-DETR detector: backbone, input projections, transformer and prediction heads."""
+"""The Deformable-DETR detector, composed of its parts (docs/architecture.md has the data flow).
+
+    images -> backbone -> input projections (+ extra levels) -> encoder (`Levels` -> memory)
+           -> query selection (+ training-only query blocks) -> decoder -> prediction heads
+           -> `DetectorOutput`: one stream per kind of supervision
+
+Each part is built by Hydra from `conf/model/*.yaml` (the matcher configs add what their supervision
+needs, e.g. the decoder's one-to-many tap or a training-only query block) and passed in here.
+"""
 from __future__ import annotations
 
 import copy
 import math
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -10,9 +19,12 @@ from torch import nn
 from ..box_ops import inverse_sigmoid
 from ..kernels import BACKENDS
 from .attention import MSDeformAttn
-from .backbone import Backbone, resize_mask
+from .backbone import resize_mask
+from .decoder import DeformableDecoder
+from .encoder import DeformableEncoder
+from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
 from .position_encoding import PositionEmbeddingSine
-from .transformer import DeformableTransformer
+from .queries import QuerySelection, TrainingQueries, block_ids
 
 
 class MLP(nn.Module):
@@ -30,91 +42,74 @@ class MLP(nn.Module):
 
 
 class DeformableDETR(nn.Module):
-    """Deformable-DETR with the options MS-DETR and DETA build on.
+    """Deformable-DETR with the options MS-DETR, DETA, H-DETR and Group DETR build on.
 
-    forward(images, padding_mask) returns the named output streams of DESIGN.md: `pred_logits`,
-    `pred_boxes`, `aux_outputs`, and in two-stage `enc_outputs` (with `anchors`) and `init_reference`.
+    Args:
+        backbone: a module mapping (images, padding mask) to a list of (feature map, mask), with
+            `num_channels` per map (`Backbone`, `SwinBackbone`).
+        encoder: the deformable encoder; its width and level count are the model's.
+        decoder: the deformable decoder (its layer's `o2m_tap` makes the `o2m_outputs` stream).
+        queries: where the queries come from (`LearnedQueries`, `TwoStageQueries`, ...).
+        num_classes: class logits per query (sigmoid focal: no background class).
+        box_refine: every decoder layer refines the boxes with its own heads (iterative refinement);
+            without it one class and one box head are shared by all layers, as officially.
+        o2m_class_heads: the one-to-many stream gets class heads of its own, box heads shared
+            (MS-DETR Figure 4 a).
+        training_queries: training-only query blocks by name (`HybridQueries`, `QueryGroups`, ...),
+            each supervised through its own stream; none of them exist at inference.
+
+    `forward(images, padding_mask)` returns a `DetectorOutput`; `output_streams` lists the streams
+    a training forward returns.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        num_classes: int = 91,
-        num_queries: int = 300,
-        hidden_dim: int = 256,
-        nheads: int = 8,
-        enc_layers: int = 6,
-        dec_layers: int = 6,
-        dim_feedforward: int = 1024,
-        dropout: float = 0.1,
-        num_feature_levels: int = 4,
-        enc_n_points: int = 4,
-        dec_n_points: int = 4,
-        two_stage: bool = False,
-        with_box_refine: bool = False,
-        mixed_selection: bool = False,
-        look_forward_twice: bool = False,
-        cross_attn_first: bool = False,
-        o2m_tap: str | None = None,
-        aux_ffn: bool = False,
-        o2m_separate_class_heads: bool = False,
-        pix_trans: bool = False,
-        proposal_selection: str = "topk",
-        hybrid_queries: int = 0,
-        query_groups: int = 1,
-        attn_backend: str = "auto",
-    ):
+    def __init__(self, *, backbone: nn.Module, encoder: DeformableEncoder, decoder: DeformableDecoder,
+                 queries: QuerySelection, num_classes: int = 91, box_refine: bool = False,
+                 o2m_class_heads: bool = False, training_queries: Mapping[str, TrainingQueries | None] | None = None):
         super().__init__()
-        if hybrid_queries < 0 or query_groups < 1:
-            raise ValueError(f"hybrid_queries={hybrid_queries} / query_groups={query_groups}: use hybrid_queries >= 0 "
-                             "and query_groups >= 1.")
-        if hybrid_queries and query_groups > 1:
-            raise ValueError("hybrid_queries (H-DETR) and query_groups (Group DETR) both add training-only queries; "
-                             "set only one of them.")
-        if query_groups > 1 and two_stage and not mixed_selection:
-            raise ValueError("query_groups on a two-stage model needs mixed_selection=true: the groups share the "
-                             "selected proposals, so without learned content they would be identical copies.")
-        if o2m_separate_class_heads and o2m_tap is None:
-            raise ValueError("o2m_separate_class_heads needs a one-to-many stream; set o2m_tap as well.")
-        if mixed_selection and not two_stage:
-            raise ValueError("mixed_selection needs two_stage=true (it mixes learned content with two-stage positions).")
-        if look_forward_twice and not with_box_refine:
-            raise ValueError("look_forward_twice needs with_box_refine=true (it changes how refined boxes get gradients).")
-        if num_feature_levels < len(backbone.num_channels):
+        hidden_dim, num_levels = encoder.d_model, encoder.num_levels
+        if (decoder.d_model, queries.d_model) != (hidden_dim, hidden_dim) or decoder.num_levels != num_levels:
             raise ValueError(
-                f"num_feature_levels={num_feature_levels} is fewer than the backbone's {len(backbone.num_channels)} "
-                "outputs; use num_feature_levels >= 3 (or 1 with a single-level backbone)."
-            )
+                f"the parts disagree: encoder d_model={hidden_dim} / levels={num_levels}, decoder "
+                f"d_model={decoder.d_model} / levels={decoder.num_levels}, queries d_model={queries.d_model}; "
+                "set them from the one model.hidden_dim and model.num_feature_levels.")
+        if num_levels < len(backbone.num_channels):
+            raise ValueError(
+                f"model.num_feature_levels={num_levels} is fewer than the backbone's {len(backbone.num_channels)} "
+                "outputs; use num_feature_levels >= 3 (or 1 with a single-level backbone).")
+        if decoder.look_forward_twice and not box_refine:
+            raise ValueError("look_forward_twice needs box_refine=true (it changes how refined boxes get gradients).")
+        if o2m_class_heads and decoder.o2m_tap is None:
+            raise ValueError("o2m_class_heads needs a one-to-many stream; set the decoder layer's o2m_tap as well.")
         self.num_classes = num_classes
-        self.num_queries = num_queries
-        # Training-only query blocks that see nothing of each other in self-attention: the one-to-one
-        # queries first, then H-DETR's one-to-many queries or Group DETR's extra groups.
-        self.query_blocks = [num_queries, hybrid_queries] if hybrid_queries else [num_queries] * query_groups
-        self.query_groups = query_groups
-        total_queries = sum(self.query_blocks)
-        self.num_feature_levels = num_feature_levels
-        self.two_stage = two_stage
-        self.with_box_refine = with_box_refine
+        self.num_feature_levels = num_levels
+        self.box_refine = box_refine
         self.backbone = backbone
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
-        self.transformer = DeformableTransformer(
-            hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, num_feature_levels,
-            enc_n_points, dec_n_points, two_stage, num_queries, mixed_selection, look_forward_twice,
-            with_box_refine, cross_attn_first, o2m_tap, aux_ffn, pix_trans, proposal_selection, attn_backend,
-        )
-        if not two_stage:
-            self.query_embed = nn.Embedding(total_queries, hidden_dim * 2)
-        elif mixed_selection:
-            self.query_embed = nn.Embedding(total_queries, hidden_dim)
-        self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
+        self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_levels)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.queries = queries
+        self.training_queries = nn.ModuleDict()
+        for name, block in (training_queries or {}).items():
+            if block is None:  # a config that drops a block sets it to null
+                continue
+            if block.stream not in OPTIONAL_STREAMS:
+                raise ValueError(f"training_queries.{name} writes the stream {block.stream!r}, which DetectorOutput "
+                                 f"does not declare; declare it in msdetr/models/outputs.py.")
+            taken = [n for n, b in self.training_queries.items() if b.stream == block.stream]
+            if taken:
+                raise ValueError(f"training_queries.{name} and .{taken[0]} both write {block.stream}; keep one.")
+            block.bind(queries.num_queries, queries.embedding_dim, name)
+            self.training_queries[name] = block
 
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(bbox_embed.layers[-1].weight)
         nn.init.zeros_(bbox_embed.layers[-1].bias)
-        num_pred = dec_layers + 1 if two_stage else dec_layers
-        if with_box_refine:
+        # One head per decoder layer, and one for the encoder's proposals when the queries score them.
+        num_pred = decoder.num_layers + int(queries.uses_encoder_heads)
+        if box_refine:
             self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
             self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
@@ -123,21 +118,49 @@ class DeformableDETR(nn.Module):
             nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
             self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
             self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
-        if two_stage:
+        if queries.uses_encoder_heads:
             for head in self.bbox_embed:
                 nn.init.zeros_(head.layers[-1].bias[2:])
-        if o2m_separate_class_heads:
-            # MS-DETR Figure 4 (a): one-to-many class heads of their own, box heads shared.
-            self.class_embed_o2m = copy.deepcopy(self.class_embed[:dec_layers])
+        if o2m_class_heads:
+            self.class_embed_o2m = copy.deepcopy(self.class_embed[:decoder.num_layers])
+
+    # -- what the model is --------------------------------------------------------------------
+    @property
+    def num_queries(self) -> int:
+        """One-to-one queries: the ones used at inference."""
+        return self.queries.num_queries
+
+    @property
+    def two_stage(self) -> bool:
+        """The queries are encoder proposals (their boxes are the decoder's initial references)."""
+        return self.queries.proposal_references
+
+    @property
+    def with_box_refine(self) -> bool:
+        return self.box_refine
+
+    @property
+    def output_streams(self) -> dict[str, set[str]]:
+        """The streams a training forward returns (`DetectorOutput` keys; "main" for the one-to-one
+        stream), each with the box keys an assigner may match against."""
+        boxes = {"pred_boxes", "init_reference"} if self.queries.proposal_references else {"pred_boxes"}
+        streams = {"main": boxes}
+        if self.decoder.o2m_tap is not None:
+            streams["o2m_outputs"] = boxes
+        for block in self.training_queries.values():
+            streams[block.stream] = boxes
+        streams.update(self.queries.streams)
+        return streams
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch every deformable attention between "auto", "triton" and "reference"."""
+        """Switch every deformable attention between the backends of `msdetr.kernels.BACKENDS`."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}.")
         for m in self.modules():
             if isinstance(m, MSDeformAttn):
                 m.backend = backend
 
+    # -- forward ------------------------------------------------------------------------------
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
         projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in channels]
@@ -184,60 +207,42 @@ class DeformableDETR(nn.Module):
         return logits, coords
 
     @staticmethod
-    def _stream(logits: list[torch.Tensor], coords: list[torch.Tensor]) -> dict:
+    def _stream(logits, coords, reference, start: int, stop: int) -> LayerStream:
+        """The stream of queries start..stop: last layer on top, earlier layers in `aux_outputs`."""
+        logits = [x[:, start:stop] for x in logits]
+        coords = [x[:, start:stop] for x in coords]
         return {
             "pred_logits": logits[-1],
             "pred_boxes": coords[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+            "init_reference": reference[:, start:stop],
         }
 
-    @property
-    def output_streams(self) -> dict[str, set[str]]:
-        """The streams a training forward returns, each with the box keys an assigner may match against."""
-        boxes = {"pred_boxes", "init_reference"} if self.two_stage else {"pred_boxes"}
-        streams = {"main": boxes}
-        if self.transformer.decoder.layers[0].o2m_tap is not None:
-            streams["o2m_outputs"] = boxes
-        if len(self.query_blocks) > 1:
-            streams["hybrid_outputs"] = boxes
-        if self.two_stage:
-            streams["enc_outputs"] = {"pred_boxes", "anchors"}
-        return streams
-
-    def self_attn_mask(self, device) -> torch.Tensor:
-        """(T, T) bool, True where a query may not attend: across the training query blocks."""
-        # Built on the device from Python ints: no host-to-device copy, no size read back.
-        block = torch.cat([torch.full((n,), i, dtype=torch.long, device=device)
-                           for i, n in enumerate(self.query_blocks)])
-        return block[:, None] != block[None, :]
-
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> DetectorOutput:
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
-        extra = self.training and len(self.query_blocks) > 1
-        total = sum(self.query_blocks) if extra else self.num_queries
-        query_embed = self.query_embed.weight[:total] if hasattr(self, "query_embed") else None
-        # H-DETR ranks proposals for all its queries; Group DETR's groups share the one-to-one proposals.
-        groups = self.query_groups if extra else 1
-        t = self.transformer(srcs, masks, pos, query_embed, self.class_embed, self.bbox_embed,
-                             self.self_attn_mask(images.device) if extra else None,
-                             num_proposals=total // groups, proposal_groups=groups)
+        levels = self.encoder.flatten(srcs, masks, pos)
+        memory = self.encoder(levels)
+        extra = list(self.training_queries.values()) if self.training else []
+        heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.queries.uses_encoder_heads else None
+        queries = self.queries(memory, levels, extra, heads)
         q = self.num_queries
-        logits, coords = self.head_outputs(t["hidden"], t["box_refs"], t["boxes"])
-        out = self._stream([x[:, :q] for x in logits], [x[:, :q] for x in coords])
-        out["init_reference"] = t["init_reference"][:, :q]
-        if extra:
-            out["hybrid_outputs"] = self._stream([x[:, q:] for x in logits], [x[:, q:] for x in coords])
-            out["hybrid_outputs"]["init_reference"] = t["init_reference"][:, q:]
-        if t["hidden_o2m"] and t["hidden_o2m"][0] is not None:
+        # The one-to-one queries, then each training block's groups, none seeing another in self-attention.
+        sizes = [q] + [n for block in extra for n in block.sizes(q)]
+        ids = block_ids(sizes, images.device) if extra else None
+        dec = self.decoder(queries.tgt, queries.reference, memory, levels, queries.pos,
+                           self.bbox_embed if self.box_refine else None,
+                           ids[:, None] != ids[None, :] if extra else None)
+        logits, coords = self.head_outputs(dec.hidden, dec.box_refs, dec.boxes)
+        out: DetectorOutput = self._stream(logits, coords, queries.reference, 0, q)
+        start = q
+        for block in extra:
+            stop = start + sum(block.sizes(q))
+            out[block.stream] = self._stream(logits, coords, queries.reference, start, stop)
+            start = stop
+        if dec.hidden_o2m and dec.hidden_o2m[0] is not None:
             # One-to-many predictions of the one-to-one queries, on the same references as their layer.
-            heads = getattr(self, "class_embed_o2m", None)
-            out["o2m_outputs"] = self._stream(*self.head_outputs(
-                [h[:, :q] for h in t["hidden_o2m"]], [r[:, :q] for r in t["box_refs"]], class_heads=heads))
-            out["o2m_outputs"]["init_reference"] = out["init_reference"]
-        if self.two_stage:
-            out["enc_outputs"] = {
-                "pred_logits": t["enc_class"],
-                "pred_boxes": t["enc_coord_unact"].sigmoid(),
-                "anchors": t["proposals"].sigmoid(),
-            }
+            o2m = self.head_outputs([h[:, :q] for h in dec.hidden_o2m], [r[:, :q] for r in dec.box_refs],
+                                    class_heads=getattr(self, "class_embed_o2m", None))
+            out["o2m_outputs"] = self._stream(*o2m, queries.reference, 0, q)
+        out.update(queries.outputs)
         return out

@@ -42,13 +42,21 @@ class SwinBackbone(nn.Module):
     each through its own LayerNorm named `norm<i>` as in DETA, so official checkpoints map by name.
 
     Any image size works: images are zero-padded to a multiple of the patch size and timm pads the
-    windows. `pretrained`: False (random init), True (timm's hub weights) or
-    a local file, in Microsoft's format ({'model': ...}, e.g. swin_large_patch4_window12_384_22k.pth)
-    or timm's.
+    windows.
+
+    Args:
+        name: the timm model name.
+        pretrained: False (random init), True (timm's hub weights) or a local file, in Microsoft's
+            format ({'model': ...}, e.g. swin_large_patch4_window12_384_22k.pth) or timm's.
+        train_backbone: whether its parameters train.
+        drop_path_rate: stochastic depth (0.3 in DETA).
+        out_indices: the stages whose maps it returns.
+        checkpointing: activation checkpointing of the blocks (DETA's memory saving).
     """
 
     def __init__(
         self,
+        *,
         name: str = "swin_large_patch4_window12_384",
         pretrained: bool | str = False,
         train_backbone: bool = True,

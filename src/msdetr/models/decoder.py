@@ -1,0 +1,145 @@
+"""The deformable decoder, with MS-DETR's one-to-many tap in each layer (Figure 4 of the paper).
+See docs/architecture.md for where it sits in the detector."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..box_ops import inverse_sigmoid
+from .attention import MSDeformAttn
+from .encoder import FFN, Levels, clones, reset_transformer_parameters
+
+O2M_TAPS = (None, "self_attn", "cross_attn", "output")
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, deformable cross-attention and FFN, each with add & LayerNorm.
+
+    Args:
+        d_model, n_heads, n_levels, n_points, d_ffn, dropout, attn_backend: as `EncoderLayer`.
+        cross_attn_first: run the cross-attention before the self-attention (MS-DETR Figure 4 b/c).
+        o2m_tap: where a one-to-many stream leaves the layer: after "self_attn", after "cross_attn",
+            or the "output"; None: no such stream. It is only computed in training.
+        aux_ffn: pass the one-to-many stream through an FFN of its own first (MS-DETR as released).
+    """
+
+    def __init__(self, *, d_model: int = 256, n_heads: int = 8, n_levels: int = 4, n_points: int = 4,
+                 d_ffn: int = 1024, dropout: float = 0.1, attn_backend: str = "auto",
+                 cross_attn_first: bool = False, o2m_tap: str | None = None, aux_ffn: bool = False):
+        super().__init__()
+        if o2m_tap not in O2M_TAPS:
+            raise ValueError(f"unknown o2m_tap {o2m_tap!r}; choose one of {O2M_TAPS}.")
+        if aux_ffn and o2m_tap is None:
+            raise ValueError("aux_ffn transforms the one-to-many stream; set o2m_tap as well.")
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = FFN(d_model, d_ffn, dropout, ("linear1", "linear2", "norm3"))
+        self.cross_attn_first = cross_attn_first
+        self.o2m_tap = o2m_tap
+        if aux_ffn:
+            self.aux_ffn = FFN(d_model, d_ffn, dropout, ("linear3", "linear4", "norm4"))
+
+    def self_attention(self, tgt, query_pos, attn_mask=None):
+        q = k = tgt + query_pos
+        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=attn_mask)[0]
+        return self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
+
+    def cross_attention(self, tgt, query_pos, reference_points, memory, levels: Levels):
+        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, levels.spatial_shapes,
+                               levels.level_start_index, levels.mask, shapes=levels.shapes)
+        return self.norm1(tgt + self.dropout1(tgt2))
+
+    def forward(self, tgt, query_pos, reference_points, memory, levels: Levels, self_attn_mask=None):
+        """-> (one-to-one features, one-to-many features or None)."""
+        def cross(x):
+            return self.cross_attention(x, query_pos, reference_points, memory, levels)
+
+        def self_(x):
+            return self.self_attention(x, query_pos, self_attn_mask)
+
+        steps = (("cross_attn", cross), ("self_attn", self_)) if self.cross_attn_first else \
+            (("self_attn", self_), ("cross_attn", cross))
+        tap = self.o2m_tap if self.training else None
+        o2m = None
+        for name, step in steps:
+            tgt = step(tgt)
+            if name == tap:
+                o2m = tgt
+        tgt = self.ffn(tgt)
+        if tap == "output":
+            o2m = tgt
+        if o2m is not None and hasattr(self, "aux_ffn"):
+            o2m = self.aux_ffn(o2m)
+        return tgt, o2m
+
+
+class DecoderOutput(NamedTuple):
+    """Per decoder layer: the hidden states (B, T, C), the one-to-many hidden states (None where
+    not computed), the reference each layer's box head is added to (detached input reference, or
+    with look-forward-twice the non-detached one) and the refined boxes (empty without refinement)."""
+
+    hidden: list[torch.Tensor]
+    hidden_o2m: list[torch.Tensor | None]
+    box_refs: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+
+
+class DeformableDecoder(nn.Module):
+    """`num_layers` copies of `layer` (each initialised afresh). With box heads given to `forward`
+    (box refinement) each layer refines the reference boxes.
+
+    Args:
+        layer: the layer to stack; its width, level count and one-to-many tap are the decoder's.
+        num_layers: how many.
+        look_forward_twice: a layer's refined box also takes gradient through the previous
+            layer's box (H-DETR / DINO); needs box refinement.
+    """
+
+    def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
+        self.layers = clones(layer, num_layers)
+        self.num_layers = num_layers
+        self.look_forward_twice = look_forward_twice
+        self.d_model = layer.cross_attn.d_model
+        self.num_levels = layer.cross_attn.n_levels
+        self.o2m_tap = layer.o2m_tap
+        reset_transformer_parameters(self.layers)
+
+    def forward(self, tgt, reference_points, memory, levels: Levels, query_pos,
+                bbox_embed: nn.ModuleList | None = None, self_attn_mask=None) -> DecoderOutput:
+        out = DecoderOutput([], [], [], [])
+        valid_ratios = levels.valid_ratios
+        ref_for_head = reference_points  # what layer l's box head is added to
+        for lid, layer in enumerate(self.layers):
+            if reference_points.shape[-1] == 4:
+                ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+            else:
+                ref_input = reference_points[:, :, None] * valid_ratios[:, None]
+            tgt, tgt_o2m = layer(tgt, query_pos, ref_input, memory, levels, self_attn_mask)
+            out.hidden.append(tgt)
+            out.hidden_o2m.append(tgt_o2m)
+            out.box_refs.append(ref_for_head)
+            if bbox_embed is None:
+                continue
+            delta = bbox_embed[lid](tgt)
+            if reference_points.shape[-1] == 4:
+                new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+            else:
+                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                new_ref = new_ref.sigmoid()
+            if self.look_forward_twice and lid > 0:
+                # Same value as new_ref, but the gradient also reaches the previous layer's box.
+                out.boxes.append((delta + inverse_sigmoid(ref_for_head)).sigmoid())
+            else:
+                out.boxes.append(new_ref)
+            reference_points = new_ref.detach()
+            ref_for_head = new_ref if self.look_forward_twice else reference_points
+        return out

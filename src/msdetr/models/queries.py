@@ -1,0 +1,346 @@
+"""Where the decoder's queries come from, and the training-only query blocks.
+
+A `QuerySelection` turns the encoded tokens into the decoder's initial queries: learned embeddings
+(`LearnedQueries`), the encoder's best proposals (`TwoStageQueries`), or DETA's per-level NMS over
+them (`NMSTwoStageQueries`). A `TrainingQueries` block adds queries that exist only in training, see
+none of the others in self-attention and are supervised through a stream of their own: H-DETR's
+one-to-many queries (`HybridQueries`), Group DETR's groups (`QueryGroups`). A new scheme is a new
+subclass and a config; the detector's forward does not change. See docs/architecture.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from ..box_ops import cxcywh_to_xyxy
+from ..kernels import Shapes, level_shapes
+from .encoder import Levels
+from .position_encoding import box_sine_embedding
+
+
+class TrainingQueries(nn.Module):
+    """A block of training-only queries (the base class).
+
+    Subclasses set `stream` (the output key their predictions go to) and say how many queries they
+    add (`sizes`: one entry per group that sees only itself in self-attention) and where their
+    two-stage proposals come from (`proposals`: "ranked" continues the one-to-one ranking, "shared"
+    repeats the one-to-one proposals). `bind` is called once by the detector with what the query
+    selection needs per query: the learned embedding width, None when queries have no learned part.
+    """
+
+    stream: ClassVar[str]
+    proposals: ClassVar[str] = "ranked"
+
+    def sizes(self, num_queries: int) -> list[int]:
+        raise NotImplementedError
+
+    def bind(self, num_queries: int, embedding_dim: int | None, name: str) -> None:
+        """Creates the block's learned query rows (if the selection learns any)."""
+        self.embed = nn.Embedding(sum(self.sizes(num_queries)), embedding_dim) if embedding_dim else None
+
+
+class HybridQueries(TrainingQueries):
+    """H-DETR's one-to-many queries: `num_queries` more queries, one block, ranked after the
+    one-to-one ones in two-stage selection.
+
+    Args:
+        num_queries: how many (1500 in H-DETR).
+    """
+
+    stream = "hybrid_outputs"
+    proposals = "ranked"
+
+    def __init__(self, *, num_queries: int = 1500):
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"HybridQueries needs num_queries >= 1, got {num_queries}.")
+        self.num_queries = num_queries
+
+    def sizes(self, num_queries: int) -> list[int]:
+        return [self.num_queries]
+
+
+class QueryGroups(TrainingQueries):
+    """Group DETR: `groups - 1` more copies of the one-to-one queries, each a group of its own;
+    in two-stage selection they share the one-to-one proposals, so they need learned content
+    (mixed query selection).
+
+    Args:
+        groups: query groups including the one-to-one queries (11 in Group DETR).
+    """
+
+    stream = "group_outputs"
+    proposals = "shared"
+
+    def __init__(self, *, groups: int = 11):
+        super().__init__()
+        if groups < 2:
+            raise ValueError(f"QueryGroups needs groups >= 2 (group 0 is the one-to-one queries), got {groups}.")
+        self.groups = groups
+
+    def sizes(self, num_queries: int) -> list[int]:
+        return [num_queries] * (self.groups - 1)
+
+    def bind(self, num_queries: int, embedding_dim: int | None, name: str) -> None:
+        if embedding_dim is None:
+            raise ValueError(
+                f"training_queries.{name} (Group DETR) shares the two-stage proposals across its groups, so the "
+                "groups need learned content: set model.detector.queries.mixed_selection=true (the ++ models have it).")
+        super().bind(num_queries, embedding_dim, name)
+
+
+@dataclass
+class Queries:
+    """The decoder's initial queries: content `tgt` (B, T, C), position `pos` (B, T, C) and
+    `reference` (B, T, 2) points or (B, T, 4) boxes in [0, 1]; `outputs`: streams the selection adds
+    to the detector's output (two-stage: `enc_outputs`)."""
+
+    tgt: torch.Tensor
+    pos: torch.Tensor
+    reference: torch.Tensor
+    outputs: dict
+
+
+class QuerySelection(nn.Module):
+    """The base class: `forward(memory, levels, extra, heads)` -> `Queries` for the one-to-one
+    queries followed by the training-only blocks `extra`.
+
+    Class attributes: `uses_encoder_heads` (the detector gives it a class and a box head of its own
+    to score the encoder tokens), `proposal_references` (its references are box proposals an
+    assigner may match against), `streams` (output streams it adds, with their box keys).
+    """
+
+    uses_encoder_heads: ClassVar[bool] = False
+    proposal_references: ClassVar[bool] = False
+    streams: ClassVar[dict[str, set[str]]] = {}
+
+    num_queries: int
+    d_model: int
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of one learned query row (what training-only blocks must learn per query)."""
+        embed = getattr(self, "query_embed", None)
+        return embed.embedding_dim if embed is not None else None
+
+    def learned_rows(self, extra: Sequence[TrainingQueries]) -> torch.Tensor:
+        return torch.cat([self.query_embed.weight] + [b.embed.weight for b in extra]) if extra \
+            else self.query_embed.weight
+
+
+class LearnedQueries(QuerySelection):
+    """Deformable-DETR's single-stage queries: a learned position and content per query, and a
+    reference point predicted from the position.
+
+    Args:
+        num_queries: one-to-one queries (the ones used at inference).
+        d_model: query width.
+    """
+
+    def __init__(self, *, num_queries: int = 300, d_model: int = 256):
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}.")
+        self.num_queries, self.d_model = num_queries, d_model
+        self.query_embed = nn.Embedding(num_queries, d_model * 2)
+        self.reference_points = nn.Linear(d_model, 2)
+        nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
+        nn.init.zeros_(self.reference_points.bias)
+
+    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
+                heads=None) -> Queries:
+        bs = memory.shape[0]
+        query_pos, tgt = torch.split(self.learned_rows(extra), self.d_model, dim=1)
+        query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
+        tgt = tgt.unsqueeze(0).expand(bs, -1, -1)
+        return Queries(tgt, query_pos, self.reference_points(query_pos).sigmoid(), {})
+
+
+class TwoStageQueries(QuerySelection):
+    """Two-stage Deformable-DETR: every encoder token proposes a box (scored by the encoder heads);
+    the best `num_queries` become the queries, their boxes the references and (sine-embedded) the
+    positions; the content comes from the proposals too, or is learned (`mixed_selection`).
+
+    Args:
+        num_queries: one-to-one queries (proposals taken).
+        d_model: query width.
+        mixed_selection: learned content with the proposals' positions (DINO / H-DETR "++").
+        pix_trans: the selected tokens' (detached) features join the content (DETA).
+    """
+
+    uses_encoder_heads = True
+    proposal_references = True
+    streams = {"enc_outputs": {"pred_boxes", "anchors"}}
+
+    def __init__(self, *, num_queries: int = 300, d_model: int = 256, mixed_selection: bool = False,
+                 pix_trans: bool = False):
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}.")
+        self.num_queries, self.d_model = num_queries, d_model
+        self.mixed_selection = mixed_selection
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+        self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        if pix_trans:
+            self.pix_trans = nn.Linear(d_model, d_model)
+            self.pix_trans_norm = nn.LayerNorm(d_model)
+        self.pix_trans_enabled = pix_trans
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        if mixed_selection:
+            self.query_embed = nn.Embedding(num_queries, d_model)
+
+    @staticmethod
+    def encoder_proposals(memory, padding_mask, spatial_shapes: torch.Tensor | Shapes):
+        """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where invalid.
+
+        `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
+        n = memory.shape[0]
+        shapes = level_shapes(spatial_shapes)
+        proposals, start = [], 0
+        for lvl, (h, w) in enumerate(shapes):
+            mask = padding_mask[:, start:start + h * w].view(n, h, w)
+            valid_h = torch.sum(~mask[:, :, 0], 1)
+            valid_w = torch.sum(~mask[:, 0, :], 1)
+            grid_y, grid_x = torch.meshgrid(
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device),
+                indexing="ij",
+            )
+            grid = torch.stack([grid_x, grid_y], -1)
+            scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
+            grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
+            wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+            proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+            start += h * w
+        proposals = torch.cat(proposals, 1)
+        level_ids = torch.cat([torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
+                               for lvl, (h, w) in enumerate(shapes)])
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        proposals = torch.log(proposals / (1 - proposals))
+        invalid = padding_mask.unsqueeze(-1) | ~valid
+        proposals = proposals.masked_fill(invalid, float("inf"))
+        return memory.masked_fill(invalid, 0.0), proposals, level_ids
+
+    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
+               shapes: Shapes) -> torch.Tensor:
+        """(B, k) token indices, best first: top-k by the channel-0 encoder logit; on maps smaller
+        than k they repeat."""
+        num_tokens = enc_class.shape[1]
+        topk = torch.topk(enc_class[..., 0], min(k, num_tokens), dim=1)[1]
+        if num_tokens < k:  # tiny images: cycle the ranked tokens instead of failing in topk
+            topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
+        return topk
+
+    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
+                heads=None) -> Queries:
+        """`heads`: the (class, box) heads that score and regress the encoder tokens."""
+        class_head, box_head = heads
+        bs, _, c = memory.shape
+        output_memory, proposals, level_ids = self.encoder_proposals(memory, levels.mask, levels.shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        enc_class = class_head(output_memory)
+        enc_coord_unact = box_head(output_memory) + proposals
+        q = self.num_queries
+        ranked = q + sum(sum(b.sizes(q)) for b in extra if b.proposals == "ranked")
+        best = self.select(enc_class, enc_coord_unact, level_ids, ranked, levels.shapes)
+        # One-to-one proposals first, then each block's: the next ranked ones, or the one-to-one ones again.
+        parts, start = [best[:, :q]], q
+        for block in extra:
+            size = sum(block.sizes(q))
+            if block.proposals == "ranked":
+                parts.append(best[:, start:start + size])
+                start += size
+            else:
+                parts.append(best[:, :q].repeat(1, size // q))
+        topk = torch.cat(parts, 1) if extra else best
+        topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
+        if self.mixed_selection:
+            query_pos = pos_trans_out[..., :c]
+            tgt = self.learned_rows(extra).unsqueeze(0).expand(bs, -1, -1)
+        else:
+            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+        if self.pix_trans_enabled:
+            # DETA: the selected tokens' own (detached) features join the query content.
+            feats = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, c)).detach()
+            tgt = tgt + self.pix_trans_norm(self.pix_trans(feats))
+        enc = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid(), "anchors": proposals.sigmoid()}
+        return Queries(tgt, query_pos, topk_coords_unact.sigmoid(), {"enc_outputs": enc})
+
+
+class NMSTwoStageQueries(TwoStageQueries):
+    """DETA's two-stage selection: per image, the top tokens of every level, NMS within each level,
+    at most num_queries / L per level (best first), filled up with the best leftovers.
+
+    Unlike the official code this works with fewer tokens than `pre_nms_per_level` (per level or in
+    total).
+
+    Args:
+        num_queries, d_model, mixed_selection, pix_trans: as `TwoStageQueries`.
+        pre_nms_per_level: tokens of each level that enter the NMS (1000 in DETA).
+        iou_threshold: the NMS threshold (0.9 in DETA).
+    """
+
+    def __init__(self, *, num_queries: int = 300, d_model: int = 256, mixed_selection: bool = False,
+                 pix_trans: bool = False, pre_nms_per_level: int = 1000, iou_threshold: float = 0.9):
+        super().__init__(num_queries=num_queries, d_model=d_model, mixed_selection=mixed_selection,
+                         pix_trans=pix_trans)
+        if pre_nms_per_level < 1 or not 0 <= iou_threshold <= 1:
+            raise ValueError(f"pre_nms_per_level={pre_nms_per_level} / iou_threshold={iou_threshold}: use "
+                             "pre_nms_per_level >= 1 and iou_threshold in [0, 1].")
+        self.pre_nms_per_level = pre_nms_per_level
+        self.iou_threshold = iou_threshold
+
+    @torch.no_grad()
+    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
+               shapes: Shapes | None = None) -> torch.Tensor:
+        """(B, k) token indices in global score order.
+
+        The one place of the model that waits for the device: how many boxes survive NMS depends on
+        the data (one NMS per image). Everything else is read from `shapes` (the levels' (H, W) as
+        Python ints; without them the level sizes are counted from `level_ids`, which are contiguous
+        per level) and stays on the device. Kept in this one method so that it can be swapped out.
+        """
+        logits = enc_class[..., 0]
+        boxes = cxcywh_to_xyxy(enc_coord_unact.sigmoid().float()).clamp(0, 1)
+        sizes = [h * w for h, w in shapes] if shapes is not None else torch.bincount(level_ids).tolist()
+        num_levels = len(sizes)
+        per_level = k // num_levels
+        # Every image's top tokens of each level (a level is a slice of the tokens), level by level.
+        candidates, start = [], 0
+        for size in sizes:
+            if size:
+                top = logits[:, start:start + size].topk(min(self.pre_nms_per_level, size), dim=1)[1]
+                candidates.append(top + start)
+            start += size
+        candidates = torch.cat(candidates, 1)
+        levels = torch.arange(num_levels, device=logits.device)[:, None]
+        picks = []
+        for b in range(logits.shape[0]):
+            cand = candidates[b]
+            keep = cand[batched_nms(boxes[b, cand], logits[b, cand].float(), level_ids[cand], self.iou_threshold)]
+            if keep.numel() < k:  # too few survivors: plain top-k (cycling on tiny maps)
+                picks.append(super().select(enc_class[b:b + 1], enc_coord_unact[b:b + 1], level_ids, k, shapes)[0])
+                continue
+            onehot = level_ids[keep][None] == levels
+            chosen = (onehot & (onehot.cumsum(1) <= per_level)).any(0)
+            # Fill up with the first (best) leftovers: exactly k chosen, taken in `keep` order.
+            leftover = ~chosen
+            chosen = chosen | (leftover & (leftover.cumsum(0) <= k - chosen.sum()))
+            picks.append(keep[chosen.to(torch.uint8).argsort(descending=True, stable=True)[:k]])
+        return torch.stack(picks)
+
+
+def block_ids(sizes: Sequence[int], device) -> torch.Tensor:
+    """(T,) the attention block of every query, for sizes [one-to-one, block, block, ...]."""
+    # Built on the device from Python ints: no host-to-device copy, no size read back.
+    return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(sizes)])
+

@@ -1,0 +1,328 @@
+"""Every run fully described in its loggers: logger configs that combine, the whole config and the
+parameter counts as every logger's hyperparameters, W&B runs grouped by sweep and named by their
+overrides, the optimised metric as a config key, the optimizer and LR scheduler as `_partial_`
+configs, and the one guarded use of a private Lightning function (DDP ranks under Hydra)."""
+import inspect
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from msdetr import runner
+from msdetr.config_schema import ConfigValidationError, validate
+from msdetr.lit import loggers as msdetr_loggers
+
+# The tiny model and data of the end-to-end tests: test_train.TINY, the one list to update.
+from test_train import ROOT, TINY, _LAUNCHER_VARS, config
+
+
+def _compose(*overrides, hydra=False):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+# -- logger configs --------------------------------------------------------------------------
+
+def test_logger_configs_combine():
+    cfg = _compose("logger=[csv,tensorboard,wandb]")
+    assert list(cfg.logger) == ["csv", "tensorboard", "wandb"]
+    assert cfg.logger.csv.version == cfg.logger.tensorboard.version == 0  # a resume appends to the same history
+    assert cfg.logger.wandb._target_ == "msdetr.lit.loggers.wandb_logger"
+    assert list(_compose("logger=none").logger) == []
+    assert list(_compose("logger=[none,csv]").logger) == ["csv"]
+
+
+def test_build_loggers_skips_null_and_keeps_order(tmp_path):
+    cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none")
+    built = runner.build_loggers(cfg)
+    assert [type(logger).__name__ for logger in built] == ["CSVLogger", "TensorBoardLogger"]
+    with open_dict(cfg):
+        cfg.logger.tensorboard = None  # logger.tensorboard=null
+    assert [type(logger).__name__ for logger in runner.build_loggers(cfg)] == ["CSVLogger"]
+    trainer = runner.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
+    assert trainer.loggers == []
+
+
+def test_missing_tensorboard_is_one_sentence(tmp_path, monkeypatch):
+    real = msdetr_loggers.importlib.util.find_spec
+    monkeypatch.setattr(msdetr_loggers.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none")
+    with pytest.raises(ImportError, match=r"^logger=tensorboard needs the tensorboard package; install it with "
+                                          r"pip install 'msdetr\[tensorboard\]'"):
+        runner.build_trainer(cfg)
+
+
+# -- the run described in its loggers --------------------------------------------------------
+
+def test_every_logger_gets_the_whole_config_and_parameter_counts(tmp_path):
+    cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none", "+trainer.limit_train_batches=1",
+                 "+trainer.limit_val_batches=1", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1")
+    datamodule = runner.build_datamodule(cfg)  # first: the model's class count may come from the data
+    module = runner.build_module(cfg)
+    module.run_config = runner._plain_config(cfg)
+    trainer = runner.build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    # Plain values: `${...}` resolved; only Hydra's own, outside a Hydra app, would stay as written.
+    assert module.run_config["trainer"]["max_epochs"] == 1
+    (hparams,) = (tmp_path / "run" / "csv").rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["matcher"] == module.run_config["matcher"] and logged["model"] == module.run_config["model"]
+    assert logged["schedule"]["optim"]["lr"] == cfg.schedule.optim.lr
+    counts = logged["num_params"]
+    assert counts["total"] == sum(p.numel() for p in module.parameters()) >= counts["trainable"] > 0
+    assert counts["parts"]["backbone"] > 0 and sum(counts["parts"].values()) == counts["total"]
+    assert "lr_backbone" not in logged  # the module's own hyperparameters are not logged a second time
+    tensorboard = trainer.loggers[1]
+    assert tensorboard.hparams["schedule"]["optim"]["lr"] == cfg.schedule.optim.lr
+    assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def _wandb_records(path):
+    """The records of an offline W&B run file (`run-<id>.wandb`: a LevelDB-style log of protobuf
+    records in 32 KiB blocks, each chunk behind a 7-byte header: checksum, length, type)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, pending = 32768, 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # too little room for a header: the block is padded
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding to the end of the block
+            pos += (block - pos % block) % block
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def _wandb_run(job_dir):
+    """(group, display name, config) of the one offline W&B run in a job's directory."""
+    (path,) = job_dir.glob("wandb/offline-run-*/run-*.wandb")
+    group = name = None
+    config = {}
+    for record in _wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            group, name = record.run.run_group, record.run.display_name
+        elif kind == "config":
+            config.update({u.key: yaml.safe_load(u.value_json) for u in record.config.update})
+    return group, name, config
+
+
+@pytest.mark.slow
+def test_sweep_jobs_describe_themselves_in_csv_and_wandb(tmp_path):
+    pytest.importorskip("wandb")
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "seed=1,2", *TINY, "logger=[csv,wandb]", "schedule.epochs=1",
+           "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null", f"paths.data_root={tmp_path / 'data'}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                            env={**clean, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups, names = set(), []
+    for job, seed in (("0", 1), ("1", 2)):
+        run = tmp_path / "sweep" / job
+        (hparams,) = (run / "csv").rglob("hparams.yaml")
+        group, name, wandb_config = _wandb_run(run)
+        for logged in (yaml.safe_load(hparams.read_text()), wandb_config):
+            assert logged["seed"] == seed and logged["matcher"]["weights"]["ce"] > 0
+            assert logged["model"]["num_queries"] == 10  # from TINY
+            assert logged["schedule"]["optim"]["lr"] > 0 and logged["optimized_metric"] == "val/AP"
+            assert logged["paths"]["output_dir"] == str(run)  # resolved, Hydra's interpolations too
+            assert logged["num_params"]["total"] >= logged["num_params"]["trainable"] > 0
+        groups.add(group)
+        names.append(name)
+    assert groups == {str(tmp_path / "sweep")}  # one group: the sweep
+    assert "seed=1" in names[0] and "seed=2" in names[1]
+    assert names[0].replace("seed=1", "seed=2") == names[1]  # the names differ by their overrides only
+
+
+def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    seen = {}
+
+    class FakeWandbLogger:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr("lightning.pytorch.loggers.WandbLogger", FakeWandbLogger)
+    msdetr_loggers.wandb_logger(str(tmp_path), name="")
+    assert seen["name"] is None and seen["group"] is None  # outside Hydra: W&B picks the name
+    cfg = _compose("logger=wandb", hydra=True)
+    with _hydra_config(cfg, tmp_path, multirun=False):
+        msdetr_loggers.wandb_logger(str(tmp_path), name="")
+        assert seen["name"] == "train" and seen["group"] is None  # a plain run: its job name, no group
+    with _hydra_config(cfg, tmp_path, multirun=True):
+        msdetr_loggers.wandb_logger(str(tmp_path), name="seed=1")
+        assert seen["name"] == "seed=1" and seen["group"] == str(tmp_path / "sweep")
+        msdetr_loggers.wandb_logger(str(tmp_path), name="seed=1", group="mine")
+        assert seen["group"] == "mine"
+
+
+# -- the optimised metric --------------------------------------------------------------------
+
+def test_optimized_metric_is_a_config_key():
+    cfg = _compose()
+    assert cfg.optimized_metric == "val/AP"
+    final = {"AP": 0.25, "AP50": 0.5}
+    assert runner.optimized_value(cfg, final) == 0.25
+    assert runner.optimized_value(_compose("optimized_metric=val/AP50"), final) == 0.5
+    with pytest.raises(ConfigValidationError, match=r"^optimized_metric=val/ap is not a metric of this run; "
+                                                    r"its final validation gave val/AP, val/AP50\.$"):
+        runner.optimized_value(_compose("optimized_metric=val/ap"), final)
+    assert runner.optimized_value(cfg, {}) is None  # a single run that never validated: a warning
+
+
+# -- optimizer and LR scheduler as _partial_ configs -----------------------------------------
+
+def _module(cfg):
+    runner.build_datamodule(cfg)  # first: the model's class count may come from the data
+    return runner.build_module(cfg)
+
+
+def _optimizers(cfg):
+    module = _module(cfg)
+    configured = module.configure_optimizers()
+    return module, configured["optimizer"], configured["lr_scheduler"]
+
+
+def test_default_optimizer_config_is_the_built_in_one(tmp_path):
+    cfg = config(tmp_path, "schedule=12ep", "schedule.optim.lr=2e-4", "schedule.optim.lr_backbone=1e-5",
+                 "schedule.optim.lr_drop_epochs=[11]")
+    module, optimizer, scheduler = _optimizers(cfg)
+    assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams  # plain hyperparameters
+    bare = _module(cfg)
+    bare._optimizer_factory = bare._scheduler_factory = None  # what build_from_args gets: no callables
+    built_in = bare.configure_optimizers()
+    assert type(optimizer) is type(built_in["optimizer"]) is torch.optim.AdamW
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
+    assert strip(optimizer.param_groups) == strip(built_in["optimizer"].param_groups)
+    assert [g["name"] for g in optimizer.param_groups] == ["default", "backbone", "linear_proj"]
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-4, 1e-5, 2e-5])
+    assert optimizer.defaults["weight_decay"] == 1e-4
+    assert scheduler == built_in["lr_scheduler"] | {"scheduler": scheduler["scheduler"]}
+    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.MultiStepLR and scheduler["interval"] == "epoch"
+    assert scheduler["scheduler"].state_dict() == built_in["lr_scheduler"]["scheduler"].state_dict()
+    assert dict(scheduler["scheduler"].milestones) == {11: 1}
+
+
+def test_another_optimizer_and_scheduler_from_the_config(tmp_path):
+    cfg = config(tmp_path, "schedule.optimizer._target_=torch.optim.SGD", "+schedule.optimizer.momentum=0.9",
+                 "schedule.lr_scheduler._target_=torch.optim.lr_scheduler.StepLR",
+                 "~schedule.lr_scheduler.milestones", "+schedule.lr_scheduler.step_size=3", "schedule.lr_interval=step")
+    validate(cfg)  # the schema lets another optimizer's keys through
+    _, optimizer, scheduler = _optimizers(cfg)
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert [g["name"] for g in optimizer.param_groups] == ["default", "backbone", "linear_proj"]
+    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR and scheduler["interval"] == "step"
+    # schedule.lr_scheduler=null: the built-in StepLR of the official --lr_drop
+    cfg = config(tmp_path, "schedule.lr_scheduler=null", "schedule.optim.lr_drop_epochs=null",
+                 "+schedule.optim.lr_drop_every=4")
+    _, _, scheduler = _optimizers(cfg)
+    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR and scheduler["scheduler"].step_size == 4
+    with pytest.raises(ValueError, match=r"schedule.optim.lr_drop_every=4 sets the built-in StepLR schedule"):
+        _module(config(tmp_path, "schedule.optim.lr_drop_epochs=null", "+schedule.optim.lr_drop_every=4"))
+
+
+def test_checkpoint_hyperparameters_stay_plain(tmp_path):
+    cfg = config(tmp_path, "schedule.epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
+                 "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null", "callbacks.throughput=null",
+                 "schedule.optimizer._target_=torch.optim.SGD")
+    runner.train(cfg)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled callables
+    assert saved["optimizer_states"][0]["param_groups"][0]["name"] == "default"
+    assert "optimizer" not in saved["hyper_parameters"]
+    assert saved["msdetr_config"]["schedule"]["optimizer"]["_target_"] == "torch.optim.SGD"
+
+
+# -- DDP ranks under Hydra: the one private Lightning function, guarded ----------------------
+
+class _hydra_config:
+    """HydraConfig set as inside a job of a Hydra app (single run or multirun), then restored."""
+
+    def __init__(self, cfg, tmp_path, multirun: bool):
+        from hydra.types import RunMode
+
+        self.cfg = cfg.copy()
+        with open_dict(self.cfg):
+            hydra_cfg = self.cfg.hydra
+            hydra_cfg.mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+            hydra_cfg.sweep.dir = str(tmp_path / "sweep")
+            hydra_cfg.runtime.output_dir = str(tmp_path / "run")
+            hydra_cfg.runtime.cwd = str(tmp_path)
+            hydra_cfg.job.name = "train"
+
+    def __enter__(self):
+        self.saved = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(self.cfg)
+        return self.cfg
+
+    def __exit__(self, *exc):
+        HydraConfig.instance().cfg = self.saved
+
+
+def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch):
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    module_name, attribute = runner._LIGHTNING_RANK_COMMAND
+    assert module_name == subprocess_script.__name__
+    original = getattr(subprocess_script, attribute)
+    assert list(inspect.signature(original).parameters) == ["local_rank"]  # what the patch relies on
+    assert L.__version__.startswith(runner._LIGHTNING_TESTED + ".")  # pyproject pins this minor
+
+    started = []
+    monkeypatch.setattr(subprocess_script.subprocess, "Popen",
+                        lambda command, env, cwd: started.append((command, env["LOCAL_RANK"], cwd)))
+    # The launcher writes its variables into os.environ: into a copy, dropped after the test.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS})
+    cfg = _compose("trainer=ddp", hydra=True)
+    (tmp_path / "run").mkdir()
+    with _hydra_config(cfg, tmp_path, multirun=True):
+        job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        with runner._rank_launch_patch(job_cfg):
+            launcher = subprocess_script._SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+            launcher._call_children_scripts()
+        expected = runner._rank_command(job_cfg)(1)
+    assert getattr(subprocess_script, attribute) is original  # put back
+    ((command, local_rank, cwd),) = started
+    assert (command, cwd) == (expected[0], expected[1]) and local_rank == "1"
+    assert f"hydra.run.dir={tmp_path / 'run'}" in command and "hydra.job.name=train_ddp_rank1" in command
+    assert command[command.index("--config-path") + 1] == str(tmp_path / "run" / ".ddp")
+    assert OmegaConf.load(tmp_path / "run" / ".ddp" / "config.yaml").trainer.strategy == "ddp"
+
+
+def test_a_changed_lightning_launcher_is_one_sentence(monkeypatch):
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    monkeypatch.setattr(subprocess_script, runner._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None)
+    with pytest.raises(RuntimeError, match=r"this Lightning version .* changed how it starts DDP ranks under Hydra.*"
+                                           r"pin lightning==2\.6\.\* or start the ranks with torchrun"):
+        with runner._rank_launch_patch(_compose()):
+            pass
+    monkeypatch.delattr(subprocess_script, runner._LIGHTNING_RANK_COMMAND[1])
+    with pytest.raises(RuntimeError, match="is gone or different"):
+        with runner._rank_launch_patch(_compose()):
+            pass
+
+
+def test_only_a_ddp_launch_patches_lightning(tmp_path):
+    single = runner.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
+    assert not runner._launches_rank_processes(single)
+    ddp = runner.build_trainer(config(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                      "logger=none", "callbacks=none"))
+    assert runner._launches_rank_processes(ddp)
