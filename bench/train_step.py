@@ -19,7 +19,12 @@ and its own peak memory), warm each up once (compilation included; never timed),
 `--steps` rounds, each one step of every variant in turn, so that a drifting machine speed (shared
 CPUs) spreads over all variants alike. Peak memory: the worker's peak RSS over the timed steps on
 CPU (Linux; over the whole process where the peak cannot be reset), torch.cuda.max_memory_allocated
-on CUDA.
+on CUDA; step memory: that peak less the memory in use once the module is built (RSS / allocated,
+before the warm-up), i.e. what a training step adds on top of the weights and libraries: the
+column the paper's memory claim is about (the extra queries of H-DETR, Group DETR and DN-DETR
+against MS-DETR's o2m stream of the same queries). Each step calls the module's `detect` with the
+batch's targets, as training_step does, so matchers whose query blocks are built from the targets
+(dn_detr, ms_detr_dn) run as in training.
 """
 from __future__ import annotations
 
@@ -92,7 +97,9 @@ def time_step(module, images, mask, targets, steps: int, warmup: int, device,
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = module(images, mask)
+            # The module's training path: the batch's targets reach the detector where its training
+            # query blocks are built from them (DN-DETR's denoising queries), as in training_step.
+            out = module.detect(images, mask, targets)
             sync(device)
             t1 = time.perf_counter()
             total = module.criterion.total(module.criterion(out, targets))
@@ -136,7 +143,9 @@ def variant_overrides(variant: str) -> list[str]:
 
 class PeakMemory:
     """Peak memory from `reset()` on: CUDA's allocator peak, or on CPU this process's peak RSS
-    (VmHWM, reset through /proc/self/clear_refs; where that fails, ru_maxrss since the start)."""
+    (VmHWM, reset through /proc/self/clear_refs; where that fails, ru_maxrss since the start).
+    `current()`: the memory in use now (allocated on CUDA, RSS on CPU), the baseline a step's peak
+    is compared with (the worker takes it right after building the module, before any step)."""
 
     def __init__(self, device):
         self.device = device
@@ -156,11 +165,29 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         if not self.since_start:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 2**20  # kB
+            hwm = _proc_status_gib("VmHWM")
+            if hwm is not None:
+                return hwm
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+    def current(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**30
+        rss = _proc_status_gib("VmRSS")
+        # No /proc: the high-water mark so far, which right after the build is about the RSS.
+        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _proc_status_gib(field: str) -> float | None:
+    """A memory line of /proc/self/status (VmHWM, VmRSS) in GiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _reply(**fields) -> None:
@@ -174,6 +201,7 @@ def worker(args, device, images, mask, targets) -> None:
         torch.manual_seed(0)  # the same weights in every variant
         module = build(args.matcher, args.model, args.backbone, 91, args.experiment, overrides).to(device).train()
         module.configure_model()  # what the Trainer calls: compiles the detector with model.compile=true
+        built_gib = PeakMemory(device).current()  # weights, batch and libraries: before any step
         warmup = max(args.warmup, 2) if module.detector_compiled else args.warmup
         autocast = variant_autocast(args.variant) if args.variant else None
         start = time.perf_counter()
@@ -185,7 +213,7 @@ def worker(args, device, images, mask, targets) -> None:
         return
     peak = PeakMemory(device)
     peak.reset()
-    _reply(ready=True, warmup_s=warmup_s, warmup_steps=warmup)
+    _reply(ready=True, warmup_s=warmup_s, warmup_steps=warmup, built_gib=built_gib)
     for line in sys.stdin:
         if line.strip() == "step":
             _reply(**time_step(module, images, mask, targets, 1, 0, device, autocast))
@@ -231,7 +259,8 @@ def interleaved(variants: dict[str, list[str]], common: list[str], steps: int) -
                 worker_.close()
                 continue
             workers[name] = worker_
-            results[name] = {"warmup_s": ready["warmup_s"], **{part: [] for part in PARTS}}
+            results[name] = {"warmup_s": ready["warmup_s"], "built_gib": ready["built_gib"],
+                             **{part: [] for part in PARTS}}
         for _ in range(steps):
             for name, worker_ in workers.items():
                 for part, seconds in worker_.ask("step").items():
@@ -250,21 +279,34 @@ def print_table(results: dict[str, dict], label: str) -> None:
     base_name = next(n for n in results)
     base = sum(results[base_name][p] for p in PARTS) if "unavailable" not in results[base_name] else None
     base_mem = results[base_name].get("peak_gib")
+    base_step_mem = _step_gib(results[base_name])
     print(f"| {label} | forward s | criterion s | backward s | step s | x {base_name} | peak memory GiB | "
-          f"memory x {base_name} | warm-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"memory x {base_name} | step memory GiB | step memory x {base_name} | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if "unavailable" in r:
-            print(f"| `{name}` | unavailable: {r['unavailable']} | | | | | | | |")
+            print(f"| `{name}` | unavailable: {r['unavailable']} | | | | | | | | | |")
             continue
         step_s = sum(r[p] for p in PARTS)
         ratio = f"{step_s / base:.2f}" if base else "-"
         mem_ratio = f"{r['peak_gib'] / base_mem:.2f}" if base_mem else "-"
+        step_mem = _step_gib(r)
+        step_mem_ratio = f"{step_mem / base_step_mem:.2f}" if base_step_mem else "-"
         print(f"| `{name}` | {r['forward']:.3f} | {r['criterion']:.3f} | {r['backward']:.3f} | {step_s:.3f} | "
               f"{ratio} | {r['peak_gib']:.2f}{'*' if r['peak_since_start'] else ''} | {mem_ratio} | "
-              f"{r['warmup_s']:.1f} |")
+              f"{step_mem:.2f} | {step_mem_ratio} | {r['warmup_s']:.1f} |")
+    print("\npeak memory: the worker's peak over the timed steps (CUDA: max allocated; CPU: peak RSS, "
+          "libraries and weights included); step memory: that peak less the memory in use right after the "
+          "module was built, before any step (activations, gradients, the criterion's work).")
     if any(r.get("peak_since_start") for r in results.values()):
         print("\n*: peak over the whole process (warm-up included): the peak could not be reset here.")
+
+
+def _step_gib(result: dict) -> float | None:
+    """A variant's peak less its memory after the build (None for an unavailable one)."""
+    if "peak_gib" not in result:
+        return None
+    return max(result["peak_gib"] - result["built_gib"], 0.0)
 
 
 def main(argv=None) -> None:

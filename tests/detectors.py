@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from msdetr.models import (Backbone, DecoderLayer, DeformableDecoder, DeformableDETR, DeformableEncoder, EncoderLayer,
+from msdetr.models import (Backbone, ContrastiveDenoisingQueries, DecoderLayer, DenoisingQueries, DeformableDecoder, DeformableDETR, DeformableEncoder, EncoderLayer,
                            HybridQueries, LearnedQueries, NMSTwoStageQueries, QueryGroups, TwoStageQueries)
 
 
@@ -11,7 +11,7 @@ def tiny_detector(backbone: nn.Module | None = None, *, num_classes=5, num_queri
             enc_layers=1, dec_layers=2, dim_feedforward=64, dropout=0.0, num_feature_levels=4, n_points=4,
             two_stage=False, box_refine=False, mixed_selection=False, look_forward_twice=False, pix_trans=False,
             nms_selection=False, cross_attn_first=False, o2m_tap=None, aux_ffn=False, o2m_class_heads=False,
-            hybrid_queries=0, query_groups=1, attn_backend="auto") -> DeformableDETR:
+            hybrid_queries=0, query_groups=1, denoising=None, attn_backend="auto") -> DeformableDETR:
     """A detector of tiny defaults; every keyword is one option of one part."""
     width = dict(d_model=hidden_dim, n_heads=nheads, n_levels=num_feature_levels, n_points=n_points,
                  d_ffn=dim_feedforward, dropout=dropout, attn_backend=attn_backend)
@@ -26,6 +26,10 @@ def tiny_detector(backbone: nn.Module | None = None, *, num_classes=5, num_queri
         blocks["hybrid"] = HybridQueries(num_queries=hybrid_queries)
     if query_groups > 1:
         blocks["groups"] = QueryGroups(groups=query_groups)
+    if denoising == "dn":
+        blocks["dn"] = DenoisingQueries(groups=2, seed=0)
+    elif denoising == "cdn":
+        blocks["dn"] = ContrastiveDenoisingQueries(max_positives=4, seed=0)
     return DeformableDETR(
         backbone=backbone or Backbone(name="resnet18", pretrained=False),
         encoder=DeformableEncoder(layer=EncoderLayer(**width), num_layers=enc_layers),

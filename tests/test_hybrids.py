@@ -116,7 +116,8 @@ def _compose(*overrides):
 
 
 @pytest.mark.parametrize("matcher", ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr",
-                                     "ms_detr_deta", "ms_detr_iou"])
+                                     "ms_detr_deta", "ms_detr_iou", "dn_detr", "dino", "ms_detr_dn", "ms_detr_dino",
+                                     "ms_detr_group_detr"])
 @pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     cfg = _compose(f"model={model}", f"matcher={matcher}", "model.detector.backbone.pretrained=false",
@@ -126,9 +127,13 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
                    *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
     one_stage = cfg.model.detector.queries._target_.endswith("LearnedQueries")
     needs_two_stage = matcher in ("deta", "ms_detr_deta", "ms_detr_iou")
-    if matcher == "group_detr" and not one_stage and not cfg.model.detector.queries.mixed_selection:
+    if "group_detr" in matcher and not one_stage and not cfg.model.detector.queries.mixed_selection:
         # Groups sharing two-stage proposals need learned content; switching it on silently would change the model.
         with pytest.raises(Exception, match="mixed_selection=true"):
+            instantiate(cfg.model.detector)
+        return
+    if matcher in ("dn_detr", "dino", "ms_detr_dn", "ms_detr_dino") and one_stage:
+        with pytest.raises(Exception, match="needs box references: use a two-stage model"):
             instantiate(cfg.model.detector)
         return
     model_ = instantiate(cfg.model.detector)
@@ -138,7 +143,7 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
             DetectionModule(model_, criterion)
         return
     module = DetectionModule(model_, criterion)
-    out = module.model(*batch(64, 64))
+    out = module.detect(*batch(64, 64), TARGETS)
     losses = criterion(out, TARGETS)
     total = criterion.total(losses)
     assert torch.isfinite(total)

@@ -240,6 +240,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     auto_resume: bool = spec()
     init_reset_class_heads: bool = spec()
+    report: bool = spec()
     # predict.yaml
     score_threshold: float = spec(in_range(0, 1))
     eval_size: Optional[int] = spec(at_least(1))

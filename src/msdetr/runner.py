@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -19,11 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .checkpoints import load_weights
+from .files import atomic_write
 from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
 from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO, Preempted
-from .lit.loggers import check_installed, finish_wandb_run
+from .lit.loggers import check_installed, finish_wandb_run, wandb_group
 
 log = logging.getLogger("msdetr")
 
@@ -295,7 +299,29 @@ def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
     return path.parent.parent if path.parent.name == "checkpoints" else None
 
 
+# Written into the run directory when training ends; `python -m msdetr.report` reads it.
+RUN_SUMMARY = "run_summary.json"
+
+
+def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time_s: float) -> None:
+    """`<run dir>/run_summary.json`: how the run ended, its wall time (this process, from the start
+    of `train`), epochs, steps, final validation metrics (NaN: null) and its W&B group, if it logged to W&B."""
+    use_wandb = (cfg.get("logger") or {}).get("wandb") is not None
+    summary = {
+        "status": "interrupted" if trainer.interrupted else "completed",
+        "wall_time_s": round(wall_time_s, 3),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "metrics": {k: None if math.isnan(v) else float(v) for k, v in metrics.items()},
+        "wandb_group": wandb_group(cfg.logger.wandb.get("group")) if use_wandb else None,
+    }
+    path = Path(cfg.paths.output_dir) / RUN_SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    started = time.monotonic()
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt.")
@@ -337,6 +363,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = dict(module.last_metrics)
     if trainer.is_global_zero and metrics:
         log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
+    if trainer.is_global_zero:
+        write_run_summary(cfg, trainer, metrics, time.monotonic() - started)
     return metrics
 
 

@@ -73,11 +73,18 @@ def wandb_logger(save_dir: str, project: str = "msdetr", name: str | None = None
         raise ImportError("logger=wandb needs the wandb package; install it with pip install 'msdetr[wandb]' "
                           "(or pick logger=csv / logger=tensorboard).") from exc
     run_id = run_id_for(save_dir, resume_from)
-    sweep, job_name = _hydra_job()
+    job_name = _hydra_job()[1]
+    return WandbLogger(save_dir=save_dir, project=project, name=name or job_name or None, id=run_id, resume="allow",
+                       group=wandb_group(group), **kwargs)
+
+
+def wandb_group(group: str | None = None) -> str | None:
+    """The W&B group of this run: `group` when set, else the sweep directory (its last 128 characters,
+    W&B's limit) for a job of a Hydra multirun, else None. The sweep report logs into the same group."""
+    sweep = _hydra_job()[0]
     if group is None and sweep:
         group = sweep[-WANDB_GROUP_MAX:]
-    return WandbLogger(save_dir=save_dir, project=project, name=name or job_name or None, id=run_id, resume="allow",
-                       group=group or None, **kwargs)
+    return group or None
 
 
 def finish_wandb_run(exit_code: int = 0) -> None:

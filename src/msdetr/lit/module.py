@@ -122,8 +122,14 @@ class DetectionModule(L.LightningModule):
         self.category_names: dict[int, str] = {}
         self._rng_to_restore: dict | None = None
 
+    def _seeded(self) -> list:
+        """Everything that draws from a generator of its own: the assigners and the detector's
+        training query blocks (denoising noise)."""
+        blocks = getattr(self.model, "training_queries", {})
+        return [*self.criterion.assigners(), *(blocks.values() if blocks else ())]
+
     def _generators(self) -> list[torch.Generator]:
-        return [a.generator for a in self.criterion.assigners() if getattr(a, "generator", None) is not None]
+        return [a.generator for a in self._seeded() if getattr(a, "generator", None) is not None]
 
     @property
     def detector_compiled(self) -> bool:
@@ -146,12 +152,15 @@ class DetectionModule(L.LightningModule):
                            backend=hp.get("compile_backend", "inductor"))
         self._detector_compiled = True
 
-    def detect(self, images: torch.Tensor, padding_mask: torch.Tensor) -> dict:
+    def detect(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> dict:
         """The detector's outputs; compiled with compile_dynamic, the batch size, height and width
-        are symbolic from the first compilation on, so batches of other shapes do not recompile."""
+        are symbolic from the first compilation on, so batches of other shapes do not recompile.
+        `targets` reach the detector only in training and only if its query blocks need them."""
         if self.detector_compiled and self.hparams.get("compile_dynamic", True):
             torch._dynamo.maybe_mark_dynamic(images, (0, 2, 3))
             torch._dynamo.maybe_mark_dynamic(padding_mask, (0, 1, 2))
+        if targets is not None and self.model.training and getattr(self.model, "needs_targets", False):
+            return self.model(images, padding_mask, targets)
         return self.model(images, padding_mask)
 
     def num_params(self) -> dict:
@@ -179,9 +188,9 @@ class DetectionModule(L.LightningModule):
         rank = self.global_rank
         if stage == "fit" and self.hparams.seed is not None and rank > 0:
             rng.seed_process(self.hparams.seed + rank)
-            for assigner in self.criterion.assigners():
-                if hasattr(assigner, "seed_rank"):
-                    assigner.seed_rank(rank)
+            for seeded in self._seeded():
+                if hasattr(seeded, "seed_rank"):
+                    seeded.seed_rank(rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["msdetr_config"] = self.run_config
@@ -242,7 +251,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
-        outputs = self.detect(images, padding_mask)
+        outputs = self.detect(images, padding_mask, targets)
         start = self._clock()
         losses = self.criterion(outputs, targets)
         self.criterion_seconds = self._clock() - start

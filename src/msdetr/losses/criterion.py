@@ -28,6 +28,11 @@ _STREAM_HINTS = {
 }
 
 
+# The classification losses a branch may use; the defaults (alpha, gamma) of the IoU-aware ones.
+CLS_LOSSES = ("focal", "varifocal", "ia_bce")
+_CLS_DEFAULTS = {"varifocal": (0.75, 2.0), "ia_bce": (0.25, 2.0)}
+
+
 @dataclass
 class Branch:
     """One supervision branch.
@@ -44,9 +49,18 @@ class Branch:
     whose quality depends only on the decoder's input proposals).
     repeat_targets: every GT appears this many times (H-DETR's one-to-many branch, k = 6); the
     normalizer grows with it, as in H-DETR where the branch sees k times the boxes.
-    num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups).
+    num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups). An
+    assigner with a `normalizer_scale(layer_outputs, targets)` method multiplies it further, by a
+    factor known only from the batch (the denoising groups).
     required: a model without this stream is an error; otherwise the branch is skipped (the encoder
     branch of a one-stage model, as the official criteria do).
+    loss_cls: the classification loss. `focal` (default): sigmoid focal loss against 1 at each
+    assigned query's class, with the criterion's `focal_alpha` / `focal_gamma`. `varifocal` and
+    `ia_bce`: IoU-aware, the assigned query's target is the (detached) IoU of its predicted box with
+    its GT; see `varifocal_loss` and `ia_bce_loss`. Every one is summed over queries x classes and
+    divided by the branch's normalizer, like the focal term, so the `ce` weights stay comparable.
+    cls_alpha, cls_gamma: that loss's alpha and gamma; None takes its default (focal: the criterion's
+    focal_alpha / focal_gamma; varifocal: 0.75 / 2.0 as VarifocalNet; ia_bce: 0.25 / 2.0 as Align-DETR).
     """
 
     stream: str
@@ -60,8 +74,18 @@ class Branch:
     repeat_targets: int = 1
     num_boxes_scale: float = 1.0
     required: bool = True
+    loss_cls: str = "focal"
+    cls_alpha: float | None = None
+    cls_gamma: float | None = None
 
     def __post_init__(self):
+        if self.loss_cls not in CLS_LOSSES:
+            raise ValueError(f"branch {self.stream!r}: unknown loss_cls {self.loss_cls!r}; use one of "
+                             f"{', '.join(CLS_LOSSES)}.")
+        if (self.cls_alpha is not None and not 0 <= self.cls_alpha <= 1) or (
+                self.cls_gamma is not None and self.cls_gamma < 0):
+            raise ValueError(f"branch {self.stream!r}: cls_alpha must be in [0, 1] and cls_gamma >= 0 "
+                             f"(got {self.cls_alpha} and {self.cls_gamma}).")
         if self.repeat_targets < 1 or self.num_boxes_scale <= 0:
             raise ValueError(f"branch {self.stream!r}: repeat_targets must be >= 1 and num_boxes_scale > 0.")
         unknown = set(self.weights) - {"ce", "bbox", "giou"}
@@ -136,9 +160,14 @@ def query_class_targets(indices, targets: Targets, num_queries: int
     return kept // num_queries, kept % num_queries, labels[last[kept]]
 
 
-def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets) -> torch.Tensor:
+def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets,
+                       values: torch.Tensor | None = None) -> torch.Tensor:
     """Write 1 into the (B, Q, C) zeros `onehot` at each `query_class_targets` entry, in place and
-    without compacting the assigned queries (no data-dependent shape, so no device sync)."""
+    without compacting the assigned queries (no data-dependent shape, so no device sync).
+
+    `values`: one number per (query, GT) pair, in the order of `indices`; the entry then gets the
+    value of the query's last pair (the pair that gave it its class) instead of 1.
+    """
     b, q, c = onehot.shape
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     flat = batch * q + torch.cat([src for src, _ in indices])
@@ -147,8 +176,57 @@ def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets) -> torch
     labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
     last = last_pair_per_query(flat, b * q)
     # Every (image, query) row gets one write: 1 at its last pair's label, 0 (a no-op) if unassigned.
-    onehot.view(b * q, c).scatter_(1, labels[last.clamp(min=0)][:, None], (last >= 0)[:, None].to(onehot.dtype))
+    written = (last >= 0).to(onehot.dtype)
+    if values is not None:
+        written = written * values.to(onehot.dtype)[last.clamp(min=0)]
+    onehot.view(b * q, c).scatter_(1, labels[last.clamp(min=0)][:, None], written[:, None])
     return onehot
+
+
+def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of each xyxy box of `boxes1` (N, 4) with the box in the same row of `boxes2`: (N,), 0 where
+    both boxes are empty (no N x N matrix, unlike `box_iou`)."""
+    low = torch.maximum(boxes1[:, :2], boxes2[:, :2])
+    high = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (high - low).clamp(min=0).prod(1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).clamp(min=0).prod(1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).clamp(min=0).prod(1)
+    return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).tiny)
+
+
+def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75,
+                   gamma: float = 2.0) -> torch.Tensor:
+    """Varifocal loss of VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object
+    Detector", CVPR 2021, its Varifocal Loss), summed over every (query, class) entry.
+
+    `quality` (the shape of `logits`) is the target q: the IoU of the query's box with its GT at the
+    assigned query's class, 0 elsewhere. With p = sigmoid(logit):
+        q > 0:  -q (q log p + (1 - q) log(1 - p))  = q * BCE(p, q)
+        q = 0:  -alpha p^gamma log(1 - p)          = alpha p^gamma * BCE(p, 0)
+    As in the paper, an assigned query whose box misses its GT (IoU 0) counts as a negative. `quality`
+    must carry no gradient; the modulating factor p^gamma keeps its gradient, as the focal loss does.
+    """
+    prob = logits.sigmoid()
+    weight = torch.where(quality > 0, quality, alpha * prob.pow(gamma))
+    return (F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight).sum()
+
+
+def ia_bce_loss(logits: torch.Tensor, positive: torch.Tensor, iou: torch.Tensor, alpha: float = 0.25,
+                gamma: float = 2.0) -> torch.Tensor:
+    """IoU-aware BCE (IA-BCE) of Align-DETR (Cai et al., "Align-DETR: Improving DETR with Simple
+    IoU-aware BCE loss", arXiv 2304.07527v1, its IA-BCE loss), summed over every (query, class) entry.
+
+    `positive` (bool, the shape of `logits`) marks each assigned query's class, `iou` holds there the
+    IoU u of the query's box with its GT. With p = sigmoid(logit):
+        positive:  BCE(p, t),  t = p^alpha * u^(1 - alpha)  (the target, detached: no gradient)
+        otherwise: p^gamma * BCE(p, 0)
+    Align-DETR's prime-sample weighting belongs to its many-to-one matching and is not part of this
+    loss; its released code also floors u and t, which the paper's formula does not.
+    """
+    prob = logits.sigmoid()
+    target = torch.where(positive, prob.detach().pow(alpha) * iou.detach().pow(1 - alpha), 0.0)
+    weight = torch.where(positive, 1.0, prob.pow(gamma))
+    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +246,8 @@ def world_num_boxes(targets: Targets, device) -> float:
 
 
 class SetCriterion(nn.Module):
-    """Sums the focal / L1 / GIoU losses of every branch; losses keep the official names."""
+    """Sums the classification (focal by default) / L1 / GIoU losses of every branch; losses keep the
+    official names."""
 
     def __init__(self, num_classes: int, branches: list[Branch] | dict[str, Branch | None], focal_alpha: float = 0.25,
                  focal_gamma: float = 2.0):
@@ -265,7 +344,9 @@ class SetCriterion(nn.Module):
             indices = assigned[(branch.stream, layer_suffix)]
             name = layer_suffix + branch.suffix
             normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
-            terms = self.layer_losses(layer_out, tgts, indices, normalizer)
+            if hasattr(branch.assigner, "normalizer_scale"):  # e.g. denoising: averaged over its groups
+                normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
+            terms = self.layer_losses(layer_out, tgts, indices, normalizer, branch)
             for key in ("ce", "bbox", "giou"):
                 losses[f"loss_{key}{name}"] = terms[key]
                 weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
@@ -333,19 +414,41 @@ class SetCriterion(nn.Module):
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
-    def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
-        logits = out["pred_logits"]
-        # One class per assigned query; unassigned queries are all-negative.
-        scores = _upcast(logits)
-        onehot = torch.zeros_like(scores)
-        set_class_targets_(onehot, indices, targets)
-        loss_ce = sigmoid_focal_loss(scores, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+    def cls_loss_params(self, branch: Branch | None) -> tuple[str, float, float]:
+        """(loss_cls, alpha, gamma) of a branch, its None fields filled with that loss's defaults."""
+        kind = "focal" if branch is None else branch.loss_cls
+        alpha, gamma = (self.focal_alpha, self.focal_gamma) if kind == "focal" else _CLS_DEFAULTS[kind]
+        if branch is not None:
+            alpha = alpha if branch.cls_alpha is None else branch.cls_alpha
+            gamma = gamma if branch.cls_gamma is None else branch.cls_gamma
+        return kind, alpha, gamma
 
+    def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float,
+                     branch: Branch | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms of one layer; `branch` picks the classification loss (focal without one)."""
+        logits = out["pred_logits"]
         # The box terms count every (query, GT) pair.
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         src_boxes = _upcast(out["pred_boxes"][batch_idx, src_idx])
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes.dtype)
+
+        # One class per assigned query; unassigned queries are all-negative.
+        scores = _upcast(logits)
+        onehot = torch.zeros_like(scores)
+        set_class_targets_(onehot, indices, targets)
+        kind, alpha, gamma = self.cls_loss_params(branch)
+        if kind == "focal":
+            loss_ce = sigmoid_focal_loss(scores, onehot, alpha, gamma, reduction="sum")
+        else:
+            with torch.no_grad():  # the IoU is a target: no gradient reaches the boxes through it
+                iou = aligned_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes))
+                quality = set_class_targets_(torch.zeros_like(scores), indices, targets, values=iou)
+            if kind == "varifocal":
+                loss_ce = varifocal_loss(scores, quality, alpha, gamma)
+            else:
+                loss_ce = ia_bce_loss(scores, onehot > 0, quality, alpha, gamma)
+
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
         giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
         loss_giou = (1 - giou).sum()

@@ -24,7 +24,7 @@ from .decoder import DeformableDecoder
 from .encoder import DeformableEncoder
 from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
 from .position_encoding import PositionEmbeddingSine
-from .queries import QuerySelection, TrainingQueries, block_ids
+from .queries import Queries, QuerySelection, TrainingQueries, block_ids
 
 
 class MLP(nn.Module):
@@ -99,7 +99,7 @@ class DeformableDETR(nn.Module):
             taken = [n for n, b in self.training_queries.items() if b.stream == block.stream]
             if taken:
                 raise ValueError(f"training_queries.{name} and .{taken[0]} both write {block.stream}; keep one.")
-            block.bind(queries.num_queries, queries.embedding_dim, name)
+            block.bind(name=name, selection=queries, num_classes=num_classes)
             self.training_queries[name] = block
 
         class_embed = nn.Linear(hidden_dim, num_classes)
@@ -218,25 +218,51 @@ class DeformableDETR(nn.Module):
             "init_reference": reference[:, start:stop],
         }
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> DetectorOutput:
+    @property
+    def needs_targets(self) -> bool:
+        """Whether a training forward needs the targets (a training block builds queries from them)."""
+        return any(block.needs_targets for block in self.training_queries.values())
+
+    def self_attn_mask(self, blocks: list[TrainingQueries], sizes: list[list[int]], device) -> torch.Tensor:
+        """(T, T) bool, True where a query may not attend: the one-to-one queries (group 0) and
+        every group of every block see only their own group, except that a block with
+        `sees_one_to_one` also sees the one-to-one queries."""
+        flat = [n for per_block in sizes for n in per_block]
+        sees = [False] + [b.sees_one_to_one for b, per_block in zip(blocks, sizes[1:]) for _ in per_block]
+        ids = block_ids(flat, device)
+        sees_main = torch.tensor(sees, dtype=torch.bool).to(device, non_blocking=True)[ids]
+        return (ids[:, None] != ids[None, :]) & ~(sees_main[:, None] & (ids[None, :] == 0))
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> DetectorOutput:
+        """`targets` (training only): the batch's targets, for training blocks that build queries
+        from them (denoising)."""
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
         levels = self.encoder.flatten(srcs, masks, pos)
         memory = self.encoder(levels)
         extra = list(self.training_queries.values()) if self.training else []
+        from_targets = [b for b in extra if b.needs_targets]
+        if from_targets and targets is None:
+            raise ValueError("this model's training queries are built from the targets: call model(images, "
+                             "padding_mask, targets) in training.")
+        blocks = [b for b in extra if not b.needs_targets] + from_targets
         heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.queries.uses_encoder_heads else None
-        queries = self.queries(memory, levels, extra, heads)
+        queries = self.queries(memory, levels, blocks[:len(blocks) - len(from_targets)], heads)
+        if from_targets:
+            made = [b.build(targets, self.queries) for b in from_targets]
+            queries = Queries(torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
+                              torch.cat([queries.pos, *(m.pos for m in made)], 1),
+                              torch.cat([queries.reference, *(m.reference for m in made)], 1), queries.outputs)
         q = self.num_queries
-        # The one-to-one queries, then each training block's groups, none seeing another in self-attention.
-        sizes = [q] + [n for block in extra for n in block.sizes(q)]
-        ids = block_ids(sizes, images.device) if extra else None
+        # The one-to-one queries, then each training block's groups (see `self_attn_mask`).
+        sizes = [[q]] + [b.sizes(q, targets) for b in blocks]
         dec = self.decoder(queries.tgt, queries.reference, memory, levels, queries.pos,
                            self.bbox_embed if self.box_refine else None,
-                           ids[:, None] != ids[None, :] if extra else None)
+                           self.self_attn_mask(blocks, sizes, images.device) if blocks else None)
         logits, coords = self.head_outputs(dec.hidden, dec.box_refs, dec.boxes)
         out: DetectorOutput = self._stream(logits, coords, queries.reference, 0, q)
         start = q
-        for block in extra:
-            stop = start + sum(block.sizes(q))
+        for block, per_block in zip(blocks, sizes[1:]):
+            stop = start + sum(per_block)
             out[block.stream] = self._stream(logits, coords, queries.reference, start, stop)
             start = stop
         if dec.hidden_o2m and dec.hidden_o2m[0] is not None:

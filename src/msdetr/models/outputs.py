@@ -36,12 +36,15 @@ class DetectorOutput(LayerStream, total=False):
     - `o2m_outputs`: MS-DETR's one-to-many predictions of the one-to-one queries (decoder `o2m_tap`).
     - `hybrid_outputs`: H-DETR's one-to-many queries (`HybridQueries`).
     - `group_outputs`: Group DETR's extra groups, group after group (`QueryGroups`).
+    - `dn_outputs`: the denoising queries, group after group (`DenoisingQueries`,
+      `ContrastiveDenoisingQueries`); `init_reference` holds their noised GT boxes.
     - `enc_outputs`: the two-stage encoder's proposals (also at inference).
     """
 
     o2m_outputs: LayerStream
     hybrid_outputs: LayerStream
     group_outputs: LayerStream
+    dn_outputs: LayerStream
     enc_outputs: EncoderStream
 
 

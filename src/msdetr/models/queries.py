@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision.ops import batched_nms
 
-from ..box_ops import cxcywh_to_xyxy
+from ..box_ops import cxcywh_to_xyxy, inverse_sigmoid
 from ..kernels import Shapes, level_shapes
 from .encoder import Levels
 from .position_encoding import box_sine_embedding
@@ -25,22 +25,32 @@ from .position_encoding import box_sine_embedding
 class TrainingQueries(nn.Module):
     """A block of training-only queries (the base class).
 
-    Subclasses set `stream` (the output key their predictions go to) and say how many queries they
-    add (`sizes`: one entry per group that sees only itself in self-attention) and where their
-    two-stage proposals come from (`proposals`: "ranked" continues the one-to-one ranking, "shared"
-    repeats the one-to-one proposals). `bind` is called once by the detector with what the query
-    selection needs per query: the learned embedding width, None when queries have no learned part.
+    Subclasses set `stream` (the `DetectorOutput` key their predictions go to) and say how many
+    queries they add (`sizes`: one entry per group that sees only itself in self-attention, and,
+    with `sees_one_to_one`, the one-to-one queries too). Their queries come either from the query
+    selection (`proposals`: "ranked" continues the one-to-one ranking of two-stage proposals,
+    "shared" repeats the one-to-one proposals; learned rows come from `bind`) or, with
+    `needs_targets`, from the batch's targets (`build`). `bind` is called once by the detector.
     """
 
     stream: ClassVar[str]
     proposals: ClassVar[str] = "ranked"
+    needs_targets: ClassVar[bool] = False
+    sees_one_to_one: ClassVar[bool] = False
 
-    def sizes(self, num_queries: int) -> list[int]:
+    def sizes(self, num_queries: int, targets=None) -> list[int]:
+        """The sizes of the block's groups, for `num_queries` one-to-one queries (and this batch's
+        `targets`, for blocks that build from them)."""
         raise NotImplementedError
 
-    def bind(self, num_queries: int, embedding_dim: int | None, name: str) -> None:
+    def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         """Creates the block's learned query rows (if the selection learns any)."""
-        self.embed = nn.Embedding(sum(self.sizes(num_queries)), embedding_dim) if embedding_dim else None
+        dim = selection.embedding_dim
+        self.embed = nn.Embedding(sum(self.sizes(selection.num_queries)), dim) if dim else None
+
+    def build(self, targets, selection: QuerySelection) -> Queries:
+        """The block's queries for this batch (blocks with `needs_targets`)."""
+        raise NotImplementedError
 
 
 class HybridQueries(TrainingQueries):
@@ -60,7 +70,7 @@ class HybridQueries(TrainingQueries):
             raise ValueError(f"HybridQueries needs num_queries >= 1, got {num_queries}.")
         self.num_queries = num_queries
 
-    def sizes(self, num_queries: int) -> list[int]:
+    def sizes(self, num_queries: int, targets=None) -> list[int]:
         return [self.num_queries]
 
 
@@ -82,15 +92,15 @@ class QueryGroups(TrainingQueries):
             raise ValueError(f"QueryGroups needs groups >= 2 (group 0 is the one-to-one queries), got {groups}.")
         self.groups = groups
 
-    def sizes(self, num_queries: int) -> list[int]:
+    def sizes(self, num_queries: int, targets=None) -> list[int]:
         return [num_queries] * (self.groups - 1)
 
-    def bind(self, num_queries: int, embedding_dim: int | None, name: str) -> None:
-        if embedding_dim is None:
+    def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
+        if selection.embedding_dim is None:
             raise ValueError(
                 f"training_queries.{name} (Group DETR) shares the two-stage proposals across its groups, so the "
                 "groups need learned content: set model.detector.queries.mixed_selection=true (the ++ models have it).")
-        super().bind(num_queries, embedding_dim, name)
+        super().bind(name=name, selection=selection, num_classes=num_classes)
 
 
 @dataclass
@@ -197,6 +207,11 @@ class TwoStageQueries(QuerySelection):
         if mixed_selection:
             self.query_embed = nn.Embedding(num_queries, d_model)
 
+    def positions(self, boxes_unact: torch.Tensor) -> torch.Tensor:
+        """(B, T, 4) boxes in logit space -> (B, T, C) query positions, as the proposals get them."""
+        c = self.d_model
+        return self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes_unact, c // 2)))[..., :c]
+
     @staticmethod
     def encoder_proposals(memory, padding_mask, spatial_shapes: torch.Tensor | Shapes):
         """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where invalid.
@@ -263,11 +278,11 @@ class TwoStageQueries(QuerySelection):
         topk = torch.cat(parts, 1) if extra else best
         topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
+        query_pos = pos_trans_out[..., :c]
         if self.mixed_selection:
-            query_pos = pos_trans_out[..., :c]
             tgt = self.learned_rows(extra).unsqueeze(0).expand(bs, -1, -1)
         else:
-            query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
+            tgt = pos_trans_out[..., c:]
         if self.pix_trans_enabled:
             # DETA: the selected tokens' own (detached) features join the query content.
             feats = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, c)).detach()
@@ -337,6 +352,151 @@ class NMSTwoStageQueries(TwoStageQueries):
             chosen = chosen | (leftover & (leftover.cumsum(0) <= k - chosen.sum()))
             picks.append(keep[chosen.to(torch.uint8).argsort(descending=True, stable=True)[:k]])
         return torch.stack(picks)
+
+
+class DenoisingQueries(TrainingQueries):
+    """DN-DETR's denoising queries: `groups` noised copies of every ground-truth box and label,
+    whose predictions are supervised with their own GT (no matching). Each group sees the
+    one-to-one queries but no other group, and the one-to-one queries see none of them.
+
+    A group holds as many queries as the batch's largest GT count (images with fewer GTs pad with
+    empty queries). A query's content is its (noised) label's embedding, its reference its noised box,
+    its position the query selection's embedding of that box: the selection must make box
+    references (a two-stage model). Noise is drawn on the CPU from the block's own generator, so a
+    run is reproducible and resumes bit for bit.
+
+    Args:
+        groups: noised copies of the GTs (DN-DETR's --scalar, 5).
+        label_noise: probability of replacing a label by a random class (DN-DETR: 0.2).
+        box_noise: scale of the box noise (DN-DETR: 0.4): the centre moves by up to
+            box_noise * (w/2, h/2), the size by up to box_noise * (w, h).
+        seed: seed of the noise generator (None: torch's global generator).
+    """
+
+    stream = "dn_outputs"
+    needs_targets = True
+    sees_one_to_one = True
+    parts_per_group: ClassVar[int] = 1  # positives only
+
+    def __init__(self, *, groups: int = 5, label_noise: float = 0.2, box_noise: float = 0.4,
+                 seed: int | None = None):
+        super().__init__()
+        if groups < 1 or not 0 <= label_noise <= 1 or box_noise < 0:
+            raise ValueError(f"groups={groups} / label_noise={label_noise} / box_noise={box_noise}: use groups >= 1, "
+                             "label_noise in [0, 1] and box_noise >= 0.")
+        self.groups, self.label_noise, self.box_noise = groups, label_noise, box_noise
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def seed_rank(self, rank: int) -> None:
+        """Process `rank` draws its own noise (seed + rank), as the assigners do."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed + rank)
+
+    def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
+        if not hasattr(selection, "positions"):
+            raise ValueError(f"training_queries.{name} (denoising) starts queries from noised GT boxes, which needs "
+                             "box references: use a two-stage model (e.g. model=deformable_detr_pp).")
+        self.num_classes = num_classes
+        self.label_embed = nn.Embedding(num_classes, selection.d_model)
+
+    def num_groups(self, largest: int) -> int:
+        return self.groups
+
+    def sizes(self, num_queries: int, targets=None) -> list[int]:
+        largest = max((len(t["labels"]) for t in targets), default=0) if targets is not None else 0
+        if not largest:
+            return []
+        return [largest * self.parts_per_group] * self.num_groups(largest)
+
+    def _uniform(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator)
+
+    @property
+    def flip_rate(self) -> float:
+        """The probability that a label is replaced by a random class."""
+        return self.label_noise
+
+    def noised_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Each label replaced by a random class with probability `flip_rate`."""
+        flip = (self._uniform(labels.shape[0]) < self.flip_rate).to(labels.device, non_blocking=True)
+        other = torch.randint(0, self.num_classes, labels.shape, generator=self.generator)
+        return torch.where(flip, other.to(labels.device, non_blocking=True), labels)
+
+    def noised_boxes(self, boxes: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """DN-DETR: centre +- box_noise * (w/2, h/2), size +- box_noise * (w, h), clamped to [0, 1]
+        (`negative` rows: none here)."""
+        shift = (self._uniform(*boxes.shape) * 2 - 1).to(boxes.device, non_blocking=True)
+        scale = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], 1)
+        return (boxes + shift * scale * self.box_noise).clamp(0.0, 1.0)
+
+    def build(self, targets, selection: QuerySelection) -> Queries:
+        """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per group
+        the positives (and, contrastive, then the negatives), each padded to the largest GT count."""
+        sizes = self.sizes(selection.num_queries, targets)
+        copies = len(sizes) * self.parts_per_group  # noised copies of every GT
+        largest = sizes[0] // self.parts_per_group if sizes else 0
+        width = self.label_embed.embedding_dim
+        contents, references = [], []
+        for t in targets:
+            n = len(t["labels"])
+            # Copy c of GT j is row c * n + j; copies alternate positive / negative when contrastive.
+            negative = (torch.arange(copies * n, device=t["boxes"].device) // max(n, 1)) % self.parts_per_group == 1
+            labels = self.noised_labels(t["labels"].repeat(copies))
+            boxes = self.noised_boxes(t["boxes"].float().repeat(copies, 1), negative)
+            content = self.label_embed(labels).view(copies, n, width)
+            boxes = boxes.view(copies, n, 4)
+            # Padding queries: no content, the box of logit 0 (centre and size 0.5), as officially.
+            content = torch.cat([content, content.new_zeros(copies, largest - n, width)], 1)
+            boxes = torch.cat([boxes, boxes.new_full((copies, largest - n, 4), 0.5)], 1)
+            contents.append(content.reshape(copies * largest, width))
+            references.append(boxes.reshape(copies * largest, 4))
+        reference = torch.stack(references).to(self.label_embed.weight.dtype)
+        tgt = torch.stack(contents)
+        return Queries(tgt, selection.positions(inverse_sigmoid(reference)), reference, {})
+
+
+class ContrastiveDenoisingQueries(DenoisingQueries):
+    """DINO's contrastive denoising (CDN): every group has a positive and a negative noised copy of
+    each GT. Positives move by less than `box_noise` (relative to half the box size, per corner) and
+    learn to reconstruct their GT; negatives move by between one and two times that and learn "no
+    object" (supervised as background).
+
+    Args:
+        max_positives: DINO's dn_number (100): from 100 on, groups = max_positives // the batch's
+            largest GT count (at least 1); below 100 it is the number of groups, as in DINO.
+        label_noise: DINO's dn_label_noise_ratio (0.5): a label changes with half this probability.
+        box_noise: DINO's dn_box_noise_scale (0.4).
+        seed: seed of the noise generator.
+    """
+
+    parts_per_group = 2
+
+    def __init__(self, *, max_positives: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
+                 seed: int | None = None):
+        super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed)
+        if max_positives < 1:
+            raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
+        self.max_positives = max_positives
+
+    def num_groups(self, largest: int) -> int:
+        if self.max_positives >= 100:
+            return max(1, self.max_positives // largest)
+        return self.max_positives
+
+    @property
+    def flip_rate(self) -> float:
+        return self.label_noise * 0.5  # DINO flips half as many labels as its ratio says
+
+    def noised_boxes(self, boxes: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        """Corners (x0, y0, x1, y1) move by sign * u * box_noise * (w/2, h/2), u in [0, 1) for
+        positives and [1, 2) for negatives; clamped to [0, 1]."""
+        sign = (torch.randint(0, 2, boxes.shape, generator=self.generator) * 2 - 1).to(boxes.device, non_blocking=True)
+        u = self._uniform(*boxes.shape).to(boxes.device, non_blocking=True) + negative[:, None].to(boxes.dtype)
+        half = boxes[:, 2:] / 2
+        corners = torch.cat([boxes[:, :2] - half, boxes[:, :2] + half], 1)
+        corners = (corners + sign * u * half.repeat(1, 2) * self.box_noise).clamp(0.0, 1.0)
+        return torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1)
 
 
 def block_ids(sizes: Sequence[int], device) -> torch.Tensor:
