@@ -27,7 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses import criterion as criterion_module
-from msdetr.matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
+from msdetr.matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
 from msdetr.matching import hungarian as hungarian_module
 from msdetr.matching import quality as quality_module
 from msdetr.models import Backbone, DeformableDETR
@@ -67,6 +67,9 @@ CASES = {
     "h_detr": (dict(two_stage=True, box_refine=True, hybrid_queries=5),
                lambda: [Branch("main", HungarianMatcher()),
                         Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
+    "dino": (dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True, denoising="cdn"),
+             lambda: [Branch("main", HungarianMatcher()),
+                      Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn")]),
     "deta": (dict(two_stage=True, box_refine=True, pix_trans=True, num_feature_levels=5,
                   nms_selection=True), deta_branches),
 }
@@ -138,7 +141,7 @@ def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool 
     criterion = SetCriterion(NUM_CLASSES, branches())
     with mode:
         images, mask, targets = fake_batch(device)
-        out = model(images, mask)
+        out = model(images, mask, targets)  # the denoising queries are built from the targets
         criterion.check_model(model.output_streams)
         losses = criterion(out, targets)
         total = criterion.total(losses)

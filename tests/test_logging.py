@@ -2,7 +2,9 @@
 parameter counts as every logger's hyperparameters, W&B runs grouped by sweep and named by their
 overrides, the optimised metric as a config key, the optimizer and LR scheduler as `_partial_`
 configs, and the one guarded use of a private Lightning function (DDP ranks under Hydra)."""
+import csv
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -124,22 +126,28 @@ def _wandb_run(job_dir):
 
 
 @pytest.mark.slow
-def test_sweep_jobs_describe_themselves_in_csv_and_wandb(tmp_path):
+def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
+    """One 2-job sweep (the suite's only end-to-end sweep of the loggers and the report): every job's
+    CSV hparams.yaml and offline W&B run hold the whole config and the parameter counts, the W&B runs
+    share the sweep's group and are named by their overrides, and report=true writes the sweep's
+    table and figures at the end."""
     pytest.importorskip("wandb")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "seed=1,2", *TINY, "logger=[csv,wandb]", "schedule.epochs=1",
-           "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null", f"paths.data_root={tmp_path / 'data'}",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *TINY, "logger=[csv,wandb]",
+           "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+           "callbacks.predictions=null", "report=true", f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**clean, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     groups, names = set(), []
-    for job, seed in (("0", 1), ("1", 2)):
+    for job, matcher in (("0", "hungarian"), ("1", "ms_detr")):
         run = tmp_path / "sweep" / job
         (hparams,) = (run / "csv").rglob("hparams.yaml")
         group, name, wandb_config = _wandb_run(run)
         for logged in (yaml.safe_load(hparams.read_text()), wandb_config):
-            assert logged["seed"] == seed and logged["matcher"]["weights"]["ce"] > 0
+            assert logged["seed"] == 42 and logged["matcher"]["weights"]["ce"] > 0
+            assert ("o2m" in logged["matcher"]["criterion"]["branches"]) == (matcher == "ms_detr")
             assert logged["model"]["num_queries"] == 10  # from TINY
             assert logged["schedule"]["optim"]["lr"] > 0 and logged["optimized_metric"] == "val/AP"
             assert logged["paths"]["output_dir"] == str(run)  # resolved, Hydra's interpolations too
@@ -147,8 +155,23 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb(tmp_path):
         groups.add(group)
         names.append(name)
     assert groups == {str(tmp_path / "sweep")}  # one group: the sweep
-    assert "seed=1" in names[0] and "seed=2" in names[1]
-    assert names[0].replace("seed=1", "seed=2") == names[1]  # the names differ by their overrides only
+    assert "matcher=hungarian" in names[0] and names[0].replace("matcher=hungarian", "matcher=ms_detr") == names[1]
+
+    # The report (python -m msdetr.report, here through report=true at the end of the sweep).
+    out = tmp_path / "sweep" / "report"
+    assert f"sweep report: {out / 'report.md'}" in result.stdout
+    with open(out / "report.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["job"], r["overrides"], r["status"], r["epochs"]) for r in rows] == [
+        ("0", "matcher=hungarian", "completed", "1"), ("1", "matcher=ms_detr", "completed", "1")]
+    for row in rows:
+        assert 0.0 <= float(row["AP"]) <= 1.0 and row["AP50"] != "" and row["AR100"] != ""
+        assert float(row["wall_time_s"]) > 0 and float(row["images_per_s"]) > 0 and float(row["peak_mem_gib"]) > 0
+        summary = json.loads((tmp_path / "sweep" / row["job"] / "run_summary.json").read_text())
+        assert summary["metrics"]["AP"] == pytest.approx(float(row["AP"]), abs=1e-6)
+    for png in (out / "train_loss.png", out / "val_AP.png"):
+        assert png.stat().st_size > 5000
+    assert "| 0 | matcher=hungarian | completed |" in (out / "report.md").read_text()
 
 
 def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
 """The sweep report (python -m msdetr.report, report=true): table, labels, figures, W&B table, bad directories."""
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from omegaconf import OmegaConf
 
 from msdetr.report import Job, SweepReport, label_jobs, main, write_report
 
-from test_train import ROOT, TINY, _LAUNCHER_VARS
+from test_train import ROOT
 
 
 def _job(sweep: Path, name: str, overrides: list[str], rows: list[dict] | None = None, summary: dict | None = None,
@@ -184,25 +183,4 @@ def test_wandb_table_in_the_sweeps_group(tmp_path, monkeypatch):
     assert logged["data"][1][3] == pytest.approx(0.2)
 
 
-@pytest.mark.slow
-def test_report_at_the_end_of_a_sweep(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *TINY, "schedule.epochs=1",
-           "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1", "callbacks.predictions=null",
-           "report=true", f"paths.data_root={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "sweep" / "report"
-    assert f"sweep report: {out / 'report.md'}" in result.stdout
-    with open(out / "report.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["job"], r["overrides"], r["status"], r["epochs"]) for r in rows] == [
-        ("0", "matcher=hungarian", "completed", "1"), ("1", "matcher=ms_detr", "completed", "1")]
-    for row in rows:
-        assert 0.0 <= float(row["AP"]) <= 1.0 and row["AP50"] != "" and row["AR100"] != ""
-        assert float(row["wall_time_s"]) > 0 and float(row["images_per_s"]) > 0 and float(row["peak_mem_gib"]) > 0
-        summary = json.loads((tmp_path / "sweep" / row["job"] / "run_summary.json").read_text())
-        assert summary["metrics"]["AP"] == pytest.approx(float(row["AP"]), abs=1e-6)
-    for png in (out / "train_loss.png", out / "val_AP.png"):
-        assert png.stat().st_size > 5000
-    assert "| 0 | matcher=hungarian | completed |" in (out / "report.md").read_text()
+# The end-to-end sweep with report=true runs in tests/test_logging.py (one sweep for both).

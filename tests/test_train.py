@@ -179,7 +179,8 @@ def test_ddp_jobs_of_a_sweep_do_not_reenter_the_sweep(tmp_path):
 
 
 def test_matcher_sweep_fast_dev_run(tmp_path):
-    matchers = ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr", "ms_detr_deta"]
+    matchers = ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr", "ms_detr_deta", "dn_detr",
+                "ms_detr_dino"]
     # Mixed query selection for all: Group DETR's groups need learned content on a two-stage model.
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),
            "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",

@@ -244,9 +244,10 @@ class DeformableDETR(nn.Module):
         if from_targets and targets is None:
             raise ValueError("this model's training queries are built from the targets: call model(images, "
                              "padding_mask, targets) in training.")
-        blocks = [b for b in extra if not b.needs_targets] + from_targets
+        from_selection = [b for b in extra if not b.needs_targets]
+        blocks = from_selection + from_targets  # the order of their queries and streams
         heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.queries.uses_encoder_heads else None
-        queries = self.queries(memory, levels, blocks[:len(blocks) - len(from_targets)], heads)
+        queries = self.queries(memory, levels, from_selection, heads)
         if from_targets:
             made = [b.build(targets, self.queries) for b in from_targets]
             queries = Queries(torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
