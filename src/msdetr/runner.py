@@ -27,7 +27,7 @@ from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
 from .lit import DetectionModule
 from .lit.callbacks import AtomicCheckpointIO, Preempted
-from .lit.loggers import check_installed, finish_wandb_run, wandb_group
+from .lit.loggers import check_installed, finish_wandb_run, hydra_job, wandb_group
 
 log = logging.getLogger("msdetr")
 
@@ -368,13 +368,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     """The value of `cfg.optimized_metric` (a logged name, `val/AP`) among a run's final validation
     `metrics` (`train`'s result, {"AP": ...}): what train.py returns to a Hydra sweeper. A name the
@@ -389,7 +382,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if not produced:
         message = (f"optimized_metric={name} has no value: the run ended without a validation (set "
                    "trainer.check_val_every_n_epoch to divide schedule.epochs).")
-        if _in_multirun():
+        if hydra_job()[0] is not None:  # a job of a multirun: a sweeper may be waiting for the value
             raise ConfigValidationError(message)
         log.warning(message)
         return None

@@ -44,7 +44,7 @@ def check_installed(name: str, target: str) -> None:
                           f"pip install 'msdetr[{extra}]' (or leave {name} out of logger=...).")
 
 
-def _hydra_job() -> tuple[str | None, str | None]:
+def hydra_job() -> tuple[str | None, str | None]:
     """(the sweep directory when this is a job of a Hydra multirun, else None; Hydra's job name),
     both None outside a Hydra app."""
     try:
@@ -73,7 +73,7 @@ def wandb_logger(save_dir: str, project: str = "msdetr", name: str | None = None
         raise ImportError("logger=wandb needs the wandb package; install it with pip install 'msdetr[wandb]' "
                           "(or pick logger=csv / logger=tensorboard).") from exc
     run_id = run_id_for(save_dir, resume_from)
-    job_name = _hydra_job()[1]
+    job_name = hydra_job()[1]
     return WandbLogger(save_dir=save_dir, project=project, name=name or job_name or None, id=run_id, resume="allow",
                        group=wandb_group(group), **kwargs)
 
@@ -81,7 +81,7 @@ def wandb_logger(save_dir: str, project: str = "msdetr", name: str | None = None
 def wandb_group(group: str | None = None) -> str | None:
     """The W&B group of this run: `group` when set, else the sweep directory (its last 128 characters,
     W&B's limit) for a job of a Hydra multirun, else None. The sweep report logs into the same group."""
-    sweep = _hydra_job()[0]
+    sweep = hydra_job()[0]
     if group is None and sweep:
         group = sweep[-WANDB_GROUP_MAX:]
     return group or None

@@ -437,12 +437,13 @@ class SetCriterion(nn.Module):
         scores = _upcast(logits)
         onehot = torch.zeros_like(scores)
         set_class_targets_(onehot, indices, targets)
+        src_xyxy, tgt_xyxy = cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)
         kind, alpha, gamma = self.cls_loss_params(branch)
         if kind == "focal":
             loss_ce = sigmoid_focal_loss(scores, onehot, alpha, gamma, reduction="sum")
         else:
             with torch.no_grad():  # the IoU is a target: no gradient reaches the boxes through it
-                iou = aligned_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes))
+                iou = aligned_iou(src_xyxy, tgt_xyxy)
                 quality = set_class_targets_(torch.zeros_like(scores), indices, targets, values=iou)
             if kind == "varifocal":
                 loss_ce = varifocal_loss(scores, quality, alpha, gamma)
@@ -450,7 +451,7 @@ class SetCriterion(nn.Module):
                 loss_ce = ia_bce_loss(scores, onehot > 0, quality, alpha, gamma)
 
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
-        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)))
+        giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))
         loss_giou = (1 - giou).sum()
 
         with torch.no_grad():
