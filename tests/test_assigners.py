@@ -1,8 +1,9 @@
-"""MS-DETR's one-to-many assigner and the indices merge, on hand-made cases."""
+"""The one-to-many assigners (MS-DETR's mixed score, DETA's IoU) and the indices merge, on hand-made cases."""
+import pytest
 import torch
 
-from msdetr.losses.criterion import merge_indices
-from msdetr.matching import MixedScoreTopKAssigner, cap_positives, quality_assign, topk_per_gt
+from msdetr.losses.criterion import merge_indices, query_class_targets
+from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, cap_positives, quality_assign, topk_per_gt
 
 
 def test_quality_assign_threshold_and_low_quality_rescue():
@@ -58,3 +59,107 @@ def test_merge_indices_union_with_second_winning():
     second = [(torch.tensor([2, 3]), torch.tensor([1, 1]))]
     (queries, gts), = merge_indices(first, second, num_queries=5)
     assert queries.tolist() == [0, 2, 3] and gts.tolist() == [1, 1, 1]
+
+
+# Each one-to-many assigner's official rule, written out step by step from its own repository, on
+# crowded scenes where candidates sit in the top-k of two GTs of different classes. The positive cap
+# is kept out of play (positive_fraction 1) so the rule is deterministic.
+
+def _official_matcher(quality, threshold, ties):
+    """Each candidate's best GT; positive at >= threshold; every GT's best candidate (all ties for
+    DETA's detectron2 Matcher, the first best for MS-DETR's topk(1)) made positive."""
+    best_val, best_gt = quality.max(dim=0)
+    positive = best_val >= threshold
+    for g in range(quality.shape[0]):
+        row = quality[g]
+        best = (row == row.max()).nonzero().flatten().tolist() if ties else [int(row.argmax())]
+        for n in best:
+            positive[n] = True
+    return best_gt, positive
+
+
+def _official_topk_per_gt(quality, best_gt, positive, k, sort_by_score):
+    """sample_topk_per_gt: for each GT (ascending) with c positives its top-min(c, k) candidates by
+    quality over all candidates, in top-k order; MS-DETR then sorts all pairs by ascending score,
+    DETA returns them as they are."""
+    pairs = []
+    for g in sorted(set(best_gt[positive].tolist())):
+        c = int((best_gt[positive] == g).sum())
+        scores, cands = quality[g].topk(min(k, quality.shape[1]))
+        pairs += [(float(s), int(n), g) for s, n in zip(scores[:c], cands[:c])]
+    if sort_by_score:
+        order = torch.tensor([s for s, _, _ in pairs]).argsort().tolist()
+        pairs = [pairs[i] for i in order]
+    return [n for _, n, _ in pairs], [g for _, _, g in pairs]
+
+
+def _crowded(seed, clusters=7, per_cluster=3, num_queries=48, num_classes=6):
+    """GTs in overlapping clusters (a crowd), queries scattered around them."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.cat([0.25 + 0.5 * torch.rand(clusters, 2, generator=g),
+                      0.15 + 0.15 * torch.rand(clusters, 2, generator=g)], 1)
+    gt_boxes = base.repeat_interleave(per_cluster, 0)
+    gt_boxes = gt_boxes + 0.025 * torch.randn(gt_boxes.shape, generator=g) * torch.tensor([1.0, 1.0, 0.5, 0.5])
+    pick = torch.randint(len(gt_boxes), (num_queries,), generator=g)
+    boxes = (gt_boxes[pick] + 0.02 * torch.randn(num_queries, 4, generator=g)).clamp(0.05, 0.95)
+    outputs = {"pred_logits": torch.randn(1, num_queries, num_classes, generator=g),
+               "pred_boxes": boxes[None], "init_reference": boxes[None]}
+    target = {"labels": torch.randint(num_classes, (len(gt_boxes),), generator=g), "boxes": gt_boxes}
+    return outputs, [target]
+
+
+def _class_map(indices, target, num_queries):
+    """The official `target_classes[idx] = labels`, one write per pair in order: the last one stays."""
+    classes = [-1] * num_queries
+    for n, g in zip(*(x.tolist() for x in indices[0])):
+        classes[n] = int(target["labels"][g])
+    return classes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_each_assigner_lists_its_pairs_in_its_official_order(seed):
+    outputs, targets = _crowded(seed)
+    num_queries = outputs["pred_logits"].shape[1]
+    ms_detr = MixedScoreTopKAssigner(positive_fraction=1.0)
+    deta = IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=1.0)
+    cases = [(ms_detr, 0.4, False, 6, True), (deta, 0.6, True, 4, False)]
+    for assigner, threshold, ties, k, sort_by_score in cases:
+        quality = assigner.quality(outputs, 0, targets[0])
+        best_gt, positive = _official_matcher(quality, threshold, ties)
+        expected = _official_topk_per_gt(quality, best_gt, positive, k, sort_by_score)
+        indices = assigner(outputs, targets)
+        assert (indices[0][0].tolist(), indices[0][1].tolist()) == expected
+        # The class each query then gets: the official class map, written pair by pair.
+        _, query, label = query_class_targets(indices, targets, num_queries)
+        got = [-1] * num_queries
+        for q, c in zip(query.tolist(), label.tolist()):
+            got[q] = c
+        assert got == _class_map(indices, targets[0], num_queries)
+        shared = [n for n in set(expected[0]) if len({int(targets[0]["labels"][g])
+                                                     for m, g in zip(*expected) if m == n}) > 1]
+        assert shared, "the scene must put a candidate in the top-k of two GTs of different classes"
+
+
+def test_deta_order_gives_the_larger_gt_index_not_the_better_gt():
+    """A proposal in the top-k of two GTs: DETA's unsorted pairs give it the later GT's class even
+    where the earlier GT overlaps it more; MS-DETR's sorted pairs give it the better GT's class."""
+    # GT 0 (class 1) is proposal 0; GT 1 (class 2) is proposal 1 and the best GT of proposal 2 too
+    # (IoU 0.6), so it takes its top-2 over all proposals: 1 and then 0 (IoU 0.67 with GT 1, 1 with GT 0).
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2], [0.59, 0.5, 0.2, 0.2]]])
+    outputs = {"pred_logits": torch.zeros(1, 3, 4), "pred_boxes": boxes, "init_reference": boxes}
+    targets = [{"labels": torch.tensor([1, 2]),
+                "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2]])}]
+    deta = IoUTopKAssigner(threshold=0.5, k=2, positive_fraction=1.0)
+    ms_detr = MixedScoreTopKAssigner(threshold=0.4, k=2, positive_fraction=1.0)
+    for assigner, expected_class in ((deta, 2), (ms_detr, 1)):
+        indices = assigner(outputs, targets)
+        _, query, label = query_class_targets(indices, targets, 3)
+        assert dict(zip(query.tolist(), label.tolist()))[0] == expected_class, type(assigner).__name__
+
+
+def test_pair_order_is_checked_and_overridable():
+    assert MixedScoreTopKAssigner().pair_order == "quality" and IoUTopKAssigner().pair_order == "gt"
+    assert IoUTopKAssigner(pair_order="quality").pair_order == "quality"
+    assert IoUTopKAssigner.pair_order == "gt"  # the override is the instance's own
+    with pytest.raises(ValueError, match="pair_order"):
+        IoUTopKAssigner(pair_order="best")

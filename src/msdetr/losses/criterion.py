@@ -98,9 +98,10 @@ def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor
     """(num_queries,) position of each query's last pair in `queries`, -1 where it has none.
 
     This is what the official `x[queries] = values` leaves on a CPU (the last write wins), made
-    deterministic on every device (an index_put with repeated indices is not, on CUDA). The
-    one-to-many assigners list their pairs by ascending quality, so a query claimed by several GTs
-    ends with its best one.
+    deterministic on every device (an index_put with repeated indices is not, on CUDA). Which pair
+    is last is the assigner's rule: each one-to-many assigner lists its pairs in its own official
+    order (`QualityTopKAssigner.pair_order`: MS-DETR's ends with the best GT, DETA's with the GT of
+    the larger index).
     """
     positions = torch.arange(len(queries), device=queries.device)
     last = torch.full((num_queries,), -1, dtype=torch.int64, device=queries.device)
@@ -149,8 +150,8 @@ def query_class_targets(indices, targets: Targets, num_queries: int
     """The class target of a layer's assignment: one class per query, as the official criteria set it.
 
     Returns (batch, query, label) with each assigned query once. A query in several pairs (a
-    one-to-many assigner's top-k of two GTs) takes the label of its last pair, i.e. of its best GT;
-    the box terms still count every pair.
+    one-to-many assigner's top-k of two GTs) takes the label of its last pair in the assigner's
+    order (see `last_pair_per_query`); the box terms still count every pair.
     """
     batch = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
     labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])

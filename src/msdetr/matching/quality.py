@@ -2,8 +2,17 @@
 
 Both follow the same steps (per image, no gradient): quality (G, N) -> each candidate's best GT,
 positive / negative by thresholds, low-quality rescue -> a random cap on the positives -> for each
-GT with c positives its top-min(c, k) candidates by quality over *all* candidates, pairs in
-ascending quality (a query claimed twice keeps the better GT's class last).
+GT with c positives its top-min(c, k) candidates by quality over *all* candidates.
+
+Shared code, not shared rules: a candidate may sit in the top-k of two GTs, and the criterion gives
+such a query the class of its *last* pair (the official `target_classes[idx] = labels`, last write
+wins), so the order in which an assigner lists its pairs is part of its rule. Each assigner keeps
+its own official order (`pair_order`):
+- "quality" (MS-DETR's `sample_topk_per_gt`, which ends with a sort): every pair of the image by
+  ascending quality, so a query claimed twice ends with its best GT;
+- "gt" (DETA's `sample_topk_per_gt`, no final sort): GT by GT in ascending GT index, each GT's
+  candidates by descending quality as top-k returns them, so a query claimed twice ends with the GT
+  of the larger index, whichever is better.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from ..box_ops import box_iou, cxcywh_to_xyxy
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 LOW_QUALITY = ("none", "best", "ties")
+PAIR_ORDERS = ("quality", "gt")
 
 
 def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "best",
@@ -49,30 +59,42 @@ def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.G
     return capped
 
 
-def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Tensor, k: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each GT with c positives its top-min(c, k) candidates over all candidates, ascending."""
+def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Tensor, k: int,
+                pair_order: str = "quality") -> tuple[torch.Tensor, torch.Tensor]:
+    """For each GT with c positives its top-min(c, k) candidates over all candidates, listed in
+    `pair_order` (see the module docstring)."""
     num_gt, num_cand = quality.shape
     counts = torch.bincount(best_gt[positive], minlength=num_gt)
     k = min(k, num_cand)
     values, cand = quality.topk(k, dim=1)
     keep = torch.arange(k, device=quality.device)[None, :] < counts[:, None]
     gt = torch.arange(num_gt, device=quality.device)[:, None].expand(-1, k)
-    order = values[keep].argsort()
-    return cand[keep][order], gt[keep][order]
+    cand, gt = cand[keep], gt[keep]  # row-major: the "gt" order
+    if pair_order == "quality":
+        order = values[keep].argsort()
+        cand, gt = cand[order], gt[order]
+    return cand, gt
 
 
 class QualityTopKAssigner:
-    """The shared procedure; subclasses define the quality matrix."""
+    """The shared procedure; subclasses define the quality matrix and their official `pair_order`
+    (a class attribute; the `pair_order` argument overrides it, e.g. for a hybrid of two papers)."""
+
+    pair_order: str  # one of PAIR_ORDERS, set by each subclass
 
     def __init__(self, threshold: float, k: int, positive_fraction: float, low_quality: str,
-                 sample_size: int | None = None, ignore_below: float | None = None, seed: int | None = None):
+                 sample_size: int | None = None, ignore_below: float | None = None, seed: int | None = None,
+                 pair_order: str | None = None):
         if k < 1:
             raise ValueError(f"the assigner's k must be >= 1, got {k}.")
         if not 0 < positive_fraction <= 1:
             raise ValueError(f"positive_fraction must be in (0, 1], got {positive_fraction}.")
         if low_quality not in LOW_QUALITY:
             raise ValueError(f"unknown low_quality {low_quality!r}; use one of {LOW_QUALITY}.")
+        if pair_order is not None:
+            if pair_order not in PAIR_ORDERS:
+                raise ValueError(f"unknown pair_order {pair_order!r}; use one of {PAIR_ORDERS}.")
+            self.pair_order = pair_order
         self.threshold, self.k, self.positive_fraction = threshold, k, positive_fraction
         self.low_quality, self.sample_size, self.ignore_below = low_quality, sample_size, ignore_below
         # A generator of the run's seed keeps the random cap reproducible; None uses torch's global RNG.
@@ -135,8 +157,8 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
 
     Same result, bit for bit, as `cap_positives` + `topk_per_gt` image by image: the random cap is
     drawn on the host, call by call and image by image in the given order, with the same
-    `torch.randperm(n, device="cpu", generator=...)` draws; the per-GT top-k and the final sort
-    run on the device on the very same tensors.
+    `torch.randperm(n, device="cpu", generator=...)` draws; the per-GT top-k and, for the "quality"
+    pair order, the final sort run on the device on the very same tensors.
     """
     jobs = []  # (call, image, quality, best_gt, positive)
     out: list[list] = []
@@ -166,11 +188,15 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
     # The one host-to-device copy (non-blocking: the host does not wait for it).
     flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64).to(device, non_blocking=True)
     for (c, b, q, _, _), pos in zip(jobs, flat_positions.split(sizes)):
-        k = min(calls[c][0].k, q.shape[1])
+        assigner = calls[c][0]
+        k = min(assigner.k, q.shape[1])
         values, cand = q.topk(k, dim=1)
-        values, cand = values.flatten()[pos], cand.flatten()[pos]
-        order = values.argsort()
-        out[c][b] = (cand[order], torch.div(pos, max(k, 1), rounding_mode="floor")[order])
+        # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates descending.
+        values, cand, gt = values.flatten()[pos], cand.flatten()[pos], torch.div(pos, max(k, 1), rounding_mode="floor")
+        if assigner.pair_order == "quality":
+            order = values.argsort()
+            cand, gt = cand[order], gt[order]
+        out[c][b] = (cand, gt)
     return out
 
 
@@ -178,12 +204,16 @@ class MixedScoreTopKAssigner(QualityTopKAssigner):
     """MS-DETR's one-to-many assigner: quality = box_weight * IoU + class_weight * p[label].
 
     The released models used threshold 0.4, k 6, weights 0.7 / 0.3, positive fraction 0.25 of the
-    queries and the single-best low-quality rescue.
+    queries and the single-best low-quality rescue. Pairs by ascending quality ("quality"), as the
+    official code sorts them: a query in the top-k of two GTs takes the class of the better one.
     """
 
+    pair_order = "quality"
+
     def __init__(self, threshold: float = 0.4, k: int = 6, box_weight: float = 0.7, class_weight: float = 0.3,
-                 positive_fraction: float = 0.25, low_quality: str = "best", seed: int | None = None):
-        super().__init__(threshold, k, positive_fraction, low_quality, seed=seed)
+                 positive_fraction: float = 0.25, low_quality: str = "best", seed: int | None = None,
+                 pair_order: str | None = None):
+        super().__init__(threshold, k, positive_fraction, low_quality, seed=seed, pair_order=pair_order)
         self.box_weight, self.class_weight = box_weight, class_weight
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
@@ -199,12 +229,16 @@ class IoUTopKAssigner(QualityTopKAssigner):
     Stage 1 (encoder): box_key="anchors", threshold 0.7, ignore_below 0.3, sample_size 256,
     positive_fraction 0.5, k 4. Stage 2 (decoder): box_key="init_reference" (the decoder's input
     proposals), threshold 0.6, positive_fraction 0.25 of the queries, k 4. Both rescue ties.
+    Pairs GT by GT ("gt"), as DETA returns them unsorted: a proposal in the top-k of two GTs takes
+    the class of the GT with the larger index (only stage 2 shows it; stage 1 is class-agnostic).
     """
+
+    pair_order = "gt"
 
     def __init__(self, box_key: str = "init_reference", threshold: float = 0.6, k: int = 4,
                  positive_fraction: float = 0.25, sample_size: int | None = None, ignore_below: float | None = None,
-                 low_quality: str = "ties", seed: int | None = None):
-        super().__init__(threshold, k, positive_fraction, low_quality, sample_size, ignore_below, seed)
+                 low_quality: str = "ties", seed: int | None = None, pair_order: str | None = None):
+        super().__init__(threshold, k, positive_fraction, low_quality, sample_size, ignore_below, seed, pair_order)
         self.box_key = box_key
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
