@@ -29,7 +29,7 @@ def tiny_detector(backbone: nn.Module | None = None, *, num_classes=5, num_queri
     if denoising == "dn":
         blocks["dn"] = DenoisingQueries(groups=2, seed=0)
     elif denoising == "cdn":
-        blocks["dn"] = ContrastiveDenoisingQueries(max_positives=4, seed=0)
+        blocks["dn"] = ContrastiveDenoisingQueries(max_positives=2, seed=0)  # DINO doubles: 4 groups
     return DeformableDETR(
         backbone=backbone or Backbone(name="resnet18", pretrained=False),
         encoder=DeformableEncoder(layer=EncoderLayer(**width), num_layers=enc_layers),

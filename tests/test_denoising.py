@@ -75,6 +75,30 @@ def test_dn_queries_start_from_their_noised_gt():
                                rtol=1e-4)
 
 
+def _dino_group_count(dn_number, known_num):
+    """DINO's prepare_for_cdn (models/dino/dn_components.py), step by step: the number doubled
+    first, divided by twice the largest GT count only from 100 on, never below 1."""
+    dn_number = dn_number * 2
+    if max(known_num) == 0:
+        dn_number = 1
+    elif dn_number >= 100:
+        dn_number = dn_number // (max(known_num) * 2)
+    elif dn_number < 1:
+        dn_number = 1
+    return max(dn_number, 1)
+
+
+@pytest.mark.parametrize("dn_number", [1, 3, 10, 49, 50, 51, 77, 99, 100, 101, 250])
+def test_contrastive_group_count_follows_dino_for_every_dn_number(dn_number):
+    block = ContrastiveDenoisingQueries(max_positives=dn_number, seed=0)
+    block.bind(name="dn", selection=TwoStageQueries(num_queries=5, d_model=16), num_classes=4)
+    for largest in (1, 2, 3, 7, 30, 60, 120):
+        targets = [{"labels": torch.zeros(largest, dtype=torch.long), "boxes": torch.full((largest, 4), 0.5)},
+                   {"labels": torch.zeros(1, dtype=torch.long), "boxes": torch.full((1, 4), 0.5)}]
+        groups = _dino_group_count(dn_number, [largest, 1])
+        assert block.sizes(5, targets) == [2 * largest] * groups, (dn_number, largest)
+
+
 def test_contrastive_negatives_are_farther_than_positives():
     block = ContrastiveDenoisingQueries(max_positives=100, box_noise=0.4, label_noise=0.0, seed=3)
     block.bind(name="dn", selection=TwoStageQueries(num_queries=5, d_model=16), num_classes=4)
@@ -110,7 +134,8 @@ def test_label_noise_and_seeded_reproducibility():
 def test_dn_loss_is_the_known_assignment_averaged_over_groups():
     """Hand-computed: 2 groups x 2 queries (the largest GT count) for the 2-GT image, the second
     image's padding query unassigned; L1 and GIoU summed over the assigned queries and divided by
-    the batch's 3 GTs x 2 groups."""
+    the batch's 3 GTs x 2 groups. The classification loss as DN-DETR's `tgt_loss_labels`: the real
+    noised queries only (padding slots get no loss), as DINO's: every query, padding as background."""
     torch.manual_seed(0)
     boxes = torch.rand(2, 4, 4) * 0.3 + 0.3
     logits = torch.randn(2, 4, 5)
@@ -135,7 +160,16 @@ def test_dn_loss_is_the_known_assignment_averaged_over_groups():
     focal = (0.25 * onehot + 0.75 * (1 - onehot)) * ce * (1 - p_t) ** 2
     torch.testing.assert_close(losses["loss_bbox"], l1)
     torch.testing.assert_close(losses["loss_giou"], giou)
-    torch.testing.assert_close(losses["loss_ce"], focal.mean(1).sum() / 6 * 4)
+    # DN-DETR: the known queries gathered into one (1, N, C) batch, its focal mean over N, summed,
+    # divided by the number of known queries and multiplied by N.
+    known = focal[[b for b, _, _ in pairs], [q for _, q, _ in pairs]][None]
+    torch.testing.assert_close(losses["loss_ce"], known.mean(1).sum() / 6 * known.shape[1])
+    # DINO's rule on the same layout: every query of the part, padding slots as background.
+    dino = SetCriterion(5, [Branch("main", DenoisingAssigner(padding="background"), aux=False)])
+    torch.testing.assert_close(dino(outputs, TARGETS)["loss_ce"], focal.mean(1).sum() / 6 * 4)
+    assert DenoisingAssigner(contrastive=True).padding == "background" and assigner.padding == "ignore"
+    with pytest.raises(ValueError, match="padding"):
+        DenoisingAssigner(padding="none")
 
 
 def test_contrastive_negatives_are_background():

@@ -51,7 +51,9 @@ class Branch:
     normalizer grows with it, as in H-DETR where the branch sees k times the boxes.
     num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups). An
     assigner with a `normalizer_scale(layer_outputs, targets)` method multiplies it further, by a
-    factor known only from the batch (the denoising groups).
+    factor known only from the batch (the denoising groups); one with a `class_loss_mask(layer_outputs,
+    targets)` method leaves the queries it marks False out of the classification loss (DN-DETR's
+    padding slots).
     required: a model without this stream is an error; otherwise the branch is skipped (the encoder
     branch of a one-stage model, as the official criteria do).
     loss_cls: the classification loss. `focal` (default): sigmoid focal loss against 1 at each
@@ -196,9 +198,10 @@ def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 
 def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75,
-                   gamma: float = 2.0) -> torch.Tensor:
+                   gamma: float = 2.0, reduction: str = "sum") -> torch.Tensor:
     """Varifocal loss of VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object
-    Detector", CVPR 2021, its Varifocal Loss), summed over every (query, class) entry.
+    Detector", CVPR 2021, its Varifocal Loss), summed over every (query, class) entry ("sum") or
+    per entry ("none").
 
     `quality` (the shape of `logits`) is the target q: the IoU of the query's box with its GT at the
     assigned query's class, 0 elsewhere. With p = sigmoid(logit):
@@ -209,13 +212,14 @@ def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0
     """
     prob = logits.sigmoid()
     weight = torch.where(quality > 0, quality, alpha * prob.pow(gamma))
-    return (F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight).sum()
+    return _reduce(F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight, reduction)
 
 
 def ia_bce_loss(logits: torch.Tensor, positive: torch.Tensor, iou: torch.Tensor, alpha: float = 0.25,
-                gamma: float = 2.0) -> torch.Tensor:
+                gamma: float = 2.0, reduction: str = "sum") -> torch.Tensor:
     """IoU-aware BCE (IA-BCE) of Align-DETR (Cai et al., "Align-DETR: Improving DETR with Simple
-    IoU-aware BCE loss", arXiv 2304.07527v1, its IA-BCE loss), summed over every (query, class) entry.
+    IoU-aware BCE loss", arXiv 2304.07527v1, its IA-BCE loss), summed over every (query, class) entry
+    ("sum") or per entry ("none").
 
     `positive` (bool, the shape of `logits`) marks each assigned query's class, `iou` holds there the
     IoU u of the query's box with its GT. With p = sigmoid(logit):
@@ -227,7 +231,13 @@ def ia_bce_loss(logits: torch.Tensor, positive: torch.Tensor, iou: torch.Tensor,
     prob = logits.sigmoid()
     target = torch.where(positive, prob.detach().pow(alpha) * iou.detach().pow(1 - alpha), 0.0)
     weight = torch.where(positive, 1.0, prob.pow(gamma))
-    return (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum()
+    return _reduce(F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight, reduction)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'sum' or 'none'.")
+    return loss.sum() if reduction == "sum" else loss
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -347,7 +357,10 @@ class SetCriterion(nn.Module):
             normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
             if hasattr(branch.assigner, "normalizer_scale"):  # e.g. denoising: averaged over its groups
                 normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
-            terms = self.layer_losses(layer_out, tgts, indices, normalizer, branch)
+            mask = None
+            if hasattr(branch.assigner, "class_loss_mask"):  # e.g. DN-DETR's padding queries: no loss
+                mask = branch.assigner.class_loss_mask(layer_out, tgts)
+            terms = self.layer_losses(layer_out, tgts, indices, normalizer, branch, mask)
             for key in ("ce", "bbox", "giou"):
                 losses[f"loss_{key}{name}"] = terms[key]
                 weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
@@ -425,8 +438,9 @@ class SetCriterion(nn.Module):
         return kind, alpha, gamma
 
     def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float,
-                     branch: Branch | None = None) -> dict[str, torch.Tensor]:
-        """The loss terms of one layer; `branch` picks the classification loss (focal without one)."""
+                     branch: Branch | None = None, class_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The loss terms of one layer; `branch` picks the classification loss (focal without one).
+        `class_mask` (B, Q) bool: only these queries enter the classification loss (None: all)."""
         logits = out["pred_logits"]
         # The box terms count every (query, GT) pair.
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
@@ -441,15 +455,18 @@ class SetCriterion(nn.Module):
         src_xyxy, tgt_xyxy = cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)
         kind, alpha, gamma = self.cls_loss_params(branch)
         if kind == "focal":
-            loss_ce = sigmoid_focal_loss(scores, onehot, alpha, gamma, reduction="sum")
+            loss_ce = sigmoid_focal_loss(scores, onehot, alpha, gamma, reduction="none")
         else:
             with torch.no_grad():  # the IoU is a target: no gradient reaches the boxes through it
                 iou = aligned_iou(src_xyxy, tgt_xyxy)
                 quality = set_class_targets_(torch.zeros_like(scores), indices, targets, values=iou)
             if kind == "varifocal":
-                loss_ce = varifocal_loss(scores, quality, alpha, gamma)
+                loss_ce = varifocal_loss(scores, quality, alpha, gamma, reduction="none")
             else:
-                loss_ce = ia_bce_loss(scores, onehot > 0, quality, alpha, gamma)
+                loss_ce = ia_bce_loss(scores, onehot > 0, quality, alpha, gamma, reduction="none")
+        if class_mask is not None:
+            loss_ce = loss_ce * class_mask[..., None].to(loss_ce.dtype)
+        loss_ce = loss_ce.sum()
 
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
         giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))

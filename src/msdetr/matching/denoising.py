@@ -7,6 +7,9 @@ import torch
 from .hungarian import Indices
 
 
+PADDING = ("ignore", "background")
+
+
 class DenoisingAssigner:
     """Assigns the denoising stream's queries to the GTs they were noised from, in the layout of
     `msdetr.models.DenoisingQueries`: groups of `parts` x (largest GT count) queries, GT j at
@@ -14,14 +17,23 @@ class DenoisingAssigner:
     unassigned, so it is supervised as background. Everything is read from shapes: no host sync.
 
     `normalizer_scale` is the number of groups: the loss is averaged over them, as DN-DETR and DINO
-    normalise by num_boxes x groups.
+    normalise by num_boxes x groups. `class_loss_mask` says which queries enter the classification
+    loss: the padding slots (an image's positions past its own GT count, up to the batch's largest)
+    are left out in DN-DETR, whose loss reads only the real noised queries (`prepare_for_loss`), and
+    kept as background in DINO, whose focal loss covers the whole denoising part.
 
     Args:
         contrastive: the stream holds DINO's positive and negative copies (two parts per group).
+        padding: "ignore" (DN-DETR: padding slots get no loss) or "background" (DINO); None takes
+            the paper's rule: "background" when contrastive, else "ignore".
     """
 
-    def __init__(self, contrastive: bool = False):
+    def __init__(self, contrastive: bool = False, padding: str | None = None):
         self.parts = 2 if contrastive else 1
+        padding = padding or ("background" if contrastive else "ignore")
+        if padding not in PADDING:
+            raise ValueError(f"unknown padding {padding!r} for the denoising assigner; use one of {PADDING}.")
+        self.padding = padding
 
     def _layout(self, outputs: dict, targets: list[dict]) -> tuple[int, int]:
         largest = max((len(t["labels"]) for t in targets), default=0)
@@ -47,3 +59,12 @@ class DenoisingAssigner:
 
     def normalizer_scale(self, outputs: dict, targets: list[dict]) -> float:
         return float(max(self._layout(outputs, targets)[0], 1))
+
+    def class_loss_mask(self, outputs: dict, targets: list[dict]) -> torch.Tensor | None:
+        """(B, Q) bool, True where a query enters the classification loss; None: every query."""
+        if self.padding == "background":
+            return None
+        largest = max((len(t["labels"]) for t in targets), default=0)
+        position = torch.arange(outputs["pred_logits"].shape[1], device=outputs["pred_logits"].device) % max(largest, 1)
+        # Built from Python ints on the device: no host sync.
+        return torch.stack([position < len(t["labels"]) for t in targets])

@@ -463,8 +463,10 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
     object" (supervised as background).
 
     Args:
-        max_positives: DINO's dn_number (100): from 100 on, groups = max_positives // the batch's
-            largest GT count (at least 1); below 100 it is the number of groups, as in DINO.
+        max_positives: DINO's dn_number (100). The group count follows DINO's `prepare_for_cdn`,
+            which doubles it first (a positive and a negative per GT): d = 2 * dn_number; from
+            d >= 100 (dn_number >= 50) groups = d // (2 * the batch's largest GT count), at least 1,
+            i.e. about dn_number positives; below that groups = d itself (dn_number 10 -> 20 groups).
         label_noise: DINO's dn_label_noise_ratio (0.5): a label changes with half this probability.
         box_noise: DINO's dn_box_noise_scale (0.4).
         seed: seed of the noise generator.
@@ -480,9 +482,10 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         self.max_positives = max_positives
 
     def num_groups(self, largest: int) -> int:
-        if self.max_positives >= 100:
-            return max(1, self.max_positives // largest)
-        return self.max_positives
+        doubled = 2 * self.max_positives
+        if doubled >= 100:
+            return max(1, doubled // (2 * largest))
+        return doubled
 
     @property
     def flip_rate(self) -> float:
