@@ -163,3 +163,60 @@ def test_pair_order_is_checked_and_overridable():
     assert IoUTopKAssigner.pair_order == "gt"  # the override is the instance's own
     with pytest.raises(ValueError, match="pair_order"):
         IoUTopKAssigner(pair_order="best")
+
+
+def _official_subsample(quality, threshold, ties, cap):
+    """The official subsample_labels on one image: a permutation of the positives (ascending
+    indices) and then one of the negatives, drawn from torch's global RNG whether or not the cap
+    binds; the first `cap` permuted positives are kept."""
+    best_gt, positive = _official_matcher(quality, threshold, ties)
+    negative = ~positive  # one threshold: below it and not rescued
+    idx = positive.nonzero().flatten()
+    perm = torch.randperm(idx.numel())
+    torch.randperm(int(negative.sum()))
+    kept = torch.zeros_like(positive)
+    kept[idx[perm[:cap]]] = True
+    return best_gt, kept
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_random_cap_draws_as_the_official_code(seed):
+    """Without a seed of their own the assigners draw from torch's global RNG, as the official code
+    does, and the same draws in the same order: where the cap binds the same positives are kept, and
+    the stream is left where the official code leaves it (the next draw is the same)."""
+    outputs, target = _crowded(seed)
+    outputs = {k: torch.cat([v, v.flip(1)]) for k, v in outputs.items()}  # two images
+    targets = target * 2
+    for assigner, threshold, ties, k, sort_by_score in (
+            (MixedScoreTopKAssigner(positive_fraction=0.2), 0.4, False, 6, True),
+            (IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1), 0.6, True, 4, False)):
+        cap = int(assigner.positive_fraction * outputs["pred_logits"].shape[1])
+        torch.manual_seed(100 + seed)
+        expected = []
+        for b in range(2):
+            quality = assigner.quality(outputs, b, targets[b])
+            best_gt, kept = _official_subsample(quality, threshold, ties, cap)
+            expected.append(_official_topk_per_gt(quality, best_gt, kept, k, sort_by_score))
+        after_official = torch.randint(1 << 30, (4,))
+        torch.manual_seed(100 + seed)
+        got = assigner(outputs, targets)
+        assert [(q.tolist(), g.tolist()) for q, g in got] == expected
+        assert torch.equal(torch.randint(1 << 30, (4,)), after_official)
+        positives = [int(_official_matcher(assigner.quality(outputs, b, targets[b]), threshold, ties)[1].sum())
+                     for b in range(2)]
+        assert max(positives) > cap, "the cap must bind for this test to mean something"
+
+
+def test_costs_and_qualities_keep_the_models_precision():
+    """Near-ties resolve as the official code resolves them in its own precision: float64 outputs
+    are matched in float64 (a float32 cost picks another, almost as cheap matching on crowded
+    float64 runs), half precision in float32."""
+    from msdetr.matching import HungarianMatcher
+
+    outputs, targets = _crowded(0)
+    for dtype, expected in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+                            (torch.float32, torch.float32)):
+        out = {k: v.to(dtype) for k, v in outputs.items()}
+        assert HungarianMatcher().cost_matrices(out, targets)[0].dtype == expected
+        assert MixedScoreTopKAssigner().quality(out, 0, targets[0]).dtype == expected
+        assert IoUTopKAssigner().quality(out, 0, targets[0]).dtype == expected

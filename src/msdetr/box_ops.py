@@ -19,3 +19,9 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """logit(x) with x clamped to [0, 1] and eps on both x and 1 - x, as the official code does."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to fp32; fp32 and fp64 kept. Matching costs and loss reductions run in
+    the model's own precision, as the official code computes them, but never in half precision."""
+    return x if x.dtype == torch.float64 else x.float()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from ..box_ops import cxcywh_to_xyxy, generalized_box_iou
+from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
 from ..matching import HungarianMatcher, QualityTopKAssigner, solve_assignments
 from ..matching.quality import assign_quality_batch
 
@@ -240,11 +240,6 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss.sum() if reduction == "sum" else loss
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Losses reduce in fp32 at least: half-precision outputs are upcast, fp64 ones kept."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def world_num_boxes(targets: Targets, device) -> float:
     """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term.
     On one process it never touches the device; under DDP the all-reduced count is read back once."""
@@ -445,11 +440,11 @@ class SetCriterion(nn.Module):
         # The box terms count every (query, GT) pair.
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
-        src_boxes = _upcast(out["pred_boxes"][batch_idx, src_idx])
+        src_boxes = at_least_float32(out["pred_boxes"][batch_idx, src_idx])
         tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes.dtype)
 
         # One class per assigned query; unassigned queries are all-negative.
-        scores = _upcast(logits)
+        scores = at_least_float32(logits)
         onehot = torch.zeros_like(scores)
         set_class_targets_(onehot, indices, targets)
         src_xyxy, tgt_xyxy = cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(tgt_boxes)

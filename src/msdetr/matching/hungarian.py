@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..box_ops import cxcywh_to_xyxy, generalized_box_iou
+from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -23,8 +23,8 @@ class HungarianMatcher:
 
     `box_key` chooses the boxes that are matched: `pred_boxes` (Deformable-DETR) or `anchors`
     (MS-DETR's encoder loss, with cost_class=0). `group_size` splits the queries into consecutive
-    blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are built in fp32 on
-    the outputs' device and copied to the host in one transfer per call.
+    blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are built in the
+    outputs' precision (fp32 at least) on their device and copied to the host in one transfer per call.
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
@@ -41,12 +41,14 @@ class HungarianMatcher:
 
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
         """Per image, per query group, the (group_size, n) cost matrix."""
-        logits = outputs["pred_logits"].float()
-        boxes = outputs[self.box_key].float()
+        # In the outputs' own precision (fp32, or fp64 as the official code in float64), never half:
+        # near-ties in the cost resolve as the official code resolves them.
+        logits = at_least_float32(outputs["pred_logits"])
+        boxes = at_least_float32(outputs[self.box_key])
         groups = self._groups(logits.shape[1])
         costs = []
         for b, tgt in enumerate(targets):
-            tgt_boxes = tgt["boxes"].float()
+            tgt_boxes = tgt["boxes"].to(boxes.dtype)
             if len(tgt_boxes) == 0:
                 c = logits.new_zeros(logits.shape[1], 0)
             else:

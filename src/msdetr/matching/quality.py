@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..box_ops import box_iou, cxcywh_to_xyxy
+from ..box_ops import at_least_float32, box_iou, cxcywh_to_xyxy
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 LOW_QUALITY = ("none", "best", "ties")
@@ -48,12 +48,17 @@ def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "
     return best_gt, positive, negative & ~positive
 
 
-def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Keep at most `max_positives` of the positives, a uniformly random subset (no effect below)."""
+def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.Generator | None,
+                  num_negatives: int = 0) -> torch.Tensor:
+    """Keep at most `max_positives` of the positives, a uniformly random subset (no effect below).
+
+    Draws as the official `subsample_labels` does, whether or not the cap binds: a permutation of
+    the positives, then one of the `num_negatives` negatives (unused: the one-to-many assigners keep
+    positives only). So the random stream, torch's global one when `generator` is None as in the
+    official code, moves on exactly as the official code's does."""
     idx = positive.nonzero().squeeze(1)
-    if idx.numel() <= max_positives:
-        return positive
     perm = torch.randperm(idx.numel(), device="cpu", generator=generator).to(idx.device)
+    torch.randperm(num_negatives, device="cpu", generator=generator)
     capped = torch.zeros_like(positive)
     capped[idx[perm[:max_positives]]] = True
     return capped
@@ -130,19 +135,20 @@ class HostSpec(NamedTuple):
 
 def select_on_host(host: torch.Tensor, specs: list[HostSpec]) -> list[np.ndarray]:
     """The host part of `assign_quality_batch`. `host`: a CPU tensor, per image (concatenated) per
-    candidate its best GT where positive, else -1. Per image: the random cap of `cap_positives` (the
-    same draw), then which entries of the (G, k) top-k matrix `topk_per_gt` keeps, as flat positions
-    in row-major order (GT g: its first min(c_g, k) entries, c_g its capped positives). Tests
-    without real data (fake tensors) replace this one function."""
+    candidate its best GT where positive, -2 where negative, -1 where ignored. Per image: the random
+    cap of `cap_positives` (the same draws: positives, then negatives), then which entries of the
+    (G, k) top-k matrix `topk_per_gt` keeps, as flat positions in row-major order (GT g: its first
+    min(c_g, k) entries, c_g its capped positives). Tests without real data (fake tensors) replace
+    this one function."""
     values = host.numpy()
     positions, start = [], 0
     for spec in specs:
         enc = values[start:start + spec.num_candidates]
         start += spec.num_candidates
         kept = np.flatnonzero(enc >= 0)  # the positives, ascending (as `nonzero` lists them)
-        if kept.size > spec.cap:
-            perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
-            kept = kept[perm[:spec.cap].numpy()]
+        perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
+        torch.randperm(int((enc == -2).sum()), device="cpu", generator=spec.generator)
+        kept = kept[perm[:spec.cap].numpy()]
         counts = np.minimum(np.bincount(enc[kept], minlength=spec.num_gt), spec.k)
         positions.append(np.concatenate([np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
                                          for g, n in enumerate(counts)]))
@@ -160,7 +166,7 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
     `torch.randperm(n, device="cpu", generator=...)` draws; the per-GT top-k and, for the "quality"
     pair order, the final sort run on the device on the very same tensors.
     """
-    jobs = []  # (call, image, quality, best_gt, positive)
+    jobs = []  # (call, image, quality, per candidate: best GT if positive, -2 negative, -1 ignored)
     out: list[list] = []
     for c, (assigner, outputs, targets) in enumerate(calls):
         device = outputs["pred_logits"].device
@@ -171,15 +177,16 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
                 out[c][b] = (empty, empty)
                 continue
             q = assigner.quality(outputs, b, tgt)
-            best_gt, positive, _ = quality_assign(q, assigner.threshold, assigner.low_quality, assigner.ignore_below)
-            jobs.append((c, b, q, best_gt, positive))
+            best_gt, positive, negative = quality_assign(q, assigner.threshold, assigner.low_quality,
+                                                         assigner.ignore_below)
+            jobs.append((c, b, q, best_gt.masked_fill(~positive, -1).masked_fill(negative, -2)))
     if not jobs:
         return out
-    # The one device-to-host copy: per candidate its best GT where positive, -1 elsewhere.
+    # The one device-to-host copy: per candidate its best GT where positive, -2 negative, -1 ignored.
     device = jobs[0][2].device
-    host = torch.cat([best_gt.masked_fill(~positive, -1) for _, _, _, best_gt, positive in jobs]).cpu()
+    host = torch.cat([encoded for *_, encoded in jobs]).cpu()
     specs = []
-    for c, _, q, _, _ in jobs:
+    for c, _, q, _ in jobs:
         assigner = calls[c][0]
         specs.append(HostSpec(q.shape[0], q.shape[1], assigner.cap(calls[c][1]["pred_logits"].shape[1]),
                               min(assigner.k, q.shape[1]), assigner.generator))
@@ -187,7 +194,7 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
     sizes = [len(p) for p in positions]
     # The one host-to-device copy (non-blocking: the host does not wait for it).
     flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64).to(device, non_blocking=True)
-    for (c, b, q, _, _), pos in zip(jobs, flat_positions.split(sizes)):
+    for (c, b, q, _), pos in zip(jobs, flat_positions.split(sizes)):
         assigner = calls[c][0]
         k = min(assigner.k, q.shape[1])
         values, cand = q.topk(k, dim=1)
@@ -217,9 +224,9 @@ class MixedScoreTopKAssigner(QualityTopKAssigner):
         self.box_weight, self.class_weight = box_weight, class_weight
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
-        boxes = outputs["pred_boxes"][b].detach().float()
-        iou = box_iou(cxcywh_to_xyxy(target["boxes"].float()), cxcywh_to_xyxy(boxes))
-        prob = outputs["pred_logits"][b].detach().float().sigmoid()[:, target["labels"]].T
+        boxes = at_least_float32(outputs["pred_boxes"][b].detach())
+        iou = box_iou(cxcywh_to_xyxy(target["boxes"].to(boxes.dtype)), cxcywh_to_xyxy(boxes))
+        prob = at_least_float32(outputs["pred_logits"][b].detach()).sigmoid()[:, target["labels"]].T
         return self.box_weight * iou + self.class_weight * prob
 
 
@@ -245,5 +252,5 @@ class IoUTopKAssigner(QualityTopKAssigner):
         if self.box_key not in outputs:
             raise KeyError(f"the IoU assigner matches against outputs[{self.box_key!r}], which this stream lacks; "
                            "use a two-stage model.")
-        boxes = outputs[self.box_key][b].detach().float()
-        return box_iou(cxcywh_to_xyxy(target["boxes"].float()), cxcywh_to_xyxy(boxes))
+        boxes = at_least_float32(outputs[self.box_key][b].detach())
+        return box_iou(cxcywh_to_xyxy(target["boxes"].to(boxes.dtype)), cxcywh_to_xyxy(boxes))
