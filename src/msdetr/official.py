@@ -252,7 +252,8 @@ def build_dino_model(args: Mapping[str, Any], num_classes: int = 91,
     encoder = DeformableEncoder(layer=EncoderLayer(**width, n_points=args["enc_n_points"]),
                                 num_layers=args["enc_layers"])
     decoder = DeformableDecoder(layer=DecoderLayer(**width, n_points=args["dec_n_points"]),
-                                num_layers=args["dec_layers"], look_forward_twice=True, box_query_pos=True, norm=True)
+                                num_layers=args["dec_layers"], look_forward_twice=True, box_query_pos=True, norm=True,
+                                logit_eps=1e-3)
     queries = DINOQueries(num_queries=args["num_queries"], d_model=args["hidden_dim"], num_classes=num_classes)
     # use_dn=False switches denoising off (dn_number=0 would still make one group, as in DINO).
     blocks = {"dn": ContrastiveDenoisingQueries(

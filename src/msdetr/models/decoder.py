@@ -123,10 +123,12 @@ class DeformableDecoder(nn.Module):
             an MLP(2C, C, C) (`ref_point_head`); the query selection then gives no positions.
         norm: a LayerNorm (`norm`) on every layer's output states before the heads read them; the
             next layer and the box refinement take the states before it (DINO).
+        logit_eps: the clamp of the inverse sigmoid that takes reference boxes back to logits when
+            the box heads refine them (1e-5 in Deformable-DETR, 1e-3 in DINO).
     """
 
     def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False,
-                 box_query_pos: bool = False, norm: bool = False):
+                 box_query_pos: bool = False, norm: bool = False, logit_eps: float = 1e-5):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
@@ -138,6 +140,7 @@ class DeformableDecoder(nn.Module):
         self.o2m_tap = layer.o2m_tap
         reset_transformer_parameters(self.layers)
         self.box_query_pos = box_query_pos
+        self.logit_eps = logit_eps
         if box_query_pos:
             self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
         if norm:
@@ -171,14 +174,15 @@ class DeformableDecoder(nn.Module):
                 continue
             delta = bbox_embed[lid](tgt)
             if reference_points.shape[-1] == 4:
-                new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                new_ref = (delta + inverse_sigmoid(reference_points, self.logit_eps)).sigmoid()
             else:
-                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points, self.logit_eps),
+                                     delta[..., 2:]], -1)
                 new_ref = new_ref.sigmoid()
             # With the output norm the heads predict from the normed states instead (see DecoderOutput).
             if norm is None and self.look_forward_twice and lid > 0:
                 # Same value as new_ref, but the gradient also reaches the previous layer's box.
-                out.boxes.append((delta + inverse_sigmoid(ref_for_head)).sigmoid())
+                out.boxes.append((delta + inverse_sigmoid(ref_for_head, self.logit_eps)).sigmoid())
             elif norm is None:
                 out.boxes.append(new_ref)
             reference_points = new_ref.detach()

@@ -211,7 +211,7 @@ class DeformableDETR(nn.Module):
                 coords.append(boxes[lvl])
                 continue
             delta = self.bbox_embed[lvl](h)
-            ref = inverse_sigmoid(box_refs[lvl])
+            ref = inverse_sigmoid(box_refs[lvl], self.decoder.logit_eps)
             if ref.shape[-1] == 4:
                 delta = delta + ref
             else:
