@@ -223,3 +223,11 @@ def test_recipe_at_the_fixture_size_reproduces_dinos_losses(fixture):
     for name in weighted:
         assert rel_err(losses[name], fx["losses"][name]) < 2e-5, name
     assert rel_err(module.criterion.total(losses), fx["total_loss"]) < 2e-5
+
+
+def test_dino_denoising_references_take_dinos_logit_round_trip():
+    block = ContrastiveDenoisingQueries(logit_eps=1e-3)
+    boxes = torch.tensor([[0.5, 0.0004, 0.2, 0.9999]])
+    ref = block.as_reference(boxes)
+    torch.testing.assert_close(ref, torch.tensor([[0.5, 1e-3 / (1e-3 + 0.9996), 0.2, 1 - 1e-3 / (1e-3 + 0.9999)]]))
+    assert torch.equal(ContrastiveDenoisingQueries().as_reference(boxes), boxes)

@@ -258,7 +258,7 @@ def build_dino_model(args: Mapping[str, Any], num_classes: int = 91,
     # use_dn=False switches denoising off (dn_number=0 would still make one group, as in DINO).
     blocks = {"dn": ContrastiveDenoisingQueries(
         max_positives=args["dn_number"], label_noise=args["dn_label_noise_ratio"], box_noise=args["dn_box_noise_scale"],
-        label_book=args["dn_labelbook_size"])} if args["use_dn"] else {}
+        label_book=args["dn_labelbook_size"], logit_eps=1e-3)} if args["use_dn"] else {}
     position = PositionEmbeddingSine(args["hidden_dim"] // 2, temperature=args["pe_temperatureH"], offset=0.0)
     return DeformableDETR(backbone=backbone, encoder=encoder, decoder=decoder, queries=queries,
                           num_classes=num_classes, box_refine=True, share_heads=args["dec_pred_bbox_embed_share"],

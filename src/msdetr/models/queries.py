@@ -514,6 +514,10 @@ class DenoisingQueries(TrainingQueries):
         scale = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], 1)
         return (boxes + shift * scale * self.box_noise).clamp(0.0, 1.0)
 
+    def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The decoder's reference boxes of the noised boxes (the boxes themselves here)."""
+        return boxes
+
     def build(self, targets, selection: QuerySelection) -> Queries:
         """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per group
         the positives (and, contrastive, then the negatives), each padded to the largest GT count."""
@@ -535,7 +539,7 @@ class DenoisingQueries(TrainingQueries):
             boxes = torch.cat([boxes, boxes.new_full((copies, largest - n, 4), 0.5)], 1)
             contents.append(content.reshape(copies * largest, width))
             references.append(boxes.reshape(copies * largest, 4))
-        reference = torch.stack(references).to(self.label_embed.weight.dtype)
+        reference = self.as_reference(torch.stack(references).to(self.label_embed.weight.dtype))
         tgt = torch.stack(contents)
         return Queries(tgt, selection.positions(inverse_sigmoid(reference)), reference, {})
 
@@ -554,17 +558,24 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         seed: seed of the noise generator.
         label_book: DINO's dn_labelbook_size: the label embedding has label_book + 1 rows (DINO's
             label_enc; rows past the class count are never looked up); None: one row per class.
+        logit_eps: DINO hands its noised boxes to the decoder as logits clamped at this eps (its
+            inverse_sigmoid, 1e-3), so a coordinate within eps of 0 or 1 starts at eps or 1 - eps;
+            None: the boxes as they are.
     """
 
     parts_per_group = 2
 
     def __init__(self, *, max_positives: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
-                 seed: int | None = None, label_book: int | None = None):
+                 seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None):
         super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed)
         if max_positives < 1:
             raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
         self.max_positives = max_positives
         self.label_book = label_book
+        self.logit_eps = logit_eps
+
+    def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
+        return boxes if self.logit_eps is None else inverse_sigmoid(boxes, self.logit_eps).sigmoid()
 
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         super().bind(name=name, selection=selection, num_classes=num_classes)
