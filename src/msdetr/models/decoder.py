@@ -143,6 +143,8 @@ class DeformableDecoder(nn.Module):
         self.logit_eps = logit_eps
         if box_query_pos:
             self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
+            for linear in self.ref_point_head.layers:  # Xavier, as DINO initialises its transformer
+                nn.init.xavier_uniform_(linear.weight)
         if norm:
             self.norm = nn.LayerNorm(self.d_model)
 

@@ -334,9 +334,10 @@ class DINOQueries(QuerySelection):
         self.num_queries, self.d_model, self.num_classes = num_queries, d_model, num_classes
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
-        nn.init.xavier_uniform_(self.enc_output.weight)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
-        nn.init.normal_(self.tgt_embed.weight)
+        # As DINO's transformer: Xavier on its matrices (the content rows too); the heads as the detector's.
+        nn.init.xavier_uniform_(self.enc_output.weight)
+        nn.init.xavier_uniform_(self.tgt_embed.weight)
         self.enc_out_class_embed = nn.Linear(d_model, num_classes)
         nn.init.constant_(self.enc_out_class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.enc_out_bbox_embed = MLP(d_model, d_model, 4, 3)
