@@ -86,6 +86,10 @@ def test_inconsistent_dino_parts_are_refused():
     with pytest.raises(ValueError, match="scores 5 classes, the detector 9"):
         DeformableDETR(backbone=parts.backbone, encoder=parts.encoder, decoder=parts.decoder, queries=parts.queries,
                        num_classes=9, box_refine=True, share_heads=True)
+    with pytest.raises(ValueError, match="the decoder's logit_eps must be in"):
+        DeformableDecoder(layer=parts.decoder.layers[0], num_layers=2, logit_eps=0.0)
+    with pytest.raises(ValueError, match="logit_eps must be in"):
+        ContrastiveDenoisingQueries(logit_eps=0.7)
     block = ContrastiveDenoisingQueries(label_book=3)
     with pytest.raises(ValueError, match="label_book=3 is smaller than the 5 classes"):
         block.bind(name="dn", selection=parts.queries, num_classes=5)

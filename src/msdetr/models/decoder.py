@@ -132,6 +132,8 @@ class DeformableDecoder(nn.Module):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
+        if not 0 < logit_eps < 0.5:
+            raise ValueError(f"the decoder's logit_eps must be in (0, 0.5), got {logit_eps}.")
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice

@@ -571,6 +571,8 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed)
         if max_positives < 1:
             raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
+        if logit_eps is not None and not 0 < logit_eps < 0.5:
+            raise ValueError(f"logit_eps must be in (0, 0.5) or null, got {logit_eps}.")
         self.max_positives = max_positives
         self.label_book = label_book
         self.logit_eps = logit_eps
