@@ -71,3 +71,28 @@ def flatten_outputs(out: dict, prefix: str = "") -> dict[str, torch.Tensor]:
             for i, item in enumerate(value):
                 flat.update(flatten_outputs(item, f"{name}.{i}."))
     return flat
+
+
+def feed_fixture_denoising(block, fx: dict) -> None:
+    """Make a contrastive denoising block draw the very noise of a DINO fixture (`fx['dn']`) instead of
+    its own: its two random draws (`noised_labels`, `noised_boxes`) are replaced, on this instance
+    only, by the fixture's noised labels and boxes, image after image, in the block's layout (copy c
+    of GT j at row c * n + j; DINO pads every copy to the largest GT count, `single_pad`)."""
+    dn = fx["dn"]
+    copies, largest = 2 * dn["num_dn_group"], dn["single_pad"]
+    image = iter(range(len(fx["targets"])))
+    current = {}
+
+    def labels(given: torch.Tensor) -> torch.Tensor:
+        b = current["b"] = next(image)
+        n = len(fx["targets"][b]["labels"])
+        assert given.numel() == copies * n, "the block made another number of denoising groups than DINO"
+        return dn["labels"][b].view(copies, largest)[:, :n].reshape(-1).to(given.device)
+
+    def boxes(given: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        b = current["b"]
+        n = len(fx["targets"][b]["labels"])
+        return dn["boxes"][b].view(copies, largest, 4)[:, :n].reshape(-1, 4).to(given)
+
+    block.noised_labels = labels
+    block.noised_boxes = boxes

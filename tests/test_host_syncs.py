@@ -67,9 +67,10 @@ CASES = {
     "h_detr": (dict(two_stage=True, box_refine=True, hybrid_queries=5),
                lambda: [Branch("main", HungarianMatcher()),
                         Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
-    "dino": (dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True, denoising="cdn"),
-             lambda: [Branch("main", HungarianMatcher()),
-                      Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn")]),
+    "dino": (dict(dino=True, denoising="cdn"),
+             lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
+                      Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True),
+                      Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False)]),
     "deta": (dict(two_stage=True, box_refine=True, pix_trans=True, num_feature_levels=5,
                   nms_selection=True), deta_branches),
 }

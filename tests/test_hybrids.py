@@ -118,7 +118,7 @@ def _compose(*overrides):
 @pytest.mark.parametrize("matcher", ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr",
                                      "ms_detr_deta", "ms_detr_iou", "dn_detr", "dino", "ms_detr_dn", "ms_detr_dino",
                                      "ms_detr_group_detr"])
-@pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta"])
+@pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta", "dino"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     cfg = _compose(f"model={model}", f"matcher={matcher}", "model.detector.backbone.pretrained=false",
                    "model.detector.backbone.name=resnet18", "model.num_queries=6",
@@ -127,7 +127,8 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
                    *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
     one_stage = cfg.model.detector.queries._target_.endswith("LearnedQueries")
     needs_two_stage = matcher in ("deta", "ms_detr_deta", "ms_detr_iou")
-    if "group_detr" in matcher and not one_stage and not cfg.model.detector.queries.mixed_selection:
+    # DINOQueries always learn their content (no mixed_selection switch).
+    if "group_detr" in matcher and not one_stage and not cfg.model.detector.queries.get("mixed_selection", True):
         # Groups sharing two-stage proposals need learned content; switching it on silently would change the model.
         with pytest.raises(Exception, match="mixed_selection=true"):
             instantiate(cfg.model.detector)

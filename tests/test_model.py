@@ -35,6 +35,9 @@ def batch(h=64, w=80):
     dict(two_stage=True, box_refine=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
     dict(two_stage=True, box_refine=True, o2m_tap="output", o2m_class_heads=True),
     dict(two_stage=True, box_refine=True, o2m_tap="self_attn"),
+    dict(dino=True),
+    dict(dino=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
+    dict(dino=True, hybrid_queries=3, query_groups=2),
 ])
 def test_variants_forward_backward(kw):
     model = tiny(**kw)
@@ -133,6 +136,7 @@ def test_parts_of_other_widths_are_refused():
     dict(),
     dict(two_stage=True, box_refine=True, mixed_selection=True, o2m_tap="cross_attn", hybrid_queries=4),
     dict(two_stage=True, box_refine=True, mixed_selection=True, query_groups=2, o2m_tap="output"),
+    dict(dino=True, o2m_tap="cross_attn", hybrid_queries=4),
 ])
 def test_output_streams_are_what_a_training_forward_returns(kw):
     """`output_streams` (what matchers are checked against) is derived from the parts, and names

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from conftest import load_fixture
-from parity_utils import fixture_batch, fixture_state_dict, flatten_outputs, rel_err
+from parity_utils import feed_fixture_denoising, fixture_batch, fixture_state_dict, flatten_outputs, rel_err
 
 from msdetr.official import from_official, official_names
 
@@ -28,13 +28,12 @@ TOL_GRAD_FP64 = 1e-7
 TOL_GRAD_FP32_NOISY = 3e-4
 
 
-@pytest.fixture(scope="module", params=FIXTURES)
-def run(request):
-    fx = load_fixture(f"{request.param}.pt")
-    module = from_official(fixture_state_dict(fx), fx["flags"])
+def run_fixture(fx, module, *model_args):
+    """One training step (forward, every loss, backward) and one evaluation of a fixture's batch;
+    `model_args`: what the training forward takes besides the batch (the targets, for denoising)."""
     images, mask = fixture_batch(fx)
     module.train()
-    outputs = module.model(images, mask)
+    outputs = module.model(images, mask, *model_args)
     losses = module.criterion(outputs, fx["targets"])
     total = module.criterion.total(losses)
     total.backward()
@@ -43,6 +42,12 @@ def run(request):
         eval_out = module.model(images, mask)
     detections = module.postprocess(eval_out, fx["orig_sizes"])
     return fx, module, outputs, losses, total, eval_out, detections
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def run(request):
+    fx = load_fixture(f"{request.param}.pt")
+    return run_fixture(fx, from_official(fixture_state_dict(fx), fx["flags"]))
 
 
 def test_outputs(run):
@@ -131,3 +136,99 @@ def test_triton_backend_matches_on_reduced_input():
     assert set(tri_grad) == set(ref_grad)
     for name, g in ref_grad.items():
         assert abs(tri_grad[name].double().norm() - g.double().norm()) <= TOL_GRAD * g.double().norm(), name
+
+
+# DINO (IDEA-Research/DINO, config/DINO/DINO_4scale.py with the fixture's overrides): without and with
+# contrastive denoising. The denoising block draws the fixture's own noise (`feed_fixture_denoising`).
+# DINO's outputs are its own dict: `interm_outputs` is this model's `enc_outputs` (the selected
+# proposals; `interm_outputs_for_matching_pre` their unregressed `anchors`), `dn_meta`'s
+# `output_known_lbs_bboxes` its `dn_outputs`.
+DINO_FIXTURES = ["dino_nodn", "dino"]
+# Logged by DINO for every branch and layer, never weighted: the L1 of the centres and of the sizes.
+DINO_LOGGED_ONLY = ("loss_xy", "loss_hw")
+
+
+def _dino_as_official(out) -> dict:
+    ours = {k: v for k, v in out.items() if k not in ("enc_outputs", "dn_outputs", "init_reference")}
+    enc = out["enc_outputs"]
+    ours["interm_outputs"] = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
+    ours["interm_outputs_for_matching_pre"] = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["anchors"]}
+    if "dn_outputs" in out:
+        dn = out["dn_outputs"]
+        ours["dn_meta"] = {"output_known_lbs_bboxes": {k: dn[k] for k in ("pred_logits", "pred_boxes", "aux_outputs")}}
+    return ours
+
+
+@pytest.fixture(scope="module", params=DINO_FIXTURES)
+def dino_run(request):
+    fx = load_fixture(f"{request.param}.pt")
+    module = from_official(fixture_state_dict(fx), fx["flags"])
+    if "dn" in module.model.training_queries:
+        feed_fixture_denoising(module.model.training_queries["dn"], fx)
+    return run_fixture(fx, module, fx["targets"])
+
+
+def test_dino_outputs(dino_run):
+    fx, _, outputs, *_ = dino_run
+    expected = flatten_outputs({k: v for k, v in fx["outputs"].items() if v is not None})
+    actual = flatten_outputs(_dino_as_official(outputs))
+    assert set(expected) == set(actual)
+    for name, value in expected.items():
+        assert rel_err(actual[name], value) < TOL_OUT, name
+
+
+def test_dino_denoising_queries_and_mask(dino_run):
+    fx, module, outputs, *_ = dino_run
+    if fx["dn"] is None:
+        assert "dn_outputs" not in outputs and not module.model.training_queries
+        return
+    dn, q = fx["dn"], module.model.num_queries
+    assert module.model.training_queries["dn"].sizes(q, fx["targets"]) == [2 * dn["single_pad"]] * dn["num_dn_group"]
+    torch.testing.assert_close(outputs["dn_outputs"]["init_reference"], torch.sigmoid(dn["input_query_bbox"]))
+    # DINO puts the denoising queries first; this model after the one-to-one queries.
+    block = module.model.training_queries["dn"]
+    mask = module.model.self_attn_mask([block], [[q], block.sizes(q, fx["targets"])], "cpu")
+    order = torch.cat([torch.arange(q, mask.shape[0]), torch.arange(q)])
+    assert torch.equal(mask[order][:, order], dn["attn_mask"])
+
+
+def test_dino_losses_and_weights(dino_run):
+    """Every loss by DINO's name. DINO also logs `loss_xy` / `loss_hw` (unweighted) and, with
+    use_dn=False, zeros under the `*_dn` names; this criterion logs a class error per branch."""
+    fx, module, _, losses, total, *_ = dino_run
+    for name, value in fx["losses"].items():
+        if name in losses:
+            assert rel_err(losses[name], value) < TOL_OUT, name
+        else:
+            assert name.startswith(DINO_LOGGED_ONLY) or ("_dn" in name and float(value) == 0), name
+    assert {k for k in losses if k not in fx["losses"]} <= {"class_error_dn", "class_error_interm"}
+    assert module.criterion.weight_dict == fx["weight_dict"]
+    assert rel_err(total, fx["total_loss"]) < TOL_OUT
+
+
+def test_dino_gradient_norms(dino_run):
+    fx, module, *_ = dino_run
+    names = official_names(module)
+    grads = {names[n]: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    for name, (norm, total) in fx["grad_norms"].items():
+        if name not in grads:
+            # DINO keeps label_enc with use_dn=False, and gives it a zero gradient; this model has none.
+            assert name == "label_enc.weight" and norm == 0, name
+            continue
+        assert abs(grads[name].double().norm() - norm) <= TOL_GRAD * abs(norm), name
+    assert set(grads) <= set(fx["grad_norms"])
+    for name, expected in fx["grads"].items():
+        if name in grads:
+            assert rel_err(grads[name], expected) < TOL_GRAD, name
+
+
+def test_dino_detections(dino_run):
+    fx, _, _, _, _, eval_out, detections = dino_run
+    for name, value in flatten_outputs({k: fx["eval_outputs"][k] for k in ("pred_logits", "pred_boxes")}).items():
+        assert rel_err(flatten_outputs(eval_out)[name], value) < TOL_OUT, name
+    assert "enc_outputs" in eval_out and "dn_outputs" not in eval_out
+    for det, ref in zip(detections, fx["detections"]):
+        assert len(det["labels"]) == 300
+        assert torch.equal(det["labels"], ref["labels"])
+        assert rel_err(det["scores"], ref["scores"]) < TOL_OUT
+        assert rel_err(det["boxes"], ref["boxes"]) < TOL_OUT

@@ -125,6 +125,9 @@ class DecoderLayerConfig:
 class DecoderConfig:
     num_layers: int = spec(at_least(1))
     look_forward_twice: bool = spec()
+    box_query_pos: bool = spec()
+    norm: bool = spec()
+    logit_eps: float = spec(Rule("in (0, 0.5)", lambda v: 0 < v < 0.5))
     layer: DecoderLayerConfig = field(default_factory=DecoderLayerConfig)
 
 
@@ -142,6 +145,7 @@ class DetectorConfig:
     num_classes: Optional[int] = spec(at_least(1))
     box_refine: bool = spec()
     o2m_class_heads: bool = spec()
+    share_heads: bool = spec()
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     queries: QueriesConfig = field(default_factory=QueriesConfig)

@@ -33,6 +33,13 @@ _MOVED = (  # first match wins: the level embedding before the rest of the encod
     ("transformer.pix_trans", "queries.pix_trans"),
     ("transformer.reference_points.", "queries.reference_points."),
     ("query_embed.", "queries.query_embed."),
+    # DINO: its selection's learned content and encoder heads, the decoder's position head and
+    # output norm, and the contrastive denoising block's label embedding.
+    ("transformer.tgt_embed.", "queries.tgt_embed."),
+    ("transformer.enc_out_", "queries.enc_out_"),
+    ("transformer.decoder.ref_point_head.", "decoder.ref_point_head."),
+    ("transformer.decoder.norm.", "decoder.norm."),
+    ("label_enc.", "training_queries.dn.label_embed."),
 )
 
 

@@ -1,12 +1,14 @@
-"""Conversion between official checkpoints (Deformable-DETR, MS-DETR, DETA) and DetectionModule.
+"""Conversion between official checkpoints (Deformable-DETR, MS-DETR, DETA, DINO) and DetectionModule.
 
-`from_official` builds the module the official flags describe and loads the official state dict;
+`from_official` builds the module the official flags describe (DINO: its `key=value` config
+overrides of config/DINO/DINO_4scale.py) and loads the official state dict;
 `to_official` writes it back under the official names (every alias the official model registers);
 `official_names` maps this project's parameter names to the names official code gives them.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -15,9 +17,10 @@ import torch
 
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
-from .matching import HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from .models import (Backbone, DecoderLayer, DeformableDecoder, DeformableDETR, DeformableEncoder, EncoderLayer,
-                     LearnedQueries, NMSTwoStageQueries, QuerySelection, SwinBackbone, TwoStageQueries)
+from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
+from .models import (Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder, DeformableDETR,
+                     DeformableEncoder, DINOQueries, EncoderLayer, LearnedQueries, NMSTwoStageQueries,
+                     PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
 from .models.swin import is_swin_buffer
 from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
                      to_official, to_official_name)
@@ -49,8 +52,75 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
 _UNSUPPORTED = {"masks": "segmentation heads"}
 
 
+# DINO (IDEA-Research/DINO): the values of config/DINO/DINO_4scale.py this project reads. A DINO
+# checkpoint's args or a fixture's `key=value` overrides are read over these.
+DINO_DEFAULTS: dict[str, Any] = {
+    "modelname": "dino", "num_classes": 91, "lr": 1e-4, "param_dict_type": "default", "lr_backbone": 1e-5,
+    "lr_backbone_names": ["backbone.0"], "lr_linear_proj_names": ["reference_points", "sampling_offsets"],
+    "lr_linear_proj_mult": 0.1, "ddetr_lr_param": False, "batch_size": 2, "weight_decay": 1e-4, "epochs": 12,
+    "lr_drop": 11, "clip_max_norm": 0.1, "onecyclelr": False, "multi_step_lr": False, "backbone": "resnet50",
+    "dilation": False, "position_embedding": "sine", "pe_temperatureH": 20, "pe_temperatureW": 20,
+    "return_interm_indices": [1, 2, 3], "enc_layers": 6, "dec_layers": 6, "unic_layers": 0, "pre_norm": False,
+    "dim_feedforward": 2048, "hidden_dim": 256, "dropout": 0.0, "nheads": 8, "num_queries": 900, "query_dim": 4,
+    "num_patterns": 0, "num_feature_levels": 4, "enc_n_points": 4, "dec_n_points": 4, "dec_layer_number": None,
+    "decoder_layer_noise": False, "add_channel_attention": False, "use_deformable_box_attn": False,
+    "two_stage_type": "standard", "two_stage_pat_embed": 0, "two_stage_add_query_num": 0,
+    "two_stage_bbox_embed_share": False, "two_stage_class_embed_share": False, "two_stage_learn_wh": False,
+    "two_stage_keep_all_tokens": False, "num_select": 300, "transformer_activation": "relu",
+    "batch_norm_type": "FrozenBatchNorm2d", "masks": False, "aux_loss": True, "set_cost_class": 2.0,
+    "set_cost_bbox": 5.0, "set_cost_giou": 2.0, "cls_loss_coef": 1.0, "bbox_loss_coef": 5.0, "giou_loss_coef": 2.0,
+    "enc_loss_coef": 1.0, "interm_loss_coef": 1.0, "no_interm_box_loss": False, "focal_alpha": 0.25,
+    "decoder_sa_type": "sa", "matcher_type": "HungarianMatcher", "decoder_module_seq": ["sa", "ca", "ffn"],
+    "nms_iou_threshold": -1, "dec_pred_bbox_embed_share": True, "dec_pred_class_embed_share": True, "use_dn": True,
+    "dn_number": 100, "dn_box_noise_scale": 0.4, "dn_label_noise_ratio": 0.5, "embed_init_tgt": True,
+    "dn_labelbook_size": 91, "use_ema": False, "use_detached_boxes_dec_out": False, "random_refpoints_xy": False,
+    "fix_refpoints_hw": -1,
+}
+# DINO config values this project reproduces only as released: anything else is refused by name.
+_DINO_FIXED = ("param_dict_type", "ddetr_lr_param", "onecyclelr", "multi_step_lr", "position_embedding",
+               "return_interm_indices", "unic_layers", "pre_norm", "query_dim", "num_patterns", "num_feature_levels",
+               "dec_layer_number", "decoder_layer_noise", "add_channel_attention", "use_deformable_box_attn",
+               "two_stage_type", "two_stage_pat_embed", "two_stage_add_query_num", "two_stage_bbox_embed_share",
+               "two_stage_class_embed_share", "two_stage_learn_wh", "two_stage_keep_all_tokens",
+               "transformer_activation", "batch_norm_type", "masks", "decoder_sa_type", "matcher_type",
+               "decoder_module_seq", "nms_iou_threshold", "embed_init_tgt", "use_ema", "use_detached_boxes_dec_out",
+               "random_refpoints_xy", "fix_refpoints_hw")
+
+
+def is_dino(flags) -> bool:
+    """Whether official flags are DINO's: `key=value` overrides, or an args dict / Namespace of
+    DINO's config (its `modelname` or `two_stage_type`)."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    if isinstance(flags, Mapping):
+        return flags.get("modelname") == "dino" or "two_stage_type" in flags
+    return any("=" in tok and not tok.startswith("--") for tok in flags)
+
+
+def parse_dino_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """DINO's `key=value` config overrides (list of str), or its args dict / Namespace -> dict over
+    `DINO_DEFAULTS`. Values are Python literals (`use_dn=False`, `lr=1e-4`); others stay strings."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    if isinstance(flags, Mapping):
+        return {**DINO_DEFAULTS, **flags}
+    args = dict(DINO_DEFAULTS)
+    for tok in flags:
+        key, sep, raw = tok.partition("=")
+        if not sep or not key:
+            raise ValueError(f"DINO flag {tok!r} is not key=value; pass DINO's config overrides as ['key=value', ...].")
+        try:
+            args[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            args[key] = raw
+    return args
+
+
 def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
-    """Official command-line flags (list of str), an args dict or Namespace -> dict over the defaults."""
+    """Official command-line flags (list of str), an args dict or Namespace -> dict over the defaults.
+    DINO's flags (see `is_dino`) are read over DINO's defaults."""
+    if is_dino(flags):
+        return parse_dino_flags(flags)
     if isinstance(flags, argparse.Namespace):
         flags = vars(flags)
     if isinstance(flags, Mapping):
@@ -117,6 +187,8 @@ def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
                 pretrained_backbone: bool | str = False) -> DeformableDETR:
     """The detector the official flags (and, for MS-DETR impl_a, the checkpoint keys) describe."""
+    if args.get("modelname") == "dino":
+        return build_dino_model(args, num_classes, pretrained_backbone)
     if args.get("position_embedding", "sine") != "sine":
         raise NotImplementedError("only the sine position embedding of the official code is supported.")
     if args.get("masks"):
@@ -156,9 +228,78 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
                           num_classes=num_classes, box_refine=args["with_box_refine"], o2m_class_heads=impl_a)
 
 
+def _check_dino(args: Mapping[str, Any]) -> None:
+    for key in _DINO_FIXED:
+        if args.get(key) != DINO_DEFAULTS[key]:
+            raise NotImplementedError(f"DINO's {key}={args.get(key)!r} is not supported: this project builds DINO "
+                                      f"as config/DINO/DINO_4scale.py has it ({key}={DINO_DEFAULTS[key]!r}).")
+    if args["pe_temperatureH"] != args["pe_temperatureW"]:
+        raise NotImplementedError("DINO's pe_temperatureH and pe_temperatureW differ; the position encoding has one "
+                                  "temperature.")
+    if args["dec_pred_bbox_embed_share"] != args["dec_pred_class_embed_share"]:
+        raise NotImplementedError("DINO's dec_pred_bbox_embed_share and dec_pred_class_embed_share differ; share "
+                                  "both heads or neither.")
+
+
+def build_dino_model(args: Mapping[str, Any], num_classes: int = 91,
+                     pretrained_backbone: bool | str = False) -> DeformableDETR:
+    """DINO's detector (config/DINO/DINO_4scale.py with `args` over it) from this project's parts."""
+    _check_dino(args)
+    backbone = Backbone(name=args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
+                        return_interm_layers=True, dilation=args["dilation"])
+    width = dict(d_model=args["hidden_dim"], n_heads=args["nheads"], n_levels=args["num_feature_levels"],
+                 d_ffn=args["dim_feedforward"], dropout=args["dropout"])
+    encoder = DeformableEncoder(layer=EncoderLayer(**width, n_points=args["enc_n_points"]),
+                                num_layers=args["enc_layers"])
+    decoder = DeformableDecoder(layer=DecoderLayer(**width, n_points=args["dec_n_points"]),
+                                num_layers=args["dec_layers"], look_forward_twice=True, box_query_pos=True, norm=True,
+                                logit_eps=1e-3)
+    queries = DINOQueries(num_queries=args["num_queries"], d_model=args["hidden_dim"], num_classes=num_classes)
+    # use_dn=False switches denoising off (dn_number=0 would still make one group, as in DINO).
+    blocks = {"dn": ContrastiveDenoisingQueries(
+        max_positives=args["dn_number"], label_noise=args["dn_label_noise_ratio"], box_noise=args["dn_box_noise_scale"],
+        label_book=args["dn_labelbook_size"], logit_eps=1e-3)} if args["use_dn"] else {}
+    position = PositionEmbeddingSine(args["hidden_dim"] // 2, temperature=args["pe_temperatureH"], offset=0.0)
+    return DeformableDETR(backbone=backbone, encoder=encoder, decoder=decoder, queries=queries,
+                          num_classes=num_classes, box_refine=True, share_heads=args["dec_pred_bbox_embed_share"],
+                          position_embedding=position, training_queries=blocks)
+
+
+def build_dino_from_args(args: Mapping[str, Any], num_classes: int = 91,
+                         pretrained_backbone: bool | str = False) -> DetectionModule:
+    """DINO's DetectionModule: its detector, criterion (losses under DINO's names), top-k
+    post-processing and optimiser (param_dict_type 'default': the backbone at lr_backbone, every other
+    parameter at lr; StepLR(lr_drop))."""
+    model = build_dino_model(args, num_classes, pretrained_backbone)
+    # DINO's GIoU (its util/box_ops) adds 1e-6 to the union and the enclosing area.
+    matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
+                               focal_alpha=args["focal_alpha"], giou_eps=1e-6)
+    weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
+    interm = args["interm_loss_coef"]
+    box_interm = 0.0 if args["no_interm_box_loss"] else interm
+    branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
+    if args["use_dn"]:
+        branches.append(Branch("dn_outputs", DenoisingAssigner(contrastive=True), dict(weights), suffix="_dn",
+                               aux=args["aux_loss"], suffix_first=True))
+    # The encoder's selected proposals, matched with their classes (not class-agnostic); DINO's
+    # enc_loss_coef is never read.
+    branches.append(Branch("enc_outputs", matcher, {"ce": weights["ce"] * interm, "bbox": weights["bbox"] * box_interm,
+                                                    "giou": weights["giou"] * box_interm},
+                           suffix="_interm", aux=False))
+    criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"], giou_eps=1e-6)
+    return DetectionModule(
+        model, criterion, TopKPostProcess(args["num_select"]), lr=args["lr"], lr_backbone=args["lr_backbone"],
+        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=1.0,
+        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
+        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
+    )
+
+
 def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
                     pretrained_backbone: bool | str = False) -> DetectionModule:
     """The DetectionModule (detector, criterion, post-processing, optimiser settings) of the flags."""
+    if args.get("modelname") == "dino":
+        return build_dino_from_args(args, num_classes, pretrained_backbone)
     for flag, what in _UNSUPPORTED.items():
         if args.get(flag):
             raise NotImplementedError(f"the official flag --{flag} ({what}) is not supported by this release yet.")
@@ -214,6 +355,9 @@ def official_trainer_args(flags: Iterable[str] | Mapping[str, Any] | argparse.Na
 
 def _convert_state_dict(model: DeformableDETR, official: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     official = {k: v for k, v in official.items() if not is_swin_buffer(k)}
+    if "dn" not in model.training_queries:
+        # DINO keeps its label embedding with use_dn=False; nothing reads it then (zero gradient).
+        official.pop("label_enc.weight", None)
     for head, alias, after in head_aliases(model):
         for name in [k for k in official if k.startswith(alias)]:
             tensor = official.pop(name)

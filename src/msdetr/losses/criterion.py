@@ -63,6 +63,8 @@ class Branch:
     divided by the branch's normalizer, like the focal term, so the `ce` weights stay comparable.
     cls_alpha, cls_gamma: that loss's alpha and gamma; None takes its default (focal: the criterion's
     focal_alpha / focal_gamma; varifocal: 0.75 / 2.0 as VarifocalNet; ia_bce: 0.25 / 2.0 as Align-DETR).
+    suffix_first: the suffix goes before the layer index (`loss_ce_dn_0`, as DN-DETR and DINO name
+    their denoising losses) instead of after it (`loss_ce_0_o2m`, as MS-DETR names its branch).
     """
 
     stream: str
@@ -79,6 +81,7 @@ class Branch:
     loss_cls: str = "focal"
     cls_alpha: float | None = None
     cls_gamma: float | None = None
+    suffix_first: bool = False
 
     def __post_init__(self):
         if self.loss_cls not in CLS_LOSSES:
@@ -256,9 +259,10 @@ class SetCriterion(nn.Module):
     official names."""
 
     def __init__(self, num_classes: int, branches: list[Branch] | dict[str, Branch | None], focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+                 focal_gamma: float = 2.0, giou_eps: float = 0.0):
         """`branches`: a list, or a dict by name (what configs compose: a later config adds a branch
-        by name or removes one with null); evaluated in order."""
+        by name or removes one with null); evaluated in order. `giou_eps`: of the GIoU loss, see
+        `box_ops.generalized_box_iou` (DINO: 1e-6)."""
         super().__init__()
         self.num_classes = num_classes
         if isinstance(branches, dict):
@@ -268,6 +272,7 @@ class SetCriterion(nn.Module):
         self.branches = list(branches)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.giou_eps = giou_eps
         self._weight_dict: dict[str, float] = {}
 
     def assigners(self) -> list:
@@ -348,7 +353,7 @@ class SetCriterion(nn.Module):
         weights: dict[str, float] = {}
         for branch, layer_suffix, layer_out, tgts in jobs:
             indices = assigned[(branch.stream, layer_suffix)]
-            name = layer_suffix + branch.suffix
+            name = branch.suffix + layer_suffix if branch.suffix_first else layer_suffix + branch.suffix
             normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
             if hasattr(branch.assigner, "normalizer_scale"):  # e.g. denoising: averaged over its groups
                 normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
@@ -464,7 +469,7 @@ class SetCriterion(nn.Module):
         loss_ce = loss_ce.sum()
 
         loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum")
-        giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy))
+        giou = torch.diag(generalized_box_iou(src_xyxy, tgt_xyxy, self.giou_eps))
         loss_giou = (1 - giou).sum()
 
         with torch.no_grad():

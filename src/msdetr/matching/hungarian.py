@@ -25,11 +25,12 @@ class HungarianMatcher:
     (MS-DETR's encoder loss, with cost_class=0). `group_size` splits the queries into consecutive
     blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are built in the
     outputs' precision (fp32 at least) on their device and copied to the host in one transfer per call.
+    `giou_eps`: see `box_ops.generalized_box_iou` (DINO: 1e-6).
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_key: str = "pred_boxes",
-                 group_size: int | None = None):
+                 group_size: int | None = None, giou_eps: float = 0.0):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all Hungarian matcher costs are 0; set at least one of cost_class/cost_bbox/cost_giou.")
         if group_size is not None and group_size < 1:
@@ -38,6 +39,7 @@ class HungarianMatcher:
         self.alpha, self.gamma = focal_alpha, focal_gamma
         self.box_key = box_key
         self.group_size = group_size
+        self.giou_eps = giou_eps
 
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
         """Per image, per query group, the (group_size, n) cost matrix."""
@@ -53,7 +55,8 @@ class HungarianMatcher:
                 c = logits.new_zeros(logits.shape[1], 0)
             else:
                 c = self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
-                c = c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes))
+                c = c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes),
+                                                                 self.giou_eps)
                 if self.cost_class:
                     c = c + self.cost_class * focal_class_cost(logits[b].sigmoid(), tgt["labels"], self.alpha,
                                                                self.gamma)

@@ -1,17 +1,18 @@
 """The detector and its parts (docs/architecture.md): backbones, encoder, decoder, query selection,
 training-only query blocks, and the typed output."""
 from .backbone import Backbone
-from .decoder import DecoderLayer, DeformableDecoder
-from .detector import MLP, DeformableDETR
+from .decoder import MLP, DecoderLayer, DeformableDecoder
+from .detector import DeformableDETR
 from .encoder import DeformableEncoder, EncoderLayer, Levels
 from .outputs import DetectorOutput, EncoderStream, LayerStream, Prediction
-from .queries import (ContrastiveDenoisingQueries, DenoisingQueries, HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
+from .position_encoding import PositionEmbeddingSine
+from .queries import (ContrastiveDenoisingQueries, DenoisingQueries, DINOQueries, HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
                       TrainingQueries, TwoStageQueries)
 from .swin import SwinBackbone
 
 __all__ = [
-    "Backbone", "ContrastiveDenoisingQueries", "DecoderLayer", "DeformableDETR", "DeformableDecoder", "DeformableEncoder", "DenoisingQueries", "DetectorOutput",
+    "Backbone", "ContrastiveDenoisingQueries", "DecoderLayer", "DeformableDETR", "DeformableDecoder", "DeformableEncoder", "DenoisingQueries", "DINOQueries", "DetectorOutput",
     "EncoderLayer", "EncoderStream", "HybridQueries", "LayerStream", "LearnedQueries", "Levels", "MLP",
-    "NMSTwoStageQueries", "Prediction", "Queries", "QueryGroups", "QuerySelection", "SwinBackbone",
+    "NMSTwoStageQueries", "PositionEmbeddingSine", "Prediction", "Queries", "QueryGroups", "QuerySelection", "SwinBackbone",
     "TrainingQueries", "TwoStageQueries",
 ]

@@ -10,8 +10,25 @@ from torch import nn
 from ..box_ops import inverse_sigmoid
 from .attention import MSDeformAttn
 from .encoder import FFN, Levels, clones, reset_transformer_parameters
+from .position_encoding import reference_sine_embedding
 
 O2M_TAPS = (None, "self_attn", "cross_attn", "output")
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them (the official prediction and position heads)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
 
 
 class DecoderLayer(nn.Module):
@@ -82,7 +99,9 @@ class DecoderLayer(nn.Module):
 class DecoderOutput(NamedTuple):
     """Per decoder layer: the hidden states (B, T, C), the one-to-many hidden states (None where
     not computed), the reference each layer's box head is added to (detached input reference, or
-    with look-forward-twice the non-detached one) and the refined boxes (empty without refinement)."""
+    with look-forward-twice the non-detached one) and the refined boxes (empty without refinement,
+    and with the decoder's output `norm`: the heads then predict from the normed states on
+    `box_refs`, while the references were refined from the states before the norm, as in DINO)."""
 
     hidden: list[torch.Tensor]
     hidden_o2m: list[torch.Tensor | None]
@@ -99,12 +118,22 @@ class DeformableDecoder(nn.Module):
         num_layers: how many.
         look_forward_twice: a layer's refined box also takes gradient through the previous
             layer's box (H-DETR / DINO); needs box refinement.
+        box_query_pos: every layer computes its queries' positions from its current reference
+            boxes (DINO): a sine embedding of the box (times the first level's valid ratios) through
+            an MLP(2C, C, C) (`ref_point_head`); the query selection then gives no positions.
+        norm: a LayerNorm (`norm`) on every layer's output states before the heads read them; the
+            next layer and the box refinement take the states before it (DINO).
+        logit_eps: the clamp of the inverse sigmoid that takes reference boxes back to logits when
+            the box heads refine them (1e-5 in Deformable-DETR, 1e-3 in DINO).
     """
 
-    def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False):
+    def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False,
+                 box_query_pos: bool = False, norm: bool = False, logit_eps: float = 1e-5):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
+        if not 0 < logit_eps < 0.5:
+            raise ValueError(f"the decoder's logit_eps must be in (0, 0.5), got {logit_eps}.")
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
@@ -112,33 +141,53 @@ class DeformableDecoder(nn.Module):
         self.num_levels = layer.cross_attn.n_levels
         self.o2m_tap = layer.o2m_tap
         reset_transformer_parameters(self.layers)
+        self.box_query_pos = box_query_pos
+        self.logit_eps = logit_eps
+        if box_query_pos:
+            self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
+            for linear in self.ref_point_head.layers:  # Xavier, as DINO initialises its transformer
+                nn.init.xavier_uniform_(linear.weight)
+        if norm:
+            self.norm = nn.LayerNorm(self.d_model)
+
+    def query_positions(self, ref_input: torch.Tensor) -> torch.Tensor:
+        """DINO's positions of the queries from their references scaled into level 0's frame (B, T, 4)."""
+        if ref_input.shape[-1] != 4:
+            raise ValueError("box_query_pos embeds reference boxes; the query selection must give (B, T, 4) "
+                             "references (a two-stage selection).")
+        return self.ref_point_head(reference_sine_embedding(ref_input, self.d_model // 2))
 
     def forward(self, tgt, reference_points, memory, levels: Levels, query_pos,
                 bbox_embed: nn.ModuleList | None = None, self_attn_mask=None) -> DecoderOutput:
         out = DecoderOutput([], [], [], [])
         valid_ratios = levels.valid_ratios
         ref_for_head = reference_points  # what layer l's box head is added to
+        norm = getattr(self, "norm", None)
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
+            if self.box_query_pos:
+                query_pos = self.query_positions(ref_input[:, :, 0])
             tgt, tgt_o2m = layer(tgt, query_pos, ref_input, memory, levels, self_attn_mask)
-            out.hidden.append(tgt)
-            out.hidden_o2m.append(tgt_o2m)
+            out.hidden.append(tgt if norm is None else norm(tgt))
+            out.hidden_o2m.append(tgt_o2m if norm is None or tgt_o2m is None else norm(tgt_o2m))
             out.box_refs.append(ref_for_head)
             if bbox_embed is None:
                 continue
             delta = bbox_embed[lid](tgt)
             if reference_points.shape[-1] == 4:
-                new_ref = (delta + inverse_sigmoid(reference_points)).sigmoid()
+                new_ref = (delta + inverse_sigmoid(reference_points, self.logit_eps)).sigmoid()
             else:
-                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1)
+                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points, self.logit_eps),
+                                     delta[..., 2:]], -1)
                 new_ref = new_ref.sigmoid()
-            if self.look_forward_twice and lid > 0:
+            # With the output norm the heads predict from the normed states instead (see DecoderOutput).
+            if norm is None and self.look_forward_twice and lid > 0:
                 # Same value as new_ref, but the gradient also reaches the previous layer's box.
-                out.boxes.append((delta + inverse_sigmoid(ref_for_head)).sigmoid())
-            else:
+                out.boxes.append((delta + inverse_sigmoid(ref_for_head, self.logit_eps)).sigmoid())
+            elif norm is None:
                 out.boxes.append(new_ref)
             reference_points = new_ref.detach()
             ref_for_head = new_ref if self.look_forward_twice else reference_points

@@ -20,25 +20,11 @@ from ..box_ops import inverse_sigmoid
 from ..kernels import BACKENDS
 from .attention import MSDeformAttn
 from .backbone import resize_mask
-from .decoder import DeformableDecoder
+from .decoder import MLP, DeformableDecoder
 from .encoder import DeformableEncoder
 from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
 from .position_encoding import PositionEmbeddingSine
 from .queries import Queries, QuerySelection, TrainingQueries, block_ids
-
-
-class MLP(nn.Module):
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = torch.relu(x)
-        return x
 
 
 class DeformableDETR(nn.Module):
@@ -55,6 +41,11 @@ class DeformableDETR(nn.Module):
             without it one class and one box head are shared by all layers, as officially.
         o2m_class_heads: the one-to-many stream gets class heads of its own, box heads shared
             (MS-DETR Figure 4 a).
+        share_heads: with box_refine, one class head and one box head serve every decoder layer
+            (DINO's dec_pred_class_embed_share / dec_pred_bbox_embed_share); the query selection
+            then brings the encoder's heads itself (DINO's separate enc_out_* heads).
+        position_embedding: the feature maps' sine position encoding (`PositionEmbeddingSine`;
+            None: Deformable-DETR's, temperature 10000, pixel centres).
         training_queries: training-only query blocks by name (`HybridQueries`, `QueryGroups`, ...),
             each supervised through its own stream; none of them exist at inference.
 
@@ -64,7 +55,8 @@ class DeformableDETR(nn.Module):
 
     def __init__(self, *, backbone: nn.Module, encoder: DeformableEncoder, decoder: DeformableDecoder,
                  queries: QuerySelection, num_classes: int = 91, box_refine: bool = False,
-                 o2m_class_heads: bool = False, training_queries: Mapping[str, TrainingQueries | None] | None = None):
+                 o2m_class_heads: bool = False, training_queries: Mapping[str, TrainingQueries | None] | None = None,
+                 share_heads: bool = False, position_embedding: PositionEmbeddingSine | None = None):
         super().__init__()
         hidden_dim, num_levels = encoder.d_model, encoder.num_levels
         if (decoder.d_model, queries.d_model) != (hidden_dim, hidden_dim) or decoder.num_levels != num_levels:
@@ -80,11 +72,28 @@ class DeformableDETR(nn.Module):
             raise ValueError("look_forward_twice needs box_refine=true (it changes how refined boxes get gradients).")
         if o2m_class_heads and decoder.o2m_tap is None:
             raise ValueError("o2m_class_heads needs a one-to-many stream; set the decoder layer's o2m_tap as well.")
+        if share_heads and (not box_refine or queries.uses_encoder_heads):
+            raise ValueError("share_heads shares the refining heads across decoder layers: it needs box_refine=true and "
+                             "a query selection with encoder heads of its own (DINOQueries).")
+        if decoder.box_query_pos == queries.gives_positions:
+            raise ValueError(
+                f"{type(queries).__name__} {'gives' if queries.gives_positions else 'leaves'} the query positions, and "
+                f"the decoder {'also computes' if decoder.box_query_pos else 'does not compute'} them from the boxes: "
+                "use decoder.box_query_pos=true exactly with DINOQueries.")
+        if getattr(queries, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"the query selection scores {queries.num_classes} classes, the detector {num_classes}; "
+                             "set both from data.num_classes.")
+        position_embedding = position_embedding or PositionEmbeddingSine(hidden_dim // 2)
+        if position_embedding.num_pos_feats is None:
+            position_embedding.num_pos_feats = hidden_dim // 2
+        if 2 * position_embedding.num_pos_feats != hidden_dim:
+            raise ValueError(f"the position embedding has 2 x {position_embedding.num_pos_feats} channels, the model "
+                             f"{hidden_dim}; leave position_embedding.num_pos_feats null (half the width).")
         self.num_classes = num_classes
         self.num_feature_levels = num_levels
         self.box_refine = box_refine
         self.backbone = backbone
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.position_embedding = position_embedding
         self.input_proj = self._input_projections(backbone.num_channels, hidden_dim, num_levels)
         self.encoder = encoder
         self.decoder = decoder
@@ -109,7 +118,11 @@ class DeformableDETR(nn.Module):
         nn.init.zeros_(bbox_embed.layers[-1].bias)
         # One head per decoder layer, and one for the encoder's proposals when the queries score them.
         num_pred = decoder.num_layers + int(queries.uses_encoder_heads)
-        if box_refine:
+        if share_heads:
+            # DINO: the box head's last layer starts at zero, bias included.
+            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+        elif box_refine:
             self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
             self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
             nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
@@ -198,7 +211,7 @@ class DeformableDETR(nn.Module):
                 coords.append(boxes[lvl])
                 continue
             delta = self.bbox_embed[lvl](h)
-            ref = inverse_sigmoid(box_refs[lvl])
+            ref = inverse_sigmoid(box_refs[lvl], self.decoder.logit_eps)
             if ref.shape[-1] == 4:
                 delta = delta + ref
             else:
@@ -250,8 +263,9 @@ class DeformableDETR(nn.Module):
         queries = self.queries(memory, levels, from_selection, heads)
         if from_targets:
             made = [b.build(targets, self.queries) for b in from_targets]
+            # Positions are None where the decoder computes them from the boxes (DINO).
             queries = Queries(torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
-                              torch.cat([queries.pos, *(m.pos for m in made)], 1),
+                              None if queries.pos is None else torch.cat([queries.pos, *(m.pos for m in made)], 1),
                               torch.cat([queries.reference, *(m.reference for m in made)], 1), queries.outputs)
         q = self.num_queries
         # The one-to-one queries, then each training block's groups (see `self_attn_mask`).

@@ -9,6 +9,7 @@ subclass and a config; the detector's forward does not change. See docs/architec
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -18,6 +19,7 @@ from torchvision.ops import batched_nms
 
 from ..box_ops import cxcywh_to_xyxy, inverse_sigmoid
 from ..kernels import Shapes, level_shapes
+from .decoder import MLP
 from .encoder import Levels
 from .position_encoding import box_sine_embedding
 
@@ -105,12 +107,13 @@ class QueryGroups(TrainingQueries):
 
 @dataclass
 class Queries:
-    """The decoder's initial queries: content `tgt` (B, T, C), position `pos` (B, T, C) and
-    `reference` (B, T, 2) points or (B, T, 4) boxes in [0, 1]; `outputs`: streams the selection adds
-    to the detector's output (two-stage: `enc_outputs`)."""
+    """The decoder's initial queries: content `tgt` (B, T, C), position `pos` (B, T, C; None where the
+    decoder computes every layer's positions from the boxes, DINO) and `reference` (B, T, 2) points
+    or (B, T, 4) boxes in [0, 1]; `outputs`: streams the selection adds to the detector's output
+    (two-stage: `enc_outputs`)."""
 
     tgt: torch.Tensor
-    pos: torch.Tensor
+    pos: torch.Tensor | None
     reference: torch.Tensor
     outputs: dict
 
@@ -121,12 +124,16 @@ class QuerySelection(nn.Module):
 
     Class attributes: `uses_encoder_heads` (the detector gives it a class and a box head of its own
     to score the encoder tokens), `proposal_references` (its references are box proposals an
-    assigner may match against), `streams` (output streams it adds, with their box keys).
+    assigner may match against), `streams` (output streams it adds, with their box keys),
+    `gives_positions` (False: `Queries.pos` is None, the decoder computes the positions from the
+    boxes), `content_embed` (the attribute holding its learned content rows, if any).
     """
 
     uses_encoder_heads: ClassVar[bool] = False
     proposal_references: ClassVar[bool] = False
     streams: ClassVar[dict[str, set[str]]] = {}
+    gives_positions: ClassVar[bool] = True
+    content_embed: ClassVar[str] = "query_embed"
 
     num_queries: int
     d_model: int
@@ -134,12 +141,12 @@ class QuerySelection(nn.Module):
     @property
     def embedding_dim(self) -> int | None:
         """Width of one learned query row (what training-only blocks must learn per query)."""
-        embed = getattr(self, "query_embed", None)
+        embed = getattr(self, self.content_embed, None)
         return embed.embedding_dim if embed is not None else None
 
     def learned_rows(self, extra: Sequence[TrainingQueries]) -> torch.Tensor:
-        return torch.cat([self.query_embed.weight] + [b.embed.weight for b in extra]) if extra \
-            else self.query_embed.weight
+        rows = getattr(self, self.content_embed).weight
+        return torch.cat([rows] + [b.embed.weight for b in extra]) if extra else rows
 
 
 class LearnedQueries(QuerySelection):
@@ -263,19 +270,7 @@ class TwoStageQueries(QuerySelection):
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_class = class_head(output_memory)
         enc_coord_unact = box_head(output_memory) + proposals
-        q = self.num_queries
-        ranked = q + sum(sum(b.sizes(q)) for b in extra if b.proposals == "ranked")
-        best = self.select(enc_class, enc_coord_unact, level_ids, ranked, levels.shapes)
-        # One-to-one proposals first, then each block's: the next ranked ones, or the one-to-one ones again.
-        parts, start = [best[:, :q]], q
-        for block in extra:
-            size = sum(block.sizes(q))
-            if block.proposals == "ranked":
-                parts.append(best[:, start:start + size])
-                start += size
-            else:
-                parts.append(best[:, :q].repeat(1, size // q))
-        topk = torch.cat(parts, 1) if extra else best
+        topk = proposal_order(self, enc_class, enc_coord_unact, level_ids, extra, levels.shapes)
         topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
         pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
         query_pos = pos_trans_out[..., :c]
@@ -289,6 +284,96 @@ class TwoStageQueries(QuerySelection):
             tgt = tgt + self.pix_trans_norm(self.pix_trans(feats))
         enc = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid(), "anchors": proposals.sigmoid()}
         return Queries(tgt, query_pos, topk_coords_unact.sigmoid(), {"enc_outputs": enc})
+
+
+def proposal_order(selection, enc_class, enc_coord_unact, level_ids, extra: Sequence[TrainingQueries],
+                   shapes: Shapes) -> torch.Tensor:
+    """(B, T) the encoder tokens whose proposals become the queries: the one-to-one queries' first
+    (`selection.select`, best first), then each block's: the next ranked ones, or the one-to-one
+    ones again."""
+    q = selection.num_queries
+    ranked = q + sum(sum(b.sizes(q)) for b in extra if b.proposals == "ranked")
+    best = selection.select(enc_class, enc_coord_unact, level_ids, ranked, shapes)
+    parts, start = [best[:, :q]], q
+    for block in extra:
+        size = sum(block.sizes(q))
+        if block.proposals == "ranked":
+            parts.append(best[:, start:start + size])
+            start += size
+        else:
+            parts.append(best[:, :q].repeat(1, size // q))
+    return torch.cat(parts, 1) if extra else best
+
+
+class DINOQueries(QuerySelection):
+    """DINO's two-stage selection (two_stage_type "standard"): the encoder tokens are scored by a
+    class head and regressed by a box head of this selection's own (DINO's enc_out_class_embed and
+    enc_out_bbox_embed), the `num_queries` tokens with the best score over all classes become the
+    queries: their (detached) regressed boxes the references, learned rows (`tgt_embed`) the
+    content. No positions: the decoder embeds the boxes at every layer (`box_query_pos`).
+
+    The `enc_outputs` stream holds the selected tokens only, as DINO's `interm_outputs`: their
+    class logits and (not detached) boxes, with `anchors` their unregressed proposals; DINO
+    supervises it with class-specific Hungarian matching (not class-agnostic as Deformable-DETR).
+
+    Args:
+        num_queries: one-to-one queries (proposals taken).
+        d_model: query width.
+        num_classes: classes of the encoder's class head (the detector's).
+    """
+
+    proposal_references = True
+    streams = {"enc_outputs": {"pred_boxes", "anchors"}}
+    gives_positions = False
+    content_embed = "tgt_embed"
+
+    def __init__(self, *, num_queries: int = 900, d_model: int = 256, num_classes: int = 91):
+        super().__init__()
+        if num_queries < 1 or num_classes < 1:
+            raise ValueError(f"num_queries={num_queries} / num_classes={num_classes}: both must be >= 1.")
+        self.num_queries, self.d_model, self.num_classes = num_queries, d_model, num_classes
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.tgt_embed = nn.Embedding(num_queries, d_model)
+        # As DINO's transformer: Xavier on its matrices (the content rows too); the heads as the detector's.
+        nn.init.xavier_uniform_(self.enc_output.weight)
+        nn.init.xavier_uniform_(self.tgt_embed.weight)
+        self.enc_out_class_embed = nn.Linear(d_model, num_classes)
+        nn.init.constant_(self.enc_out_class_embed.bias, -math.log((1 - 0.01) / 0.01))
+        self.enc_out_bbox_embed = MLP(d_model, d_model, 4, 3)
+        nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].weight)
+        nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].bias)
+
+    def positions(self, boxes_unact: torch.Tensor) -> None:
+        """None: the decoder computes every query's position from its box (training blocks ask this)."""
+        return None
+
+    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
+               shapes: Shapes) -> torch.Tensor:
+        """(B, k) token indices, best first by the largest class logit; on maps smaller than k they repeat."""
+        num_tokens = enc_class.shape[1]
+        topk = torch.topk(enc_class.max(-1)[0], min(k, num_tokens), dim=1)[1]
+        if num_tokens < k:
+            topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
+        return topk
+
+    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
+                heads=None) -> Queries:
+        bs, _, c = memory.shape
+        output_memory, proposals, level_ids = TwoStageQueries.encoder_proposals(memory, levels.mask, levels.shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        enc_class = self.enc_out_class_embed(output_memory)
+        enc_coord_unact = self.enc_out_bbox_embed(output_memory) + proposals
+        topk = proposal_order(self, enc_class, enc_coord_unact, level_ids, extra, levels.shapes)
+        coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
+        tgt = self.learned_rows(extra).unsqueeze(0).expand(bs, -1, -1)
+        # The encoder stream: the one-to-one tokens' own predictions, boxes not detached.
+        q = topk[:, :self.num_queries]
+        selected = torch.gather(output_memory, 1, q.unsqueeze(-1).expand(-1, -1, c))
+        anchors = torch.gather(proposals, 1, q.unsqueeze(-1).expand(-1, -1, 4))
+        enc = {"pred_logits": self.enc_out_class_embed(selected),
+               "pred_boxes": coords_unact[:, :self.num_queries].sigmoid(), "anchors": anchors.sigmoid()}
+        return Queries(tgt, None, coords_unact.detach().sigmoid(), {"enc_outputs": enc})
 
 
 class NMSTwoStageQueries(TwoStageQueries):
@@ -430,6 +515,10 @@ class DenoisingQueries(TrainingQueries):
         scale = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], 1)
         return (boxes + shift * scale * self.box_noise).clamp(0.0, 1.0)
 
+    def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The decoder's reference boxes of the noised boxes (the boxes themselves here)."""
+        return boxes
+
     def build(self, targets, selection: QuerySelection) -> Queries:
         """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per group
         the positives (and, contrastive, then the negatives), each padded to the largest GT count."""
@@ -451,7 +540,7 @@ class DenoisingQueries(TrainingQueries):
             boxes = torch.cat([boxes, boxes.new_full((copies, largest - n, 4), 0.5)], 1)
             contents.append(content.reshape(copies * largest, width))
             references.append(boxes.reshape(copies * largest, 4))
-        reference = torch.stack(references).to(self.label_embed.weight.dtype)
+        reference = self.as_reference(torch.stack(references).to(self.label_embed.weight.dtype))
         tgt = torch.stack(contents)
         return Queries(tgt, selection.positions(inverse_sigmoid(reference)), reference, {})
 
@@ -470,16 +559,36 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         label_noise: DINO's dn_label_noise_ratio (0.5): a label changes with half this probability.
         box_noise: DINO's dn_box_noise_scale (0.4).
         seed: seed of the noise generator.
+        label_book: DINO's dn_labelbook_size: the label embedding has label_book + 1 rows (DINO's
+            label_enc; rows past the class count are never looked up); None: one row per class.
+        logit_eps: DINO hands its noised boxes to the decoder as logits clamped at this eps (its
+            inverse_sigmoid, 1e-3), so a coordinate within eps of 0 or 1 starts at eps or 1 - eps;
+            None: the boxes as they are.
     """
 
     parts_per_group = 2
 
     def __init__(self, *, max_positives: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
-                 seed: int | None = None):
+                 seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None):
         super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed)
         if max_positives < 1:
             raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
+        if logit_eps is not None and not 0 < logit_eps < 0.5:
+            raise ValueError(f"logit_eps must be in (0, 0.5) or null, got {logit_eps}.")
         self.max_positives = max_positives
+        self.label_book = label_book
+        self.logit_eps = logit_eps
+
+    def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
+        return boxes if self.logit_eps is None else inverse_sigmoid(boxes, self.logit_eps).sigmoid()
+
+    def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
+        super().bind(name=name, selection=selection, num_classes=num_classes)
+        if self.label_book is not None:
+            if self.label_book < num_classes:
+                raise ValueError(f"training_queries.{name}: label_book={self.label_book} is smaller than the "
+                                 f"{num_classes} classes; use at least the class count.")
+            self.label_embed = nn.Embedding(self.label_book + 1, selection.d_model)
 
     def num_groups(self, largest: int) -> int:
         doubled = 2 * self.max_positives
