@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 train: install
 	$(PY) train.py $(ARGS)
 
+# Two workers (the CI machine's 2 cores), a test file per worker at a time so module fixtures are
+# built once; ARGS=-n0 runs in one process.
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 bench: install
 	$(PY) bench/train_step.py

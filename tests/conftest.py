@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Under pytest-xdist (`make test`: one worker per core) each worker computes on one thread, so the
+# workers do not fight over the cores; the runs the tests start as subprocesses keep torch's default.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
