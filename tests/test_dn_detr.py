@@ -33,8 +33,9 @@ def test_anchor_queries_are_learned_content_with_a_zero_indicator_and_learned_bo
     torch.testing.assert_close(made.reference[0], sel.refpoint_embed.weight.sigmoid())
     plain = AnchorQueries(num_queries=5, d_model=8)
     assert plain(torch.zeros(1, 11, 8), None).tgt.shape == (1, 5, 8)
-    with pytest.raises(ValueError, match="AnchorQueries has no anchors for the HybridQueries block"):
-        sel(torch.zeros(1, 11, 8), None, [HybridQueries(num_queries=3)])
+    with pytest.raises(ValueError, match=r"hybrid \(HybridQueries\) takes its queries from the query selection, "
+                                         "and AnchorQueries has no anchors for them"):
+        HybridQueries(num_queries=3).bind(name="hybrid", selection=sel, num_classes=5)
 
 
 def test_query_scale_scales_every_layer_after_the_first_by_its_input():
@@ -116,6 +117,7 @@ def test_from_official_builds_dn_detrs_module_and_loads_its_checkpoint():
     main, dn = module.criterion.branches
     assert main.weights == dn.weights == {"ce": 1, "bbox": 5, "giou": 2} and main.aux and dn.aux
     assert (dn.stream, dn.suffix, dn.assigner.padding, dn.assigner.parts) == ("dn_outputs", "_dn", "ignore", 1)
+    assert module.criterion.giou_eps == main.assigner.giou_eps == 1e-6  # DN-DETR's util/box_ops, as DINO's
     assert module.postprocess.num_select == 100
     # DN-DETR's optimiser: the backbone at lr_backbone, everything else at lr (no linear-projection group).
     assert {g["lr"] for g in module.configure_optimizers()["optimizer"].param_groups} == {1e-4, 1e-5}
@@ -163,6 +165,7 @@ def test_recipe_is_dn_detrs_released_command_value_by_value():
     assert d.queries.indicator and d.decoder.query_scale and d.decoder.box_query_pos and not d.decoder.norm
     assert d.box_refine and not d.share_heads and d.position_embedding is None  # temperature 10000
     assert m.postprocess.num_select == 100 and d.decoder.logit_eps == 1e-3
+    assert cfg.matcher.criterion.giou_eps == cfg.matcher.assigner.giou_eps == 1e-6
 
     from hydra.utils import instantiate
     model = instantiate(cfg.model.detector)

@@ -372,19 +372,21 @@ def build_dn_detr_model(args: Mapping[str, Any], num_classes: int = 91,
 def build_dn_detr_from_args(args: Mapping[str, Any], num_classes: int = 91,
                             pretrained_backbone: bool | str = False) -> DetectionModule:
     """DN-Deformable-DETR's DetectionModule: its detector; Hungarian matching and losses on every
-    layer, and with --use_dn the denoising branch with the same weights (its tgt_loss_* take the
+    layer (its GIoU with 1e-6 in both denominators), and with --use_dn the denoising branch with the same weights (its tgt_loss_* take the
     *_loss_coef values), padding queries without loss; its PostProcess keeps the top 100 (query,
     class) pairs (--num_select is not read); AdamW with two groups: the backbone at lr_backbone,
     everything else at lr (no linear-projection group); StepLR(lr_drop)."""
     model = build_dn_detr_model(args, num_classes, pretrained_backbone)
+    # DN-DETR's GIoU (its util/box_ops, in the matching costs and the losses) adds 1e-6 to the union
+    # and to the enclosing area, as DINO's.
     matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
-                               focal_alpha=args["focal_alpha"])
+                               focal_alpha=args["focal_alpha"], giou_eps=1e-6)
     weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
     branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
     if args["use_dn"]:
         branches.append(Branch("dn_outputs", DenoisingAssigner(contrastive=False, padding="ignore"), dict(weights),
                                suffix="_dn", aux=args["aux_loss"]))
-    criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
+    criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"], giou_eps=1e-6)
     return DetectionModule(
         model, criterion, TopKPostProcess(100), lr=args["lr"], lr_backbone=args["lr_backbone"],
         lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=1.0,

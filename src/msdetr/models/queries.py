@@ -47,6 +47,10 @@ class TrainingQueries(nn.Module):
 
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         """Creates the block's learned query rows (if the selection learns any)."""
+        if not selection.serves_selection_blocks:
+            raise ValueError(f"training_queries.{name} ({type(self).__name__}) takes its queries from the query "
+                             f"selection, and {type(selection).__name__} has no anchors for them; use a two-stage "
+                             "model (e.g. model=deformable_detr_pp).")
         dim = selection.embedding_dim
         self.embed = nn.Embedding(sum(self.sizes(selection.num_queries)), dim) if dim else None
 
@@ -128,7 +132,8 @@ class QuerySelection(nn.Module):
     `gives_positions` (False: `Queries.pos` is None, the decoder computes the positions from the
     boxes), `content_embed` (the attribute holding its learned content rows, if any),
     `official_prefixes` (its parameters the official code keeps elsewhere than the common naming
-    table says: {prefix under `queries.`: official prefix}).
+    table says: {prefix under `queries.`: official prefix}), `serves_selection_blocks` (whether
+    training blocks that take their queries from the selection can bind to it).
     """
 
     uses_encoder_heads: ClassVar[bool] = False
@@ -137,6 +142,7 @@ class QuerySelection(nn.Module):
     gives_positions: ClassVar[bool] = True
     content_embed: ClassVar[str] = "query_embed"
     official_prefixes: ClassVar[dict[str, str]] = {}
+    serves_selection_blocks: ClassVar[bool] = True
 
     num_queries: int
     d_model: int
@@ -395,6 +401,7 @@ class AnchorQueries(QuerySelection):
 
     gives_positions = False
     content_embed = "tgt_embed"
+    serves_selection_blocks = False  # anchors for the one-to-one queries only
     # This project's names under `queries.` -> the official ones (DN-DETR keeps them on the detector).
     official_prefixes = {"tgt_embed.": "tgt_embed.", "refpoint_embed.": "refpoint_embed."}
 
@@ -412,9 +419,6 @@ class AnchorQueries(QuerySelection):
 
     def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
                 heads=None) -> Queries:
-        if extra:
-            raise ValueError(f"AnchorQueries has no anchors for the {type(extra[0]).__name__} block; its training "
-                             "blocks must build their queries from the targets (denoising).")
         bs = memory.shape[0]
         tgt = self.tgt_embed.weight
         if self.indicator:
