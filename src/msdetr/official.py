@@ -20,9 +20,9 @@ import torch
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
 from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from .models import (AnchorQueries, Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder, DeformableDETR,
-                     DeformableEncoder, DenoisingQueries, DINOQueries, EncoderLayer, LearnedQueries, NMSTwoStageQueries,
-                     PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
+from .models import (AnchorQueries, Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder,
+                     DeformableDETR, DeformableEncoder, DenoisingQueries, DINOQueries, EncoderLayer, LearnedQueries,
+                     NMSTwoStageQueries, PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
 from .models.swin import is_swin_buffer
 from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
                      to_official, to_official_name)
@@ -372,10 +372,11 @@ def build_dn_detr_model(args: Mapping[str, Any], num_classes: int = 91,
 def build_dn_detr_from_args(args: Mapping[str, Any], num_classes: int = 91,
                             pretrained_backbone: bool | str = False) -> DetectionModule:
     """DN-Deformable-DETR's DetectionModule: its detector; Hungarian matching and losses on every
-    layer (its GIoU with 1e-6 in both denominators), and with --use_dn the denoising branch with the same weights (its tgt_loss_* take the
-    *_loss_coef values), padding queries without loss; its PostProcess keeps the top 100 (query,
-    class) pairs (--num_select is not read); AdamW with two groups: the backbone at lr_backbone,
-    everything else at lr (no linear-projection group); StepLR(lr_drop)."""
+    layer (its GIoU with 1e-6 in both denominators), and with --use_dn the denoising branch with the
+    same weights (its tgt_loss_* take the *_loss_coef values), padding queries without loss; its
+    PostProcess keeps the top 100 (query, class) pairs (--num_select is not read); AdamW with two
+    groups: the backbone at lr_backbone, everything else at lr (no linear-projection group);
+    StepLR(lr_drop)."""
     model = build_dn_detr_model(args, num_classes, pretrained_backbone)
     # DN-DETR's GIoU (its util/box_ops, in the matching costs and the losses) adds 1e-6 to the union
     # and to the enclosing area, as DINO's.
