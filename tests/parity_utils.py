@@ -96,3 +96,40 @@ def feed_fixture_denoising(block, fx: dict) -> None:
 
     block.noised_labels = labels
     block.noised_boxes = boxes
+
+
+def feed_dn_detr_denoising(block, fx: dict) -> None:
+    """Make a denoising block draw the very noise of a DN-DETR fixture (`fx['dn']`): its two random
+    draws are replaced, on this instance only, by DN-DETR's noised labels and boxes, image after
+    image. DN-DETR lays them out group by group, each group all images' GTs in batch order (its
+    `labels.repeat(scalar, 1)` over the concatenated targets); the block wants copy c of GT j of
+    one image at row c * n + j."""
+    dn = fx["dn"]
+    counts = [len(t["labels"]) for t in fx["targets"]]
+    total, groups = sum(counts), dn["scalar"]
+    image = iter(range(len(counts)))
+    current = {}
+
+    def rows(b: int) -> torch.Tensor:
+        start = sum(counts[:b])
+        return (torch.arange(groups)[:, None] * total + start + torch.arange(counts[b])[None]).reshape(-1)
+
+    def labels(given: torch.Tensor) -> torch.Tensor:
+        b = current["b"] = next(image)
+        assert given.numel() == groups * counts[b], "the block made another number of denoising groups than DN-DETR"
+        return dn["labels"][rows(b)].to(given.device)
+
+    def boxes(given: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        return dn["boxes"][rows(current["b"])].to(given)
+
+    block.noised_labels = labels
+    block.noised_boxes = boxes
+
+
+def dn_detr_loss_name(official: str) -> str:
+    """This criterion's name of a DN-DETR loss: its denoising `tgt_loss_ce[_i]` is `loss_ce[_i]_dn`;
+    the matching losses keep their names."""
+    if not official.startswith("tgt_"):
+        return official
+    name, _, layer = official[4:].rpartition("_")
+    return f"{name}_{layer}_dn" if layer.isdigit() else f"{official[4:]}_dn"

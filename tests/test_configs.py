@@ -51,6 +51,7 @@ def test_experiment_config_reproduces_fixture_losses(experiment, fixture):
     ("ms_detr_pp_900", "ms_detr_pp_900", "ms_detr_300"),
     ("deta_12ep", "deta_r50", "deformable_detr_two_stage_refine_50ep"),
     ("dino_4scale_12ep", "dino_4scale_r50", "deformable_detr_pp_12ep"),
+    ("dn_deformable_detr_50ep", "dn_deformable_detr_r50", "deformable_detr_two_stage_refine_50ep"),
 ])
 def test_official_checkpoint_evaluates_through_evaluate_py(tmp_path, experiment, manifest_name, other):
     manifest = json.loads((FIXTURES / "manifests" / f"{manifest_name}.json").read_text())

@@ -71,6 +71,9 @@ CASES = {
              lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
                       Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True),
                       Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False)]),
+    "dn_detr": (dict(dab=True, denoising="dn"),
+                lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
+                         Branch("dn_outputs", DenoisingAssigner(padding="ignore"), suffix="_dn")]),
     "deta": (dict(two_stage=True, box_refine=True, pix_trans=True, num_feature_levels=5,
                   nms_selection=True), deta_branches),
 }

@@ -118,14 +118,18 @@ def _compose(*overrides):
 @pytest.mark.parametrize("matcher", ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr",
                                      "ms_detr_deta", "ms_detr_iou", "dn_detr", "dino", "ms_detr_dn", "ms_detr_dino",
                                      "ms_detr_group_detr"])
-@pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta", "dino"])
+@pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta", "dino",
+                                   "dab_deformable_detr"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     cfg = _compose(f"model={model}", f"matcher={matcher}", "model.detector.backbone.pretrained=false",
                    "model.detector.backbone.name=resnet18", "model.num_queries=6",
                    "model.hidden_dim=32", "model.nheads=2", "model.detector.encoder.num_layers=1",
                    "model.detector.decoder.num_layers=2", "model.dim_feedforward=32",
                    *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
-    one_stage = cfg.model.detector.queries._target_.endswith("LearnedQueries")
+    selection = cfg.model.detector.queries._target_
+    # DN-DETR's learned anchors: one-stage (no encoder stream), but with box references to denoise from.
+    anchors = selection.endswith("AnchorQueries")
+    one_stage = selection.endswith("LearnedQueries") or anchors
     needs_two_stage = matcher in ("deta", "ms_detr_deta", "ms_detr_iou")
     # DINOQueries always learn their content (no mixed_selection switch).
     if "group_detr" in matcher and not one_stage and not cfg.model.detector.queries.get("mixed_selection", True):
@@ -133,7 +137,12 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
         with pytest.raises(Exception, match="mixed_selection=true"):
             instantiate(cfg.model.detector)
         return
-    if matcher in ("dn_detr", "dino", "ms_detr_dn", "ms_detr_dino") and one_stage:
+    if ("h_detr" in matcher or "group_detr" in matcher) and anchors:
+        # DN-DETR's learned anchors exist for the one-to-one queries only.
+        with pytest.raises(Exception, match="has no anchors for them"):
+            instantiate(cfg.model.detector)
+        return
+    if matcher in ("dn_detr", "dino", "ms_detr_dn", "ms_detr_dino") and one_stage and not anchors:
         with pytest.raises(Exception, match="needs box references: use a two-stage model"):
             instantiate(cfg.model.detector)
         return

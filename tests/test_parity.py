@@ -2,7 +2,8 @@
 import pytest
 import torch
 from conftest import load_fixture
-from parity_utils import feed_fixture_denoising, fixture_batch, fixture_state_dict, flatten_outputs, rel_err
+from parity_utils import (dn_detr_loss_name, feed_dn_detr_denoising, feed_fixture_denoising, fixture_batch,
+                          fixture_state_dict, flatten_outputs, rel_err)
 
 from msdetr.official import from_official, official_names
 
@@ -229,6 +230,80 @@ def test_dino_detections(dino_run):
     assert "enc_outputs" in eval_out and "dn_outputs" not in eval_out
     for det, ref in zip(detections, fx["detections"]):
         assert len(det["labels"]) == 300
+        assert torch.equal(det["labels"], ref["labels"])
+        assert rel_err(det["scores"], ref["scores"]) < TOL_OUT
+        assert rel_err(det["boxes"], ref["boxes"]) < TOL_OUT
+
+
+# DN-Deformable-DETR (IDEA-Research/DN-DETR @ ff3902a, `main.py -m dn_dab_deformable_detr --use_dn`):
+# DN-DETR's own code run on CPU (its PyTorch attention fallback, no .cuda(), ResNet-18 in the ResNet-50
+# code path), 2 encoder / 3 decoder layers, FFN 256, 30 queries, dropout 0, two images with 3 and 2 GTs,
+# 5 denoising groups; tests/fixtures/generators/dn_deformable_detr.py made it and says how. The block
+# draws DN-DETR's own noise (`feed_dn_detr_denoising`). DN-DETR's `mask_dict['output_known_lbs_bboxes']`
+# is this model's `dn_outputs`, its `tgt_loss_*[_i]` this criterion's `loss_*[_i]_dn`.
+@pytest.fixture(scope="module")
+def dn_detr_run():
+    fx = load_fixture("dn_deformable_detr.pt")
+    module = from_official(fixture_state_dict(fx), fx["flags"])
+    feed_dn_detr_denoising(module.model.training_queries["dn"], fx)
+    return run_fixture(fx, module, fx["targets"])
+
+
+def test_dn_detr_outputs(dn_detr_run):
+    fx, _, outputs, *_ = dn_detr_run
+    for stream, expected in (("main", fx["outputs"]), ("dn_outputs", fx["dn_outputs"])):
+        ours = outputs if stream == "main" else outputs[stream]
+        actual = flatten_outputs({k: ours[k] for k in ("pred_logits", "pred_boxes", "aux_outputs")})
+        flat = flatten_outputs(expected)
+        assert set(flat) == set(actual)
+        for name, value in flat.items():
+            assert rel_err(actual[name], value) < TOL_OUT, f"{stream}.{name}"
+
+
+def test_dn_detr_denoising_queries_and_mask(dn_detr_run):
+    fx, module, outputs, *_ = dn_detr_run
+    dn, q = fx["dn"], module.model.num_queries
+    block = module.model.training_queries["dn"]
+    sizes = block.sizes(q, fx["targets"])
+    assert sizes == [dn["single_pad"]] * dn["scalar"] and sum(sizes) == dn["pad_size"]
+    # DN-DETR hands the decoder its noised boxes as logits clamped at 1e-3, and puts them first.
+    expected = torch.sigmoid(dn["input_query_bbox"][:, :dn["pad_size"]])
+    torch.testing.assert_close(outputs["dn_outputs"]["init_reference"], expected)
+    torch.testing.assert_close(outputs["init_reference"], torch.sigmoid(dn["input_query_bbox"][:, dn["pad_size"]:]))
+    mask = module.model.self_attn_mask([block], [[q], sizes], "cpu")
+    order = torch.cat([torch.arange(q, mask.shape[0]), torch.arange(q)])
+    assert torch.equal(mask[order][:, order], dn["attn_mask"])
+
+
+def test_dn_detr_losses_and_weights(dn_detr_run):
+    """Every weighted loss by DN-DETR's name; DN-DETR's weight_dict also names `*_enc` terms that a
+    single-stage model never makes, and it logs class and cardinality errors (never weighted)."""
+    fx, module, _, losses, total, *_ = dn_detr_run
+    weighted = {k: w for k, w in fx["weight_dict"].items() if not k.endswith("_enc")}
+    assert {dn_detr_loss_name(k): w for k, w in weighted.items()} == module.criterion.weight_dict
+    for name in weighted:
+        assert rel_err(losses[dn_detr_loss_name(name)], fx["losses"][name]) < TOL_OUT, name
+    assert rel_err(total, fx["total_loss"]) < TOL_OUT
+
+
+def test_dn_detr_gradient_norms(dn_detr_run):
+    fx, module, *_ = dn_detr_run
+    names = official_names(module)
+    grads = {names[n]: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert set(grads) == set(fx["grad_norms"])
+    for name, (norm, _) in fx["grad_norms"].items():
+        assert abs(grads[name].double().norm() - norm) <= TOL_GRAD * abs(norm), name
+    for name, expected in fx["grads"].items():
+        assert rel_err(grads[name], expected) < TOL_GRAD, name
+
+
+def test_dn_detr_detections(dn_detr_run):
+    fx, _, _, _, _, eval_out, detections = dn_detr_run
+    for name in ("pred_logits", "pred_boxes"):
+        assert rel_err(eval_out[name], fx["eval_outputs"][name]) < TOL_OUT, name
+    assert "dn_outputs" not in eval_out
+    for det, ref in zip(detections, fx["detections"]):
+        assert len(det["labels"]) == 100  # DN-DETR's PostProcess: the top 100
         assert torch.equal(det["labels"], ref["labels"])
         assert rel_err(det["scores"], ref["scores"]) < TOL_OUT
         assert rel_err(det["boxes"], ref["boxes"]) < TOL_OUT

@@ -126,6 +126,7 @@ class DecoderConfig:
     num_layers: int = spec(at_least(1))
     look_forward_twice: bool = spec()
     box_query_pos: bool = spec()
+    query_scale: bool = spec()
     norm: bool = spec()
     logit_eps: float = spec(Rule("in (0, 0.5)", lambda v: 0 < v < 0.5))
     layer: DecoderLayerConfig = field(default_factory=DecoderLayerConfig)
@@ -138,6 +139,7 @@ class QueriesConfig:
     pix_trans: bool = spec()
     pre_nms_per_level: int = spec(at_least(1))
     iou_threshold: float = spec(in_range(0, 1))
+    indicator: bool = spec()
 
 
 @dataclass

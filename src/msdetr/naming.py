@@ -40,6 +40,11 @@ _MOVED = (  # first match wins: the level embedding before the rest of the encod
     ("transformer.decoder.ref_point_head.", "decoder.ref_point_head."),
     ("transformer.decoder.norm.", "decoder.norm."),
     ("label_enc.", "training_queries.dn.label_embed."),
+    # DN-Deformable-DETR: the anchor selection's content and boxes (on the detector there; back to
+    # the official names through `QuerySelection.official_prefixes`) and the decoder's DAB scale.
+    ("tgt_embed.", "queries.tgt_embed."),
+    ("refpoint_embed.", "queries.refpoint_embed."),
+    ("transformer.decoder.query_scale.", "decoder.query_scale."),
 )
 
 
@@ -51,8 +56,14 @@ def _move(name: str, to_official: bool) -> str:
     return name
 
 
-def to_official_name(name: str) -> str:
-    name = _move(name.removeprefix("model."), to_official=True)
+def to_official_name(name: str, selection=None) -> str:
+    """The official name of one of this project's parameter names; `selection`: the model's query
+    selection, whose `official_prefixes` go before the common table."""
+    name = name.removeprefix("model.")
+    for ours, official in getattr(selection, "official_prefixes", {}).items():
+        if name.startswith("queries." + ours):
+            return official + name[len("queries." + ours):]
+    name = _move(name, to_official=True)
     if name.startswith("backbone.body."):
         name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body."):])
     return _FFN.sub(r"\1", name)
@@ -109,7 +120,7 @@ def official_names(module) -> dict[str, str]:
     prefix = "" if isinstance(module, DeformableDETR) else "model."
     out = {}
     for name, _ in model.named_parameters():
-        official = to_official_name(name)
+        official = to_official_name(name, model.queries)
         # named_parameters() names a shared tensor by its first registration: the transformer's alias.
         for head, alias, after in aliases:
             if official.startswith(head) and not after:
@@ -123,7 +134,7 @@ def to_official(module) -> dict[str, torch.Tensor]:
     model = _unwrap(module)
     sd = {}
     for name, tensor in model.state_dict().items():
-        sd[to_official_name(name)] = tensor
+        sd[to_official_name(name, model.queries)] = tensor
     for head, alias, _ in head_aliases(model):
         count = _alias_indices(model, alias)
         for name in [k for k in sd if k.startswith(head)]:

@@ -1,7 +1,9 @@
-"""Conversion between official checkpoints (Deformable-DETR, MS-DETR, DETA, DINO) and DetectionModule.
+"""Conversion between official checkpoints (Deformable-DETR, MS-DETR, DETA, DINO, DN-Deformable-DETR)
+and DetectionModule.
 
 `from_official` builds the module the official flags describe (DINO: its `key=value` config
-overrides of config/DINO/DINO_4scale.py) and loads the official state dict;
+overrides of config/DINO/DINO_4scale.py; DN-DETR: its main.py flags with `-m dn_dab_deformable_detr`)
+and loads the official state dict;
 `to_official` writes it back under the official names (every alias the official model registers);
 `official_names` maps this project's parameter names to the names official code gives them.
 """
@@ -18,9 +20,9 @@ import torch
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
 from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from .models import (Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder, DeformableDETR,
-                     DeformableEncoder, DINOQueries, EncoderLayer, LearnedQueries, NMSTwoStageQueries,
-                     PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
+from .models import (AnchorQueries, Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder,
+                     DeformableDETR, DeformableEncoder, DenoisingQueries, DINOQueries, EncoderLayer, LearnedQueries,
+                     NMSTwoStageQueries, PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
 from .models.swin import is_swin_buffer
 from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
                      to_official, to_official_name)
@@ -87,6 +89,39 @@ _DINO_FIXED = ("param_dict_type", "ddetr_lr_param", "onecyclelr", "multi_step_lr
                "random_refpoints_xy", "fix_refpoints_hw")
 
 
+# DN-DETR (IDEA-Research/DN-DETR): the main.py defaults this project reads, for its
+# `-m dn_dab_deformable_detr` model (DN-Deformable-DETR, models/dn_dab_deformable_detr).
+DN_DETR_MODEL = "dn_dab_deformable_detr"
+DN_DETR_DEFAULTS: dict[str, Any] = {
+    "modelname": DN_DETR_MODEL, "use_dn": False, "scalar": 5, "label_noise_scale": 0.2, "box_noise_scale": 0.4,
+    "contrastive": False, "use_mqs": False, "use_lft": False, "lr": 1e-4, "lr_backbone": 1e-5, "batch_size": 2,
+    "weight_decay": 1e-4, "epochs": 50, "lr_drop": 40, "clip_max_norm": 0.1, "backbone": "resnet50",
+    "dilation": False, "position_embedding": "sine", "pe_temperatureH": 20, "pe_temperatureW": 20,
+    "batch_norm_type": "FrozenBatchNorm2d", "return_interm_layers": False, "enc_layers": 6, "dec_layers": 6,
+    "dim_feedforward": 2048, "hidden_dim": 256, "dropout": 0.0, "nheads": 8, "num_queries": 300,
+    "num_results": 300, "pre_norm": False, "num_select": 300, "transformer_activation": "prelu", "num_patterns": 0,
+    "random_refpoints_xy": False, "two_stage": False, "num_feature_levels": 4, "dec_n_points": 4,
+    "enc_n_points": 4, "masks": False, "aux_loss": True, "set_cost_class": 2.0, "set_cost_bbox": 5.0,
+    "set_cost_giou": 2.0, "cls_loss_coef": 1.0, "bbox_loss_coef": 5.0, "giou_loss_coef": 2.0, "focal_alpha": 0.25,
+    "lr_backbone_names": ["backbone.0"], "lr_linear_proj_names": ["reference_points", "sampling_offsets"],
+}
+# DN-DETR flags whose other values build another model than the released one, or none (two_stage and
+# num_patterns are not implemented there); they are refused by name.
+_DN_DETR_FIXED = ("position_embedding", "batch_norm_type", "num_patterns", "random_refpoints_xy", "two_stage",
+                  "masks", "contrastive", "use_mqs", "use_lft", "pre_norm")
+
+
+def is_dn_detr(flags) -> bool:
+    """Whether official flags are DN-DETR's DN-Deformable-DETR: `-m` / `--modelname
+    dn_dab_deformable_detr`, or an args dict / Namespace with that modelname."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    if isinstance(flags, Mapping):
+        return flags.get("modelname") == DN_DETR_MODEL
+    tokens = list(flags)
+    return any(tok in ("-m", "--modelname") and nxt == DN_DETR_MODEL for tok, nxt in zip(tokens, tokens[1:]))
+
+
 def is_dino(flags) -> bool:
     """Whether official flags are DINO's: `key=value` overrides, or an args dict / Namespace of
     DINO's config (its `modelname` or `two_stage_type`)."""
@@ -121,11 +156,13 @@ def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -
     DINO's flags (see `is_dino`) are read over DINO's defaults."""
     if is_dino(flags):
         return parse_dino_flags(flags)
+    defaults = DN_DETR_DEFAULTS if is_dn_detr(flags) else OFFICIAL_DEFAULTS
     if isinstance(flags, argparse.Namespace):
         flags = vars(flags)
     if isinstance(flags, Mapping):
-        return {**OFFICIAL_DEFAULTS, **flags}
-    args, tokens = dict(OFFICIAL_DEFAULTS), list(flags)
+        return {**defaults, **flags}
+    # DN-DETR's main.py names its model with the short flag -m.
+    args, tokens = dict(defaults), ["--modelname" if tok == "-m" else tok for tok in flags]
     i = 0
     while i < len(tokens):
         tok = tokens[i]
@@ -184,11 +221,27 @@ def _infer_backbone(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return depth.get((bottleneck, max(blocks) + 1))
 
 
+def _resnet(args: Mapping[str, Any], pretrained_backbone: bool | str) -> Backbone:
+    """The official frozen-BN ResNet of the flags (intermediate maps when there are several levels)."""
+    return Backbone(name=args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
+                    return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
+
+
+def _encoder(args: Mapping[str, Any]) -> tuple[dict[str, Any], DeformableEncoder]:
+    """(the layer sizes the encoder and decoder layers share, the deformable encoder) of the flags."""
+    width = dict(d_model=args["hidden_dim"], n_heads=args["nheads"], n_levels=args["num_feature_levels"],
+                 d_ffn=args["dim_feedforward"], dropout=args["dropout"])
+    return width, DeformableEncoder(layer=EncoderLayer(**width, n_points=args["enc_n_points"]),
+                                    num_layers=args["enc_layers"])
+
+
 def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
                 pretrained_backbone: bool | str = False) -> DeformableDETR:
     """The detector the official flags (and, for MS-DETR impl_a, the checkpoint keys) describe."""
     if args.get("modelname") == "dino":
         return build_dino_model(args, num_classes, pretrained_backbone)
+    if args.get("modelname") == DN_DETR_MODEL:
+        return build_dn_detr_model(args, num_classes, pretrained_backbone)
     if args.get("position_embedding", "sine") != "sine":
         raise NotImplementedError("only the sine position embedding of the official code is supported.")
     if args.get("masks"):
@@ -199,12 +252,8 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
         backbone = SwinBackbone(name="swin_large_patch4_window12_384", pretrained=pretrained_backbone,
                                 train_backbone=args["lr_backbone"] > 0, drop_path_rate=0.3, checkpointing=True)
     else:
-        backbone = Backbone(name=args["backbone"], pretrained=pretrained_backbone, train_backbone=args["lr_backbone"] > 0,
-                            return_interm_layers=args["num_feature_levels"] > 1, dilation=args["dilation"])
-    width = dict(d_model=args["hidden_dim"], n_heads=args["nheads"], n_levels=args["num_feature_levels"],
-                 d_ffn=args["dim_feedforward"], dropout=args["dropout"])
-    encoder = DeformableEncoder(layer=EncoderLayer(**width, n_points=args["enc_n_points"]),
-                                num_layers=args["enc_layers"])
+        backbone = _resnet(args, pretrained_backbone)
+    width, encoder = _encoder(args)
     # MS-DETR root code = Figure 4 (c): cross-attention first, o2m tapped after it; impl_a = (a).
     decoder_layer = DecoderLayer(**width, n_points=args["dec_n_points"], cross_attn_first=ms_detr and not impl_a,
                                  o2m_tap=("output" if impl_a else "cross_attn") if ms_detr else None,
@@ -295,11 +344,65 @@ def build_dino_from_args(args: Mapping[str, Any], num_classes: int = 91,
     )
 
 
+def build_dn_detr_model(args: Mapping[str, Any], num_classes: int = 91,
+                        pretrained_backbone: bool | str = False) -> DeformableDETR:
+    """DN-Deformable-DETR (DN-DETR's `-m dn_dab_deformable_detr`, DAB-Deformable-DETR) from this
+    project's parts: learned anchor boxes and content with the indicator feature (AnchorQueries),
+    every decoder layer's positions from its boxes scaled by DAB's query_scale, box refinement with a
+    head per layer, DN-DETR's inverse_sigmoid clamp 1e-3, and, with --use_dn, the denoising block."""
+    for key in _DN_DETR_FIXED:
+        if args.get(key) != DN_DETR_DEFAULTS[key]:
+            raise NotImplementedError(f"DN-DETR's --{key} {args.get(key)!r} is not supported: this project builds "
+                                      f"DN-Deformable-DETR as released ({key}={DN_DETR_DEFAULTS[key]!r}).")
+    backbone = _resnet(args, pretrained_backbone)
+    width, encoder = _encoder(args)
+    # Its transformer builds ReLU layers whatever --transformer_activation says.
+    decoder = DeformableDecoder(layer=DecoderLayer(**width, n_points=args["dec_n_points"]),
+                                num_layers=args["dec_layers"], box_query_pos=True, query_scale=True, logit_eps=1e-3)
+    queries = AnchorQueries(num_queries=args["num_queries"], d_model=args["hidden_dim"], indicator=True)
+    blocks = {"dn": DenoisingQueries(groups=args["scalar"], label_noise=args["label_noise_scale"],
+                                     box_noise=args["box_noise_scale"], label_book=num_classes, logit_eps=1e-3,
+                                     indicator=True)} if args["use_dn"] else {}
+    # Its backbone's position encoding is position_encoding.py's PositionEmbeddingSine(normalize=True):
+    # temperature 10000 and pixel centres, as Deformable-DETR's (--pe_temperatureH/W are never read).
+    return DeformableDETR(backbone=backbone, encoder=encoder, decoder=decoder, queries=queries,
+                          num_classes=num_classes, box_refine=True, training_queries=blocks)
+
+
+def build_dn_detr_from_args(args: Mapping[str, Any], num_classes: int = 91,
+                            pretrained_backbone: bool | str = False) -> DetectionModule:
+    """DN-Deformable-DETR's DetectionModule: its detector; Hungarian matching and losses on every
+    layer (its GIoU with 1e-6 in both denominators), and with --use_dn the denoising branch with the
+    same weights (its tgt_loss_* take the *_loss_coef values), padding queries without loss; its
+    PostProcess keeps the top 100 (query, class) pairs (--num_select is not read); AdamW with two
+    groups: the backbone at lr_backbone, everything else at lr (no linear-projection group);
+    StepLR(lr_drop)."""
+    model = build_dn_detr_model(args, num_classes, pretrained_backbone)
+    # DN-DETR's GIoU (its util/box_ops, in the matching costs and the losses) adds 1e-6 to the union
+    # and to the enclosing area, as DINO's.
+    matcher = HungarianMatcher(args["set_cost_class"], args["set_cost_bbox"], args["set_cost_giou"],
+                               focal_alpha=args["focal_alpha"], giou_eps=1e-6)
+    weights = {"ce": args["cls_loss_coef"], "bbox": args["bbox_loss_coef"], "giou": args["giou_loss_coef"]}
+    branches = [Branch("main", matcher, weights, aux=args["aux_loss"])]
+    if args["use_dn"]:
+        branches.append(Branch("dn_outputs", DenoisingAssigner(contrastive=False, padding="ignore"), dict(weights),
+                               suffix="_dn", aux=args["aux_loss"]))
+    criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"], giou_eps=1e-6)
+    return DetectionModule(
+        model, criterion, TopKPostProcess(100), lr=args["lr"], lr_backbone=args["lr_backbone"],
+        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=1.0,
+        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
+        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
+    )
+
+
 def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
                     pretrained_backbone: bool | str = False) -> DetectionModule:
     """The DetectionModule (detector, criterion, post-processing, optimiser settings) of the flags."""
     if args.get("modelname") == "dino":
         return build_dino_from_args(args, num_classes, pretrained_backbone)
+    if args.get("modelname") == DN_DETR_MODEL:
+        return build_dn_detr_from_args(args, num_classes, pretrained_backbone)
     for flag, what in _UNSUPPORTED.items():
         if args.get(flag):
             raise NotImplementedError(f"the official flag --{flag} ({what}) is not supported by this release yet.")
@@ -382,12 +485,12 @@ def load_official_state_dict(module: DetectionModule, official: Mapping[str, tor
     if missing or unexpected or wrong:
         detail = []
         if missing:
-            detail.append(f"{len(missing)} missing (e.g. {to_official_name(missing[0])})")
+            detail.append(f"{len(missing)} missing (e.g. {to_official_name(missing[0], model.queries)})")
         if unexpected:
-            detail.append(f"{len(unexpected)} unexpected (e.g. {to_official_name(unexpected[0])})")
+            detail.append(f"{len(unexpected)} unexpected (e.g. {to_official_name(unexpected[0], model.queries)})")
         if wrong:
             k = wrong[0]
-            detail.append(f"{len(wrong)} of another shape (e.g. {to_official_name(k)}: checkpoint "
+            detail.append(f"{len(wrong)} of another shape (e.g. {to_official_name(k, model.queries)}: checkpoint "
                           f"{tuple(mine[k].shape)} vs model {tuple(expected[k].shape)})")
         raise ValueError(
             "the official checkpoint does not fit the configured architecture: " + "; ".join(detail)

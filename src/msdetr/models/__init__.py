@@ -6,12 +6,12 @@ from .detector import DeformableDETR
 from .encoder import DeformableEncoder, EncoderLayer, Levels
 from .outputs import DetectorOutput, EncoderStream, LayerStream, Prediction
 from .position_encoding import PositionEmbeddingSine
-from .queries import (ContrastiveDenoisingQueries, DenoisingQueries, DINOQueries, HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
+from .queries import (AnchorQueries, ContrastiveDenoisingQueries, DenoisingQueries, DINOQueries, HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
                       TrainingQueries, TwoStageQueries)
 from .swin import SwinBackbone
 
 __all__ = [
-    "Backbone", "ContrastiveDenoisingQueries", "DecoderLayer", "DeformableDETR", "DeformableDecoder", "DeformableEncoder", "DenoisingQueries", "DINOQueries", "DetectorOutput",
+    "AnchorQueries", "Backbone", "ContrastiveDenoisingQueries", "DecoderLayer", "DeformableDETR", "DeformableDecoder", "DeformableEncoder", "DenoisingQueries", "DINOQueries", "DetectorOutput",
     "EncoderLayer", "EncoderStream", "HybridQueries", "LayerStream", "LearnedQueries", "Levels", "MLP",
     "NMSTwoStageQueries", "PositionEmbeddingSine", "Prediction", "Queries", "QueryGroups", "QuerySelection", "SwinBackbone",
     "TrainingQueries", "TwoStageQueries",

@@ -121,6 +121,9 @@ class DeformableDecoder(nn.Module):
         box_query_pos: every layer computes its queries' positions from its current reference
             boxes (DINO): a sine embedding of the box (times the first level's valid ratios) through
             an MLP(2C, C, C) (`ref_point_head`); the query selection then gives no positions.
+        query_scale: with box_query_pos, the positions of every layer after the first are scaled
+            element-wise by an MLP(C, C, C) of the layer's input states (`query_scale`; DAB-DETR,
+            DN-Deformable-DETR; DINO drops it).
         norm: a LayerNorm (`norm`) on every layer's output states before the heads read them; the
             next layer and the box refinement take the states before it (DINO).
         logit_eps: the clamp of the inverse sigmoid that takes reference boxes back to logits when
@@ -128,12 +131,16 @@ class DeformableDecoder(nn.Module):
     """
 
     def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False,
-                 box_query_pos: bool = False, norm: bool = False, logit_eps: float = 1e-5):
+                 box_query_pos: bool = False, query_scale: bool = False, norm: bool = False,
+                 logit_eps: float = 1e-5):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
         if not 0 < logit_eps < 0.5:
             raise ValueError(f"the decoder's logit_eps must be in (0, 0.5), got {logit_eps}.")
+        if query_scale and not box_query_pos:
+            raise ValueError("query_scale scales the positions the decoder computes from the boxes; set "
+                             "box_query_pos=true as well.")
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
@@ -147,14 +154,18 @@ class DeformableDecoder(nn.Module):
             self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
             for linear in self.ref_point_head.layers:  # Xavier, as DINO initialises its transformer
                 nn.init.xavier_uniform_(linear.weight)
+        if query_scale:
+            self.query_scale = MLP(self.d_model, self.d_model, self.d_model, 2)
+            for linear in self.query_scale.layers:  # Xavier, as DN-DETR initialises its transformer
+                nn.init.xavier_uniform_(linear.weight)
         if norm:
             self.norm = nn.LayerNorm(self.d_model)
 
     def query_positions(self, ref_input: torch.Tensor) -> torch.Tensor:
-        """DINO's positions of the queries from their references scaled into level 0's frame (B, T, 4)."""
+        """DINO's (and DAB's, before `query_scale`) positions of the queries from their references scaled into level 0's frame (B, T, 4)."""
         if ref_input.shape[-1] != 4:
             raise ValueError("box_query_pos embeds reference boxes; the query selection must give (B, T, 4) "
-                             "references (a two-stage selection).")
+                             "references (a two-stage selection or AnchorQueries).")
         return self.ref_point_head(reference_sine_embedding(ref_input, self.d_model // 2))
 
     def forward(self, tgt, reference_points, memory, levels: Levels, query_pos,
@@ -163,6 +174,7 @@ class DeformableDecoder(nn.Module):
         valid_ratios = levels.valid_ratios
         ref_for_head = reference_points  # what layer l's box head is added to
         norm = getattr(self, "norm", None)
+        query_scale = getattr(self, "query_scale", None)
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
@@ -170,6 +182,8 @@ class DeformableDecoder(nn.Module):
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             if self.box_query_pos:
                 query_pos = self.query_positions(ref_input[:, :, 0])
+                if query_scale is not None and lid > 0:  # DAB: scaled by the layer's input states
+                    query_pos = query_scale(tgt) * query_pos
             tgt, tgt_o2m = layer(tgt, query_pos, ref_input, memory, levels, self_attn_mask)
             out.hidden.append(tgt if norm is None else norm(tgt))
             out.hidden_o2m.append(tgt_o2m if norm is None or tgt_o2m is None else norm(tgt_o2m))

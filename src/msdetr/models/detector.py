@@ -79,7 +79,7 @@ class DeformableDETR(nn.Module):
             raise ValueError(
                 f"{type(queries).__name__} {'gives' if queries.gives_positions else 'leaves'} the query positions, and "
                 f"the decoder {'also computes' if decoder.box_query_pos else 'does not compute'} them from the boxes: "
-                "use decoder.box_query_pos=true exactly with DINOQueries.")
+                "use decoder.box_query_pos=true exactly with DINOQueries or AnchorQueries.")
         if getattr(queries, "num_classes", num_classes) != num_classes:
             raise ValueError(f"the query selection scores {queries.num_classes} classes, the detector {num_classes}; "
                              "set both from data.num_classes.")

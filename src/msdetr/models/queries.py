@@ -47,6 +47,10 @@ class TrainingQueries(nn.Module):
 
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         """Creates the block's learned query rows (if the selection learns any)."""
+        if not selection.serves_selection_blocks:
+            raise ValueError(f"training_queries.{name} ({type(self).__name__}) takes its queries from the query "
+                             f"selection, and {type(selection).__name__} has no anchors for them; use a two-stage "
+                             "model (e.g. model=deformable_detr_pp).")
         dim = selection.embedding_dim
         self.embed = nn.Embedding(sum(self.sizes(selection.num_queries)), dim) if dim else None
 
@@ -126,7 +130,10 @@ class QuerySelection(nn.Module):
     to score the encoder tokens), `proposal_references` (its references are box proposals an
     assigner may match against), `streams` (output streams it adds, with their box keys),
     `gives_positions` (False: `Queries.pos` is None, the decoder computes the positions from the
-    boxes), `content_embed` (the attribute holding its learned content rows, if any).
+    boxes), `content_embed` (the attribute holding its learned content rows, if any),
+    `official_prefixes` (its parameters the official code keeps elsewhere than the common naming
+    table says: {prefix under `queries.`: official prefix}), `serves_selection_blocks` (whether
+    training blocks that take their queries from the selection can bind to it).
     """
 
     uses_encoder_heads: ClassVar[bool] = False
@@ -134,6 +141,8 @@ class QuerySelection(nn.Module):
     streams: ClassVar[dict[str, set[str]]] = {}
     gives_positions: ClassVar[bool] = True
     content_embed: ClassVar[str] = "query_embed"
+    official_prefixes: ClassVar[dict[str, str]] = {}
+    serves_selection_blocks: ClassVar[bool] = True
 
     num_queries: int
     d_model: int
@@ -376,6 +385,48 @@ class DINOQueries(QuerySelection):
         return Queries(tgt, None, coords_unact.detach().sigmoid(), {"enc_outputs": enc})
 
 
+class AnchorQueries(QuerySelection):
+    """DAB-Deformable-DETR's single-stage queries (DN-DETR's detector): per query a learned content
+    row (`tgt_embed`) and a learned anchor box (`refpoint_embed`, 4 logits: cx, cy, w, h) whose
+    sigmoid is the decoder's initial reference. No positions: the decoder embeds every layer's boxes
+    (`box_query_pos`, with DAB's `query_scale`).
+
+    Args:
+        num_queries: one-to-one queries.
+        d_model: query width.
+        indicator: DN-DETR's indicator feature: the content rows are d_model - 1 wide and every
+            query gets a constant 0 as its last feature (denoising queries get a 1, see
+            `DenoisingQueries(indicator=)`).
+    """
+
+    gives_positions = False
+    content_embed = "tgt_embed"
+    serves_selection_blocks = False  # anchors for the one-to-one queries only
+    # This project's names under `queries.` -> the official ones (DN-DETR keeps them on the detector).
+    official_prefixes = {"tgt_embed.": "tgt_embed.", "refpoint_embed.": "refpoint_embed."}
+
+    def __init__(self, *, num_queries: int = 300, d_model: int = 256, indicator: bool = False):
+        super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}.")
+        self.num_queries, self.d_model, self.indicator = num_queries, d_model, indicator
+        self.tgt_embed = nn.Embedding(num_queries, d_model - int(indicator))
+        self.refpoint_embed = nn.Embedding(num_queries, 4)
+
+    def positions(self, boxes_unact: torch.Tensor) -> None:
+        """None: the decoder computes every query's position from its box (training blocks ask this)."""
+        return None
+
+    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
+                heads=None) -> Queries:
+        bs = memory.shape[0]
+        tgt = self.tgt_embed.weight
+        if self.indicator:
+            tgt = torch.cat([tgt, tgt.new_zeros(tgt.shape[0], 1)], 1)
+        reference = self.refpoint_embed.weight.sigmoid()
+        return Queries(tgt.unsqueeze(0).expand(bs, -1, -1), None, reference.unsqueeze(0).expand(bs, -1, -1), {})
+
+
 class NMSTwoStageQueries(TwoStageQueries):
     """DETA's two-stage selection: per image, the top tokens of every level, NMS within each level,
     at most num_queries / L per level (best first), filled up with the best leftovers.
@@ -447,8 +498,8 @@ class DenoisingQueries(TrainingQueries):
     A group holds as many queries as the batch's largest GT count (images with fewer GTs pad with
     empty queries). A query's content is its (noised) label's embedding, its reference its noised box,
     its position the query selection's embedding of that box: the selection must make box
-    references (a two-stage model). Noise is drawn on the CPU from the block's own generator, so a
-    run is reproducible and resumes bit for bit.
+    references (a two-stage model, or AnchorQueries). Noise is drawn on the CPU from the block's own
+    generator, so a run is reproducible and resumes bit for bit.
 
     Args:
         groups: noised copies of the GTs (DN-DETR's --scalar, 5).
@@ -456,6 +507,14 @@ class DenoisingQueries(TrainingQueries):
         box_noise: scale of the box noise (DN-DETR: 0.4): the centre moves by up to
             box_noise * (w/2, h/2), the size by up to box_noise * (w, h).
         seed: seed of the noise generator (None: torch's global generator).
+        label_book: the label embedding has label_book + 1 rows (DN-DETR's and DINO's label_enc;
+            rows past the class count are never looked up); None: one row per class.
+        logit_eps: the official code hands its noised boxes to the decoder as logits clamped at this
+            eps (its inverse_sigmoid, 1e-3 in DN-DETR and DINO), so a coordinate within eps of 0 or 1
+            starts at eps or 1 - eps; None: the boxes as they are.
+        indicator: DN-DETR's indicator feature: the label embedding is d_model - 1 wide and every
+            denoising query gets a constant 1 as its last feature (the selection's queries a 0:
+            `AnchorQueries(indicator=true)`); padding queries are all zeros.
     """
 
     stream = "dn_outputs"
@@ -464,14 +523,20 @@ class DenoisingQueries(TrainingQueries):
     parts_per_group: ClassVar[int] = 1  # positives only
 
     def __init__(self, *, groups: int = 5, label_noise: float = 0.2, box_noise: float = 0.4,
-                 seed: int | None = None):
+                 seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None,
+                 indicator: bool = False):
         super().__init__()
         if groups < 1 or not 0 <= label_noise <= 1 or box_noise < 0:
             raise ValueError(f"groups={groups} / label_noise={label_noise} / box_noise={box_noise}: use groups >= 1, "
                              "label_noise in [0, 1] and box_noise >= 0.")
+        if logit_eps is not None and not 0 < logit_eps < 0.5:
+            raise ValueError(f"logit_eps must be in (0, 0.5) or null, got {logit_eps}.")
         self.groups, self.label_noise, self.box_noise = groups, label_noise, box_noise
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.label_book = label_book
+        self.logit_eps = logit_eps
+        self.indicator = indicator
 
     def seed_rank(self, rank: int) -> None:
         """Process `rank` draws its own noise (seed + rank), as the assigners do."""
@@ -481,9 +546,14 @@ class DenoisingQueries(TrainingQueries):
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         if not hasattr(selection, "positions"):
             raise ValueError(f"training_queries.{name} (denoising) starts queries from noised GT boxes, which needs "
-                             "box references: use a two-stage model (e.g. model=deformable_detr_pp).")
+                             "box references: use a two-stage model (e.g. model=deformable_detr_pp) or learned "
+                             "anchor boxes (model=dab_deformable_detr).")
+        if self.label_book is not None and self.label_book < num_classes:
+            raise ValueError(f"training_queries.{name}: label_book={self.label_book} is smaller than the "
+                             f"{num_classes} classes; use at least the class count.")
         self.num_classes = num_classes
-        self.label_embed = nn.Embedding(num_classes, selection.d_model)
+        rows = num_classes if self.label_book is None else self.label_book + 1
+        self.label_embed = nn.Embedding(rows, selection.d_model - int(self.indicator))
 
     def num_groups(self, largest: int) -> int:
         return self.groups
@@ -516,8 +586,8 @@ class DenoisingQueries(TrainingQueries):
         return (boxes + shift * scale * self.box_noise).clamp(0.0, 1.0)
 
     def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
-        """The decoder's reference boxes of the noised boxes (the boxes themselves here)."""
-        return boxes
+        """The decoder's reference boxes of the noised boxes: through the clamped logits of `logit_eps`."""
+        return boxes if self.logit_eps is None else inverse_sigmoid(boxes, self.logit_eps).sigmoid()
 
     def build(self, targets, selection: QuerySelection) -> Queries:
         """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per group
@@ -525,22 +595,25 @@ class DenoisingQueries(TrainingQueries):
         sizes = self.sizes(selection.num_queries, targets)
         copies = len(sizes) * self.parts_per_group  # noised copies of every GT
         largest = sizes[0] // self.parts_per_group if sizes else 0
-        width = self.label_embed.embedding_dim
+        width = selection.d_model
         contents, references = [], []
         for t in targets:
             n = len(t["labels"])
             # Copy c of GT j is row c * n + j; copies alternate positive / negative when contrastive.
             negative = (torch.arange(copies * n, device=t["boxes"].device) // max(n, 1)) % self.parts_per_group == 1
             labels = self.noised_labels(t["labels"].repeat(copies))
-            boxes = self.noised_boxes(t["boxes"].float().repeat(copies, 1), negative)
-            content = self.label_embed(labels).view(copies, n, width)
+            boxes = self.noised_boxes(t["boxes"].to(self.label_embed.weight.dtype).repeat(copies, 1), negative)
+            content = self.label_embed(labels)
+            if self.indicator:  # DN-DETR: a denoising query's last feature is 1
+                content = torch.cat([content, content.new_ones(content.shape[0], 1)], 1)
+            content = content.view(copies, n, width)
             boxes = boxes.view(copies, n, 4)
             # Padding queries: no content, the box of logit 0 (centre and size 0.5), as officially.
             content = torch.cat([content, content.new_zeros(copies, largest - n, width)], 1)
             boxes = torch.cat([boxes, boxes.new_full((copies, largest - n, 4), 0.5)], 1)
             contents.append(content.reshape(copies * largest, width))
             references.append(boxes.reshape(copies * largest, 4))
-        reference = self.as_reference(torch.stack(references).to(self.label_embed.weight.dtype))
+        reference = self.as_reference(torch.stack(references))
         tgt = torch.stack(contents)
         return Queries(tgt, selection.positions(inverse_sigmoid(reference)), reference, {})
 
@@ -559,36 +632,19 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         label_noise: DINO's dn_label_noise_ratio (0.5): a label changes with half this probability.
         box_noise: DINO's dn_box_noise_scale (0.4).
         seed: seed of the noise generator.
-        label_book: DINO's dn_labelbook_size: the label embedding has label_book + 1 rows (DINO's
-            label_enc; rows past the class count are never looked up); None: one row per class.
-        logit_eps: DINO hands its noised boxes to the decoder as logits clamped at this eps (its
-            inverse_sigmoid, 1e-3), so a coordinate within eps of 0 or 1 starts at eps or 1 - eps;
-            None: the boxes as they are.
+        label_book: DINO's dn_labelbook_size (see `DenoisingQueries`).
+        logit_eps: DINO's inverse_sigmoid clamp of the noised boxes, 1e-3 (see `DenoisingQueries`).
     """
 
     parts_per_group = 2
 
     def __init__(self, *, max_positives: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
                  seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None):
-        super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed)
+        super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed, label_book=label_book,
+                         logit_eps=logit_eps)
         if max_positives < 1:
             raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
-        if logit_eps is not None and not 0 < logit_eps < 0.5:
-            raise ValueError(f"logit_eps must be in (0, 0.5) or null, got {logit_eps}.")
         self.max_positives = max_positives
-        self.label_book = label_book
-        self.logit_eps = logit_eps
-
-    def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
-        return boxes if self.logit_eps is None else inverse_sigmoid(boxes, self.logit_eps).sigmoid()
-
-    def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
-        super().bind(name=name, selection=selection, num_classes=num_classes)
-        if self.label_book is not None:
-            if self.label_book < num_classes:
-                raise ValueError(f"training_queries.{name}: label_book={self.label_book} is smaller than the "
-                                 f"{num_classes} classes; use at least the class count.")
-            self.label_embed = nn.Embedding(self.label_book + 1, selection.d_model)
 
     def num_groups(self, largest: int) -> int:
         doubled = 2 * self.max_positives
