@@ -25,7 +25,7 @@ from .checkpoints import load_weights
 from .files import atomic_write
 from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
-from .lit import DetectionModule
+from .lit import DetectionModule, loopstate
 from .lit.callbacks import AtomicCheckpointIO, Preempted
 from .lit.loggers import check_installed, finish_wandb_run, hydra_job, wandb_group
 
@@ -275,10 +275,12 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     return step
 
 
-def continue_csv_history(trainer: L.Trainer, resumed_step: int) -> None:
+def continue_csv_history(trainer: L.Trainer, resumed_step: int, revalidates: bool = False) -> None:
     """Lightning's CSVLogger starts its metrics file afresh; a resumed run logs the rows of the steps
     before `resumed_step` again first, so the file stays one history (rows the interrupted run wrote
-    after its checkpoint are dropped: the resumed run logs those steps anew)."""
+    after its checkpoint are dropped: the resumed run logs those steps anew). `revalidates`: the
+    checkpoint was taken before its epoch's validation ended, which the resumed run runs again, so
+    the validation values logged at the epoch's last step are dropped too."""
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
             continue
@@ -289,8 +291,40 @@ def continue_csv_history(trainer: L.Trainer, resumed_step: int) -> None:
             rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < resumed_step]
         for row in rows:
             step = int(row.pop("step"))
+            if revalidates and step == resumed_step - 1:
+                row = {k: v for k, v in row.items() if not k.startswith("val/")}
             logger.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None)}, step=step)
         logger.save()
+
+
+def _settled_loop_state(ckpt_path: str | Path) -> str | None:
+    """What `loopstate.settle_epoch_end` made of the checkpoint's loop state (None: left as written)."""
+    ckpt = read_checkpoint_file(ckpt_path, "a checkpoint to resume", mmap=True)
+    return ckpt.get(loopstate.KEY) if isinstance(ckpt, dict) else None
+
+
+class IncompleteRunError(RuntimeError):
+    """A fit that returned normally short of its schedule."""
+
+
+def check_nothing_skipped(trainer: L.Trainer, ckpt_path: str | Path | None, resumed_step: int | None) -> None:
+    """After a fit that returned normally: refuse, in one sentence, a run that stopped short of its
+    schedule although nothing asked it to stop (a resume whose loop state said the schedule was done
+    when it was not), so that it never ends with status 0."""
+    if trainer.interrupted or trainer.should_stop or trainer.num_training_batches in (0, float("inf")):
+        return
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    expected = trainer.max_epochs * per_epoch if trainer.max_epochs not in (None, -1) else None
+    if trainer.max_steps not in (None, -1):
+        expected = trainer.max_steps if expected is None else min(expected, trainer.max_steps)
+    if expected is None or trainer.global_step >= expected:
+        return
+    where = (f"resumed from '{ckpt_path}' at step {resumed_step}" if ckpt_path else "started afresh")
+    raise IncompleteRunError(
+        f"the run {where} and stopped at step {trainer.global_step} of the {expected} its schedule has "
+        f"(trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps), with nothing left to train by its loop "
+        f"state; its checkpoints hold the weights of step {trainer.global_step}: resume from an earlier checkpoint or "
+        "report this one as a bug.")
 
 
 def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
@@ -346,7 +380,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.category_names = dm.category_names
     trainer = build_trainer(cfg)
     if resumed_step is not None:
-        continue_csv_history(trainer, resumed_step)
+        continue_csv_history(trainer, resumed_step, _settled_loop_state(ckpt_path) == loopstate.VALIDATION_PENDING)
     if cfg.get("init_from") and not ckpt_path:
         # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
         # keep their fresh initialisation, with a warning; anything else must match.
@@ -360,6 +394,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
             # what it could (or the last epoch's checkpoint stands): never report success.
             raise Preempted(128 + signal.SIGTERM) from exc
+    check_nothing_skipped(trainer, ckpt_path, resumed_step)
     metrics = dict(module.last_metrics)
     if trainer.is_global_zero and metrics:
         log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})

@@ -16,7 +16,7 @@ from ..losses import SetCriterion
 from ..models import DeformableDETR
 from ..naming import official_names, upgrade_state_dict
 from ..postprocess import TopKPostProcess
-from . import rng
+from . import loopstate, rng
 
 
 def _matches(name: str, keywords: Sequence[str]) -> bool:
@@ -202,6 +202,16 @@ class DetectionModule(L.LightningModule):
             dist.all_gather_object(gathered, states[0])
             states = gathered
         checkpoint["msdetr_rng"] = states
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # saved outside a Trainer
+            trainer = None
+        if trainer is not None and trainer.state.fn == "fit" and "loops" in checkpoint:
+            # A save between the epoch's last step and its end resumes into the next epoch (loopstate.py).
+            settled = loopstate.settle_epoch_end(checkpoint["loops"], trainer.num_training_batches,
+                                                 loopstate.validation_due(trainer))
+            if settled:
+                checkpoint[loopstate.KEY] = settled
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # weights saved before the detector was composed of parts

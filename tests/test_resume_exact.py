@@ -1,0 +1,78 @@
+"""Issue 20, items 0 and 2: a run stopped (SIGTERM) or killed (SIGKILL) at any moment, including
+the last step of an epoch, its validation and its epoch-end checkpoint, resumes by rerunning the
+command: every remaining step is logged exactly once, with the loss of the run that was never
+stopped, and it ends with the same weights, bit for bit."""
+import shutil
+import signal
+
+import pytest
+import torch
+
+from runs import SMALL, losses, train, weights
+
+KILL = "+callbacks.kill._target_=signal_helpers.SignalAtStep"
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted run: 2 epochs of 4 steps, validation after each."""
+    tmp = tmp_path_factory.mktemp("whole")
+    run = train(tmp, tmp / "run", base=SMALL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return losses(tmp / "run"), losses(tmp / "run", "val/AP"), weights(tmp / "run" / "checkpoints" / "last.ckpt")
+
+
+# (signal, when, after step, extra overrides, what the resumed run starts from)
+MOMENTS = [
+    ("SIGTERM", "batch_start", 3, [], "the last step of epoch 0"),
+    ("SIGTERM", "validation", 4, [], "the epoch-end validation"),
+    ("SIGTERM", "save", 4, [], "the epoch-end checkpoint"),
+    ("SIGKILL", "validation", 4, ["callbacks.checkpoint.every_n_train_steps=2"], "a step checkpoint at the last step"),
+    ("SIGKILL", "batch_start", 5, [], "the epoch-end checkpoint, killed in the next step"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, when, step, extra, moment", MOMENTS, ids=[m[-1] for m in MOMENTS])
+def test_stop_or_kill_then_resume_is_bit_exact(tmp_path, whole, signal_name, when, step, extra, moment):
+    expected_losses, expected_ap, expected_weights = whole
+    run_dir = tmp_path / "run"
+    stopped = train(tmp_path, run_dir, *extra, KILL, f"+callbacks.kill.step={step}", f"+callbacks.kill.when={when}",
+                    f"+callbacks.kill.signal_name={signal_name}", base=SMALL)
+    signum = getattr(signal, signal_name)
+    assert stopped.returncode in (128 + signum, -signum), stopped.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    stale = run_dir / "checkpoints" / ".latest.ckpt.12345.tmp"  # what a kill during a save leaves behind
+    stale.write_bytes(b"partial")
+    if moment == "the epoch-end validation":
+        _refuses_a_resume_with_nothing_left(tmp_path, run_dir)
+
+    resumed = train(tmp_path, run_dir, *extra, base=SMALL)  # the requeued job: the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming this run" in resumed.stdout + resumed.stderr and not stale.exists()
+    assert losses(run_dir) == expected_losses  # every step once, each loss equal
+    assert losses(run_dir, "val/AP") == expected_ap  # every epoch validated once
+    final = weights(run_dir / "checkpoints" / "last.ckpt")
+    assert final.keys() == expected_weights.keys()
+    assert all(torch.equal(final[k], expected_weights[k]) for k in final)
+
+
+def _refuses_a_resume_with_nothing_left(tmp_path, run_dir):
+    """The loop state this version no longer writes (saved during the epoch-end validation, as
+    Lightning leaves it): Lightning resumes it as if the schedule were done. The run refuses, in one
+    sentence, instead of ending with status 0."""
+    from msdetr.lit import loopstate
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(run_dir, legacy, symlinks=True)
+    path = legacy / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt.pop(loopstate.KEY) == loopstate.VALIDATION_PENDING
+    val = ckpt["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    for part in ("total", "current"):
+        val[part].update(ready=1, started=1, processed=1, completed=1)
+    val["is_last_batch"] = True
+    torch.save(ckpt, path)
+    again = train(tmp_path, legacy, base=SMALL)
+    assert again.returncode != 0
+    assert "stopped at step 4 of the 8 its schedule has" in again.stderr and "Traceback" not in again.stderr
