@@ -26,6 +26,7 @@ from .files import atomic_write
 from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
 from .lit import DetectionModule, loopstate
+from .lit.module import DivergedError
 from .lit.callbacks import AtomicCheckpointIO, Preempted
 from .lit.loggers import check_installed, finish_wandb_run, hydra_job, wandb_group
 
@@ -192,6 +193,7 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     schedule = {k: instantiate(cfg.schedule[k]) for k in ("optimizer", "lr_scheduler") if cfg.schedule.get(k) is not None}
     return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
                            seed=cfg.get("seed"), **optim, **compile_args, **schedule,
+                           max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
                            lr_interval=cfg.schedule.get("lr_interval", "epoch"))
 
 
@@ -337,12 +339,14 @@ def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
 RUN_SUMMARY = "run_summary.json"
 
 
-def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time_s: float) -> None:
-    """`<run dir>/run_summary.json`: how the run ended, its wall time (this process, from the start
+def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time_s: float,
+                      status: str | None = None) -> None:
+    """`<run dir>/run_summary.json`: how the run ended (`status`: completed, interrupted (Ctrl-C),
+    stopped (a signal; it resumes), diverged, failed), its wall time (this process, from the start
     of `train`), epochs, steps, final validation metrics (NaN: null) and its W&B group, if it logged to W&B."""
     use_wandb = (cfg.get("logger") or {}).get("wandb") is not None
     summary = {
-        "status": "interrupted" if trainer.interrupted else "completed",
+        "status": status or ("interrupted" if trainer.interrupted else "completed"),
         "wall_time_s": round(wall_time_s, 3),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -387,19 +391,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         load_weights(module, cfg.init_from, fine_tune=True,
                      reset_class_heads=bool(cfg.init_reset_class_heads))
         log.info("initialised from %s", cfg.init_from)
-    with _launch_context(cfg, trainer):
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        except SIGTERMException as exc:
-            # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
-            # what it could (or the last epoch's checkpoint stands): never report success.
-            raise Preempted(128 + signal.SIGTERM) from exc
-    check_nothing_skipped(trainer, ckpt_path, resumed_step)
-    metrics = dict(module.last_metrics)
-    if trainer.is_global_zero and metrics:
-        log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
-    if trainer.is_global_zero:
-        write_run_summary(cfg, trainer, metrics, time.monotonic() - started)
+    status = "failed"  # until the fit says otherwise; the summary is written however the run ends
+    try:
+        with _launch_context(cfg, trainer):
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            except SIGTERMException as exc:
+                # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
+                # what it could (or the last epoch's checkpoint stands): never report success.
+                raise Preempted(128 + signal.SIGTERM) from exc
+        check_nothing_skipped(trainer, ckpt_path, resumed_step)
+        status = None
+    except Preempted:
+        status = "stopped"
+        raise
+    except DivergedError:
+        status = "diverged"
+        raise
+    finally:
+        metrics = dict(module.last_metrics)
+        if trainer.is_global_zero and metrics and status is None:
+            log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            write_run_summary(cfg, trainer, metrics, time.monotonic() - started, status)
     return metrics
 
 

@@ -25,12 +25,45 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+class NonFiniteCheckpointError(FloatingPointError):
+    """A checkpoint whose weights are not all finite: it is not written."""
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def check_finite_weights(state_dict: dict, path) -> None:
+    """Refuse, in one sentence, weights with a NaN or inf in them (one host read for all tensors)."""
+    names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(state_dict[k]).all().cpu() for k in names]).tolist()
+    bad = [k for k, ok in zip(names, finite) if not ok]
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"refusing to write '{path}': {len(bad)} of {len(names)} weight tensors are not finite (first: {bad[0]}); "
+            "the checkpoint there before stays as it was.")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn file."""
+    """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn
+    file, a full disk leaves the previous one intact (`atomic_write`), and weights that are not all
+    finite are never written (`check_finite_weights`)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        check_finite_weights(checkpoint.get("state_dict", {}), path)
+        size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
-                                                                                       storage_options))
+                                                                                       storage_options),
+                     size_hint=size)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
