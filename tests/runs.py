@@ -26,13 +26,14 @@ _LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"}
 
 
-def train(tmp_path: Path, run_dir: Path, *args: str, base=RUN, env=None) -> subprocess.CompletedProcess:
+def train(tmp_path: Path, run_dir: Path, *args: str, base=RUN, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     clean.update(PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT / "src"), clean.get("PYTHONPATH", "")]),
                  HYDRA_FULL_ERROR="0", **(env or {}))
     cmd = [sys.executable, str(ROOT / "train.py"), *base, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.run.dir={run_dir}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean,
+                          preexec_fn=preexec_fn)
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:

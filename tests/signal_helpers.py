@@ -1,5 +1,6 @@
-"""A callback the preemption tests inject into train.py (tests/ is on its PYTHONPATH there): it sends
-the training process a real signal at a chosen moment, once `step` optimizer steps have finished:
+"""Callbacks the preemption and fault tests inject into train.py (tests/ is on its PYTHONPATH there).
+SignalAtStep sends the training process a real signal at a chosen moment, once `step` optimizer
+steps have finished:
 - when=batch_end: at the end of a training step (after the callbacks listed before it ran),
 - when=batch_start: at the start of a training step, so it lands during that step,
 - when=validation: at the start of a validation batch,
@@ -33,3 +34,21 @@ class SignalAtStep(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         self._send(trainer, "save")
+
+
+class TruncateImagesAtStep(L.Callback):
+    """Once `step` optimizer steps are done, cuts every image file in `folder` to half its size
+    (their headers stay intact, as with a truncated JPEG): the next batch the loader reads fails."""
+
+    def __init__(self, step: int, folder: str):
+        self.step = step
+        self.folder = folder
+        self.done = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.done:
+            self.done = True
+            for name in os.listdir(self.folder):
+                path = os.path.join(self.folder, name)
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)

@@ -44,7 +44,7 @@ def test_stop_or_kill_then_resume_is_bit_exact(tmp_path, whole, signal_name, whe
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     stale = run_dir / "checkpoints" / ".latest.ckpt.12345.tmp"  # what a kill during a save leaves behind
     stale.write_bytes(b"partial")
-    if moment == "the epoch-end validation":
+    if moment == "the last step of epoch 0":
         _refuses_a_resume_with_nothing_left(tmp_path, run_dir)
 
     resumed = train(tmp_path, run_dir, *extra, base=SMALL)  # the requeued job: the same command
@@ -58,9 +58,9 @@ def test_stop_or_kill_then_resume_is_bit_exact(tmp_path, whole, signal_name, whe
 
 
 def _refuses_a_resume_with_nothing_left(tmp_path, run_dir):
-    """The loop state this version no longer writes (saved during the epoch-end validation, as
-    Lightning leaves it): Lightning resumes it as if the schedule were done. The run refuses, in one
-    sentence, instead of ending with status 0."""
+    """The loop state this version no longer writes (saved at the end of an epoch's last step, as
+    Lightning leaves it): Lightning resumes it as if the schedule were done and trains nothing. The
+    run refuses, in one sentence, instead of ending with status 0."""
     from msdetr.lit import loopstate
 
     legacy = tmp_path / "legacy"
@@ -68,10 +68,11 @@ def _refuses_a_resume_with_nothing_left(tmp_path, run_dir):
     path = legacy / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     assert ckpt.pop(loopstate.KEY) == loopstate.VALIDATION_PENDING
-    val = ckpt["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    fit = ckpt["loops"]["fit_loop"]
     for part in ("total", "current"):
-        val[part].update(ready=1, started=1, processed=1, completed=1)
-    val["is_last_batch"] = True
+        fit["epoch_loop.batch_progress"][part]["completed"] = 3
+        fit["epoch_loop.val_loop.batch_progress"][part].update(ready=0, started=0, processed=0, completed=0)
+    fit["epoch_loop.val_loop.batch_progress"]["is_last_batch"] = False
     torch.save(ckpt, path)
     again = train(tmp_path, legacy, base=SMALL)
     assert again.returncode != 0

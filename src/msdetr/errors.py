@@ -21,6 +21,16 @@ def _known() -> tuple[type[BaseException], ...]:
     return ValueError, FileNotFoundError, FloatingPointError, UnreadableImageError, DiskFullError, IncompleteRunError
 
 
+def _sentence(text: str) -> str:
+    """The error's own sentence; one re-raised from a DataLoader worker carries the worker's
+    traceback ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last line."""
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and " " not in name else last
+
+
 @contextlib.contextmanager
 def one_sentence():
     try:
@@ -29,5 +39,5 @@ def one_sentence():
         raise
     except Exception as exc:
         if isinstance(exc, _known()):
-            raise RunError(str(exc)) from exc
+            raise RunError(_sentence(str(exc))) from exc
         raise

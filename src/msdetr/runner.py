@@ -251,6 +251,17 @@ def _first_difference(saved, current, path: str = ""):
     return None if saved == current else (path, saved, current)
 
 
+def config_choices() -> dict[str, str]:
+    """The config group choices of this Hydra run ({"matcher": "ms_detr", "model": ...}; {} outside
+    Hydra), saved in checkpoints so that a resume with another choice is named by it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
+
+
 def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     """Refuse, in one sentence and before the model is built, to resume a checkpoint made with
     another model or matcher config; return the checkpoint's global step."""
@@ -266,13 +277,17 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     if not saved:
         return step
     current = _plain_config(cfg)
+    saved_choices, choices = ckpt.get("msdetr_choices") or {}, config_choices()
     for group in _RESUME_MUST_MATCH:
         found = _first_difference(saved.get(group), current.get(group), group)
         if found:
             key, was, now = found
+            before, after = saved_choices.get(group), choices.get(group)
+            chosen = (f"{group}: {before} -> {after}, first at " if before and after and before != after else "")
             raise ValueError(
-                f"cannot resume from '{ckpt_path}': it was made with {key}={was!r}, this run has {key}={now!r}; "
-                "resume with the config the run started with (or start a new run with init_from=<checkpoint>)."
+                f"cannot resume from '{ckpt_path}': it was made with another {group} config ({chosen}{key}: "
+                f"{was!r} -> {now!r}); resume with the config the run started with (or start a new run with "
+                "init_from=<checkpoint>)."
             )
     return step
 
@@ -309,23 +324,27 @@ class IncompleteRunError(RuntimeError):
     """A fit that returned normally short of its schedule."""
 
 
-def check_nothing_skipped(trainer: L.Trainer, ckpt_path: str | Path | None, resumed_step: int | None) -> None:
+def check_nothing_skipped(trainer: L.Trainer, module: DetectionModule, ckpt_path: str | Path | None,
+                          resumed_step: int | None) -> None:
     """After a fit that returned normally: refuse, in one sentence, a run that stopped short of its
     schedule although nothing asked it to stop (a resume whose loop state said the schedule was done
-    when it was not), so that it never ends with status 0."""
+    when it was not), so that it never ends with status 0. The steps are counted as the module saw
+    them (the checkpoint's step + the optimizer steps of this process): Lightning's own global step
+    counts the skipped epoch as done."""
     if trainer.interrupted or trainer.should_stop or trainer.num_training_batches in (0, float("inf")):
         return
     per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
     expected = trainer.max_epochs * per_epoch if trainer.max_epochs not in (None, -1) else None
     if trainer.max_steps not in (None, -1):
         expected = trainer.max_steps if expected is None else min(expected, trainer.max_steps)
-    if expected is None or trainer.global_step >= expected:
+    done = (resumed_step or 0) + module.optimizer_steps
+    if expected is None or done >= expected:
         return
     where = (f"resumed from '{ckpt_path}' at step {resumed_step}" if ckpt_path else "started afresh")
     raise IncompleteRunError(
-        f"the run {where} and stopped at step {trainer.global_step} of the {expected} its schedule has "
-        f"(trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps), with nothing left to train by its loop "
-        f"state; its checkpoints hold the weights of step {trainer.global_step}: resume from an earlier checkpoint or "
+        f"the run {where} and stopped at step {done} of the {expected} its schedule has "
+        f"(trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps) with nothing left to train by its loop "
+        f"state; its checkpoints hold the weights of step {done}: resume from an earlier checkpoint or "
         "report this one as a bug.")
 
 
@@ -381,6 +400,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("resuming into the run directory %s", run_dir)
     module = build_module(cfg)
     module.run_config = _plain_config(cfg)
+    module.config_choices = config_choices()
     module.category_names = dm.category_names
     trainer = build_trainer(cfg)
     if resumed_step is not None:
@@ -400,7 +420,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
                 # what it could (or the last epoch's checkpoint stands): never report success.
                 raise Preempted(128 + signal.SIGTERM) from exc
-        check_nothing_skipped(trainer, ckpt_path, resumed_step)
+        check_nothing_skipped(trainer, module, ckpt_path, resumed_step)
         status = None
     except Preempted:
         status = "stopped"

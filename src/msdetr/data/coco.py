@@ -313,6 +313,7 @@ class CocoDetection(Dataset):
                                    "see the warnings above for each file.")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        asked = index
         index, image = self._read(index)
         w, h = image.size
         lo, hi = int(self._starts[index]), int(self._starts[index + 1])
@@ -332,4 +333,6 @@ class CocoDetection(Dataset):
             "image_id": self.ids[index],
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
             "size": torch.tensor(size, dtype=torch.int64),
+            # skip_bad_images: the file that could not be read and that this image stands in for
+            **({"replaced": str(self.img_folder / self._files[asked])} if index != asked else {}),
         }

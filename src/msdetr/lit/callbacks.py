@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import warnings
 import signal
 import subprocess
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.io import write_png
@@ -64,6 +66,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
                                                                                        storage_options),
                      size_hint=size)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint of the best `monitor` value that steps aside, with one warning, when the
+    validation did not produce the value (a validation set without boxes leaves every COCO metric
+    undefined, and undefined metrics are not logged): Lightning's own raises
+    MisconfigurationException and ends the run. The latest checkpoint carries on either way."""
+
+    def _monitor_missing(self, trainer) -> bool:
+        if self.monitor is None or self.monitor in trainer.callback_metrics:
+            return False
+        if not getattr(self, "_warned_missing", False) and not trainer.sanity_checking:
+            self._warned_missing = True
+            warnings.warn(f"no '{self.monitor}' this validation (its annotations have no boxes, so every COCO metric "
+                          f"is undefined): the best checkpoint ({self.dirpath}) is not written until there is one; "
+                          "checkpoints/latest.ckpt is written as usual.", UserWarning, stacklevel=2)
+        return True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._monitor_missing(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._monitor_missing(trainer):
+            super().on_validation_end(trainer, pl_module)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
@@ -235,6 +262,8 @@ class Preemption(L.Callback):
         self.received: int | None = None
         self._saved: int | None = None
         self._previous: dict[int, object] = {}
+        self._loader_states: list[dict] | None = None
+        self._after_data_error = False
 
     @property
     def ckpt_path(self) -> Path:
@@ -271,11 +300,35 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
+        from ..data.coco import UnreadableImageError
+
+        # An image that fails to decode mid-epoch (a truncated file passes the header check) stops
+        # the run, but not before the steps done so far are saved: on COCO that can be hours. The
+        # failed fetch comes before the step that would have used it, so the state is a step end.
+        # Under DDP only the rank that read the file knows; a save there would wait for the others.
+        if (isinstance(exception, UnreadableImageError) and trainer.training and not trainer.fast_dev_run
+                and trainer.world_size == 1 and self._loader_states is not None):
+            # The loader has already drawn the failed batch's indices: its position is put back to
+            # the last step's end (on_save_checkpoint), so a resume reads that batch again.
+            self._after_data_error = True
+            trainer.save_checkpoint(self.ckpt_path)
+            rank_zero_info(f"saved the run's state after step {trainer.global_step} to {self.ckpt_path}; fix or "
+                           "remove the image named below, then rerun the command to resume")
 
     # The decision and the save happen where Lightning's own step checkpoints are taken (the end of
     # a step, the end of validation); the exit comes at the next hook, once the step's metrics are
     # logged, so the history the resumed run continues has no gap.
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._after_data_error:
+            loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+            if "combined_loader" in loops:
+                loops["combined_loader"] = self._loader_states
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size == 1:  # the training loader's position at this step's end (on_exception)
+            loaders = trainer.train_dataloader
+            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+            self._loader_states = [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")]
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
             self._save_if_signalled(trainer)

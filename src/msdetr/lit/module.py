@@ -135,11 +135,14 @@ class DetectionModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
         self.run_config: dict | None = None
+        self.config_choices: dict[str, str] = {}  # the Hydra group choices (matcher, model, ...), set by the runner
         self.category_names: dict[int, str] = {}
         self._rng_to_restore: dict | None = None
         self._step_loss: torch.Tensor | None = None
         self._skip_reason: str | None = None
         self.skipped_steps = 0  # in all (saved in checkpoints)
+        self.optimizer_steps = 0  # taken or skipped by this process's fits
+        self.replaced_images: set[str] = set()  # unreadable training images (data.skip_bad_images)
         self.consecutive_skips = 0
 
     def _seeded(self) -> list:
@@ -214,6 +217,7 @@ class DetectionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["msdetr_config"] = self.run_config
+        checkpoint["msdetr_choices"] = self.config_choices
         checkpoint["category_names"] = self.category_names
         # Every rank runs this hook; rank 0 writes the file, so it collects all ranks' states.
         states = [rng.capture(self._generators())]
@@ -261,6 +265,17 @@ class DetectionModule(L.LightningModule):
     def on_train_start(self) -> None:
         self.last_metrics = {}  # the sanity check's numbers are not the run's
 
+    def on_train_end(self) -> None:
+        """With data.skip_bad_images: the training images that could not be read, all ranks'."""
+        found = [sorted(self.replaced_images)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, sorted(self.replaced_images))
+        files = sorted({f for rank in found for f in rank})
+        if files and self.global_rank == 0:
+            log.warning("data.skip_bad_images=true: %d training image(s) could not be read and were replaced by the next "
+                        "readable image each time: %s", len(files), ", ".join(files))
+
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_epoch"):
@@ -286,6 +301,7 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
+        self.replaced_images.update(t["replaced"] for t in targets if "replaced" in t)
         outputs = self.detect(images, padding_mask, targets)
         start = self._clock()
         bs = images.shape[0]
@@ -317,6 +333,7 @@ class DetectionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called before the Trainer clips: the total norm official logs show as grad_norm.
+        self.optimizer_steps += 1
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
