@@ -108,3 +108,31 @@ def test_skip_bad_images_keeps_going_and_lists_the_files(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
     assert f"1 training image(s) could not be read and were replaced by the next readable image each time: {bad}" in out
+
+
+def _tensorboard_steps(run_dir, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))  # reads the files as TensorBoard does (purges included)
+    accumulator.Reload()
+    return [e.step for e in accumulator.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_after_a_hard_kill_tensorboard_and_wandb_continue_one_history(tmp_path):
+    """The killed run logged steps past its last checkpoint; the resumed run purges them from
+    TensorBoard (purge_step) and continues the same W&B run id (offline)."""
+    run_dir = tmp_path / "run"
+    args = ["logger=[csv,tensorboard,wandb]", "callbacks.checkpoint.every_n_train_steps=2", "schedule.epochs=1"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    killed = train(tmp_path, run_dir, *args, "+callbacks.kill._target_=signal_helpers.SignalAtStep",
+                   "+callbacks.kill.step=3", "+callbacks.kill.when=batch_start", "+callbacks.kill.signal_name=SIGKILL",
+                   base=SMALL, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    assert _tensorboard_steps(run_dir, "train/loss") == [0, 1, 2]  # step 2 is past the checkpoint of step 2
+    resumed = train(tmp_path, run_dir, *args, base=SMALL, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _tensorboard_steps(run_dir, "train/loss") == [0, 1, 2, 3]  # each step once
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one run id, continued

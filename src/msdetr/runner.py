@@ -197,19 +197,26 @@ def build_module(cfg: DictConfig) -> DetectionModule:
                            lr_interval=cfg.schedule.get("lr_interval", "epoch"))
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, resumed_step: int | None = None) -> list:
     """The `logger` group's loggers, keyed by name (logger=[csv,wandb] composes both; a key set to
     null is left out). A logger whose package is missing stops the run here, before any of them
-    starts, in one sentence naming the extra to install."""
+    starts, in one sentence naming the extra to install. A resumed run's TensorBoard writer purges
+    the events at or after `resumed_step` that the interrupted run wrote after its checkpoint
+    (SummaryWriter's purge_step), so a hard kill does not show those steps twice."""
     chosen = {name: c for name, c in (cfg.get("logger") or {}).items() if c is not None}
     for name, c in chosen.items():
         check_installed(name, c.get("_target_", ""))
-    return [instantiate(c) for c in chosen.values()]
+    loggers = []
+    for c in chosen.values():
+        tensorboard = c.get("_target_", "").endswith("TensorBoardLogger")
+        extra = {"purge_step": resumed_step} if tensorboard and resumed_step is not None else {}
+        loggers.append(instantiate(c, **extra))
+    return loggers
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+def build_trainer(cfg: DictConfig, resumed_step: int | None = None, **overrides) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resumed_step)
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if overrides.get("fast_dev_run", cfg.trainer.get("fast_dev_run")):
@@ -402,7 +409,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.run_config = _plain_config(cfg)
     module.config_choices = config_choices()
     module.category_names = dm.category_names
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, resumed_step=resumed_step)
     if resumed_step is not None:
         continue_csv_history(trainer, resumed_step, _settled_loop_state(ckpt_path) == loopstate.VALIDATION_PENDING)
     if cfg.get("init_from") and not ckpt_path:
