@@ -1,9 +1,12 @@
 """Shared test set-up: Triton runs under its CPU interpreter, fixtures live beside the tests."""
 import os
+import tempfile
 
 # Must be set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# verify_images=full remembers what decoded: the tests' verdicts stay out of the user's cache.
+os.environ.setdefault("MSDETR_CACHE_DIR", tempfile.mkdtemp(prefix="msdetr-cache-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -28,8 +28,8 @@ _LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
 
 def train(tmp_path: Path, run_dir: Path, *args: str, base=RUN, env=None, preexec_fn=None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    clean.update(PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT / "src"), clean.get("PYTHONPATH", "")]),
-                 HYDRA_FULL_ERROR="0", **(env or {}))
+    clean.update({"PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src"), clean.get("PYTHONPATH", "")]),
+                  "HYDRA_FULL_ERROR": "0", **(env or {})})
     cmd = [sys.executable, str(ROOT / "train.py"), *base, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.run.dir={run_dir}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean,

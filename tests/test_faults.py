@@ -136,3 +136,14 @@ def test_after_a_hard_kill_tensorboard_and_wandb_continue_one_history(tmp_path):
     assert _tensorboard_steps(run_dir, "train/loss") == [0, 1, 2, 3]  # each step once
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one run id, continued
+
+
+@pytest.mark.parametrize("full_error", ["0", "1"])
+def test_a_part_that_refuses_its_config_is_one_sentence(tmp_path, full_error):
+    """Known bad input raised while Hydra builds the model comes out as its own sentence, without
+    Hydra's traceback and InstantiationException wrapping; HYDRA_FULL_ERROR=1 still shows it all."""
+    run = train(tmp_path, tmp_path / "run", "model.detector.backbone.name=resnet7", base=SMALL,
+                env={"HYDRA_FULL_ERROR": full_error})
+    assert run.returncode != 0
+    assert "unknown backbone 'resnet7'; choose one of" in run.stderr
+    assert ("Traceback" in run.stderr) == (full_error == "1")

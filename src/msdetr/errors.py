@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, InstantiationException
 
 
 class RunError(CompactHydraException):
@@ -35,9 +35,12 @@ def _sentence(text: str) -> str:
 def one_sentence():
     try:
         yield
-    except CompactHydraException:
-        raise
     except Exception as exc:
-        if isinstance(exc, _known()):
-            raise RunError(_sentence(str(exc))) from exc
+        if isinstance(exc, CompactHydraException) and not isinstance(exc, InstantiationException):
+            raise
+        cause = exc
+        if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+            cause = exc.__cause__  # a part that refused its config while Hydra built it
+        if isinstance(cause, _known()):
+            raise RunError(_sentence(str(cause))) from exc
         raise
