@@ -124,3 +124,13 @@ def test_architecture_mismatch_is_one_sentence():
     sd.pop("transformer.level_embed")
     with pytest.raises(ValueError, match="does not fit the configured architecture: 1 missing"):
         from_official(sd, other)
+
+
+def test_unsafe_backbone_weights_are_one_sentence(tmp_path):
+    from msdetr.models import Backbone
+
+    path = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "extra": Evil()}, path)
+    with pytest.raises(ValueError, match="could not be read as backbone weights safely") as info:
+        Backbone(name="resnet18", pretrained=str(path))
+    assert "weights_only" not in str(info.value)

@@ -339,6 +339,8 @@ class DetectionModule(L.LightningModule):
             return
         norm = torch.nn.utils.get_total_norm(grads)
         self.log("train/grad_norm", norm, batch_size=1)
+        if self._fp16_scaled():
+            return  # fp16's GradScaler skips steps with inf gradients itself, and lowers its scale
         finite = torch.isfinite(norm)
         if self._step_loss is not None:
             finite = finite & torch.isfinite(self._step_loss).to(finite.device)
@@ -354,6 +356,12 @@ class DetectionModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)
             self._skip(norm)
         self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+
+    def _fp16_scaled(self) -> bool:
+        try:
+            return str(self.trainer.precision).startswith("16")
+        except RuntimeError:  # no Trainer
+            return False
 
     def _skip(self, norm: torch.Tensor) -> None:
         self.skipped_steps += 1
