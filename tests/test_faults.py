@@ -4,6 +4,7 @@ import json
 import os
 import resource
 import signal
+import subprocess
 
 import pytest
 import torch
@@ -47,6 +48,33 @@ def test_atomic_write_on_a_full_disk_removes_its_temporary_and_keeps_the_old_fil
                                             r"95 MB, .* MB are free there\); the partial file was removed"):
         atomic_write(path, fill, size_hint=100_000_000)
     assert path.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == ["latest.ckpt"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 200 MiB tmpfs (one checkpoint of the tiny run fits, two do not); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_tmpfs_keeps_the_previous_checkpoint(tmp_path, small_disk):
+    """A real ENOSPC: the latest checkpoint fits on the disk, the best one written after it does not."""
+    _synthetic(tmp_path)
+    run_dir = small_disk / "run"
+    run = train(tmp_path, run_dir, "schedule.epochs=1", base=SMALL)
+    assert run.returncode != 0
+    assert "best-epoch000" in run.stderr and "': the disk is full (it needed about " in run.stderr
+    assert "the partial file was removed and the previous" in run.stderr and "Traceback" not in run.stderr
+    checkpoints = run_dir / "checkpoints"
+    assert not list(checkpoints.glob(".*tmp"))
+    latest = torch.load(checkpoints / "latest.ckpt", map_location="cpu", weights_only=True)  # intact
+    assert latest["global_step"] == 4
 
 
 def _file_size_limit(limit: int):
