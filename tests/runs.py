@@ -22,6 +22,8 @@ RUN = [
 ]
 # The same run on ResNet-18: the kill-and-resume matrix runs it many times.
 SMALL = [*RUN, "model.detector.backbone.name=resnet18"]
+# MS-DETR: its one-to-many assigner draws from a generator of its own, which a resume puts back too.
+MS_DETR = [*SMALL, "matcher=ms_detr"]
 _LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
                   "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"}
 

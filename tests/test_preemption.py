@@ -12,7 +12,8 @@ from runs import train as _train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("matcher", ["ms_detr", "deta"])
+# ms_detr is stopped and killed at eight moments in test_resume_exact.py.
+@pytest.mark.parametrize("matcher", ["deta"])
 def test_sigterm_mid_epoch_then_resume_continues_bit_for_bit(tmp_path, matcher):
     whole = _train(tmp_path, tmp_path / "whole", f"matcher={matcher}", base=SMALL)
     assert whole.returncode == 0, whole.stderr[-3000:]

@@ -8,23 +8,12 @@ import signal
 import pytest
 import torch
 
-from runs import SMALL, losses, train, weights
+from runs import MS_DETR, losses, train, weights
 
 KILL = "+callbacks.kill._target_=signal_helpers.SignalAtStep"
 
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The uninterrupted run: 2 epochs of 4 steps, validation after each."""
-    tmp = tmp_path_factory.mktemp("whole")
-    run = train(tmp, tmp / "run", base=SMALL)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return losses(tmp / "run"), losses(tmp / "run", "val/AP"), weights(tmp / "run" / "checkpoints" / "last.ckpt")
-
-
 # (signal, when, after step, extra overrides, what the resumed run starts from)
 MOMENTS = [
-    ("SIGKILL", "batch_start", 3, ["callbacks.checkpoint.every_n_train_steps=2"], "a step checkpoint mid-epoch"),
     ("SIGTERM", "batch_start", 3, [], "the last step of epoch 0"),
     ("SIGTERM", "validation", 4, [], "the epoch-end validation"),
     ("SIGTERM", "save", 4, [], "the epoch-end checkpoint"),
@@ -42,7 +31,7 @@ def test_stop_or_kill_then_resume_is_bit_exact(tmp_path, whole, signal_name, whe
     expected_losses, expected_ap, expected_weights = whole
     run_dir = tmp_path / "run"
     stopped = train(tmp_path, run_dir, *extra, KILL, f"+callbacks.kill.step={step}", f"+callbacks.kill.when={when}",
-                    f"+callbacks.kill.signal_name={signal_name}", base=SMALL)
+                    f"+callbacks.kill.signal_name={signal_name}", base=MS_DETR)
     signum = getattr(signal, signal_name)
     assert stopped.returncode in (128 + signum, -signum), stopped.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -51,7 +40,7 @@ def test_stop_or_kill_then_resume_is_bit_exact(tmp_path, whole, signal_name, whe
     if moment == "the last step of epoch 0":
         _refuses_a_resume_with_nothing_left(tmp_path, run_dir)
 
-    resumed = train(tmp_path, run_dir, *extra, base=SMALL)  # the requeued job: the same command
+    resumed = train(tmp_path, run_dir, *extra, base=MS_DETR)  # the requeued job: the same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming this run" in resumed.stdout + resumed.stderr and not stale.exists()
     assert losses(run_dir) == expected_losses  # every step once, each loss equal
@@ -79,6 +68,6 @@ def _refuses_a_resume_with_nothing_left(tmp_path, run_dir):
         fit["epoch_loop.val_loop.batch_progress"][part].update(ready=0, started=0, processed=0, completed=0)
     fit["epoch_loop.val_loop.batch_progress"]["is_last_batch"] = False
     torch.save(ckpt, path)
-    again = train(tmp_path, legacy, base=SMALL)
+    again = train(tmp_path, legacy, base=MS_DETR)
     assert again.returncode != 0
     assert "stopped at step 4 of the 8 its schedule has" in again.stderr and "Traceback" not in again.stderr

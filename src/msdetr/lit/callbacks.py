@@ -326,8 +326,8 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.world_size == 1:  # the training loader's position at this step's end (on_exception)
-            loaders = trainer.train_dataloader
-            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+            loaders = getattr(trainer, "train_dataloader", None)
+            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
             self._loader_states = [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")]
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
