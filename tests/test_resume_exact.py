@@ -18,7 +18,9 @@ MOMENTS = [
     ("SIGTERM", "validation", 4, [], "the epoch-end validation"),
     ("SIGTERM", "save", 4, [], "the epoch-end checkpoint"),
     ("SIGKILL", "validation", 4, ["callbacks.checkpoint.every_n_train_steps=2"], "a step checkpoint at the last step"),
-    ("SIGKILL", "batch_start", 5, [], "the epoch-end checkpoint, killed in the next step"),
+    # a step checkpoint every 3 steps does not replace the epoch-end one (4 steps an epoch)
+    ("SIGKILL", "batch_start", 5, ["callbacks.checkpoint.every_n_train_steps=3"],
+     "the epoch-end checkpoint, killed in the next step"),
     # No validation after epoch 0: the settled state is "epoch done" (validation draws nothing from the
     # training's random streams, so the losses and weights are the whole run's all the same).
     ("SIGTERM", "batch_start", 3, ["trainer.check_val_every_n_epoch=2"], "the last step, no validation due"),

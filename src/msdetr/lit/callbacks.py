@@ -68,6 +68,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                      size_hint=size)
 
 
+class LatestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint of the run's latest state (no monitor) that also writes it at the end of every
+    epoch when `every_n_train_steps` is set: Lightning's triggers exclude each other, so with the
+    step trigger alone an epoch's end was saved only when N divided the epoch, and a hard kill lost
+    up to N - 1 steps plus the epoch-end validation. `save_last="link"` links last.ckpt to it."""
+
+    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
+        self.steps_between_saves = every_n_train_steps or 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        n = self.steps_between_saves
+        if not n or trainer.global_step % n == 0 or trainer.fast_dev_run or trainer.sanity_checking:
+            return  # no step trigger, or the step trigger has just saved this state
+        path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if self.save_last == "link" and trainer.is_global_zero and not last.exists():
+            os.symlink(path.name, last)
+
+
 class BestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint of the best `monitor` value that steps aside, with one warning, when the
     validation did not produce the value (a validation set without boxes leaves every COCO metric
