@@ -80,3 +80,17 @@ def test_ranks_agree_on_stopping_every_n_steps_not_every_step(tmp_path, world_si
     assert callback._saved == signal.SIGTERM
     with pytest.raises(ValueError, match="check_every_n_steps=0"):
         Preemption(str(tmp_path), check_every_n_steps=0)
+
+
+def test_a_signal_is_acted_on_where_an_optimizer_step_ends(tmp_path):
+    """With gradient accumulation a save mid-step would lose the gradients accumulated so far: the
+    signal noted in the first of 2 accumulated batches is acted on at the second's end."""
+    from msdetr.lit.callbacks import Preemption
+
+    callback, trainer = Preemption(str(tmp_path)), _Trainer(1, batches=8)
+    trainer.accumulate_grad_batches = 2
+    callback.received = signal.SIGTERM
+    callback.on_train_batch_end(trainer, None, None, None, 2)
+    assert callback._saved is None and trainer.strategy.calls == 0
+    callback.on_train_batch_end(trainer, None, None, None, 3)
+    assert callback._saved == signal.SIGTERM

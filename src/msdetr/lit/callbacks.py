@@ -328,8 +328,11 @@ class Preemption(L.Callback):
         # the run, but not before the steps done so far are saved: on COCO that can be hours. The
         # failed fetch comes before the step that would have used it, so the state is a step end.
         # Under DDP only the rank that read the file knows; a save there would wait for the others.
+        # (With gradient accumulation the failure may come mid-step, whose gradients no checkpoint
+        # holds: the last checkpoint stands.)
         if (isinstance(exception, UnreadableImageError) and trainer.training and not trainer.fast_dev_run
-                and trainer.world_size == 1 and self._loader_states is not None):
+                and trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
+                and self._loader_states is not None):
             # The loader has already drawn the failed batch's indices: its position is put back to
             # the last step's end (on_save_checkpoint), so a resume reads that batch again.
             self._after_data_error = True
@@ -347,11 +350,15 @@ class Preemption(L.Callback):
                 loops["combined_loader"] = self._loader_states
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        # Only where an optimizer step ends: the gradients accumulated so far are not in a checkpoint.
+        accumulated = (batch_idx + 1) % getattr(trainer, "accumulate_grad_batches", 1) == 0
+        if not (accumulated or last_of_epoch):
+            return
         if trainer.world_size == 1:  # the training loader's position at this step's end (on_exception)
             loaders = getattr(trainer, "train_dataloader", None)
             loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
             self._loader_states = [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")]
-        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
             self._save_if_signalled(trainer)
 
