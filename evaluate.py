@@ -10,9 +10,11 @@ def main(cfg: DictConfig) -> float:
     validate(cfg)  # a wrong type or range stops here, in one sentence
     # Imported only now: msdetr.runner loads Lightning and the models (10-20 s), which a config
     # mistake should not have to wait for.
+    from msdetr.errors import one_sentence
     from msdetr.runner import evaluate
 
-    return evaluate(cfg).get("AP", 0.0)
+    with one_sentence():  # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+        return evaluate(cfg).get("AP", 0.0)
 
 
 if __name__ == "__main__":

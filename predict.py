@@ -16,9 +16,11 @@ def main(cfg: DictConfig) -> None:
     validate(cfg)  # a wrong type or range stops here, in one sentence
     # Imported only now: msdetr.predict loads torch, Lightning and the models, which a config mistake
     # should not have to wait for.
+    from msdetr.errors import one_sentence
     from msdetr.predict import predict
 
-    predict(cfg)
+    with one_sentence():  # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+        predict(cfg)
 
 
 if __name__ == "__main__":

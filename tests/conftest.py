@@ -1,9 +1,12 @@
 """Shared test set-up: Triton runs under its CPU interpreter, fixtures live beside the tests."""
 import os
+import tempfile
 
 # Must be set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+# verify_images=full remembers what decoded: the tests' verdicts stay out of the user's cache.
+os.environ.setdefault("MSDETR_CACHE_DIR", tempfile.mkdtemp(prefix="msdetr-cache-"))
 
 from pathlib import Path  # noqa: E402
 
@@ -26,3 +29,15 @@ def _deterministic():
 
 def load_fixture(name: str) -> dict:
     return torch.load(FIXTURES / name, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def whole(tmp_path_factory):
+    """The uninterrupted tiny MS-DETR run (2 epochs of 4 steps, validation after each) that the
+    stopped, killed and broken runs are compared with: (losses, val/AP, final weights), by step."""
+    from runs import MS_DETR, losses, train, weights
+
+    tmp = tmp_path_factory.mktemp("whole")
+    run = train(tmp, tmp / "run", base=MS_DETR)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return losses(tmp / "run"), losses(tmp / "run", "val/AP"), weights(tmp / "run" / "checkpoints" / "last.ckpt")

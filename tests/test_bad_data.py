@@ -164,3 +164,25 @@ def test_size_differing_from_the_annotation_file_warns_and_clips(tmp_path):
         ds = CocoDetection(folder, ann)
     boxes = ds[0][1]["boxes"]  # the box, x 2..10 and y 2..8, clipped to the 9x6 file: 2..9 and 2..6
     np.testing.assert_allclose(boxes.numpy(), [[5.5 / 9, 4 / 6, 7 / 9, 4 / 6]], rtol=1e-6)
+
+
+def test_full_check_remembers_what_decoded_and_rechecks_changed_files(tmp_path, monkeypatch):
+    """verify_images=full decodes each file once: a second build decodes nothing it already decoded,
+    unless the file changed (its size or modification time)."""
+    from msdetr.data import coco
+
+    monkeypatch.setenv("MSDETR_CACHE_DIR", str(tmp_path / "cache"))
+    folder, ann = make_split(tmp_path / "set", "train", ["good1.png", "good2.jpg", "good3.png"])
+    decoded = []
+    probe = coco.probe_image
+    monkeypatch.setattr(coco, "probe_image", lambda path, decode=False: decoded.append(path) or probe(path, decode))
+    CocoDetection(folder, ann, verify_images="full")
+    assert len(decoded) == 3 and coco.verdict_cache_file(folder).is_file()
+    decoded.clear()
+    CocoDetection(folder, ann, verify_images="full")
+    assert decoded == []
+    write_image(folder / "trunc.jpg")  # good3 is now a truncated JPEG: checked again, and refused
+    (folder / "trunc.jpg").replace(folder / "good3.png")
+    with pytest.raises(ValueError, match="good3.png' \\(OSError: image file is truncated"):
+        CocoDetection(folder, ann, verify_images="full")
+    assert decoded == [folder / "good3.png"]

@@ -77,8 +77,45 @@ class Evil:
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "args": Evil()}, path)
-    with pytest.raises(ValueError, match="could not be read as an official checkpoint safely"):
+    with pytest.raises(ValueError, match="could not be read as an official checkpoint safely") as info:
         from_official(path)
+    # one sentence naming what it holds, never torch's advice to load it unsafely
+    assert "test_official.Evil" in str(info.value) and "weights_only" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "it is empty (0 bytes)"), (b"PK\x03\x04trunc", "could not be read")])
+def test_empty_or_truncated_checkpoint_is_one_sentence(tmp_path, content, reason):
+    """Issue 20: a zero-byte file gave IndexError inside the error path."""
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="could not be read as an official checkpoint") as info:
+        from_official(path)
+    assert reason in str(info.value) and "weights_only" not in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["evaluate.py", "predict.py"])
+def test_zero_byte_checkpoint_through_the_scripts(tmp_path, script):
+    import os
+    import subprocess
+    import sys
+
+    import torchvision
+
+    from runs import ROOT
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "images").mkdir()
+    torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "images" / "a.png"))
+    args = ["experiment=synthetic_cpu", f"paths.data_root={tmp_path / 'data'}"] if script == "evaluate.py" else \
+        [f"input={tmp_path / 'images'}"]
+    result = subprocess.run([sys.executable, str(ROOT / script), f"ckpt_path={tmp_path / 'empty.ckpt'}", *args,
+                             f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert result.returncode != 0
+    assert "it is empty (0 bytes)" in result.stderr
+    assert "Traceback" not in result.stderr and "IndexError" not in result.stderr
 
 
 def test_architecture_mismatch_is_one_sentence():
@@ -88,3 +125,13 @@ def test_architecture_mismatch_is_one_sentence():
     sd.pop("transformer.level_embed")
     with pytest.raises(ValueError, match="does not fit the configured architecture: 1 missing"):
         from_official(sd, other)
+
+
+def test_unsafe_backbone_weights_are_one_sentence(tmp_path):
+    from msdetr.models import Backbone
+
+    path = tmp_path / "resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "extra": Evil()}, path)
+    with pytest.raises(ValueError, match="could not be read as backbone weights safely") as info:
+        Backbone(name="resnet18", pretrained=str(path))
+    assert "weights_only" not in str(info.value)

@@ -90,12 +90,28 @@ def test_table_of_hand_made_jobs(tmp_path):
     md = (out / "report.md").read_text()
     assert "| job | overrides | status | AP | AP50 | AP75 | APs | APm | APl | AR100 | epochs | wall time |" in md
     assert "| 0 | matcher=hungarian, seed=1 | completed | 25.0 |" in md  # in %
-    assert "| 1 | matcher=ms_detr, seed=1 | no summary | **50.0** |" in md  # the best AP in bold
+    # the best AP is a job that did not finish: never in bold (one completed job: nothing to compare)
+    assert "| 1 | matcher=ms_detr, seed=1 | no summary | 50.0 |" in md and "**" not in md.split("Overrides")[0]
     assert "1m 05s" in md
     assert "Overrides common to every job: `data.batch_size=4`." in md
     assert "![train_loss](train_loss.png)" in md and "![val_AP](val_AP.png)" in md
     for png in (out / "train_loss.png", out / "val_AP.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_diverged_failed_and_stopped_jobs_are_marked_and_never_bold(tmp_path):
+    """Issue 20: a diverged job validated a broken model to the sweep's best AP and was bolded."""
+    sweep = tmp_path / "sweep"
+    for name, status, ap in [("0", "completed", 0.25), ("1", "diverged", 0.43), ("2", "completed", 0.125),
+                             ("3", "failed", 0.5), ("4", "stopped", 0.75)]:
+        _job(sweep, name, [f"seed={name}"], _rows([ap]), summary={"status": status, "epochs": 1})
+    (sweep / "multirun.yaml").write_text("{}\n")
+    write_report(sweep)
+    md = (sweep / "report" / "report.md").read_text()
+    assert "| 0 | seed=0 | completed | **25.0** |" in md  # the best of the completed jobs
+    for line in ("| 1 | seed=1 | diverged | 43.0 |", "| 3 | seed=3 | failed | 50.0 |", "| 4 | seed=4 | stopped | 75.0 |"):
+        assert line in md
+    assert "*diverged*: training stopped on steps that were not finite" in md
 
 
 def test_other_metric_and_out_dir(tmp_path):

@@ -245,6 +245,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     auto_resume: bool = spec()
+    max_consecutive_skipped_steps: int = spec(at_least(1))
     init_reset_class_heads: bool = spec()
     report: bool = spec()
     # predict.yaml

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -509,14 +510,30 @@ def read_checkpoint_file(path: str | os.PathLike, kind: str = "a checkpoint", mm
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"'{path}' does not exist; check the path to {kind}.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"'{path}' could not be read as {kind}: it is empty (0 bytes), the save that wrote it did "
+                         "not finish; use another checkpoint of the run (checkpoints/latest.ckpt, best-*.ckpt).")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as exc:
             raise ValueError(
-                f"'{path}' could not be read as {kind} safely ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0]}); it should be a torch.save'd dict with 'model' (and 'args')."
-            ) from exc
+                f"'{path}' could not be read as {kind} safely ({_load_failure(exc)}); it should be a torch.save'd "
+                "dict of tensors and plain values, with 'model' (and 'args') or a Lightning 'state_dict'."
+            ) from None
+
+
+def _load_failure(exc: Exception) -> str:
+    """Why torch.load refused a file, in a few words, without torch's advice to load it unsafely."""
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe or "Weights only load failed" in text:
+        what = unsafe.group(1) if unsafe else "a pickled object"
+        return f"it holds Python objects that are not plain data ({what}), which msdetr does not unpickle"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not first:
+        return f"{type(exc).__name__}: the file is truncated or not a torch checkpoint"
+    return f"{type(exc).__name__}: {first}"
 
 
 def official_contents(ckpt: Any, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -39,6 +39,9 @@ COLUMNS = ("job", "overrides", "status", *FINAL_METRICS, "epochs", "wall_time_s"
 STATUS_NOTES = {
     "completed": "the run ended normally",
     "interrupted": "the run was stopped (Ctrl-C) and ended early",
+    "stopped": "the run was stopped by a signal (preemption) with its state saved; rerunning it resumes",
+    "diverged": "training stopped on steps that were not finite (see max_consecutive_skipped_steps)",
+    "failed": "the run stopped on an error before its schedule ended",
     "no summary": f"no {SUMMARY_FILE}: the job failed, was stopped, is still running, or predates the summary",
     "no metrics": "nothing logged: the job failed before its first logged step",
 }
@@ -248,20 +251,21 @@ def _cell(text) -> str:
 def markdown(jobs: list[Job], rows: list[dict], sweep_dir: Path, figures: list[Path], metric: str) -> str:
     """The report as Markdown: the table (AP and AR in %, the best of each column in bold), the
     overrides common to every job, what the statuses mean and the figures."""
-    # the best of a column, in bold where the column's values differ
+    # the best of a column among the jobs that completed, in bold where their values differ: a job
+    # that failed, diverged or did not finish is never the best
     best = {m: max(vs) if len(set(vs)) > 1 else None
-            for m in FINAL_METRICS for vs in [[r[m] for r in rows if r[m] is not None]]}
+            for m in FINAL_METRICS for vs in [[r[m] for r in rows if r[m] is not None and r["status"] == "completed"]]}
     header = ["job", "overrides", "status", *FINAL_METRICS, "epochs", "wall time", "images/s", "peak mem (GiB)"]
     lines = [f"# Sweep report: {sweep_dir}", "",
              f"{len(jobs)} jobs; AP and AR in % (report.csv has them as logged, in [0, 1]); "
-             "the best of each metric in bold.", "",
+             "the best of each metric among the completed jobs in bold.", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for row in rows:
         cells = [row["job"], _cell(row["overrides"]), row["status"]]
         for m in FINAL_METRICS:
             v = row[m]
             text = "" if v is None else f"{100 * v:.1f}"
-            cells.append(f"**{text}**" if v is not None and v == best[m] else text)
+            cells.append(f"**{text}**" if v is not None and v == best[m] and row["status"] == "completed" else text)
         cells += ["" if row["epochs"] is None else str(row["epochs"]), _duration(row["wall_time_s"]),
                   "" if row["images_per_s"] is None else f"{row['images_per_s']:.1f}",
                   "" if row["peak_mem_gib"] is None else f"{row['peak_mem_gib']:.2f}"]

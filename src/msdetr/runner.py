@@ -25,7 +25,8 @@ from .checkpoints import load_weights
 from .files import atomic_write
 from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
-from .lit import DetectionModule
+from .lit import DetectionModule, loopstate
+from .lit.module import DivergedError
 from .lit.callbacks import AtomicCheckpointIO, Preempted
 from .lit.loggers import check_installed, finish_wandb_run, hydra_job, wandb_group
 
@@ -192,22 +193,30 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     schedule = {k: instantiate(cfg.schedule[k]) for k in ("optimizer", "lr_scheduler") if cfg.schedule.get(k) is not None}
     return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
                            seed=cfg.get("seed"), **optim, **compile_args, **schedule,
+                           max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
                            lr_interval=cfg.schedule.get("lr_interval", "epoch"))
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, resumed_step: int | None = None) -> list:
     """The `logger` group's loggers, keyed by name (logger=[csv,wandb] composes both; a key set to
     null is left out). A logger whose package is missing stops the run here, before any of them
-    starts, in one sentence naming the extra to install."""
+    starts, in one sentence naming the extra to install. A resumed run's TensorBoard writer purges
+    the events at or after `resumed_step` that the interrupted run wrote after its checkpoint
+    (SummaryWriter's purge_step), so a hard kill does not show those steps twice."""
     chosen = {name: c for name, c in (cfg.get("logger") or {}).items() if c is not None}
     for name, c in chosen.items():
         check_installed(name, c.get("_target_", ""))
-    return [instantiate(c) for c in chosen.values()]
+    loggers = []
+    for c in chosen.values():
+        tensorboard = c.get("_target_", "").endswith("TensorBoardLogger")
+        extra = {"purge_step": resumed_step} if tensorboard and resumed_step is not None else {}
+        loggers.append(instantiate(c, **extra))
+    return loggers
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+def build_trainer(cfg: DictConfig, resumed_step: int | None = None, **overrides) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, resumed_step)
     if not loggers:  # logger=none: the learning-rate monitor would have nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if overrides.get("fast_dev_run", cfg.trainer.get("fast_dev_run")):
@@ -249,6 +258,17 @@ def _first_difference(saved, current, path: str = ""):
     return None if saved == current else (path, saved, current)
 
 
+def config_choices() -> dict[str, str]:
+    """The config group choices of this Hydra run ({"matcher": "ms_detr", "model": ...}; {} outside
+    Hydra), saved in checkpoints so that a resume with another choice is named by it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {str(k): str(v) for k, v in choices.items() if v is not None and not str(k).startswith("hydra")}
+
+
 def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     """Refuse, in one sentence and before the model is built, to resume a checkpoint made with
     another model or matcher config; return the checkpoint's global step."""
@@ -264,21 +284,27 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     if not saved:
         return step
     current = _plain_config(cfg)
+    saved_choices, choices = ckpt.get("msdetr_choices") or {}, config_choices()
     for group in _RESUME_MUST_MATCH:
         found = _first_difference(saved.get(group), current.get(group), group)
         if found:
             key, was, now = found
+            before, after = saved_choices.get(group), choices.get(group)
+            chosen = (f"{group}: {before} -> {after}, first at " if before and after and before != after else "")
             raise ValueError(
-                f"cannot resume from '{ckpt_path}': it was made with {key}={was!r}, this run has {key}={now!r}; "
-                "resume with the config the run started with (or start a new run with init_from=<checkpoint>)."
+                f"cannot resume from '{ckpt_path}': it was made with another {group} config ({chosen}{key}: "
+                f"{was!r} -> {now!r}); resume with the config the run started with (or start a new run with "
+                "init_from=<checkpoint>)."
             )
     return step
 
 
-def continue_csv_history(trainer: L.Trainer, resumed_step: int) -> None:
+def continue_csv_history(trainer: L.Trainer, resumed_step: int, revalidates: bool = False) -> None:
     """Lightning's CSVLogger starts its metrics file afresh; a resumed run logs the rows of the steps
     before `resumed_step` again first, so the file stays one history (rows the interrupted run wrote
-    after its checkpoint are dropped: the resumed run logs those steps anew)."""
+    after its checkpoint are dropped: the resumed run logs those steps anew). `revalidates`: the
+    checkpoint was taken before its epoch's validation ended, which the resumed run runs again, so
+    the validation values logged at the epoch's last step are dropped too."""
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
             continue
@@ -289,8 +315,44 @@ def continue_csv_history(trainer: L.Trainer, resumed_step: int) -> None:
             rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < resumed_step]
         for row in rows:
             step = int(row.pop("step"))
+            if revalidates and step == resumed_step - 1:
+                row = {k: v for k, v in row.items() if not k.startswith("val/")}
             logger.log_metrics({k: float(v) for k, v in row.items() if v not in ("", None)}, step=step)
         logger.save()
+
+
+def _settled_loop_state(ckpt_path: str | Path) -> str | None:
+    """What `loopstate.settle_epoch_end` made of the checkpoint's loop state (None: left as written)."""
+    ckpt = read_checkpoint_file(ckpt_path, "a checkpoint to resume", mmap=True)
+    return ckpt.get(loopstate.KEY) if isinstance(ckpt, dict) else None
+
+
+class IncompleteRunError(RuntimeError):
+    """A fit that returned normally short of its schedule."""
+
+
+def check_nothing_skipped(trainer: L.Trainer, module: DetectionModule, ckpt_path: str | Path | None,
+                          resumed_step: int | None) -> None:
+    """After a fit that returned normally: refuse, in one sentence, a run that stopped short of its
+    schedule although nothing asked it to stop (a resume whose loop state said the schedule was done
+    when it was not), so that it never ends with status 0. The steps are counted as the module saw
+    them (the checkpoint's step + the optimizer steps of this process): Lightning's own global step
+    counts the skipped epoch as done."""
+    if trainer.interrupted or trainer.should_stop or trainer.num_training_batches in (0, float("inf")):
+        return
+    per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+    expected = trainer.max_epochs * per_epoch if trainer.max_epochs not in (None, -1) else None
+    if trainer.max_steps not in (None, -1):
+        expected = trainer.max_steps if expected is None else min(expected, trainer.max_steps)
+    done = (resumed_step or 0) + module.optimizer_steps
+    if expected is None or done >= expected:
+        return
+    where = (f"resumed from '{ckpt_path}' at step {resumed_step}" if ckpt_path else "started afresh")
+    raise IncompleteRunError(
+        f"the run {where} and stopped at step {done} of the {expected} its schedule has "
+        f"(trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps) with nothing left to train by its loop "
+        f"state; its checkpoints hold the weights of step {done}: resume from an earlier checkpoint or "
+        "report this one as a bug.")
 
 
 def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
@@ -303,12 +365,14 @@ def _resumed_run_dir(ckpt_path: str | Path) -> Path | None:
 RUN_SUMMARY = "run_summary.json"
 
 
-def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time_s: float) -> None:
-    """`<run dir>/run_summary.json`: how the run ended, its wall time (this process, from the start
+def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], wall_time_s: float,
+                      status: str | None = None) -> None:
+    """`<run dir>/run_summary.json`: how the run ended (`status`: completed, interrupted (Ctrl-C),
+    stopped (a signal; it resumes), diverged, failed), its wall time (this process, from the start
     of `train`), epochs, steps, final validation metrics (NaN: null) and its W&B group, if it logged to W&B."""
     use_wandb = (cfg.get("logger") or {}).get("wandb") is not None
     summary = {
-        "status": "interrupted" if trainer.interrupted else "completed",
+        "status": status or ("interrupted" if trainer.interrupted else "completed"),
         "wall_time_s": round(wall_time_s, 3),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -343,28 +407,40 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("resuming into the run directory %s", run_dir)
     module = build_module(cfg)
     module.run_config = _plain_config(cfg)
+    module.config_choices = config_choices()
     module.category_names = dm.category_names
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, resumed_step=resumed_step)
     if resumed_step is not None:
-        continue_csv_history(trainer, resumed_step)
+        continue_csv_history(trainer, resumed_step, _settled_loop_state(ckpt_path) == loopstate.VALIDATION_PENDING)
     if cfg.get("init_from") and not ckpt_path:
         # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
         # keep their fresh initialisation, with a warning; anything else must match.
         load_weights(module, cfg.init_from, fine_tune=True,
                      reset_class_heads=bool(cfg.init_reset_class_heads))
         log.info("initialised from %s", cfg.init_from)
-    with _launch_context(cfg, trainer):
-        try:
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        except SIGTERMException as exc:
-            # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
-            # what it could (or the last epoch's checkpoint stands): never report success.
-            raise Preempted(128 + signal.SIGTERM) from exc
-    metrics = dict(module.last_metrics)
-    if trainer.is_global_zero and metrics:
-        log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
-    if trainer.is_global_zero:
-        write_run_summary(cfg, trainer, metrics, time.monotonic() - started)
+    status = "failed"  # until the fit says otherwise; the summary is written however the run ends
+    try:
+        with _launch_context(cfg, trainer):
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            except SIGTERMException as exc:
+                # Lightning ends a SIGTERM'd run with status 0; the Preemption callback has saved
+                # what it could (or the last epoch's checkpoint stands): never report success.
+                raise Preempted(128 + signal.SIGTERM) from exc
+        check_nothing_skipped(trainer, module, ckpt_path, resumed_step)
+        status = None
+    except Preempted:
+        status = "stopped"
+        raise
+    except DivergedError:
+        status = "diverged"
+        raise
+    finally:
+        metrics = dict(module.last_metrics)
+        if trainer.is_global_zero and metrics and status is None:
+            log.info("final validation: %s", {k: round(v, 4) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            write_run_summary(cfg, trainer, metrics, time.monotonic() - started, status)
     return metrics
 
 

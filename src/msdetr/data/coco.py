@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from ..files import atomic_write
 from .transforms import finalize_boxes
 
 _REQUIRED_KEYS = {
@@ -149,6 +151,32 @@ def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str | No
         return _why(exc), None
 
 
+def verdict_cache_file(img_folder: str | os.PathLike) -> Path:
+    """Where `verify_images=full` keeps the files of `img_folder` that decoded completely, each with
+    its size and modification time: $MSDETR_CACHE_DIR, else $XDG_CACHE_HOME/msdetr, else
+    ~/.cache/msdetr, under verified_images/ (one file per image folder)."""
+    base = os.environ.get("MSDETR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "msdetr")
+    key = hashlib.sha1(str(Path(img_folder).resolve()).encode()).hexdigest()[:16]
+    return Path(base) / "verified_images" / f"{key}.json"
+
+
+def _read_verdicts(path: Path) -> dict[str, list[int]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """The image at `path` as 8-bit RGB, fully decoded; anything that prevents it raises
     UnreadableImageError naming the file and the reason."""
@@ -222,15 +250,38 @@ class CocoDetection(Dataset):
         if self.verify_images != "none":
             todo = [i for i in range(len(files)) if i not in bad]
             decode = self.verify_images == "full"
-            with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
-                probes = pool.map(lambda i: probe_image(self.img_folder / files[i], decode), todo)
+            # Full decoding is the slow check (COCO: 118k JPEGs): the threads decode in parallel (PIL
+            # releases the GIL while decoding), and a file that decoded before, with the same size and
+            # modification time, is not decoded again.
+            cache = verdict_cache_file(self.img_folder) if decode else None
+            known = _read_verdicts(cache) if cache else {}
+
+            def probe(i: int):
+                path = self.img_folder / files[i]
+                stamp = _stamp(path) if decode else None
+                entry = known.get(files[i])
+                if stamp and entry and entry[:2] == stamp:
+                    return None, (entry[2], entry[3]), stamp
+                return (*probe_image(path, decode), stamp)
+
+            verified = {}
+            with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+                probes = pool.map(probe, todo)
                 mismatched = []
-                for i, (problem, size) in zip(todo, probes):
+                for i, (problem, size, stamp) in zip(todo, probes):
                     if problem is not None:
                         bad[i] = problem
-                    elif size != (data["images"][i]["width"], data["images"][i]["height"]):
+                        continue
+                    if stamp:
+                        verified[files[i]] = [*stamp, *size]
+                    if size != (data["images"][i]["width"], data["images"][i]["height"]):
                         mismatched.append(f"'{self.img_folder / files[i]}' is {size[0]}x{size[1]}, the annotation "
                                           f"file says {data['images'][i]['width']}x{data['images'][i]['height']}")
+            if cache and verified and verified != {k: known.get(k) for k in verified}:
+                with contextlib.suppress(OSError):  # a read-only cache only costs the next run the decoding
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    merged = {**known, **verified}
+                    atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(merged)))
             if mismatched:
                 warnings.warn(
                     f"'{self.ann_file}': {len(mismatched)} image(s) differ in size from their width/height there "
@@ -313,6 +364,7 @@ class CocoDetection(Dataset):
                                    "see the warnings above for each file.")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        asked = index
         index, image = self._read(index)
         w, h = image.size
         lo, hi = int(self._starts[index]), int(self._starts[index + 1])
@@ -332,4 +384,6 @@ class CocoDetection(Dataset):
             "image_id": self.ids[index],
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
             "size": torch.tensor(size, dtype=torch.int64),
+            # skip_bad_images: the file that could not be read and that this image stands in for
+            **({"replaced": str(self.img_folder / self._files[asked])} if index != asked else {}),
         }

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .coco import VERIFY_IMAGES, CocoDetection, read_coco_json
-from .seeding import EpochSeededDataset
+from .seeding import EpochSeededDataset, epoch_generator
 from .transforms import COCO_TRAIN_SCALES, eval_transforms, train_transforms
 
 
@@ -71,6 +71,11 @@ class CocoDataModule(L.LightningDataModule):
         # Seed of the training augmentations (the run's seed); None: torch's initial seed.
         self.seed = seed
         self._seeded_train: EpochSeededDataset | None = None
+        # The loaders draw their order and base seed from these, never from torch's global generator:
+        # a resumed run then gets the same order, and the random state it puts back is not consumed
+        # by loaders the interrupted run never created (issue 20, item 2).
+        self._train_generator: torch.Generator | None = None
+        self._val_generator: torch.Generator | None = None
         if root is not None:
             base = Path(root)
             train_images = train_images or str(base / "train")
@@ -156,7 +161,8 @@ class CocoDataModule(L.LightningDataModule):
             )
         return dataset
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool,
+                generator: torch.Generator | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
         # Lightning swaps in a DistributedSampler under DDP (it pads with repeated images; the
@@ -167,13 +173,15 @@ class CocoDataModule(L.LightningDataModule):
         return loader(
             dataset, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=collate,
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0, generator=generator,
         )
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the training augmentations are drawn for (see `EpochSeededDataset`)."""
         if self._seeded_train is not None:
             self._seeded_train.set_epoch(epoch)
+        if self._train_generator is not None:
+            epoch_generator(self._seeded_train.seed, epoch, self._train_generator)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -181,12 +189,18 @@ class CocoDataModule(L.LightningDataModule):
         # Augmentations are a function of (seed, epoch, index): exact on resume, independent of workers.
         seed = self.seed if self.seed is not None else torch.initial_seed()
         trainer = getattr(self, "trainer", None)
-        epoch = trainer.current_epoch if trainer is not None else 0
+        # The epoch this loader starts with: a run resumed after an epoch's end has not counted the
+        # next one in `current_epoch` yet, the fit loop's processed epochs have.
+        epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
         self._seeded_train = EpochSeededDataset(self.train_dataset, seed, epoch)
-        return self._loader(self._seeded_train, self.batch_size, train=True)
+        self._train_generator = epoch_generator(seed, epoch)
+        return self._loader(self._seeded_train, self.batch_size, train=True, generator=self._train_generator)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_batch_size, train=False)
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        if self._val_generator is None:
+            self._val_generator = epoch_generator(seed, -1)
+        return self._loader(self.val_dataset, self.val_batch_size, train=False, generator=self._val_generator)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -19,6 +19,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return ((h * _MIX) + index) & _MASK
 
 
+def order_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s loader generator (sample order, loader base seed)."""
+    return sample_seed(seed, epoch, _MASK)
+
+
+def epoch_generator(seed: int, epoch: int, generator: torch.Generator | None = None) -> torch.Generator:
+    """`generator` (or a new one) seeded for epoch `epoch`: a loader that draws from it, not from
+    torch's global generator, gives every epoch the same order whether the process ran the epochs
+    before it or resumed from a checkpoint."""
+    generator = generator if generator is not None else torch.Generator()
+    generator.manual_seed(order_seed(seed, epoch))
+    return generator
+
+
 class EpochSeededDataset(Dataset):
     """`dataset[i]` drawn under the seed of (seed, epoch, i). The epoch lives in shared memory, so
     `set_epoch` reaches persistent DataLoader workers too."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import warnings
 import signal
 import subprocess
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.io import write_png
@@ -25,12 +27,92 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+class NonFiniteCheckpointError(FloatingPointError):
+    """A checkpoint whose weights are not all finite: it is not written."""
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def check_finite_weights(state_dict: dict, path) -> None:
+    """Refuse, in one sentence, weights with a NaN or inf in them (one host read for all tensors)."""
+    names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not names:
+        return
+    finite = torch.stack([torch.isfinite(state_dict[k]).all().cpu() for k in names]).tolist()
+    bad = [k for k, ok in zip(names, finite) if not ok]
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"refusing to write '{path}': {len(bad)} of {len(names)} weight tensors are not finite (first: {bad[0]}); "
+            "the checkpoint there before stays as it was.")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn file."""
+    """Writes each checkpoint to a temporary file and renames it: a killed job never leaves a torn
+    file, a full disk leaves the previous one intact (`atomic_write`), and weights that are not all
+    finite are never written (`check_finite_weights`)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        check_finite_weights(checkpoint.get("state_dict", {}), path)
+        size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
         atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
-                                                                                       storage_options))
+                                                                                       storage_options),
+                     size_hint=size)
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint of the run's latest state (no monitor) that also writes it at the end of every
+    epoch when `every_n_train_steps` is set: Lightning's triggers exclude each other, so with the
+    step trigger alone an epoch's end was saved only when N divided the epoch, and a hard kill lost
+    up to N - 1 steps plus the epoch-end validation. `save_last="link"` links last.ckpt to it."""
+
+    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
+        self.steps_between_saves = every_n_train_steps or 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        n = self.steps_between_saves
+        if not n or trainer.global_step % n == 0 or trainer.fast_dev_run or trainer.sanity_checking:
+            return  # no step trigger, or the step trigger has just saved this state
+        path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if self.save_last == "link" and trainer.is_global_zero and not last.exists():
+            os.symlink(path.name, last)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint of the best `monitor` value that steps aside, with one warning, when the
+    validation did not produce the value (a validation set without boxes leaves every COCO metric
+    undefined, and undefined metrics are not logged): Lightning's own raises
+    MisconfigurationException and ends the run. The latest checkpoint carries on either way."""
+
+    def _monitor_missing(self, trainer) -> bool:
+        if self.monitor is None or self.monitor in trainer.callback_metrics:
+            return False
+        if not getattr(self, "_warned_missing", False) and not trainer.sanity_checking:
+            self._warned_missing = True
+            warnings.warn(f"no '{self.monitor}' this validation (its annotations have no boxes, so every COCO metric "
+                          f"is undefined): the best checkpoint ({self.dirpath}) is not written until there is one; "
+                          "checkpoints/latest.ckpt is written as usual.", UserWarning, stacklevel=2)
+        return True
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self._monitor_missing(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._monitor_missing(trainer):
+            super().on_validation_end(trainer, pl_module)
 
 
 def denormalize(image: torch.Tensor) -> torch.Tensor:
@@ -202,6 +284,8 @@ class Preemption(L.Callback):
         self.received: int | None = None
         self._saved: int | None = None
         self._previous: dict[int, object] = {}
+        self._loader_states: list[dict] | None = None
+        self._after_data_error = False
 
     @property
     def ckpt_path(self) -> Path:
@@ -238,12 +322,43 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
+        from ..data.coco import UnreadableImageError
+
+        # An image that fails to decode mid-epoch (a truncated file passes the header check) stops
+        # the run, but not before the steps done so far are saved: on COCO that can be hours. The
+        # failed fetch comes before the step that would have used it, so the state is a step end.
+        # Under DDP only the rank that read the file knows; a save there would wait for the others.
+        # (With gradient accumulation the failure may come mid-step, whose gradients no checkpoint
+        # holds: the last checkpoint stands.)
+        if (isinstance(exception, UnreadableImageError) and trainer.training and not trainer.fast_dev_run
+                and trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
+                and self._loader_states is not None):
+            # The loader has already drawn the failed batch's indices: its position is put back to
+            # the last step's end (on_save_checkpoint), so a resume reads that batch again.
+            self._after_data_error = True
+            trainer.save_checkpoint(self.ckpt_path)
+            rank_zero_info(f"saved the run's state after step {trainer.global_step} to {self.ckpt_path}; fix or "
+                           "remove the image named below, then rerun the command to resume")
 
     # The decision and the save happen where Lightning's own step checkpoints are taken (the end of
     # a step, the end of validation); the exit comes at the next hook, once the step's metrics are
     # logged, so the history the resumed run continues has no gap.
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._after_data_error:
+            loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+            if "combined_loader" in loops:
+                loops["combined_loader"] = self._loader_states
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        # Only where an optimizer step ends: the gradients accumulated so far are not in a checkpoint.
+        accumulated = (batch_idx + 1) % getattr(trainer, "accumulate_grad_batches", 1) == 0
+        if not (accumulated or last_of_epoch):
+            return
+        if trainer.world_size == 1:  # the training loader's position at this step's end (on_exception)
+            loaders = getattr(trainer, "train_dataloader", None)
+            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+            self._loader_states = [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")]
         if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
             self._save_if_signalled(trainer)
 

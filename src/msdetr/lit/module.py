@@ -1,6 +1,7 @@
 """DetectionModule: the LightningModule that trains and evaluates any detector + criterion pair."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -16,7 +17,14 @@ from ..losses import SetCriterion
 from ..models import DeformableDETR
 from ..naming import official_names, upgrade_state_dict
 from ..postprocess import TopKPostProcess
-from . import rng
+from . import loopstate, rng
+
+
+log = logging.getLogger("msdetr")
+
+
+class DivergedError(FloatingPointError):
+    """Training stopped after `max_consecutive_skipped_steps` non-finite steps in a row."""
 
 
 def _matches(name: str, keywords: Sequence[str]) -> bool:
@@ -65,6 +73,13 @@ class DetectionModule(L.LightningModule):
         compile_mode, compile_dynamic, compile_backend: torch.compile's `mode`, `dynamic` (True:
             symbolic image sizes from the first compilation, so batches of other sizes reuse it;
             None: torch's automatic dynamic shapes) and `backend`.
+        max_consecutive_skipped_steps: a step whose loss or gradients are not finite (or whose
+            matching costs are) is skipped: its gradients are dropped before the optimizer steps, so
+            the weights and the optimizer state stay as they were; it is named in the log and counted
+            (`train/skipped_steps`). This many skips in a row stop the run with `DivergedError`.
+            The decision is one host read per step (the loss and the gradient norm, which the
+            all-reduced gradients make the same on every rank, folded into one flag; under DDP the
+            flag is all-reduced too), made where the gradient norm is computed anyway.
     """
 
     def __init__(
@@ -90,6 +105,7 @@ class DetectionModule(L.LightningModule):
         optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
         lr_interval: str = "epoch",
+        max_consecutive_skipped_steps: int = 5,
     ):
         super().__init__()
         if lr_scheduler is not None and lr_drop_every is not None:
@@ -119,8 +135,15 @@ class DetectionModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
         self.run_config: dict | None = None
+        self.config_choices: dict[str, str] = {}  # the Hydra group choices (matcher, model, ...), set by the runner
         self.category_names: dict[int, str] = {}
         self._rng_to_restore: dict | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._skip_reason: str | None = None
+        self.skipped_steps = 0  # in all (saved in checkpoints)
+        self.optimizer_steps = 0  # taken or skipped by this process's fits
+        self.replaced_images: set[str] = set()  # unreadable training images (data.skip_bad_images)
+        self.consecutive_skips = 0
 
     def _seeded(self) -> list:
         """Everything that draws from a generator of its own: the assigners and the detector's
@@ -194,6 +217,7 @@ class DetectionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["msdetr_config"] = self.run_config
+        checkpoint["msdetr_choices"] = self.config_choices
         checkpoint["category_names"] = self.category_names
         # Every rank runs this hook; rank 0 writes the file, so it collects all ranks' states.
         states = [rng.capture(self._generators())]
@@ -202,6 +226,17 @@ class DetectionModule(L.LightningModule):
             dist.all_gather_object(gathered, states[0])
             states = gathered
         checkpoint["msdetr_rng"] = states
+        checkpoint["msdetr_skipped_steps"] = [self.skipped_steps, self.consecutive_skips]
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # saved outside a Trainer
+            trainer = None
+        if trainer is not None and trainer.state.fn == "fit" and "loops" in checkpoint:
+            # A save between the epoch's last step and its end resumes into the next epoch (loopstate.py).
+            settled = loopstate.settle_epoch_end(checkpoint["loops"], trainer.num_training_batches,
+                                                 loopstate.validation_due(trainer))
+            if settled:
+                checkpoint[loopstate.KEY] = settled
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # weights saved before the detector was composed of parts
@@ -209,6 +244,7 @@ class DetectionModule(L.LightningModule):
         # A resumed run keeps the config it was started with now; a bare module adopts the saved one.
         self.run_config = self.run_config or checkpoint.get("msdetr_config")
         self.category_names = self.category_names or checkpoint.get("category_names") or {}
+        self.skipped_steps, self.consecutive_skips = checkpoint.get("msdetr_skipped_steps", (0, 0))
         states = checkpoint.get("msdetr_rng")
         try:
             resuming = self.trainer.training
@@ -225,6 +261,20 @@ class DetectionModule(L.LightningModule):
         # Put back just before the first resumed step: what Lightning does in between (a sanity
         # check, new loader iterators) draws from the global generator, the interrupted run did not.
         self._rng_to_restore = states[self.global_rank]
+
+    def on_train_start(self) -> None:
+        self.last_metrics = {}  # the sanity check's numbers are not the run's
+
+    def on_train_end(self) -> None:
+        """With data.skip_bad_images: the training images that could not be read, all ranks'."""
+        found = [sorted(self.replaced_images)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            found = [None] * dist.get_world_size()
+            dist.all_gather_object(found, sorted(self.replaced_images))
+        files = sorted({f for rank in found for f in rank})
+        if files and self.global_rank == 0:
+            log.warning("data.skip_bad_images=true: %d training image(s) could not be read and were replaced by the next "
+                        "readable image each time: %s", len(files), ", ".join(files))
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -251,17 +301,26 @@ class DetectionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
+        self.replaced_images.update(t["replaced"] for t in targets if "replaced" in t)
         outputs = self.detect(images, padding_mask, targets)
         start = self._clock()
-        losses = self.criterion(outputs, targets)
+        bs = images.shape[0]
+        try:
+            losses = self.criterion(outputs, targets)
+        except FloatingPointError as exc:  # non-finite predictions: the matching costs are not finite
+            self.criterion_seconds = self._clock() - start
+            self._skip_reason = str(exc).split(";")[0]
+            # A NaN loss over every trainable weight: backward gives NaN gradients everywhere (under
+            # DDP too, where every rank must run backward), and the step is skipped like any other.
+            trainable = [p.sum() for p in self.parameters() if p.requires_grad]
+            total = torch.stack(trainable).sum() * float("nan")
+            self._step_loss = total.detach()
+            self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+            return total
         self.criterion_seconds = self._clock() - start
         total = self.criterion.total(losses)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"the training loss is {total.item()} at step {self.global_step}; lower the learning "
-                "rate or check the data (the per-term losses are logged under train/)."
-            )
-        bs = images.shape[0]
+        self._step_loss = total.detach()
+        self._skip_reason = None
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         weights = self.criterion.weight_dict
         # Per-term logging of the final layer and of the non-layer metrics keeps the logger readable.
@@ -274,9 +333,51 @@ class DetectionModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called before the Trainer clips: the total norm official logs show as grad_norm.
+        self.optimizer_steps += 1
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), batch_size=1)
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.log("train/grad_norm", norm, batch_size=1)
+        if self._fp16_scaled():
+            return  # fp16's GradScaler skips steps with inf gradients itself, and lowers its scale
+        finite = torch.isfinite(norm)
+        if self._step_loss is not None:
+            finite = finite & torch.isfinite(self._step_loss).to(finite.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = finite.to(torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # one rank's non-finite loss skips the step everywhere
+            finite = flag.bool()
+        if bool(finite):  # the step's one host read for this check
+            self.consecutive_skips = 0
+        else:
+            # Without gradients the optimizer leaves every parameter and its state alone (and the
+            # Trainer's clipping has nothing to clip).
+            optimizer.zero_grad(set_to_none=True)
+            self._skip(norm)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
+
+    def _fp16_scaled(self) -> bool:
+        try:
+            return str(self.trainer.precision).startswith("16")
+        except RuntimeError:  # no Trainer
+            return False
+
+    def _skip(self, norm: torch.Tensor) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        loss = float(self._step_loss) if self._step_loss is not None else float("nan")
+        why = self._skip_reason or f"the loss is {loss:.4g} and the gradient norm {float(norm):.4g}"
+        limit = self.hparams.get("max_consecutive_skipped_steps", 5)
+        if self.consecutive_skips >= limit:
+            raise DivergedError(
+                f"training diverged: {self.consecutive_skips} steps in a row up to step {self.global_step} were not "
+                f"finite ({why}); the last checkpoint written stands. Lower the learning rate (schedule.optim.lr) "
+                "or check the data, then resume from it or start again.")
+        if self.global_rank == 0:
+            log.warning("step %d skipped: %s; the weights and the optimizer state are unchanged (%d in a row, "
+                        "max_consecutive_skipped_steps=%d; %d skipped in all).", self.global_step, why,
+                        self.consecutive_skips, limit, self.skipped_steps)
 
     def param_group_names(self) -> dict[str, str]:
         """{parameter name: "default" | "backbone" | "linear_proj"} for every trainable parameter,

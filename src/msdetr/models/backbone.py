@@ -41,7 +41,9 @@ def _load_resnet(name: str, pretrained: bool | str, dilation: bool, norm: str) -
     kwargs = dict(replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
     if isinstance(pretrained, str) and pretrained not in ("", "imagenet"):
         model = builder(weights=None, **kwargs)
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        from ..official import read_checkpoint_file  # here: msdetr.official imports the models
+
+        state = read_checkpoint_file(pretrained, "backbone weights")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         missing, unexpected = model.load_state_dict(state, strict=False)
         if [k for k in missing if not k.startswith("fc.")]:

@@ -106,7 +106,9 @@ class SwinBackbone(nn.Module):
             path = Path(pretrained)
             if not path.is_file():
                 raise FileNotFoundError(f"Swin weights '{path}' do not exist; point backbone.pretrained at the file.")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from ..official import read_checkpoint_file  # here: msdetr.official imports the models
+
+            state = read_checkpoint_file(path, "Swin weights")
         state = checkpoint_filter_fn(state, self.body)
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
         result = self.body.load_state_dict(state, strict=False)
