@@ -123,7 +123,8 @@ def test_schema_keys_are_the_code_parameters():
     assert keys(detector.encoder.layer) <= params(models.EncoderLayer)
     assert keys(detector.decoder) <= params(models.DeformableDecoder)
     assert keys(detector.decoder.layer) <= params(models.DecoderLayer)
-    assert keys(detector.queries) <= params(models.LearnedQueries, models.TwoStageQueries, models.NMSTwoStageQueries)
+    assert keys(detector.queries) <= params(models.LearnedQueries, models.TwoStageQueries, models.NMSTwoStageQueries,
+                                            models.DINOQueries, models.AnchorQueries)
     # the shared sizes are keys of the model config, and the backends those of the kernels
     assert keys(schema.model) <= set(OmegaConf.load(CONF / "model" / "deformable_detr.yaml"))
     assert ATTN_BACKENDS == BACKENDS

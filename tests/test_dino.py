@@ -102,8 +102,8 @@ def test_denoising_on_dino_has_no_positions_and_dino_sized_label_book():
     block.bind(name="dn", selection=model.queries, num_classes=5)
     assert block.label_embed.weight.shape == (6, 64)  # DINO's label_enc: dn_labelbook_size + 1 rows
     made = block.build(TARGETS, model.queries)
-    # dn_number 4 < 50: DINO's doubling makes 8 groups, of a positive and a negative per GT (2 at most).
-    assert made.pos is None and made.reference.shape == (2, 8 * 2 * 2, 4)
+    # A positive and a negative per GT (2 at most) in each of the 4 groups.
+    assert made.pos is None and made.reference.shape == (2, 4 * 2 * 2, 4)
 
 
 def test_dn_loss_names_put_the_suffix_first_and_giou_has_dinos_eps():
