@@ -190,6 +190,11 @@ def test_a_batch_without_boxes_has_no_denoising_queries_and_a_zero_dn_loss():
     losses = crit(out, empty)
     assert losses["loss_bbox_dn"] == 0 and losses["loss_ce_dn"] == 0
     crit.total(losses).backward()
+    # The label embedding stays in the graph through the empty queries: a zero gradient, not none, so
+    # a DDP rank whose batch has no boxes reduces the same parameters as the others (DINO and DN-DETR
+    # add label_enc.weight[0][0] * 0 for this).
+    grad = model.training_queries["dn"].label_embed.weight.grad
+    assert grad is not None and not grad.any()
 
 
 def test_denoising_trains_through_the_module_with_its_noise_in_the_checkpoint_rng():
