@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import box_area, box_convert, box_iou
 from torchvision.ops import generalized_box_iou as _torchvision_giou
 
-__all__ = ["cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "inverse_sigmoid"]
+__all__ = ["at_least_float32", "cxcywh_to_xyxy", "xyxy_to_cxcywh", "box_iou", "generalized_box_iou", "inverse_sigmoid"]
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ class DenoisingAssigner:
         """(B, Q) bool, True where a query enters the classification loss; None: every query."""
         if self.padding == "background":
             return None
-        largest = max((len(t["labels"]) for t in targets), default=0)
+        largest = self._layout(outputs, targets)[1] // self.parts
         position = torch.arange(outputs["pred_logits"].shape[1], device=outputs["pred_logits"].device) % max(largest, 1)
         # Built from Python ints on the device: no host sync.
         return torch.stack([position < len(t["labels"]) for t in targets])

@@ -74,9 +74,16 @@ def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Te
     values, cand = quality.topk(k, dim=1)
     keep = torch.arange(k, device=quality.device)[None, :] < counts[:, None]
     gt = torch.arange(num_gt, device=quality.device)[:, None].expand(-1, k)
-    cand, gt = cand[keep], gt[keep]  # row-major: the "gt" order
+    return order_pairs(values[keep], cand[keep], gt[keep], pair_order)
+
+
+def order_pairs(values: torch.Tensor, cand: torch.Tensor, gt: torch.Tensor, pair_order: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept (candidate, GT) pairs, given GT by GT in top-k order (each GT's candidates by
+    descending quality `values`), listed in `pair_order`: as they are ("gt"), or all sorted by
+    ascending quality ("quality")."""
     if pair_order == "quality":
-        order = values[keep].argsort()
+        order = values.argsort()
         cand, gt = cand[order], gt[order]
     return cand, gt
 
@@ -199,11 +206,8 @@ def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]
         k = min(assigner.k, q.shape[1])
         values, cand = q.topk(k, dim=1)
         # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates descending.
-        values, cand, gt = values.flatten()[pos], cand.flatten()[pos], torch.div(pos, max(k, 1), rounding_mode="floor")
-        if assigner.pair_order == "quality":
-            order = values.argsort()
-            cand, gt = cand[order], gt[order]
-        out[c][b] = (cand, gt)
+        gt = torch.div(pos, max(k, 1), rounding_mode="floor")
+        out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt, assigner.pair_order)
     return out
 
 
