@@ -262,6 +262,7 @@ def validate(cfg: DictConfig, schema: type = RunConfig) -> None:
     _open(typed, schema)
     try:
         merged = OmegaConf.merge(typed, cfg)  # OmegaConf's type check of every literal value
+        assert isinstance(merged, DictConfig), "a structured schema merges into a DictConfig"
         _check(merged, schema, "", cfg)       # ranges, and the types of interpolated values
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
@@ -280,14 +281,14 @@ def _open(node: DictConfig, schema: type) -> None:
     """Lets every section take the keys the schema does not name (`_target_`, backbone, ...)."""
     OmegaConf.set_struct(node, False)
     for f, hint in _fields(schema):
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             _open(node[f.name], hint)
 
 
 def _check(node: DictConfig, schema: type, path: str, source: DictConfig) -> None:
     for f, hint in _fields(schema):
         key = f"{path}{f.name}"
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             _check(node[f.name], hint, f"{key}.", source)
             continue
         if OmegaConf.is_missing(node, f.name):

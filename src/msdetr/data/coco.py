@@ -146,7 +146,8 @@ def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str | No
                 problem = f"it is {im.size[0]}x{im.size[1]} pixels"
             if problem is None and decode:
                 im.load()
-            return problem, tuple(im.size)
+            width, height = im.size
+            return problem, (width, height)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         return _why(exc), None
 

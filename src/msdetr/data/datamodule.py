@@ -132,7 +132,7 @@ class CocoDataModule(L.LightningDataModule):
         return max(ids, default=-1) + 1
 
     def prepare_data(self) -> None:
-        if self.synthetic:
+        if self.synthetic and self.root is not None:  # the constructor refuses synthetic without root
             from .synthetic import write_synthetic_coco
 
             num_train, num_val = self.synthetic_sizes
@@ -178,8 +178,9 @@ class CocoDataModule(L.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the training augmentations are drawn for (see `EpochSeededDataset`)."""
-        if self._seeded_train is not None:
-            self._seeded_train.set_epoch(epoch)
+        if self._seeded_train is None:
+            return
+        self._seeded_train.set_epoch(epoch)
         if self._train_generator is not None:
             epoch_generator(self._seeded_train.seed, epoch, self._train_generator)
 

@@ -7,6 +7,8 @@ run sees exactly the images the uninterrupted run would have.
 """
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch.utils.data import Dataset
 
@@ -33,11 +35,19 @@ def epoch_generator(seed: int, epoch: int, generator: torch.Generator | None = N
     return generator
 
 
+class MapDataset(Protocol):
+    """A map-style dataset with a length (what `torch.utils.data.Dataset` leaves optional)."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 class EpochSeededDataset(Dataset):
     """`dataset[i]` drawn under the seed of (seed, epoch, i). The epoch lives in shared memory, so
     `set_epoch` reaches persistent DataLoader workers too."""
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int = 0):
+    def __init__(self, dataset: MapDataset, seed: int, epoch: int = 0):
         self.dataset = dataset
         self.seed = int(seed)
         self._epoch = torch.tensor(int(epoch), dtype=torch.int64).share_memory_()

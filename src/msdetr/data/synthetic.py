@@ -58,7 +58,8 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
         if np.abs(colour - under).mean() >= 70:
             break
         colour = rng.integers(0, 256, size=3)
-    return tuple(int(c) for c in colour)
+    r, g, b = (int(c) for c in colour)
+    return r, g, b
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], colour) -> None:
@@ -71,7 +72,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, 
     elif name == "ring":
         draw.ellipse((x0, y0, x1, y1), outline=colour, width=max(2, round(0.2 * min(x1 - x0, y1 - y0))))
     else:
-        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in SHAPES[name]], fill=colour)
+        corners = SHAPES[name]
+        assert corners is not None, f"{name} is drawn by PIL, not as a polygon"
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in corners], fill=colour)
 
 
 def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int):
@@ -119,8 +122,9 @@ def write_synthetic_coco(
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes={num_classes}: the synthetic set has 1 to {len(SHAPES)} shape classes.")
     root = Path(root)
+    size = [int(v) for v in image_size]
     settings = {"format": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
-                "image_size": [int(v) for v in image_size], "seed": seed, "num_classes": num_classes,
+                "image_size": size, "seed": seed, "num_classes": num_classes,
                 "max_objects": max_objects}
     manifest = root / "synthetic.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
@@ -130,10 +134,11 @@ def write_synthetic_coco(
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
+        images: list[dict] = []
+        annotations: list[dict] = []
         for image_id in range(1, count + 1):
             rng = np.random.default_rng([seed, split_index, image_id])
-            img, objects = _render(rng, settings["image_size"], num_classes, max_objects)
+            img, objects = _render(rng, size, num_classes, max_objects)
             file_name = f"{image_id:06d}.png"
             atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
             images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})

@@ -64,6 +64,10 @@ class CocoMetric(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    # The metric states (`add_state`): one tensor per `update` call, concatenated across processes.
+    image_ids: list[torch.Tensor]
+    num_detections: list[torch.Tensor]
+    detections: list[torch.Tensor]
 
     def __init__(self, coco_gt: COCO | None = None, backend: str = "pycocotools", source: str | None = None,
                  verbose: bool = True, **kwargs: Any):
@@ -121,12 +125,14 @@ class CocoMetric(Metric):
 
     def compute(self) -> dict[str, float]:
         distributed = self.sync_on_compute and dist.is_available() and dist.is_initialized()
-        stats = [None]
+        stats: list[dict[str, float] | None] = [None]
         if not distributed or dist.get_rank(self.process_group) == 0:
             stats[0] = self._evaluate()
         if distributed:
             dist.broadcast_object_list(stats, group=self.process_group, group_src=0)
-        return stats[0]
+        result = stats[0]
+        assert result is not None, "rank 0 broadcasts the evaluated statistics"
+        return result
 
     def _per_image(self) -> dict[int, np.ndarray]:
         """{image id: its (n, 6) detection rows}, the first occurrence of each image id."""

@@ -35,12 +35,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses the
 # table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
 # never compiled here: sm_90's).
+class _ArchConfigs(NamedTuple):
+    pairs: tuple[tuple[int, int], ...]  # (BLOCK_Q, num_warps) candidates
+    max_per_thread: int  # elements of a (BLOCK_Q, D) tile per thread, at most
+
+
 _ARCH_CONFIGS = {
     # sm_80's ptxas gives the backward 240-255 registers at 16 elements per thread (at the edge of
     # spilling, 8 warps per SM); at 8 it stays under ~185.
-    80: dict(pairs=((4, 2), (8, 4), (16, 8)), max_per_thread=8),
+    80: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 8)), max_per_thread=8),
     # sm_90 holds 16 elements per thread in under ~190 registers: one more, larger tile to try.
-    90: dict(pairs=((4, 2), (8, 4), (16, 4), (16, 8)), max_per_thread=16),
+    90: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 4), (16, 8)), max_per_thread=16),
 }
 # Below 2 elements per thread most threads of a block wait on a handful of loads.
 _MIN_ELEMENTS_PER_THREAD = 2
@@ -51,7 +56,7 @@ def _union_configs() -> list[triton.Config]:
         # The interpreter runs program instances one by one (~10 ms each) and cannot benchmark: one
         # config, with a block of queries large enough to keep the instance count small.
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch["pairs"]})
+    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch.pairs})
     # num_stages=1: the body is gathers through data-dependent pointers, nothing to pipeline.
     return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=1) for bq, w in pairs]
 
@@ -59,7 +64,7 @@ def _union_configs() -> list[triton.Config]:
 _CONFIGS = _union_configs()
 
 
-def _arch_table(arch: int) -> dict:
+def _arch_table(arch: int) -> _ArchConfigs:
     below = [a for a in _ARCH_CONFIGS if a <= arch]
     return _ARCH_CONFIGS[max(below) if below else min(_ARCH_CONFIGS)]
 
@@ -75,8 +80,8 @@ def candidate_configs(arch: int, head_dim: int, num_points: int) -> list[triton.
     def per_thread(cfg: triton.Config) -> float:
         return cfg.kwargs["BLOCK_Q"] * tile / (32 * cfg.num_warps)
 
-    configs = [c for c in _CONFIGS if (c.kwargs["BLOCK_Q"], c.num_warps) in table["pairs"]]
-    kept = [c for c in configs if _MIN_ELEMENTS_PER_THREAD <= per_thread(c) <= table["max_per_thread"]]
+    configs = [c for c in _CONFIGS if (c.kwargs["BLOCK_Q"], c.num_warps) in table.pairs]
+    kept = [c for c in configs if _MIN_ELEMENTS_PER_THREAD <= per_thread(c) <= table.max_per_thread]
     # Large heads or many points: every tile of the table holds more; take the smallest.
     return kept or [min(configs, key=per_thread)]
 
@@ -453,9 +458,8 @@ def ms_deform_attn_triton(
         raise ValueError(f"ms_deform_attn (triton): sampling_locations must be one of "
                          f"{', '.join(map(str, _SUPPORTED))}, got {sampling_locations.dtype}.")
     loc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
-    index = dict(device=value.device, dtype=torch.int64)
     return ms_deform_attn_fwd(
-        value, spatial_shapes.to(**index), level_start_index.to(**index),
+        value, spatial_shapes.to(value.device, torch.int64), level_start_index.to(value.device, torch.int64),
         sampling_locations.to(loc_dtype), attention_weights,
     )
 

@@ -21,6 +21,15 @@ _CHANNELS = {
 class ResNetBody(nn.Module):
     """The ResNet trunk without pooling/fc, with the torchvision (and official checkpoint) names."""
 
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+
     def __init__(self, resnet: torchvision.models.ResNet):
         super().__init__()
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):

@@ -23,6 +23,10 @@ class MLP(nn.Module):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
+    def linears(self) -> list[nn.Linear]:
+        """The layers, typed (iterating the ModuleList gives plain modules)."""
+        return [layer for layer in self.layers if isinstance(layer, nn.Linear)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -152,11 +156,11 @@ class DeformableDecoder(nn.Module):
         self.logit_eps = logit_eps
         if box_query_pos:
             self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
-            for linear in self.ref_point_head.layers:  # Xavier, as DINO initialises its transformer
+            for linear in self.ref_point_head.linears():  # Xavier, as DINO initialises its transformer
                 nn.init.xavier_uniform_(linear.weight)
         if query_scale:
             self.query_scale = MLP(self.d_model, self.d_model, self.d_model, 2)
-            for linear in self.query_scale.layers:  # Xavier, as DN-DETR initialises its transformer
+            for linear in self.query_scale.linears():  # Xavier, as DN-DETR initialises its transformer
                 nn.init.xavier_uniform_(linear.weight)
         if norm:
             self.norm = nn.LayerNorm(self.d_model)

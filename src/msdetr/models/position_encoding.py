@@ -46,6 +46,8 @@ class PositionEmbeddingSine(nn.Module):
         eps = 1e-6
         y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
         x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
+        if self.num_pos_feats is None:
+            raise RuntimeError("num_pos_feats is unset: the detector sets it to half its width when it is built.")
         dim_t = _frequencies(self.num_pos_feats, self.temperature, mask.device)
         pos_x = _interleave(x_embed[..., None] / dim_t)
         pos_y = _interleave(y_embed[..., None] / dim_t)

@@ -102,13 +102,15 @@ class SwinBackbone(nn.Module):
                               "randomly initialised. Pass pretrained=<path to local weights> to use a file.",
                               stacklevel=3)
                 return
-        else:
+        elif isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():
                 raise FileNotFoundError(f"Swin weights '{path}' do not exist; point backbone.pretrained at the file.")
             from ..official import read_checkpoint_file  # here: msdetr.official imports the models
 
             state = read_checkpoint_file(path, "Swin weights")
+        else:
+            return
         state = checkpoint_filter_fn(state, self.body)
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm."))}
         result = self.body.load_state_dict(state, strict=False)
