@@ -77,7 +77,18 @@ def _load_resnet(name: str, pretrained: bool | str, dilation: bool, norm: str) -
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
-class Backbone(nn.Module):
+class FeatureBackbone(nn.Module):
+    """What the detector needs of a backbone: `forward(images, padding_mask)` returns one
+    (feature map, mask) pair per output level, finest first, with `num_channels[i]` channels in
+    level i."""
+
+    num_channels: list[int]
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class Backbone(FeatureBackbone):
     """ResNet with frozen BatchNorm; as in the official code the stem and layer1 stay frozen and
     layer2-4 train when `train_backbone` (`trainable_layers` counts stages from layer4 down).
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from torch import nn
 from ..box_ops import inverse_sigmoid
 from ..kernels import BACKENDS
 from .attention import MSDeformAttn
-from .backbone import resize_mask
+from .backbone import FeatureBackbone, resize_mask
 from .decoder import MLP, DeformableDecoder
 from .encoder import DeformableEncoder
 from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
@@ -53,7 +53,7 @@ class DeformableDETR(nn.Module):
     a training forward returns.
     """
 
-    def __init__(self, *, backbone: nn.Module, encoder: DeformableEncoder, decoder: DeformableDecoder,
+    def __init__(self, *, backbone: FeatureBackbone, encoder: DeformableEncoder, decoder: DeformableDecoder,
                  queries: QuerySelection, num_classes: int = 91, box_refine: bool = False,
                  o2m_class_heads: bool = False, training_queries: Mapping[str, TrainingQueries | None] | None = None,
                  share_heads: bool = False, position_embedding: PositionEmbeddingSine | None = None):
@@ -105,7 +105,7 @@ class DeformableDETR(nn.Module):
             if block.stream not in OPTIONAL_STREAMS:
                 raise ValueError(f"training_queries.{name} writes the stream {block.stream!r}, which DetectorOutput "
                                  f"does not declare; declare it in msdetr/models/outputs.py.")
-            taken = [n for n, b in self.training_queries.items() if b.stream == block.stream]
+            taken = [n for n, b in zip(self.training_queries, self.blocks) if b.stream == block.stream]
             if taken:
                 raise ValueError(f"training_queries.{name} and .{taken[0]} both write {block.stream}; keep one.")
             block.bind(name=name, selection=queries, num_classes=num_classes)
@@ -114,26 +114,25 @@ class DeformableDETR(nn.Module):
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
-        nn.init.zeros_(bbox_embed.layers[-1].weight)
-        nn.init.zeros_(bbox_embed.layers[-1].bias)
+        nn.init.zeros_(bbox_embed.linears()[-1].weight)
+        nn.init.zeros_(bbox_embed.linears()[-1].bias)
         # One head per decoder layer, and one for the encoder's proposals when the queries score them.
         num_pred = decoder.num_layers + int(queries.uses_encoder_heads)
-        if share_heads:
-            # DINO: the box head's last layer starts at zero, bias included.
-            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
-        elif box_refine:
-            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
-            nn.init.constant_(self.bbox_embed[0].layers[-1].bias[2:], -2.0)
+        if box_refine and not share_heads:
+            class_heads = [copy.deepcopy(class_embed) for _ in range(num_pred)]
+            box_heads = [copy.deepcopy(bbox_embed) for _ in range(num_pred)]
+            nn.init.constant_(box_heads[0].linears()[-1].bias[2:], -2.0)
         else:
-            # Without refinement the official model shares one head across layers.
-            nn.init.constant_(bbox_embed.layers[-1].bias[2:], -2.0)
-            self.class_embed = nn.ModuleList(class_embed for _ in range(num_pred))
-            self.bbox_embed = nn.ModuleList(bbox_embed for _ in range(num_pred))
+            # One head shared by every layer: officially without refinement, and DINO's share_heads
+            # (whose box head's last layer starts at zero, bias included).
+            if not box_refine:
+                nn.init.constant_(bbox_embed.linears()[-1].bias[2:], -2.0)
+            class_heads, box_heads = [class_embed] * num_pred, [bbox_embed] * num_pred
         if queries.uses_encoder_heads:
-            for head in self.bbox_embed:
-                nn.init.zeros_(head.layers[-1].bias[2:])
+            for head in box_heads:
+                nn.init.zeros_(head.linears()[-1].bias[2:])
+        self.class_embed = nn.ModuleList(class_heads)
+        self.bbox_embed = nn.ModuleList(box_heads)
         if o2m_class_heads:
             self.class_embed_o2m = copy.deepcopy(self.class_embed[:decoder.num_layers])
 
@@ -149,6 +148,12 @@ class DeformableDETR(nn.Module):
         return self.queries.proposal_references
 
     @property
+    def blocks(self) -> list[TrainingQueries]:
+        """The training-query blocks, in `training_queries` order (typed: a ModuleDict's values are
+        plain modules to a type checker)."""
+        return [cast(TrainingQueries, block) for block in self.training_queries.values()]
+
+    @property
     def with_box_refine(self) -> bool:
         return self.box_refine
 
@@ -160,7 +165,7 @@ class DeformableDETR(nn.Module):
         streams = {"main": boxes}
         if self.decoder.o2m_tap is not None:
             streams["o2m_outputs"] = boxes
-        for block in self.training_queries.values():
+        for block in self.blocks:
             streams[block.stream] = boxes
         streams.update(self.queries.streams)
         return streams
@@ -176,16 +181,16 @@ class DeformableDETR(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     @staticmethod
     def _input_projections(channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:
-        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), nn.GroupNorm(32, hidden_dim)) for c in channels]
+        convs = [nn.Conv2d(c, hidden_dim, 1) for c in channels]
         in_channels = channels[-1]
         for _ in range(num_levels - len(channels)):
-            projs.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1),
-                                       nn.GroupNorm(32, hidden_dim)))
+            convs.append(nn.Conv2d(in_channels, hidden_dim, 3, stride=2, padding=1))
             in_channels = hidden_dim
-        for proj in projs:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
-        return nn.ModuleList(projs)
+        for conv in convs:
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        return nn.ModuleList(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)) for conv in convs)
 
     def multiscale_features(self, images: torch.Tensor, padding_mask: torch.Tensor):
         feats = self.backbone(images, padding_mask)
@@ -234,7 +239,7 @@ class DeformableDETR(nn.Module):
     @property
     def needs_targets(self) -> bool:
         """Whether a training forward needs the targets (a training block builds queries from them)."""
-        return any(block.needs_targets for block in self.training_queries.values())
+        return any(block.needs_targets for block in self.blocks)
 
     def self_attn_mask(self, blocks: list[TrainingQueries], sizes: list[list[int]], device) -> torch.Tensor:
         """(T, T) bool, True where a query may not attend: the one-to-one queries (group 0) and
@@ -252,7 +257,7 @@ class DeformableDETR(nn.Module):
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
         levels = self.encoder.flatten(srcs, masks, pos)
         memory = self.encoder(levels)
-        extra = list(self.training_queries.values()) if self.training else []
+        extra = self.blocks if self.training else []
         from_targets = [b for b in extra if b.needs_targets]
         if from_targets and targets is None:
             raise ValueError("this model's training queries are built from the targets: call model(images, "
@@ -263,9 +268,14 @@ class DeformableDETR(nn.Module):
         queries = self.queries(memory, levels, from_selection, heads)
         if from_targets:
             made = [b.build(targets, self.queries) for b in from_targets]
-            # Positions are None where the decoder computes them from the boxes (DINO).
+            # Positions are None where the decoder computes them from the boxes (DINO), for all or none.
+            positions = [queries.pos, *(m.pos for m in made)]
+            given = [p for p in positions if p is not None]
+            if given and len(given) != len(positions):
+                raise RuntimeError("a training block and the query selection disagree on whether "
+                                   "queries carry positions; the decoder's box_query_pos decides it.")
             queries = Queries(torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
-                              None if queries.pos is None else torch.cat([queries.pos, *(m.pos for m in made)], 1),
+                              torch.cat(given, 1) if given else None,
                               torch.cat([queries.reference, *(m.reference for m in made)], 1), queries.outputs)
         q = self.num_queries
         # The one-to-one queries, then each training block's groups (see `self_attn_mask`).
@@ -274,7 +284,8 @@ class DeformableDETR(nn.Module):
                            self.bbox_embed if self.box_refine else None,
                            self.self_attn_mask(blocks, sizes, images.device) if blocks else None)
         logits, coords = self.head_outputs(dec.hidden, dec.box_refs, dec.boxes)
-        out: DetectorOutput = self._stream(logits, coords, queries.reference, 0, q)
+        # Stream keys come from the blocks (checked against DetectorOutput's when they were bound).
+        out: dict[str, Any] = dict(self._stream(logits, coords, queries.reference, 0, q))
         start = q
         for block, per_block in zip(blocks, sizes[1:]):
             stop = start + sum(per_block)
@@ -282,8 +293,9 @@ class DeformableDETR(nn.Module):
             start = stop
         if dec.hidden_o2m and dec.hidden_o2m[0] is not None:
             # One-to-many predictions of the one-to-one queries, on the same references as their layer.
-            o2m = self.head_outputs([h[:, :q] for h in dec.hidden_o2m], [r[:, :q] for r in dec.box_refs],
-                                    class_heads=getattr(self, "class_embed_o2m", None))
-            out["o2m_outputs"] = self._stream(*o2m, queries.reference, 0, q)
+            o2m_logits, o2m_coords = self.head_outputs(
+                [h[:, :q] for h in dec.hidden_o2m], [r[:, :q] for r in dec.box_refs],
+                class_heads=getattr(self, "class_embed_o2m", None))
+            out["o2m_outputs"] = self._stream(o2m_logits, o2m_coords, queries.reference, 0, q)
         out.update(queries.outputs)
-        return out
+        return cast(DetectorOutput, out)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import resize_mask
+from .backbone import FeatureBackbone, resize_mask
 
 # Official (Swin / mmseg / DETA) names put each patch-merging layer at the end of its stage; timm
 # puts it at the start of the next one.
@@ -37,7 +37,7 @@ def is_swin_buffer(name: str) -> bool:
     return name.endswith(("relative_position_index", "attn_mask"))
 
 
-class SwinBackbone(nn.Module):
+class SwinBackbone(FeatureBackbone):
     """A timm Swin Transformer returning the maps of `out_indices` (DETA: stages 1-3, strides 8/16/32),
     each through its own LayerNorm named `norm<i>` as in DETA, so official checkpoints map by name.
 
