@@ -14,7 +14,7 @@ import ast
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 import torch
 
@@ -24,6 +24,7 @@ from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, Mixe
 from .models import (AnchorQueries, Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder,
                      DeformableDETR, DeformableEncoder, DenoisingQueries, DINOQueries, EncoderLayer, LearnedQueries,
                      NMSTwoStageQueries, PositionEmbeddingSine, QuerySelection, SwinBackbone, TwoStageQueries)
+from .models.backbone import FeatureBackbone
 from .models.swin import is_swin_buffer
 from .naming import (class_heads_to_skip, compare_state_dicts, from_official_name, head_aliases, official_names,
                      to_official, to_official_name)
@@ -133,15 +134,21 @@ def is_dino(flags) -> bool:
     return any("=" in tok and not tok.startswith("--") for tok in flags)
 
 
+def _tokens(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> Iterable[str]:
+    """The command-line tokens, once the Namespace and Mapping forms are handled (mypy cannot
+    narrow Namespace out of the union: its `__getattr__` makes it look like any protocol)."""
+    return cast(Iterable[str], flags)
+
+
 def parse_dino_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
     """DINO's `key=value` config overrides (list of str), or its args dict / Namespace -> dict over
     `DINO_DEFAULTS`. Values are Python literals (`use_dn=False`, `lr=1e-4`); others stay strings."""
     if isinstance(flags, argparse.Namespace):
-        flags = vars(flags)
+        return {**DINO_DEFAULTS, **vars(flags)}
     if isinstance(flags, Mapping):
         return {**DINO_DEFAULTS, **flags}
     args = dict(DINO_DEFAULTS)
-    for tok in flags:
+    for tok in _tokens(flags):
         key, sep, raw = tok.partition("=")
         if not sep or not key:
             raise ValueError(f"DINO flag {tok!r} is not key=value; pass DINO's config overrides as ['key=value', ...].")
@@ -159,11 +166,11 @@ def parse_flags(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -
         return parse_dino_flags(flags)
     defaults = DN_DETR_DEFAULTS if is_dn_detr(flags) else OFFICIAL_DEFAULTS
     if isinstance(flags, argparse.Namespace):
-        flags = vars(flags)
+        return {**defaults, **vars(flags)}
     if isinstance(flags, Mapping):
         return {**defaults, **flags}
     # DN-DETR's main.py names its model with the short flag -m.
-    args, tokens = dict(defaults), ["--modelname" if tok == "-m" else tok for tok in flags]
+    args, tokens = dict(defaults), ["--modelname" if tok == "-m" else tok for tok in _tokens(flags)]
     i = 0
     while i < len(tokens):
         tok = tokens[i]
@@ -249,6 +256,7 @@ def build_model(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[s
         raise NotImplementedError("the official --masks (segmentation) heads are not supported.")
     ms_detr = bool(args.get("use_ms_detr"))
     impl_a = ms_detr and any(k.startswith("class_embed_o2m.") for k in keys)
+    backbone: FeatureBackbone
     if args["backbone"] == "swin":  # DETA's Swin-L (models/swin.py there)
         backbone = SwinBackbone(name="swin_large_patch4_window12_384", pretrained=pretrained_backbone,
                                 train_backbone=args["lr_backbone"] > 0, drop_path_rate=0.3, checkpointing=True)

@@ -27,6 +27,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.experimental.callback import Callback
 
@@ -218,7 +219,7 @@ def table(jobs: list[Job]) -> list[dict]:
     """One row per job, keyed by COLUMNS; None where a value is missing."""
     rows = []
     for job in jobs:
-        row = {"job": job.name, "overrides": job.label, "status": job.status}
+        row: dict[str, Any] = {"job": job.name, "overrides": job.label, "status": job.status}
         row.update({m: job.final.get(m) for m in FINAL_METRICS})
         row.update(epochs=job.epochs, wall_time_s=job.wall_time_s, images_per_s=job.images_per_s,
                    peak_mem_gib=job.peak_mem_gib, all_overrides=" ".join(job.overrides))
@@ -292,8 +293,7 @@ def _style(i: int) -> dict:
     """Ten colours, then the same ten dashed, dash-dotted, dotted: 40 jobs stay distinguishable."""
     import matplotlib
 
-    colors = matplotlib.colormaps["tab10"].colors
-    return {"color": colors[i % 10], "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
+    return {"color": matplotlib.colormaps["tab10"](i % 10), "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)]}
 
 
 def _running_mean(values: list[float], window: int) -> list[float]:
@@ -379,7 +379,7 @@ def log_to_wandb(jobs: list[Job], rows: list[dict], figures: list[Path], out: Pa
                  metric: str, group: str | None = None) -> str | None:
     """The table (and figures) in a new W&B run of the sweep's group, when the jobs logged to W&B;
     the run's directory, or None (no job used W&B, or wandb is not installed)."""
-    logged = [j for j in jobs if j.wandb]
+    logged = [j.wandb for j in jobs if j.wandb]
     if not logged:
         return None
     try:
@@ -388,8 +388,8 @@ def log_to_wandb(jobs: list[Job], rows: list[dict], figures: list[Path], out: Pa
         print("msdetr.report: the jobs logged to W&B but the wandb package is missing here, so the W&B table is "
               "left out; pip install 'msdetr[wandb]' to add it.", file=sys.stderr)
         return None
-    where = logged[0].wandb
-    group = group or next((j.wandb["group"] for j in logged if j.wandb["group"]), None) \
+    where = logged[0]
+    group = group or next((w["group"] for w in logged if w["group"]), None) \
         or str(sweep_dir)[-WANDB_GROUP_MAX:]
     if wandb.run is not None:  # a sweep job's run left open would otherwise receive the report
         wandb.finish()
@@ -398,7 +398,7 @@ def log_to_wandb(jobs: list[Job], rows: list[dict], figures: list[Path], out: Pa
                      config={"sweep_dir": str(sweep_dir), "metric": metric, "jobs": len(jobs)})
     try:
         data = [[row[c] for c in COLUMNS] for row in rows]
-        payload = {"sweep_report": wandb.Table(columns=list(COLUMNS), data=data, allow_mixed_types=True)}
+        payload: dict[str, Any] = {"sweep_report": wandb.Table(columns=list(COLUMNS), data=data, allow_mixed_types=True)}
         payload.update({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
         run.log(payload)
         return str(run.dir)
@@ -423,7 +423,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None, metric: s
                plot_metric(jobs, metric, out / f"{metric.replace('/', '_')}.png", title)]
     write_csv(rows, out / "report.csv")
     (out / "report.md").write_text(markdown(jobs, rows, sweep_dir, figures, metric))
-    written = {"markdown": out / "report.md", "csv": out / "report.csv", "loss_figure": figures[0],
+    written: dict[str, Path | str | None] = {"markdown": out / "report.md", "csv": out / "report.csv", "loss_figure": figures[0],
                "metric_figure": figures[1], "wandb": None}
     if use_wandb:
         try:
