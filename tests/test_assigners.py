@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from assigner_reference import cap_positives, topk_per_gt
 from msdetr.losses.criterion import merge_indices, query_class_targets
-from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, cap_positives, quality_assign, topk_per_gt
+from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, quality_assign
 
 
 def test_quality_assign_threshold_and_low_quality_rescue():
