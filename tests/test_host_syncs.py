@@ -5,10 +5,11 @@
     does an op mixing CPU and CUDA tensors. The model (training and eval forward), the criterion and
     the post-processing run under it. The few intended host steps are stubbed, each one named
     method: the Hungarian solve (`HungarianMatcher.solve_on_host`), the one-to-many cap draw
-    (`QualityTopKAssigner.select_on_host`), the merged-assignment sizes (`SetCriterion.counts_on_host`)
-    and DETA's NMS proposal selection (`NMSTwoStageQueries.select`). The autograd engine
-    needs a real device for CUDA tensors, so the backward runs under the same mode on fake CPU
-    tensors instead (which still rejects every data-dependent read).
+    (`QualityTopKAssigner.select_on_host`), the merged-assignment sizes
+    (`SetCriterion.counts_on_host`) and DETA's NMS proposal selection
+    (`NMSTwoStageQueries.select`). The autograd engine needs a real device for CUDA tensors, so the
+    backward runs under the same mode on fake CPU tensors instead (which still rejects every
+    data-dependent read).
 (b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
     same number for 2 or 6 layers and 1 or 3 images, DETA's post-processing the same for batch 2 and 4.
 """
@@ -26,8 +27,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
-from msdetr.matching import (DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner,
-                             QualityTopKAssigner)
+from msdetr.matching import (DenoisingAssigner, HungarianMatcher, IoUTopKAssigner,
+                             MixedScoreTopKAssigner, QualityTopKAssigner)
 from msdetr.models import Backbone, DeformableDETR
 from msdetr.models.attention import MSDeformAttn
 from msdetr.models import NMSTwoStageQueries, TwoStageQueries

@@ -24,8 +24,9 @@ _STREAM_HINTS = {
                       "h_detr matcher configs)",
     "group_outputs": "this branch needs Group DETR's query groups in model.detector.training_queries (set by "
                      "matcher=group_detr)",
-    "dn_outputs": "the denoising branch needs a denoising block in model.detector.training_queries (set by "
-                  "the dn_detr and dino matcher configs) and a selection with box references",
+    "dn_outputs": "the denoising branch needs a denoising block in "
+                  "model.detector.training_queries (set by the dn_detr and dino matcher configs) "
+                  "and a selection with box references",
 }
 
 
@@ -85,8 +86,10 @@ class Branch:
 
     def __post_init__(self):
         if not isinstance(self.assigner, Assigner):
-            raise TypeError(f"branch {self.stream!r}: its assigner is a {type(self.assigner).__name__}, not an "
-                            "msdetr.matching.Assigner; point the branch's assigner at an Assigner subclass.")
+            kind = type(self.assigner).__name__
+            raise TypeError(f"branch {self.stream!r}: its assigner is a {kind}, not an "
+                            "msdetr.matching.Assigner; point the branch's assigner at an Assigner "
+                            "subclass.")
         if self.loss_cls not in CLS_LOSSES:
             raise ValueError(f"branch {self.stream!r}: unknown loss_cls {self.loss_cls!r}; use one of "
                              f"{', '.join(CLS_LOSSES)}.")
@@ -386,8 +389,9 @@ class SetCriterion(nn.Module):
 
     @classmethod
     def merge_many(cls, merges: list[tuple[list, list, int]]) -> list[list]:
-        """`merge_indices` of several (first, second, num_queries) at once (every layer of a step), with
-        a single device-to-host copy (how many queries each merge keeps) for all of them."""
+        """`merge_indices` of several (first, second, num_queries) at once (every layer of a
+        step), with a single device-to-host copy (how many queries each merge keeps) for all of
+        them."""
         lasts = []  # per merge, per image: (last pair of each query, the pairs' GTs)
         for first, second, num_queries in merges:
             per_image = []
@@ -403,7 +407,8 @@ class SetCriterion(nn.Module):
         for per_image in lasts:
             merged.append([])
             for last, gts in per_image:
-                # The kept queries in ascending order, without `nonzero`: queries without a pair sort last.
+                # The kept queries in ascending order, without `nonzero`: queries without a pair
+                # sort last.
                 query = torch.arange(len(last), device=last.device)
                 kept = torch.where(last >= 0, query, len(last)).sort().values[:next(counts)]
                 merged[-1].append((kept, gts[last[kept]]))

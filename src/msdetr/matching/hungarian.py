@@ -100,7 +100,8 @@ class HungarianMatcher(Assigner):
         flat = torch.cat([c.flatten() for c in flat_costs]).cpu()
         solved = cls.solve_on_host(flat, [(c.shape[0], c.shape[1]) for c in flat_costs])
         sizes = [len(rows) for rows, _ in solved]
-        pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)])
+        pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64),
+                                          np.asarray(cols, dtype=np.int64)])
                                 for rows, cols in solved], axis=1)
         pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
         blocks = list(zip(pairs[0].split(sizes), pairs[1].split(sizes)))
@@ -111,13 +112,15 @@ class HungarianMatcher(Assigner):
         return out
 
     @staticmethod
-    def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The host part of `assign_many`: the cost matrices, concatenated flat in a CPU tensor,
         -> per matrix the (rows, cols) of its minimum-cost matching."""
         if not torch.isfinite(flat).all():
             raise FloatingPointError(
-                "the matching cost has NaN/inf entries (predictions diverged, or boxes are degenerate); "
-                "lower the learning rate, check the annotations' boxes, or train in fp32."
+                "the matching cost has NaN/inf entries (predictions diverged, or boxes are "
+                "degenerate); lower the learning rate, check the annotations' boxes, or train in "
+                "fp32."
             )
         values = flat.numpy()
         out, start = [], 0

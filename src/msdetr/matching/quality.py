@@ -102,7 +102,8 @@ class QualityTopKAssigner(Assigner):
         (`select_on_host`), drawn call by call and image by image in the given order; then the
         per-GT top-k and, for the "quality" pair order, the final sort on the device.
         """
-        jobs = []  # (call, image, quality, per candidate: best GT if positive, -2 negative, -1 ignored)
+        # (call, image, quality, per candidate: best GT if positive, -2 negative, -1 ignored)
+        jobs = []
         out: list[list] = []
         for c, (assigner, outputs, targets) in enumerate(calls):
             device = outputs["pred_logits"].device
@@ -113,30 +114,35 @@ class QualityTopKAssigner(Assigner):
                     out[c][b] = (empty, empty)
                     continue
                 q = assigner.quality(outputs, b, tgt)
-                best_gt, positive, negative = quality_assign(q, assigner.threshold, assigner.low_quality,
-                                                             assigner.ignore_below)
+                best_gt, positive, negative = quality_assign(
+                    q, assigner.threshold, assigner.low_quality, assigner.ignore_below)
                 jobs.append((c, b, q, best_gt.masked_fill(~positive, -1).masked_fill(negative, -2)))
         if not jobs:
             return out
-        # The one device-to-host copy: per candidate its best GT where positive, -2 negative, -1 ignored.
+        # The one device-to-host copy: per candidate its best GT where positive, -2 negative, -1
+        # ignored.
         device = jobs[0][2].device
         host = torch.cat([encoded for *_, encoded in jobs]).cpu()
         specs = []
         for c, _, q, _ in jobs:
             assigner = calls[c][0]
-            specs.append(HostSpec(q.shape[0], q.shape[1], assigner.cap(calls[c][1]["pred_logits"].shape[1]),
-                                  min(assigner.k, q.shape[1]), assigner.generator))
+            cap = assigner.cap(calls[c][1]["pred_logits"].shape[1])
+            specs.append(HostSpec(q.shape[0], q.shape[1], cap, min(assigner.k, q.shape[1]),
+                                  assigner.generator))
         positions = cls.select_on_host(host, specs)
         sizes = [len(p) for p in positions]
         # The one host-to-device copy (non-blocking: the host does not wait for it).
-        flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64).to(device, non_blocking=True)
+        flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64)
+        flat_positions = flat_positions.to(device, non_blocking=True)
         for (c, b, q, _), pos in zip(jobs, flat_positions.split(sizes)):
             assigner = calls[c][0]
             k = min(assigner.k, q.shape[1])
             values, cand = q.topk(k, dim=1)
-            # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates descending.
+            # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates
+            # descending.
             gt = torch.div(pos, max(k, 1), rounding_mode="floor")
-            out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt, assigner.pair_order)
+            out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt,
+                                    assigner.pair_order)
         return out
 
     @staticmethod
