@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from assigner_reference import cap_positives, topk_per_gt
 from msdetr.losses.criterion import merge_indices, query_class_targets
-from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, cap_positives, quality_assign, topk_per_gt
+from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, quality_assign
 
 
 def test_quality_assign_threshold_and_low_quality_rescue():
@@ -220,3 +221,58 @@ def test_costs_and_qualities_keep_the_models_precision():
         assert HungarianMatcher().cost_matrices(out, targets)[0].dtype == expected
         assert MixedScoreTopKAssigner().quality(out, 0, targets[0]).dtype == expected
         assert IoUTopKAssigner().quality(out, 0, targets[0]).dtype == expected
+
+
+def _reference_assign(assigner, outputs, targets):
+    """`assigner(outputs, targets)` image by image: `quality_assign`, the random cap and the per-GT
+    top-k of tests/assigner_reference.py, drawing from the assigner's generator in image order."""
+    out = []
+    for b, target in enumerate(targets):
+        if len(target["labels"]) == 0:
+            out.append(([], []))
+            continue
+        quality = assigner.quality(outputs, b, target)
+        best_gt, positive, negative = quality_assign(quality, assigner.threshold,
+                                                     assigner.low_quality, assigner.ignore_below)
+        kept = cap_positives(positive, assigner.cap(quality.shape[1]), assigner.generator,
+                             int(negative.sum()))
+        queries, gts = topk_per_gt(quality, best_gt, kept, assigner.k, assigner.pair_order)
+        out.append((queries.tolist(), gts.tolist()))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_batch_of_calls_is_the_image_by_image_rule(seed):
+    """`QualityTopKAssigner.assign_many` over calls of both assigners (seeded or on the global RNG,
+    binding caps, an image without GTs) gives, bit for bit, what the per-image rule gives call after
+    call, and leaves every random stream where that rule leaves it."""
+    outputs, target = _crowded(seed)
+    outputs = {k: torch.cat([v, v.flip(1), v]) for k, v in outputs.items()}
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
+    targets = [target[0], empty, target[0]]
+
+    def assigners():
+        return [MixedScoreTopKAssigner(positive_fraction=0.1, seed=seed),
+                IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1),
+                MixedScoreTopKAssigner(positive_fraction=0.5, pair_order="gt"),
+                IoUTopKAssigner(threshold=0.5, ignore_below=0.2, k=3, positive_fraction=0.05,
+                                seed=seed + 7)]
+
+    torch.manual_seed(seed)
+    reference = assigners()
+    expected = [_reference_assign(a, outputs, targets) for a in reference]
+    after = torch.randint(1 << 30, (4,))
+    torch.manual_seed(seed)
+    batched = assigners()
+    got = MixedScoreTopKAssigner.batch_group().assign_many([(a, outputs, targets) for a in batched])
+    assert [[(q.tolist(), g.tolist()) for q, g in call] for call in got] == expected
+    assert torch.equal(torch.randint(1 << 30, (4,)), after)
+    for mine, theirs in zip(batched, reference):
+        if mine.generator is not None:
+            assert torch.equal(mine.generator.get_state(), theirs.generator.get_state())
+    assert IoUTopKAssigner.batch_group() is MixedScoreTopKAssigner.batch_group()
+    for assigner in reference:  # the cap binds for every assigner (in the first image)
+        quality = assigner.quality(outputs, 0, targets[0])
+        _, positive, _ = quality_assign(quality, assigner.threshold, assigner.low_quality,
+                                        assigner.ignore_below)
+        assert positive.sum() > assigner.cap(quality.shape[1]), type(assigner).__name__

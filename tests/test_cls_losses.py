@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision.ops import sigmoid_focal_loss
 
+from assigner_reference import FixedAssigner
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses.criterion import aligned_iou, set_class_targets_
 
@@ -38,7 +39,7 @@ def _outputs(requires_grad=False):
 
 
 def _criterion(num_classes=3, **branch):
-    return SetCriterion(num_classes, [Branch("main", lambda out, tgts: INDICES, aux=False, **branch)])
+    return SetCriterion(num_classes, [Branch("main", FixedAssigner(INDICES), aux=False, **branch)])
 
 
 def _per_entry(rule):
@@ -140,8 +141,8 @@ def test_binary_branch(loss_cls):
     logits = LOGITS[:, :1]
     outputs = {"enc_outputs": {"pred_logits": logits[None], "pred_boxes": PRED_BOXES[None]},
                "pred_logits": LOGITS[None], "pred_boxes": PRED_BOXES[None]}
-    crit = SetCriterion(3, [Branch("enc_outputs", lambda out, tgts: INDICES, suffix="_enc", aux=False, binary=True,
-                                   loss_cls=loss_cls)])
+    crit = SetCriterion(3, [Branch("enc_outputs", FixedAssigner(INDICES), suffix="_enc", aux=False,
+                                   binary=True, loss_cls=loss_cls)])
     losses = crit(outputs, TARGETS)
     assert "class_error_enc" not in losses
     ious = [1.0, 1 / 3, 0.0, None]
@@ -160,11 +161,11 @@ def test_binary_branch(loss_cls):
 
 def test_invalid_choices_are_one_sentence():
     with pytest.raises(ValueError) as err:
-        Branch("main", lambda out, tgts: INDICES, loss_cls="softmax")
+        Branch("main", FixedAssigner(INDICES), loss_cls="softmax")
     message = str(err.value)
     assert message == "branch 'main': unknown loss_cls 'softmax'; use one of focal, varifocal, ia_bce."
     with pytest.raises(ValueError, match=r"cls_alpha must be in \[0, 1\] and cls_gamma >= 0"):
-        Branch("main", lambda out, tgts: INDICES, loss_cls="ia_bce", cls_alpha=1.5)
+        Branch("main", FixedAssigner(INDICES), loss_cls="ia_bce", cls_alpha=1.5)
 
 
 def test_hydra_override_composes_and_builds():

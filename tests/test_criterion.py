@@ -1,12 +1,14 @@
 """The criterion's target semantics where a one-to-many assignment claims a query twice, checked
 against the official rule written out here (no fixture): one class per query, every pair in the boxes."""
+import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
+from assigner_reference import FixedAssigner
 from msdetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses.criterion import merge_indices, query_class_targets
-from msdetr.matching import MixedScoreTopKAssigner
+from msdetr.matching import Assigner, MixedScoreTopKAssigner
 
 
 def _official_class_target(logits, targets, indices):
@@ -42,7 +44,7 @@ def test_a_query_claimed_twice_takes_its_last_pairs_class():
 
 def test_losses_follow_the_official_semantics():
     outputs, targets, indices = _case()
-    crit = SetCriterion(4, [Branch("main", lambda o, t: indices)])
+    crit = SetCriterion(4, [Branch("main", FixedAssigner(indices))])
     num_boxes = 3.0
     terms = crit.layer_losses(outputs, targets, indices, num_boxes)
 
@@ -93,7 +95,75 @@ def test_assigner_duplicates_end_to_end_with_the_best_gt_last():
     assert (queries == 2).sum() == 2
     batch, query, label = query_class_targets([(queries, gts)], targets, num_queries=16)
     assert dict(zip(query.tolist(), label.tolist()))[2] == 2
-    crit = SetCriterion(3, [Branch("main", lambda o, t: None)])
+    crit = SetCriterion(3, [Branch("main", FixedAssigner([(queries, gts)]))])
     terms = crit.layer_losses(outputs, targets, [(queries, gts)], 2.0)
     onehot = _official_class_target(logits, targets, [(queries, gts)])
     torch.testing.assert_close(terms["ce"], sigmoid_focal_loss(logits, onehot, 0.25, 2.0, reduction="sum") / 2.0)
+
+
+class EveryOtherQuery(Assigner):
+    """A new assigner, defined here and nowhere in msdetr: GT j of an image supervises query 2j;
+    the classification loss leaves out the odd queries and the loss is averaged over 2 (as if
+    two groups). `assign_many` is its own, so every call of a step reaches it in one batch."""
+
+    batches: list[int] = []
+
+    def assign(self, outputs, targets):
+        device = outputs["pred_logits"].device
+        gts = [torch.arange(len(t["labels"]), device=device) for t in targets]
+        return [(j * 2, j) for j in gts]
+
+    @classmethod
+    def assign_many(cls, calls):
+        cls.batches.append(len(calls))
+        return [assigner.assign(outputs, targets) for assigner, outputs, targets in calls]
+
+    def normalizer_scale(self, outputs, targets):
+        return 2.0
+
+    def class_loss_mask(self, outputs, targets):
+        queries = outputs["pred_logits"].shape[1]
+        return (torch.arange(queries) % 2 == 0).expand(len(targets), queries)
+
+
+class EveryOtherQueryOnAnchors(EveryOtherQuery):
+    box_key = "anchors"
+
+
+def test_a_new_assigner_is_one_class():
+    """An assigner written against the `Assigner` contract alone runs as a branch: its pairs, its
+    normalizer factor and its classification mask reach the losses, its subclasses are assigned
+    in the same batch, and `check_model` reads its box key."""
+    torch.manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.rand(2, 4) * 0.5 + 0.25},
+               {"labels": torch.tensor([2]), "boxes": torch.rand(1, 4) * 0.5 + 0.25}]
+
+    def layer():
+        return {"pred_logits": torch.randn(2, 6, 4), "pred_boxes": torch.rand(2, 6, 4) * 0.5 + 0.25,
+                "anchors": torch.rand(2, 6, 4) * 0.5 + 0.25}
+
+    aux = [layer(), layer()]
+    o2m = {**layer(), "aux_outputs": [layer(), layer()]}
+    outputs = {**layer(), "aux_outputs": aux, "o2m_outputs": o2m}
+    crit = SetCriterion(4, [Branch("main", EveryOtherQuery()),
+                            Branch("o2m_outputs", EveryOtherQueryOnAnchors(), suffix="_o2m")])
+    crit.check_model({"main": {"pred_boxes"}, "o2m_outputs": {"pred_boxes", "anchors"}})
+    with pytest.raises(ValueError, match="'anchors'"):
+        crit.check_model({"main": {"pred_boxes"}, "o2m_outputs": {"pred_boxes"}})
+    EveryOtherQuery.batches.clear()
+    losses = crit(outputs, targets)
+    assert EveryOtherQuery.batches == [6]  # 3 layers of 2 branches, one batch
+    indices = [(torch.tensor([0, 2]), torch.tensor([0, 1])), (torch.tensor([0]), torch.tensor([0]))]
+    mask = (torch.arange(6) % 2 == 0).expand(2, 6)
+    for name, out in (("_0", aux[0]), ("_1", aux[1]), ("", outputs)):
+        expected = crit.layer_losses(out, targets, indices, 3.0 * 2.0, class_mask=mask)
+        for key in ("ce", "bbox", "giou"):
+            torch.testing.assert_close(losses[f"loss_{key}{name}"], expected[key])
+    unmasked = crit.layer_losses(outputs, targets, indices, 3.0 * 2.0)
+    assert losses["loss_ce"] < unmasked["ce"]  # the odd queries' background terms are left out
+    assert {f"loss_ce_{i}_o2m" for i in range(2)} | {"loss_ce_o2m"} <= set(losses)
+
+
+def test_a_branch_takes_only_an_assigner():
+    with pytest.raises(TypeError, match="not an msdetr.matching.Assigner"):
+        Branch("main", lambda outputs, targets: [])

@@ -124,7 +124,7 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     for branch in (b for b in branches if b.stream in produced):
         assert f"loss_bbox{branch.suffix}" in losses, branch.stream
         stream = outputs if branch.stream == "main" else outputs[branch.stream]
-        box_key = getattr(branch.assigner, "box_key", "pred_boxes")
+        box_key = branch.assigner.box_key
         assigned = [stream] if getattr(branch, "assign_once", False) else [*stream.get("aux_outputs", []), stream]
         for layer in assigned:
             assert {"pred_logits", "pred_boxes", box_key} <= set(layer), (branch.stream, box_key, sorted(layer))

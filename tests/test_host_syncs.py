@@ -4,11 +4,12 @@
     data-dependent host read (`.item()`, `.tolist()`, `nonzero`, a boolean mask index) raises, and so
     does an op mixing CPU and CUDA tensors. The model (training and eval forward), the criterion and
     the post-processing run under it. The few intended host steps are stubbed, each one named
-    function: the Hungarian solve (`hungarian.solve_on_host`), the one-to-many cap draw
-    (`quality.select_on_host`), the merged-assignment sizes (`criterion.counts_on_host`) and DETA's
-    NMS proposal selection (`NMSTwoStageQueries.select`). The autograd engine
-    needs a real device for CUDA tensors, so the backward runs under the same mode on fake CPU
-    tensors instead (which still rejects every data-dependent read).
+    method: the Hungarian solve (`HungarianMatcher.solve_on_host`), the one-to-many cap draw
+    (`QualityTopKAssigner.select_on_host`), the merged-assignment sizes
+    (`SetCriterion.counts_on_host`) and DETA's NMS proposal selection
+    (`NMSTwoStageQueries.select`). The autograd engine needs a real device for CUDA tensors, so the
+    backward runs under the same mode on fake CPU tensors instead (which still rejects every
+    data-dependent read).
 (b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
     same number for 2 or 6 layers and 1 or 3 images, DETA's post-processing the same for batch 2 and 4.
 """
@@ -26,10 +27,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
-from msdetr.losses import criterion as criterion_module
-from msdetr.matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
-from msdetr.matching import hungarian as hungarian_module
-from msdetr.matching import quality as quality_module
+from msdetr.matching import (DenoisingAssigner, HungarianMatcher, IoUTopKAssigner,
+                             MixedScoreTopKAssigner, QualityTopKAssigner)
 from msdetr.models import Backbone, DeformableDETR
 from msdetr.models.attention import MSDeformAttn
 from msdetr.models import NMSTwoStageQueries, TwoStageQueries
@@ -103,9 +102,9 @@ def _proposals_stub(self, enc_class, enc_coord_unact, level_ids, k, shapes=None)
 
 @pytest.fixture
 def host_steps_stubbed(monkeypatch):
-    monkeypatch.setattr(hungarian_module, "solve_on_host", _solve_stub)
-    monkeypatch.setattr(quality_module, "select_on_host", _select_stub)
-    monkeypatch.setattr(criterion_module, "counts_on_host", _counts_stub)
+    monkeypatch.setattr(HungarianMatcher, "solve_on_host", staticmethod(_solve_stub))
+    monkeypatch.setattr(QualityTopKAssigner, "select_on_host", staticmethod(_select_stub))
+    monkeypatch.setattr(SetCriterion, "counts_on_host", staticmethod(_counts_stub))
     monkeypatch.setattr(NMSTwoStageQueries, "select", _proposals_stub)
 
 

@@ -17,6 +17,7 @@ from ..losses import SetCriterion
 from ..models import DeformableDETR
 from ..naming import official_names, upgrade_state_dict
 from ..postprocess import TopKPostProcess
+from ..seeded import Seeded
 from . import loopstate, rng
 
 
@@ -145,14 +146,15 @@ class DetectionModule(L.LightningModule):
         self.replaced_images: set[str] = set()  # unreadable training images (data.skip_bad_images)
         self.consecutive_skips = 0
 
-    def _seeded(self) -> list:
-        """Everything that draws from a generator of its own: the assigners and the detector's
-        training query blocks (denoising noise)."""
+    def _seeded(self) -> list[Seeded]:
+        """Everything that may draw from a generator of its own (`Seeded`): the assigners and the
+        detector's denoising blocks."""
         blocks = getattr(self.model, "training_queries", {})
-        return [*self.criterion.assigners(), *(blocks.values() if blocks else ())]
+        found = [*self.criterion.assigners(), *(blocks.values() if blocks else ())]
+        return [s for s in found if isinstance(s, Seeded)]
 
     def _generators(self) -> list[torch.Generator]:
-        return [a.generator for a in self._seeded() if getattr(a, "generator", None) is not None]
+        return [s.generator for s in self._seeded() if s.generator is not None]
 
     @property
     def detector_compiled(self) -> bool:
@@ -212,8 +214,7 @@ class DetectionModule(L.LightningModule):
         if stage == "fit" and self.hparams.seed is not None and rank > 0:
             rng.seed_process(self.hparams.seed + rank)
             for seeded in self._seeded():
-                if hasattr(seeded, "seed_rank"):
-                    seeded.seed_rank(rank)
+                seeded.seed_rank(rank)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["msdetr_config"] = self.run_config

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,8 +11,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
-from ..matching import HungarianMatcher, QualityTopKAssigner, solve_assignments
-from ..matching.quality import assign_quality_batch
+from ..matching import Assigner
 
 Targets = list[dict[str, torch.Tensor]]
 
@@ -25,6 +24,9 @@ _STREAM_HINTS = {
                       "h_detr matcher configs)",
     "group_outputs": "this branch needs Group DETR's query groups in model.detector.training_queries (set by "
                      "matcher=group_detr)",
+    "dn_outputs": "the denoising branch needs a denoising block in "
+                  "model.detector.training_queries (set by the dn_detr and dino matcher configs) "
+                  "and a selection with box references",
 }
 
 
@@ -39,7 +41,7 @@ class Branch:
 
     stream: key of the model outputs it reads (`main` = `pred_logits`/`pred_boxes` + `aux_outputs`;
     otherwise a sub-dict such as `enc_outputs`, with its own `aux_outputs` when `aux`).
-    assigner: callable(layer_outputs, targets) -> list of (query_idx, gt_idx) per image.
+    assigner: an `Assigner` (msdetr/matching/base.py): per image of a layer, its (query, GT) pairs.
     weights: loss weight per term (`ce`, `bbox`, `giou`). suffix: appended to every loss name.
     binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
     merge_with: stream of an earlier branch whose assignment of the same layer is merged into this
@@ -49,11 +51,10 @@ class Branch:
     whose quality depends only on the decoder's input proposals).
     repeat_targets: every GT appears this many times (H-DETR's one-to-many branch, k = 6); the
     normalizer grows with it, as in H-DETR where the branch sees k times the boxes.
-    num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups). An
-    assigner with a `normalizer_scale(layer_outputs, targets)` method multiplies it further, by a
-    factor known only from the batch (the denoising groups); one with a `class_loss_mask(layer_outputs,
-    targets)` method leaves the queries it marks False out of the classification loss (DN-DETR's
-    padding slots).
+    num_boxes_scale: extra factor on the normalizer (Group DETR averages over its G groups). The
+    assigner's `normalizer_scale(layer_outputs, targets)` multiplies it further, by a factor known
+    only from the batch (the denoising groups); its `class_loss_mask(layer_outputs, targets)` leaves
+    the queries it marks False out of the classification loss (DN-DETR's padding slots).
     required: a model without this stream is an error; otherwise the branch is skipped (the encoder
     branch of a one-stage model, as the official criteria do).
     loss_cls: the classification loss. `focal` (default): sigmoid focal loss against 1 at each
@@ -68,7 +69,7 @@ class Branch:
     """
 
     stream: str
-    assigner: Callable[[dict, Targets], Any]
+    assigner: Assigner
     weights: dict[str, float] = field(default_factory=lambda: {"ce": 2.0, "bbox": 5.0, "giou": 2.0})
     suffix: str = ""
     aux: bool = True
@@ -84,6 +85,11 @@ class Branch:
     suffix_first: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.assigner, Assigner):
+            kind = type(self.assigner).__name__
+            raise TypeError(f"branch {self.stream!r}: its assigner is a {kind}, not an "
+                            "msdetr.matching.Assigner; point the branch's assigner at an Assigner "
+                            "subclass.")
         if self.loss_cls not in CLS_LOSSES:
             raise ValueError(f"branch {self.stream!r}: unknown loss_cls {self.loss_cls!r}; use one of "
                              f"{', '.join(CLS_LOSSES)}.")
@@ -116,38 +122,7 @@ def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor
 def merge_indices(first, second, num_queries: int):
     """Per image the union of two assignments with one GT per query (official `indices_merge`):
     `second` wins conflicts and, within one assignment, a query's last pair wins; sorted by query."""
-    return merge_indices_batch([(first, second, num_queries)])[0]
-
-
-def counts_on_host(counts: torch.Tensor) -> list[int]:
-    """The host read of `merge_indices_batch` (a CPU copy of the kept counts). Tests without real
-    data (fake tensors) replace this one function."""
-    return counts.tolist()
-
-
-def merge_indices_batch(merges: list[tuple[list, list, int]]) -> list[list]:
-    """`merge_indices` of several (first, second, num_queries) at once (every layer of a step), with
-    a single device-to-host copy (how many queries each merge keeps) for all of them."""
-    lasts = []  # per merge, per image: (last pair of each query, the pairs' GTs)
-    for first, second, num_queries in merges:
-        per_image = []
-        for (q1, g1), (q2, g2) in zip(first, second):
-            queries, gts = torch.cat([q1, q2.to(q1.device)]), torch.cat([g1, g2.to(g1.device)])
-            per_image.append((last_pair_per_query(queries, num_queries), gts))
-        lasts.append(per_image)
-    flat = [last for per_image in lasts for last, _ in per_image]
-    if not flat:
-        return [[] for _ in merges]
-    counts = iter(counts_on_host(torch.stack([(last >= 0).sum() for last in flat]).cpu()))
-    merged = []
-    for per_image in lasts:
-        merged.append([])
-        for last, gts in per_image:
-            # The kept queries in ascending order, without `nonzero`: queries without a pair sort last.
-            query = torch.arange(len(last), device=last.device)
-            kept = torch.where(last >= 0, query, len(last)).sort().values[:next(counts)]
-            merged[-1].append((kept, gts[last[kept]]))
-    return merged
+    return SetCriterion.merge_many([(first, second, num_queries)])[0]
 
 
 def query_class_targets(indices, targets: Targets, num_queries: int
@@ -295,7 +270,7 @@ class SetCriterion(nn.Module):
                         f"(it has {sorted(streams)}): {_STREAM_HINTS.get(branch.stream, 'pick a matching model')}."
                     )
                 continue
-            key = getattr(branch.assigner, "box_key", "pred_boxes")
+            key = branch.assigner.box_key
             if key not in streams[branch.stream]:
                 raise ValueError(
                     f"the {branch.stream!r} branch assigns against {key!r}, which this model does not have there "
@@ -355,11 +330,9 @@ class SetCriterion(nn.Module):
             indices = assigned[(branch.stream, layer_suffix)]
             name = branch.suffix + layer_suffix if branch.suffix_first else layer_suffix + branch.suffix
             normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
-            if hasattr(branch.assigner, "normalizer_scale"):  # e.g. denoising: averaged over its groups
-                normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
-            mask = None
-            if hasattr(branch.assigner, "class_loss_mask"):  # e.g. DN-DETR's padding queries: no loss
-                mask = branch.assigner.class_loss_mask(layer_out, tgts)
+            # e.g. denoising: averaged over its groups; DN-DETR's padding queries left out
+            normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
+            mask = branch.assigner.class_loss_mask(layer_out, tgts)
             terms = self.layer_losses(layer_out, tgts, indices, normalizer, branch, mask)
             for key in ("ce", "bbox", "giou"):
                 losses[f"loss_{key}{name}"] = terms[key]
@@ -371,40 +344,29 @@ class SetCriterion(nn.Module):
         return losses
 
     def _assign(self, jobs) -> dict[tuple[str, str], list]:
-        """Every branch's assignment of every layer. The Hungarian cost matrices of all layers and
-        images are solved together: one device-to-host copy per step instead of one per layer."""
+        """Every branch's assignment of every layer. The calls are grouped by their assigner's
+        `batch_group` and each group is assigned at once (`Assigner.assign_many`): e.g. the
+        Hungarian cost matrices of all layers and images in one device-to-host copy per step."""
         assigned: dict[tuple[str, str], list] = {}
-        hungarian = [j for j in jobs if isinstance(j[0].assigner, HungarianMatcher)]
-        with torch.no_grad():
-            costs = [branch.assigner.cost_matrices(out, tgts) for branch, _, out, tgts in hungarian]
-        solved = solve_assignments([c for per_image in costs for c in per_image])
-        for (branch, layer_suffix, out, _), blocks in zip(hungarian, costs):
-            assigned[(branch.stream, layer_suffix)] = branch.assigner.indices(solved[:len(blocks)],
-                                                                              out["pred_logits"].shape[1])
-            solved = solved[len(blocks):]
         once: dict[str, tuple[str, str]] = {}
-        calls, aliases = [], {}
+        groups: dict[type, list] = {}
+        aliases = {}
         # As the official criteria do: per branch the last layer first, then the aux layers in order.
-        # This is the order of the assigners' random draws, which the batched assignment keeps.
+        # This is the order of the assigners' random draws, which every group's batch keeps.
         ordered = sorted(range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i))
         for branch, layer_suffix, layer_out, tgts in (jobs[i] for i in ordered):
             key = (branch.stream, layer_suffix)
-            if key in assigned:
-                continue
             if branch.assign_once:
                 if branch.stream in once:
                     aliases[key] = once[branch.stream]
                     continue
                 once[branch.stream] = key
-            calls.append((key, branch.assigner, layer_out, tgts))
-        # The quality (one-to-many) assigners of every layer and branch together: one round trip to
-        # the host per step instead of several per layer and image.
-        quality = [c for c in calls if isinstance(c[1], QualityTopKAssigner)]
-        for (key, *_), result in zip(quality, assign_quality_batch([c[1:] for c in quality])):
-            assigned[key] = result
-        for key, assigner, layer_out, tgts in calls:
-            if key not in assigned:
-                assigned[key] = assigner(layer_out, tgts)
+            group = type(branch.assigner).batch_group()
+            groups.setdefault(group, []).append((key, (branch.assigner, layer_out, tgts)))
+        with torch.no_grad():
+            for group, calls in groups.items():
+                for (key, _), result in zip(calls, group.assign_many([call for _, call in calls])):
+                    assigned[key] = result
         for key, source in aliases.items():
             assigned[key] = assigned[source]
         merges = []
@@ -420,10 +382,42 @@ class SetCriterion(nn.Module):
             for key, source, num_queries in merges:
                 assigned[key] = merge_indices(assigned[source], assigned[key], num_queries)
             return assigned
-        batch = merge_indices_batch([(assigned[source], assigned[key], q) for key, source, q in merges])
+        batch = self.merge_many([(assigned[source], assigned[key], q) for key, source, q in merges])
         for (key, _, _), merged in zip(merges, batch):
             assigned[key] = merged
         return assigned
+
+    @classmethod
+    def merge_many(cls, merges: list[tuple[list, list, int]]) -> list[list]:
+        """`merge_indices` of several (first, second, num_queries) at once (every layer of a
+        step), with a single device-to-host copy (how many queries each merge keeps) for all of
+        them."""
+        lasts = []  # per merge, per image: (last pair of each query, the pairs' GTs)
+        for first, second, num_queries in merges:
+            per_image = []
+            for (q1, g1), (q2, g2) in zip(first, second):
+                queries, gts = torch.cat([q1, q2.to(q1.device)]), torch.cat([g1, g2.to(g1.device)])
+                per_image.append((last_pair_per_query(queries, num_queries), gts))
+            lasts.append(per_image)
+        flat = [last for per_image in lasts for last, _ in per_image]
+        if not flat:
+            return [[] for _ in merges]
+        counts = iter(cls.counts_on_host(torch.stack([(last >= 0).sum() for last in flat]).cpu()))
+        merged = []
+        for per_image in lasts:
+            merged.append([])
+            for last, gts in per_image:
+                # The kept queries in ascending order, without `nonzero`: queries without a pair
+                # sort last.
+                query = torch.arange(len(last), device=last.device)
+                kept = torch.where(last >= 0, query, len(last)).sort().values[:next(counts)]
+                merged[-1].append((kept, gts[last[kept]]))
+        return merged
+
+    @staticmethod
+    def counts_on_host(counts: torch.Tensor) -> list[int]:
+        """The one host read of `merge_many`: a CPU copy of how many queries each merge keeps."""
+        return counts.tolist()
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)

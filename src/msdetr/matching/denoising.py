@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .hungarian import Indices
+from .base import Assigner, Indices
 
 
 PADDING = ("ignore", "background")
 
 
-class DenoisingAssigner:
+class DenoisingAssigner(Assigner):
     """Assigns the denoising stream's queries to the GTs they were noised from, in the layout of
     `msdetr.models.DenoisingQueries`: groups of `parts` x (largest GT count) queries, GT j at
     position j of a group's first part; a contrastive group's second part (the negatives) stays
@@ -46,7 +46,7 @@ class DenoisingAssigner:
                              "(the largest GT count); the assigner's contrastive setting must match the queries'.")
         return queries // group, group
 
-    def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
+    def assign(self, outputs: dict, targets: list[dict]) -> Indices:
         groups, size = self._layout(outputs, targets)
         device = outputs["pred_logits"].device
         out = []

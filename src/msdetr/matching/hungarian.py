@@ -6,8 +6,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
-
-Indices = list[tuple[torch.Tensor, torch.Tensor]]
+from .base import Assigner, Indices
 
 
 def focal_class_cost(prob: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
@@ -18,14 +17,15 @@ def focal_class_cost(prob: torch.Tensor, labels: torch.Tensor, alpha: float, gam
     return pos - neg
 
 
-class HungarianMatcher:
+class HungarianMatcher(Assigner):
     """Per image, the minimum-cost one-to-one matching of queries to ground truths.
 
     `box_key` chooses the boxes that are matched: `pred_boxes` (Deformable-DETR) or `anchors`
     (MS-DETR's encoder loss, with cost_class=0). `group_size` splits the queries into consecutive
-    blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are built in the
-    outputs' precision (fp32 at least) on their device and copied to the host in one transfer per call.
-    `giou_eps`: see `box_ops.generalized_box_iou` (DINO: 1e-6).
+    blocks of that many, each matched to all GTs on its own (Group DETR's extra groups). Costs are
+    built in the outputs' precision (fp32 at least) on their device; `assign_many` copies those of
+    all its calls to the host in one transfer. `giou_eps`: see `box_ops.generalized_box_iou`
+    (DINO: 1e-6).
     """
 
     def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
@@ -86,38 +86,45 @@ class HungarianMatcher:
             out.append((torch.cat(rows), torch.cat(cols)))
         return out
 
+    @classmethod
     @torch.no_grad()
-    def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
-        return self.indices(solve_assignments(self.cost_matrices(outputs, targets)), outputs["pred_logits"].shape[1])
+    def assign_many(cls, calls) -> list[Indices]:
+        """The cost matrices of every call and image (whatever matchers made them) solved with
+        scipy after a single device-to-host copy; the solutions go back in a single (non-blocking)
+        host-to-device copy."""
+        costs = [assigner.cost_matrices(outputs, targets) for assigner, outputs, targets in calls]
+        flat_costs = [c for per_call in costs for c in per_call]
+        if not flat_costs:
+            return [[] for _ in calls]
+        device = flat_costs[0].device
+        flat = torch.cat([c.flatten() for c in flat_costs]).cpu()
+        solved = cls.solve_on_host(flat, [(c.shape[0], c.shape[1]) for c in flat_costs])
+        sizes = [len(rows) for rows, _ in solved]
+        pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64),
+                                          np.asarray(cols, dtype=np.int64)])
+                                for rows, cols in solved], axis=1)
+        pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
+        blocks = list(zip(pairs[0].split(sizes), pairs[1].split(sizes)))
+        out = []
+        for (assigner, outputs, _), per_call in zip(calls, costs):
+            out.append(assigner.indices(blocks[:len(per_call)], outputs["pred_logits"].shape[1]))
+            blocks = blocks[len(per_call):]
+        return out
 
-
-def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The host part of `solve_assignments`: the cost matrices, concatenated flat in a CPU tensor,
-    -> per matrix the (rows, cols) of its minimum-cost matching. Tests without real data (fake
-    tensors) replace this one function."""
-    if not torch.isfinite(flat).all():
-        raise FloatingPointError(
-            "the matching cost has NaN/inf entries (predictions diverged, or boxes are degenerate); "
-            "lower the learning rate, check the annotations' boxes, or train in fp32."
-        )
-    values = flat.numpy()
-    out, start = [], 0
-    for rows, cols in shapes:
-        out.append(linear_sum_assignment(values[start:start + rows * cols].reshape(rows, cols)))
-        start += rows * cols
-    return out
-
-
-def solve_assignments(costs: list[torch.Tensor]) -> Indices:
-    """Solve a list of (Q_i, n_i) cost matrices with scipy after a single device-to-host copy; the
-    solutions go back in a single (non-blocking) host-to-device copy."""
-    if not costs:
-        return []
-    device = costs[0].device
-    flat = torch.cat([c.flatten() for c in costs]).cpu()
-    solved = solve_on_host(flat, [(c.shape[0], c.shape[1]) for c in costs])
-    sizes = [len(rows) for rows, _ in solved]
-    pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)])
-                            for rows, cols in solved], axis=1)
-    pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
-    return [(rows, cols) for rows, cols in zip(pairs[0].split(sizes), pairs[1].split(sizes))]
+    @staticmethod
+    def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The host part of `assign_many`: the cost matrices, concatenated flat in a CPU tensor,
+        -> per matrix the (rows, cols) of its minimum-cost matching."""
+        if not torch.isfinite(flat).all():
+            raise FloatingPointError(
+                "the matching cost has NaN/inf entries (predictions diverged, or boxes are "
+                "degenerate); lower the learning rate, check the annotations' boxes, or train in "
+                "fp32."
+            )
+        values = flat.numpy()
+        out, start = [], 0
+        for rows, cols in shapes:
+            out.append(linear_sum_assignment(values[start:start + rows * cols].reshape(rows, cols)))
+            start += rows * cols
+        return out

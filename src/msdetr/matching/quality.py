@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from ..box_ops import at_least_float32, box_iou, cxcywh_to_xyxy
-
-Indices = list[tuple[torch.Tensor, torch.Tensor]]
+from .base import Assigner, Indices
 LOW_QUALITY = ("none", "best", "ties")
 PAIR_ORDERS = ("quality", "gt")
 
@@ -48,35 +47,6 @@ def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "
     return best_gt, positive, negative & ~positive
 
 
-def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.Generator | None,
-                  num_negatives: int = 0) -> torch.Tensor:
-    """Keep at most `max_positives` of the positives, a uniformly random subset (no effect below).
-
-    Draws as the official `subsample_labels` does, whether or not the cap binds: a permutation of
-    the positives, then one of the `num_negatives` negatives (unused: the one-to-many assigners keep
-    positives only). So the random stream, torch's global one when `generator` is None as in the
-    official code, moves on exactly as the official code's does."""
-    idx = positive.nonzero().squeeze(1)
-    perm = torch.randperm(idx.numel(), device="cpu", generator=generator).to(idx.device)
-    torch.randperm(num_negatives, device="cpu", generator=generator)
-    capped = torch.zeros_like(positive)
-    capped[idx[perm[:max_positives]]] = True
-    return capped
-
-
-def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Tensor, k: int,
-                pair_order: str = "quality") -> tuple[torch.Tensor, torch.Tensor]:
-    """For each GT with c positives its top-min(c, k) candidates over all candidates, listed in
-    `pair_order` (see the module docstring)."""
-    num_gt, num_cand = quality.shape
-    counts = torch.bincount(best_gt[positive], minlength=num_gt)
-    k = min(k, num_cand)
-    values, cand = quality.topk(k, dim=1)
-    keep = torch.arange(k, device=quality.device)[None, :] < counts[:, None]
-    gt = torch.arange(num_gt, device=quality.device)[:, None].expand(-1, k)
-    return order_pairs(values[keep], cand[keep], gt[keep], pair_order)
-
-
 def order_pairs(values: torch.Tensor, cand: torch.Tensor, gt: torch.Tensor, pair_order: str
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept (candidate, GT) pairs, given GT by GT in top-k order (each GT's candidates by
@@ -88,9 +58,10 @@ def order_pairs(values: torch.Tensor, cand: torch.Tensor, gt: torch.Tensor, pair
     return cand, gt
 
 
-class QualityTopKAssigner:
+class QualityTopKAssigner(Assigner):
     """The shared procedure; subclasses define the quality matrix and their official `pair_order`
-    (a class attribute; the `pair_order` argument overrides it, e.g. for a hybrid of two papers)."""
+    (a class attribute; the `pair_order` argument overrides it, e.g. for a hybrid of two papers).
+    `assign_many` assigns the calls of all of them at once."""
 
     pair_order: str  # one of PAIR_ORDERS, set by each subclass
 
@@ -113,12 +84,6 @@ class QualityTopKAssigner:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
-    def seed_rank(self, rank: int) -> None:
-        """Give process `rank` its own draws: the generator restarts from seed + rank (as the
-        official main.py seeds each process), so DDP ranks do not sample the same positives."""
-        if self.generator is not None:
-            self.generator.manual_seed(self.seed + rank)
-
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
         raise NotImplementedError
 
@@ -126,89 +91,91 @@ class QualityTopKAssigner:
         """The most positives an image keeps before the top-k step."""
         return int(self.positive_fraction * (self.sample_size or num_candidates))
 
+    @classmethod
     @torch.no_grad()
-    def __call__(self, outputs: dict, targets: list[dict]) -> Indices:
-        return assign_quality_batch([(self, outputs, targets)])[0]
+    def assign_many(cls, calls) -> list[Indices]:
+        """Several calls (e.g. every decoder layer of a step, of MS-DETR's and DETA's assigners
+        alike) at once: per call what `assigner(outputs, targets)` returns, with one device-to-host
+        copy and one host-to-device copy in all, whatever the number of calls and images.
+
+        Per image: the quality and `quality_assign` on the device; on the host the random cap
+        (`select_on_host`), drawn call by call and image by image in the given order; then the
+        per-GT top-k and, for the "quality" pair order, the final sort on the device.
+        """
+        # (call, image, quality, per candidate: best GT if positive, -2 negative, -1 ignored)
+        jobs = []
+        out: list[list] = []
+        for c, (assigner, outputs, targets) in enumerate(calls):
+            device = outputs["pred_logits"].device
+            out.append([None] * len(targets))
+            for b, tgt in enumerate(targets):
+                if len(tgt["labels"]) == 0:
+                    empty = torch.zeros(0, dtype=torch.int64, device=device)
+                    out[c][b] = (empty, empty)
+                    continue
+                q = assigner.quality(outputs, b, tgt)
+                best_gt, positive, negative = quality_assign(
+                    q, assigner.threshold, assigner.low_quality, assigner.ignore_below)
+                jobs.append((c, b, q, best_gt.masked_fill(~positive, -1).masked_fill(negative, -2)))
+        if not jobs:
+            return out
+        # The one device-to-host copy: per candidate its best GT where positive, -2 negative, -1
+        # ignored.
+        device = jobs[0][2].device
+        host = torch.cat([encoded for *_, encoded in jobs]).cpu()
+        specs = []
+        for c, _, q, _ in jobs:
+            assigner = calls[c][0]
+            cap = assigner.cap(calls[c][1]["pred_logits"].shape[1])
+            specs.append(HostSpec(q.shape[0], q.shape[1], cap, min(assigner.k, q.shape[1]),
+                                  assigner.generator))
+        positions = cls.select_on_host(host, specs)
+        sizes = [len(p) for p in positions]
+        # The one host-to-device copy (non-blocking: the host does not wait for it).
+        flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64)
+        flat_positions = flat_positions.to(device, non_blocking=True)
+        for (c, b, q, _), pos in zip(jobs, flat_positions.split(sizes)):
+            assigner = calls[c][0]
+            k = min(assigner.k, q.shape[1])
+            values, cand = q.topk(k, dim=1)
+            # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates
+            # descending.
+            gt = torch.div(pos, max(k, 1), rounding_mode="floor")
+            out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt,
+                                    assigner.pair_order)
+        return out
+
+    @staticmethod
+    def select_on_host(host: torch.Tensor, specs: list[HostSpec]) -> list[np.ndarray]:
+        """The host part of `assign_many`. `host`: a CPU tensor, per image (concatenated) per
+        candidate its best GT where positive, -2 where negative, -1 where ignored. Per image: the
+        random cap, drawn as the official `subsample_labels` draws (a permutation of the positives,
+        then one of the negatives, whether or not the cap binds: so the random stream moves on as
+        the official code's does), then which entries of the (G, k) top-k matrix are kept, as flat
+        positions in row-major order (GT g: its first min(c_g, k) entries, c_g its capped
+        positives)."""
+        values = host.numpy()
+        positions, start = [], 0
+        for spec in specs:
+            enc = values[start:start + spec.num_candidates]
+            start += spec.num_candidates
+            kept = np.flatnonzero(enc >= 0)  # the positives, ascending (as `nonzero` lists them)
+            perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
+            torch.randperm(int((enc == -2).sum()), device="cpu", generator=spec.generator)
+            kept = kept[perm[:spec.cap].numpy()]
+            counts = np.minimum(np.bincount(enc[kept], minlength=spec.num_gt), spec.k)
+            positions.append(np.concatenate([np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
+                                             for g, n in enumerate(counts)]))
+        return positions
 
 
 class HostSpec(NamedTuple):
-    """One image of one assigner call, as `select_on_host` needs it."""
+    """One image of one assigner call, as `QualityTopKAssigner.select_on_host` needs it."""
     num_gt: int
     num_candidates: int
-    cap: int  # the most positives kept (`cap_positives`)
+    cap: int  # the most positives kept
     k: int  # top-k per GT, at most num_candidates
     generator: torch.Generator | None
-
-
-def select_on_host(host: torch.Tensor, specs: list[HostSpec]) -> list[np.ndarray]:
-    """The host part of `assign_quality_batch`. `host`: a CPU tensor, per image (concatenated) per
-    candidate its best GT where positive, -2 where negative, -1 where ignored. Per image: the random
-    cap of `cap_positives` (the same draws: positives, then negatives), then which entries of the
-    (G, k) top-k matrix `topk_per_gt` keeps, as flat positions in row-major order (GT g: its first
-    min(c_g, k) entries, c_g its capped positives). Tests without real data (fake tensors) replace
-    this one function."""
-    values = host.numpy()
-    positions, start = [], 0
-    for spec in specs:
-        enc = values[start:start + spec.num_candidates]
-        start += spec.num_candidates
-        kept = np.flatnonzero(enc >= 0)  # the positives, ascending (as `nonzero` lists them)
-        perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
-        torch.randperm(int((enc == -2).sum()), device="cpu", generator=spec.generator)
-        kept = kept[perm[:spec.cap].numpy()]
-        counts = np.minimum(np.bincount(enc[kept], minlength=spec.num_gt), spec.k)
-        positions.append(np.concatenate([np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
-                                         for g, n in enumerate(counts)]))
-    return positions
-
-
-@torch.no_grad()
-def assign_quality_batch(calls: list[tuple[QualityTopKAssigner, dict, list[dict]]]) -> list[Indices]:
-    """Several quality-assigner calls (e.g. every decoder layer of a step) at once: per call what
-    `assigner(outputs, targets)` returns, with one device-to-host copy and one host-to-device copy in
-    all, whatever the number of calls and images.
-
-    Same result, bit for bit, as `cap_positives` + `topk_per_gt` image by image: the random cap is
-    drawn on the host, call by call and image by image in the given order, with the same
-    `torch.randperm(n, device="cpu", generator=...)` draws; the per-GT top-k and, for the "quality"
-    pair order, the final sort run on the device on the very same tensors.
-    """
-    jobs = []  # (call, image, quality, per candidate: best GT if positive, -2 negative, -1 ignored)
-    out: list[list] = []
-    for c, (assigner, outputs, targets) in enumerate(calls):
-        device = outputs["pred_logits"].device
-        out.append([None] * len(targets))
-        for b, tgt in enumerate(targets):
-            if len(tgt["labels"]) == 0:
-                empty = torch.zeros(0, dtype=torch.int64, device=device)
-                out[c][b] = (empty, empty)
-                continue
-            q = assigner.quality(outputs, b, tgt)
-            best_gt, positive, negative = quality_assign(q, assigner.threshold, assigner.low_quality,
-                                                         assigner.ignore_below)
-            jobs.append((c, b, q, best_gt.masked_fill(~positive, -1).masked_fill(negative, -2)))
-    if not jobs:
-        return out
-    # The one device-to-host copy: per candidate its best GT where positive, -2 negative, -1 ignored.
-    device = jobs[0][2].device
-    host = torch.cat([encoded for *_, encoded in jobs]).cpu()
-    specs = []
-    for c, _, q, _ in jobs:
-        assigner = calls[c][0]
-        specs.append(HostSpec(q.shape[0], q.shape[1], assigner.cap(calls[c][1]["pred_logits"].shape[1]),
-                              min(assigner.k, q.shape[1]), assigner.generator))
-    positions = select_on_host(host, specs)
-    sizes = [len(p) for p in positions]
-    # The one host-to-device copy (non-blocking: the host does not wait for it).
-    flat_positions = torch.as_tensor(np.concatenate(positions), dtype=torch.int64).to(device, non_blocking=True)
-    for (c, b, q, _), pos in zip(jobs, flat_positions.split(sizes)):
-        assigner = calls[c][0]
-        k = min(assigner.k, q.shape[1])
-        values, cand = q.topk(k, dim=1)
-        # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates descending.
-        gt = torch.div(pos, max(k, 1), rounding_mode="floor")
-        out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt, assigner.pair_order)
-    return out
 
 
 class MixedScoreTopKAssigner(QualityTopKAssigner):

@@ -19,6 +19,7 @@ from torchvision.ops import batched_nms
 
 from ..box_ops import cxcywh_to_xyxy, inverse_sigmoid
 from ..kernels import Shapes, level_shapes
+from ..seeded import Seeded
 from .decoder import MLP
 from .encoder import Levels
 from .position_encoding import box_sine_embedding
@@ -490,7 +491,7 @@ class NMSTwoStageQueries(TwoStageQueries):
         return torch.stack(picks)
 
 
-class DenoisingQueries(TrainingQueries):
+class DenoisingQueries(TrainingQueries, Seeded):
     """DN-DETR's denoising queries: `groups` noised copies of every ground-truth box and label,
     whose predictions are supervised with their own GT (no matching). Each group sees the
     one-to-one queries but no other group, and the one-to-one queries see none of them.
