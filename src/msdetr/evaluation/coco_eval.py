@@ -219,7 +219,9 @@ class CocoMetric(Metric):
         rows = cat(self.detections).to(torch.float64).reshape(-1, 6).numpy()
         given = cat(self.mask_given).to(torch.bool).tolist()
         lengths = cat(self.mask_lengths).to(torch.int64)
-        data = cat(self.mask_bytes, torch.uint8).numpy().tobytes()
+        # .to(uint8): torchmetrics stands in a float32 empty tensor for a rank without updates, and
+        # concatenating it promotes the bytes to float (the values stay exact).
+        data = cat(self.mask_bytes, torch.uint8).to(torch.uint8).numpy().tobytes()
         ends = lengths.cumsum(0).tolist()
         rles = [data[end - n:end] for end, n in zip(ends, lengths.tolist())]
         per_image: dict[int, tuple[np.ndarray, list[bytes] | None]] = {}
