@@ -1,6 +1,7 @@
 """COCO segm AP in CocoMetric: the numbers of pycocotools' own COCOeval(iouType='segm') on hand-made
 masks and predictions, bbox numbers unchanged, masks given as tensors or RLE, both backends, the
 refusals, and the DDP gather of RLE bytes."""
+
 import contextlib
 import copy
 import io
@@ -36,7 +37,8 @@ def _rle(mask):
 
 
 def _gt_masks():
-    """{ann id: (image id, category, mask)}: two classes, small and medium objects, one crowd region."""
+    """{ann id: (image id, category, mask)}: two classes, small and medium objects, one crowd
+    region."""
     h1, w1 = SIZES[1]
     h2, w2 = SIZES[2]
     h3, w3 = SIZES[3]
@@ -52,16 +54,31 @@ def _gt_masks():
 
 
 def _gt_dataset():
-    images = [{"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in SIZES.items()]
+    images = [
+        {"id": i, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in SIZES.items()
+    ]
     anns = []
     for ann_id, (image_id, category, mask) in _gt_masks().items():
         x, y, w, h = mask_utils.toBbox(mask_utils.encode(np.asfortranarray(mask))).tolist()
         segm = _rle(mask)
         if ann_id == 2:  # one polygon, as COCO files mostly have
             segm = [[45.0, 10.0, 75.0, 10.0, 75.0, 50.0, 45.0, 50.0]]
-        anns.append({"id": ann_id, "image_id": image_id, "category_id": category, "bbox": [x, y, w, h],
-                     "area": float(mask.sum()), "iscrowd": int(ann_id == 7), "segmentation": segm})
-    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+        anns.append(
+            {
+                "id": ann_id,
+                "image_id": image_id,
+                "category_id": category,
+                "bbox": [x, y, w, h],
+                "area": float(mask.sum()),
+                "iscrowd": int(ann_id == 7),
+                "segmentation": segm,
+            }
+        )
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
 
 
 def _coco(data):
@@ -83,16 +100,24 @@ def _box(mask):
 
 
 def _predictions():
-    """{image id: [(score, category, mask)]}: right, shifted, wrong-class, false positive and missed objects."""
+    """{image id: [(score, category, mask)]}: right, shifted, wrong-class, false positive and
+    missed objects."""
     gt = _gt_masks()
     h1, w1 = SIZES[1]
     h2, w2 = SIZES[2]
     h3, w3 = SIZES[3]
     return {
-        1: [(0.9, 1, gt[1][2]), (0.8, 2, np.roll(gt[2][2], 4, axis=1)), (0.3, 2, _disk(h1, w1, 48, 20, 5)),
-            (0.6, 1, _rect(h1, w1, 0, 0, 10, 8))],  # ann 3 found with the wrong class, a false positive
+        1: [
+            (0.9, 1, gt[1][2]),
+            (0.8, 2, np.roll(gt[2][2], 4, axis=1)),
+            (0.3, 2, _disk(h1, w1, 48, 20, 5)),
+            (0.6, 1, _rect(h1, w1, 0, 0, 10, 8)),
+        ],  # ann 3 found with the wrong class, a false positive
         2: [(0.95, 2, np.roll(gt[4][2], (3, 2), axis=(0, 1))), (0.4, 1, _disk(h2, w2, 44, 7, 4))],
-        3: [(0.7, 1, np.roll(gt[6][2], 10, axis=1)), (0.5, 2, _rect(h3, w3, 44, 44, 60, 60))],  # one on the crowd
+        3: [
+            (0.7, 1, np.roll(gt[6][2], 10, axis=1)),
+            (0.5, 2, _rect(h3, w3, 44, 44, 60, 60)),
+        ],  # one on the crowd
     }
 
 
@@ -100,8 +125,11 @@ def _detections(with_masks=True, as_rle=False, as_float=False):
     out = {}
     for image_id, dets in _predictions().items():
         masks = np.stack([m for _, _, m in dets])
-        det = {"scores": torch.tensor([s for s, _, _ in dets]), "labels": torch.tensor([c for _, c, _ in dets]),
-               "boxes": torch.tensor([_box(m) for _, _, m in dets])}
+        det = {
+            "scores": torch.tensor([s for s, _, _ in dets]),
+            "labels": torch.tensor([c for _, c, _ in dets]),
+            "boxes": torch.tensor([_box(m) for _, _, m in dets]),
+        }
         if with_masks:
             if as_rle:
                 det["masks"] = [mask_utils.encode(np.asfortranarray(m)) for m in masks]
@@ -134,7 +162,9 @@ def _reference(coco_gt, iou_type):
 
 
 def same(a, b, tol=0.0):
-    return len(a) == len(b) and all(abs(x - y) <= tol or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        abs(x - y) <= tol or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b)
+    )
 
 
 def test_segm_ap_equals_pycocotools(coco_gt, capsys):
@@ -144,7 +174,9 @@ def test_segm_ap_equals_pycocotools(coco_gt, capsys):
     stats = metric.compute()
     expected = _reference(_coco(_gt_dataset()), "segm")
     assert same([stats[k] for k in MASK_STAT_NAMES], expected)
-    assert 0.2 < stats["mask_AP"] < 0.9 and stats["mask_AP50"] > stats["mask_AP75"]  # neither trivial nor perfect
+    assert (
+        0.2 < stats["mask_AP"] < 0.9 and stats["mask_AP50"] > stats["mask_AP75"]
+    )  # neither trivial nor perfect
     assert same([stats[k] for k in STAT_NAMES], _reference(_coco(_gt_dataset()), "bbox"))
     assert "COCO segm:" in capsys.readouterr().out
 
@@ -154,8 +186,16 @@ def test_perfect_masks_score_one(coco_gt):
     for image_id, (h, w) in SIZES.items():
         anns = [a for a in coco_gt.imgToAnns[image_id] if not a["iscrowd"]]
         masks = torch.stack([torch.from_numpy(coco_gt.annToMask(a)) for a in anns]).bool()
-        metric.update({image_id: {"scores": torch.ones(len(anns)), "labels": torch.tensor([a["category_id"] for a in anns]),
-                                  "boxes": torch.tensor([_box(m.numpy()) for m in masks]), "masks": masks}})
+        metric.update(
+            {
+                image_id: {
+                    "scores": torch.ones(len(anns)),
+                    "labels": torch.tensor([a["category_id"] for a in anns]),
+                    "boxes": torch.tensor([_box(m.numpy()) for m in masks]),
+                    "masks": masks,
+                }
+            }
+        )
     stats = metric.compute()
     assert stats["mask_AP"] == pytest.approx(1.0) and stats["mask_AP50"] == pytest.approx(1.0)
 
@@ -203,9 +243,17 @@ def test_faster_coco_eval_scores_masks_too(coco_gt):
 
 def test_no_detections_score_zero(coco_gt):
     metric = CocoMetric(coco_gt, verbose=False)
-    metric.update({i: {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
-                       "boxes": torch.zeros(0, 4), "masks": torch.zeros(0, h, w, dtype=torch.bool)}
-                   for i, (h, w) in SIZES.items()})
+    metric.update(
+        {
+            i: {
+                "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64),
+                "boxes": torch.zeros(0, 4),
+                "masks": torch.zeros(0, h, w, dtype=torch.bool),
+            }
+            for i, (h, w) in SIZES.items()
+        }
+    )
     stats = metric.compute()
     assert stats["mask_AP"] == 0.0 and stats["AP"] == 0.0
 
@@ -215,18 +263,26 @@ def test_refusals(coco_gt):
     for ann in data["annotations"]:
         ann.pop("segmentation")
     no_segm = CocoMetric(_coco(data), source="boxes.json", verbose=False)
-    with pytest.raises(ValueError, match=r"ground truth \(boxes.json\) has annotations without a segmentation; "
-                                         "set data.masks=true"):
+    with pytest.raises(
+        ValueError,
+        match=r"ground truth \(boxes.json\) has annotations without a segmentation; "
+        "set data.masks=true",
+    ):
         no_segm.update(_detections())
     metric = CocoMetric(coco_gt, verbose=False)
     metric.update({1: _detections()[1]})
-    with pytest.raises(ValueError, match="carry 'masks' and some do not; give masks for every image"):
+    with pytest.raises(
+        ValueError, match="carry 'masks' and some do not; give masks for every image"
+    ):
         metric.update({2: _detections(with_masks=False)[2]})
     metric.reset()
     metric.update({2: _detections(with_masks=False)[2]})  # reset forgets the earlier mode
     bad = _detections()[1]
     bad["masks"] = bad["masks"][:2]
-    with pytest.raises(ValueError, match=r"image 1: 'masks' has shape \(2, 60, 80\); it must be \(4, height, width\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image 1: 'masks' has shape \(2, 60, 80\); it must be \(4, height, width\)",
+    ):
         CocoMetric(coco_gt, verbose=False).update({1: bad})
     rle = _detections(as_rle=True)[1]
     rle["masks"][0] = mask_utils.encode(np.zeros((5, 5, 1), dtype=np.uint8, order="F"))[0]
@@ -251,11 +307,13 @@ def _rank_updates(rank):
 
 def _two_rank_gather(other: CocoMetric):
     """A dist_sync_fn for rank 0: each call (one per state, in registration order) returns
-    [rank 0's tensor, rank 1's], rank 1's lists concatenated as torchmetrics does before gathering."""
+    [rank 0's tensor, rank 1's], rank 1's lists concatenated as torchmetrics does before
+    gathering."""
     theirs = iter([dim_zero_cat(getattr(other, attr)) for attr in other._reductions])
 
     def gather(tensor, group=None):
         return [tensor, next(theirs)]
+
     return gather
 
 
@@ -263,16 +321,24 @@ def test_ddp_gather_of_rle_bytes_gives_the_single_process_numbers(coco_gt):
     rank1 = CocoMetric(coco_gt, verbose=False)
     for predictions in _rank_updates(1):
         rank1.update(predictions)
-    rank0 = CocoMetric(coco_gt, verbose=False, dist_sync_fn=_two_rank_gather(rank1),
-                       distributed_available_fn=lambda: True)
+    rank0 = CocoMetric(
+        coco_gt,
+        verbose=False,
+        dist_sync_fn=_two_rank_gather(rank1),
+        distributed_available_fn=lambda: True,
+    )
     for predictions in _rank_updates(0):
         rank0.update(predictions)
     gathered = rank0.compute()
-    assert rank0.mask_bytes[0].dtype == torch.uint8 and len(rank0.mask_bytes) == 2  # unsynced again after compute
+    assert (
+        rank0.mask_bytes[0].dtype == torch.uint8 and len(rank0.mask_bytes) == 2
+    )  # unsynced again after compute
     single = CocoMetric(coco_gt, verbose=False)
     for rank in (0, 1):
         for predictions in _rank_updates(rank):
             single.update(predictions)
     expected = single.compute()
     assert same([expected[k] for k in MASK_STAT_NAMES], _reference(_coco(_gt_dataset()), "segm"))
-    assert list(gathered) == list(expected) and same(list(gathered.values()), list(expected.values()))
+    assert list(gathered) == list(expected) and same(
+        list(gathered.values()), list(expected.values())
+    )

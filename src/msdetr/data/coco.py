@@ -127,8 +127,10 @@ def _segmentation_blob(segm: Any, height: int, width: int) -> tuple[int, bytes, 
             return f"its RLE size is {size!r}, but its image is {height}x{width} (height, width)"
         counts = segm["counts"]
         if isinstance(counts, list):
-            if not all(isinstance(v, int) and v >= 0 for v in counts) or sum(counts) != height * width:
-                return f"its uncompressed RLE counts do not add up to the image's {height * width} pixels"
+            valid = all(isinstance(v, int) and v >= 0 for v in counts)
+            if not valid or sum(counts) != height * width:
+                return (f"its uncompressed RLE counts do not add up to the image's "
+                        f"{height * width} pixels")
             return _RLE, mask_utils.frPyObjects(segm, height, width)["counts"], 0
         if isinstance(counts, str):
             return _RLE, counts.encode("ascii"), 0
@@ -139,7 +141,8 @@ def _segmentation_blob(segm: Any, height: int, width: int) -> tuple[int, bytes, 
         polygons = []
         for poly in segm:
             if not isinstance(poly, list) or len(poly) % 2:
-                return "it is a list but not of polygons [x1, y1, x2, y2, ...] (an even count of numbers)"
+                return ("it is a list but not of polygons [x1, y1, x2, y2, ...] (an even count of "
+                        "numbers)")
             try:
                 polygons.append(np.asarray(poly, dtype=np.float64))
             except (TypeError, ValueError):
@@ -335,8 +338,10 @@ class CocoDetection(Dataset):
                 image = self._coco.imgs[ann["image_id"]]
                 rle = self._rle(row, int(image["height"]), int(image["width"]))
                 counts = rle["counts"]
+                if isinstance(counts, bytes):
+                    counts = counts.decode("ascii")
                 ann["segmentation"] = {"size": [int(image["height"]), int(image["width"])],
-                                       "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+                                       "counts": counts}
             self._segm_pending = False
         return self._coco
 
@@ -421,19 +426,23 @@ class CocoDetection(Dataset):
         return {**data, "images": [img for img in data["images"] if img["id"] not in dropped],
                 "annotations": [a for a in data["annotations"] if a["image_id"] not in dropped]}
 
-    def _index_segmentations(self, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _index_segmentations(self, data: dict[str, Any]
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every annotation's segmentation (crowd ones too: the evaluation needs them) as one flat
         byte buffer: (kinds (n,) int8, bytes (total,) uint8, starts (n + 1,) int64), in the order
-        of data["annotations"]. Refuses a file in which an annotation has none or an unreadable one."""
+        of data["annotations"]. Refuses a file in which an annotation has none or an unreadable
+        one."""
         sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in data["images"]}
         annotations = data["annotations"]
         lacking = [i for i, a in enumerate(annotations) if not a.get("segmentation")]
         if lacking:
-            more = f" (and {len(lacking) - 1} more of the {len(annotations)})" if len(lacking) > 1 else ""
+            first = lacking[0]
+            more = (f" (and {len(lacking) - 1} more of the {len(annotations)})"
+                    if len(lacking) > 1 else "")
             raise ValueError(
-                f"data.masks=true needs a segmentation on every annotation, but in '{self.ann_file}' "
-                f"annotations[{lacking[0]}] (id {annotations[lacking[0]]['id']}){more} has none; add "
-                "polygons or RLE to them, or set data.masks=false to train boxes only."
+                f"data.masks=true needs a segmentation on every annotation, but in "
+                f"'{self.ann_file}' annotations[{first}] (id {annotations[first]['id']}){more} has "
+                "none; add polygons or RLE to them, or set data.masks=false to train boxes only."
             )
         kinds = np.zeros(len(annotations), dtype=np.int8)
         blobs: list[bytes] = []
@@ -441,17 +450,18 @@ class CocoDetection(Dataset):
         for i, ann in enumerate(annotations):
             found = _segmentation_blob(ann["segmentation"], *sizes[ann["image_id"]])
             if isinstance(found, str):
-                raise ValueError(f"annotation file '{self.ann_file}': annotations[{i}] (id {ann['id']}) has a "
-                                 f"segmentation that cannot be read ({found}); fix it, or set data.masks=false "
-                                 "to train boxes only.")
+                raise ValueError(f"annotation file '{self.ann_file}': annotations[{i}] (id "
+                                 f"{ann['id']}) has a segmentation that cannot be read ({found}); "
+                                 "fix it, or set data.masks=false to train boxes only.")
             kinds[i], blob, lost = found
             blobs.append(blob)
             dropped += lost
-            emptied += lost > 0 and kinds[i] == _POLYGONS and np.frombuffer(blob[:8], np.float64)[0] == 0
+            # all of its polygons dropped: the blob's polygon count (its first float64) is 0
+            emptied += lost > 0 and np.frombuffer(blob[:8], np.float64)[0] == 0
         if dropped:
-            warnings.warn(f"'{self.ann_file}': {dropped} polygon(s) with fewer than 3 points were dropped from "
-                          f"their segmentation; {emptied} annotation(s) are left with an empty mask.",
-                          UserWarning, stacklevel=3)
+            warnings.warn(f"'{self.ann_file}': {dropped} polygon(s) with fewer than 3 points were "
+                          f"dropped from their segmentation; {emptied} annotation(s) are left with "
+                          "an empty mask.", UserWarning, stacklevel=3)
         starts = np.zeros(len(blobs) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in blobs], out=starts[1:])
         return kinds, np.frombuffer(b"".join(blobs), dtype=np.uint8), starts
@@ -461,14 +471,16 @@ class CocoDetection(Dataset):
         blob = self._segm_bytes[self._segm_starts[row]:self._segm_starts[row + 1]].tobytes()
         return _blob_rle(int(self._segm_kinds[row]), blob, height, width)
 
-    def _index_boxes(self, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _index_boxes(self, data: dict[str, Any]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Clean boxes into flat arrays with per-image offsets, and the annotation row of each box.
 
         Flat numpy arrays rather than per-image Python lists: DataLoader workers then share the
         pages instead of copying them as reference counts change.
         """
         row = {image_id: i for i, image_id in enumerate(self.ids)}
-        rows = np.array([i for i, a in enumerate(data["annotations"]) if not a.get("iscrowd", 0)], dtype=np.int64)
+        rows = np.array([i for i, a in enumerate(data["annotations"]) if not a.get("iscrowd", 0)],
+                        dtype=np.int64)
         anns = [data["annotations"][i] for i in rows]
         image_index = np.array([row[a["image_id"]] for a in anns], dtype=np.int64)
         labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
@@ -542,7 +554,8 @@ class CocoDetection(Dataset):
         else:
             image = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         size = tuple(int(v) for v in image.shape[-2:])
-        boxes, labels, masks = finalize_target(target["boxes"], target["labels"], size, target.get("masks"))
+        boxes, labels, masks = finalize_target(target["boxes"], target["labels"], size,
+                                               target.get("masks"))
         return image, {
             "labels": labels,
             "boxes": boxes,

@@ -39,7 +39,8 @@ SHAPES: dict[str, list[tuple[float, float]] | None] = {
     "star": _STAR,
     "hourglass": [(0.0, 0.0), (1.0, 0.0), (0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)],
 }
-_FORMAT_VERSION = 3  # bump when the drawing or the annotations change, so old copies are rewritten (3: masks)
+# Bump when the drawing or the annotations change, so old copies are rewritten (3: masks).
+_FORMAT_VERSION = 3
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -64,7 +65,10 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
     return r, g, b
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], colour: int | tuple) -> None:
+Box = tuple[int, int, int, int]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: Box, colour: int | tuple) -> None:
     # PIL fills both end pixels, so the shape spans [x0, x1) exactly when drawn up to x1 - 1.
     x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
     if name == "rectangle":
@@ -79,7 +83,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, 
         draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in corners], fill=colour)
 
 
-def shape_mask(name: str, box: tuple[int, int, int, int], height: int, width: int) -> np.ndarray:
+def shape_mask(name: str, box: Box, height: int, width: int) -> np.ndarray:
     """uint8 (height, width) mask of the pixels that `_draw_shape` fills for `name` in `box`: the
     same PIL call on a one-channel canvas (PIL rasterizes a shape the same in every mode)."""
     canvas = Image.new("L", (width, height), 0)
@@ -94,7 +98,7 @@ def mask_rle(mask: np.ndarray) -> dict:
 
 
 def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int,
-            noise: float = 6.0) -> tuple[Image.Image, list[tuple[int, tuple[int, int, int, int], tuple[int, int, int]]]]:
+            noise: float = 6.0) -> tuple[Image.Image, list[tuple[int, Box, tuple[int, int, int]]]]:
     """(image, [(category, xyxy box, colour)]); every shape is filled with its one colour before the
     Gaussian pixel noise of standard deviation `noise` is added."""
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
@@ -102,7 +106,7 @@ def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: in
     img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     names = list(SHAPES)[:num_classes]
-    objects: list[tuple[int, tuple[int, int, int, int], tuple[int, int, int]]] = []
+    objects: list[tuple[int, Box, tuple[int, int, int]]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(30):
             bw = max(8, round(rng.uniform(0.2, 0.6) * w))
@@ -164,7 +168,8 @@ def write_synthetic_coco(
             atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
             images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
             for category, (x0, y0, x1, y1), _ in objects:
-                mask = shape_mask(categories[category - 1]["name"], (x0, y0, x1, y1), img.height, img.width)
+                name = categories[category - 1]["name"]
+                mask = shape_mask(name, (x0, y0, x1, y1), img.height, img.width)
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                                     "segmentation": mask_rle(mask), "iscrowd": 0})

@@ -94,7 +94,8 @@ class DetrResize(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
-            return v2.functional.resize(inpt, params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            return v2.functional.resize(inpt, params["size"],
+                                        interpolation=v2.InterpolationMode.NEAREST_EXACT)
         return v2.functional.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -144,8 +145,10 @@ def eval_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
     return v2.Compose([v2.ToImage(), DetrResize([size], max_size), *_to_model_input()])
 
 
-def finalize_target(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int],
-                    masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def finalize_target(
+    boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int],
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Drop empty xyxy boxes with their labels and masks; return (boxes as cxcywh divided by the
     (h, w) `size`, labels, masks as a plain bool (N, h, w) tensor or None).
 
@@ -160,13 +163,15 @@ def finalize_target(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[in
     if masks is not None:
         masks = masks.as_subclass(torch.Tensor)
         if masks.shape != (len(xyxy), h, w):
-            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match {len(xyxy)} boxes on a {h}x{w} "
-                             "image; a transform moved the image without its masks.")
+            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match {len(xyxy)} boxes "
+                             f"on a {h}x{w} image; a transform moved the image without its masks.")
         masks = masks[keep].bool()
     return box_convert(xyxy[keep], "xyxy", "cxcywh") / scale, labels[keep], masks
 
 
-def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`finalize_target` without masks: (boxes as normalized cxcywh, labels) of the non-empty boxes."""
+def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor,
+                   size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`finalize_target` without masks: (boxes as normalized cxcywh, labels) of the non-empty
+    boxes."""
     boxes, labels, _ = finalize_target(boxes, labels, size)
     return boxes, labels

@@ -108,7 +108,8 @@ class CocoMetric(Metric):
         self.add_state("mask_given", default=[], dist_reduce_fx="cat")
         self.add_state("mask_lengths", default=[], dist_reduce_fx="cat")
         self.add_state("mask_bytes", default=[], dist_reduce_fx="cat")
-        self._masks_given: bool | None = None  # this process's updates so far: with masks or without
+        # Whether this process's updates so far carried masks (None: no update yet).
+        self._masks_given: bool | None = None
         if coco_gt is not None:
             self.set_ground_truth(coco_gt, source)
 
@@ -158,42 +159,51 @@ class CocoMetric(Metric):
         self.image_ids.append(torch.tensor(ids, dtype=torch.int64, device=self.device))
         self.num_detections.append(torch.tensor(counts, dtype=torch.int64, device=self.device))
         self.detections.append(torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64, device=self.device))
-        self.mask_given.append(torch.tensor(given, dtype=torch.int64, device=self.device))
-        self.mask_lengths.append(torch.tensor([len(r) for r in rles], dtype=torch.int64, device=self.device))
-        self.mask_bytes.append(torch.frombuffer(bytearray(b"".join(rles)), dtype=torch.uint8).to(self.device)
-                               if rles else torch.zeros(0, dtype=torch.uint8, device=self.device))
+        device = self.device
+        self.mask_given.append(torch.tensor(given, dtype=torch.int64, device=device))
+        lengths = [len(r) for r in rles]
+        self.mask_lengths.append(torch.tensor(lengths, dtype=torch.int64, device=device))
+        packed = torch.frombuffer(bytearray(b"".join(rles)), dtype=torch.uint8) if rles else None
+        self.mask_bytes.append(packed.to(device) if packed is not None
+                               else torch.zeros(0, dtype=torch.uint8, device=device))
 
     def _check_mask_mode(self, given: bool) -> None:
         if given and not self._gt_has_masks:
-            raise ValueError(f"the detections carry masks, but the ground truth ({self.source}) has annotations "
-                             "without a segmentation; set data.masks=true (which refuses a file lacking them) so "
-                             "that its segmentations are read, or predict boxes only.")
+            raise ValueError(f"the detections carry masks, but the ground truth ({self.source}) "
+                             "has annotations without a segmentation; set data.masks=true (which "
+                             "refuses a file lacking them) so that its segmentations are read, or "
+                             "predict boxes only.")
         if self._masks_given is not None and self._masks_given != given:
-            raise ValueError("some detections given to CocoMetric.update carry 'masks' and some do not; give masks "
-                             "for every image (an image without detections: an empty (0, H, W) tensor) or none.")
+            raise ValueError("some detections given to CocoMetric.update carry 'masks' and some do "
+                             "not; give masks for every image (an image without detections: an "
+                             "empty (0, H, W) tensor) or none.")
         self._masks_given = given
 
     def _encode_masks(self, image_id: int, masks: Any, count: int) -> list[bytes]:
-        """The compressed RLE counts of `count` masks of image `image_id`, at the ground truth's size."""
+        """The compressed RLE counts of `count` masks of image `image_id`, at the ground truth's
+        size."""
         image = self.coco_gt.imgs[image_id]
         height, width = int(image["height"]), int(image["width"])
         if isinstance(masks, (list, tuple)):
             if len(masks) != count or any(list(r["size"]) != [height, width] for r in masks):
-                raise ValueError(f"image {image_id}: 'masks' as RLE must be {count} dicts of size [{height}, "
-                                 f"{width}] (one per box, at the ground truth's height and width).")
-            return [r["counts"].encode("ascii") if isinstance(r["counts"], str) else bytes(r["counts"])
-                    for r in masks]
+                raise ValueError(f"image {image_id}: 'masks' as RLE must be {count} dicts of "
+                                 f"size [{height}, {width}] (one per box, at the ground truth's "
+                                 "height and width).")
+            return [r["counts"].encode("ascii") if isinstance(r["counts"], str)
+                    else bytes(r["counts"]) for r in masks]
         masks = masks.detach()
         if masks.dim() != 3 or len(masks) != count:
-            raise ValueError(f"image {image_id}: 'masks' has shape {tuple(masks.shape)}; it must be ({count}, "
-                             "height, width), one mask per box at the original image size.")
+            raise ValueError(f"image {image_id}: 'masks' has shape {tuple(masks.shape)}; it must "
+                             f"be ({count}, height, width), one mask per box at the original "
+                             "image size.")
         inside = masks > 0.5 if masks.is_floating_point() else masks != 0
         fitted = torch.zeros(count, height, width, dtype=torch.bool, device=inside.device)
         h, w = min(height, inside.shape[1]), min(width, inside.shape[2])
         fitted[:, :h, :w] = inside[:, :h, :w]
         if count == 0:
             return []
-        # pycocotools encodes (height, width, n) Fortran-ordered uint8: the memory of (n, width, height).
+        # pycocotools encodes (height, width, n) Fortran-ordered uint8: the memory layout of
+        # (n, width, height) C-ordered.
         columns = fitted.transpose(1, 2).contiguous().to("cpu", torch.uint8).numpy()
         return [r["counts"] for r in mask_utils.encode(columns.transpose(2, 1, 0))]
 
@@ -211,7 +221,8 @@ class CocoMetric(Metric):
     def _per_image(self) -> dict[int, tuple[np.ndarray, list[bytes] | None]]:
         """{image id: (its (n, 6) detection rows, its n RLE counts or None without masks)}, the
         first occurrence of each image id."""
-        def cat(state, dtype=torch.int64):  # a list before the sync (or in one process), a tensor after
+        # a list before the sync (or in one process), a tensor after
+        def cat(state, dtype=torch.int64):
             return dim_zero_cat(state).cpu() if len(state) else torch.zeros(0, dtype=dtype)
 
         ids = cat(self.image_ids).tolist()
@@ -226,7 +237,8 @@ class CocoMetric(Metric):
         rles = [data[end - n:end] for end, n in zip(ends, lengths.tolist())]
         per_image: dict[int, tuple[np.ndarray, list[bytes] | None]] = {}
         taken = 0
-        for image_id, chunk, has_masks in zip(ids, np.split(rows, counts.cumsum(0)[:-1].numpy()), given):
+        chunks = np.split(rows, counts.cumsum(0)[:-1].numpy())
+        for image_id, chunk, has_masks in zip(ids, chunks, given):
             masks = rles[taken:taken + len(chunk)] if has_masks else None
             taken += len(chunk) if has_masks else 0
             per_image.setdefault(int(image_id), (chunk, masks))
@@ -241,20 +253,26 @@ class CocoMetric(Metric):
                 for image_id, (r, _) in per_image.items() if len(r)]
         with_masks = [m is not None for _, m in per_image.values()]
         if any(with_masks) and not all(with_masks):
-            raise ValueError("some images were given to CocoMetric with masks and some without; give masks for "
-                             "every image or none.")
-        result = self._run("bbox", np.concatenate(rows) if rows else np.zeros((0, 7)), image_ids, STAT_NAMES)
+            raise ValueError("some images were given to CocoMetric with masks and some without; "
+                             "give masks for every image or none.")
+        boxes = np.concatenate(rows) if rows else np.zeros((0, 7))
+        result = self._run("bbox", boxes, image_ids, STAT_NAMES)
         if with_masks and all(with_masks):
-            segments = [{"image_id": image_id, "category_id": int(row[5]), "score": float(row[4]),
-                         "segmentation": {"size": [int(self._gt.imgs[image_id]["height"]),
-                                                   int(self._gt.imgs[image_id]["width"])], "counts": counts}}
-                        for image_id, (r, masks) in per_image.items() for row, counts in zip(r, masks or [])]
+            segments = []
+            for image_id, (r, masks) in per_image.items():
+                image = self._gt.imgs[image_id]
+                size = [int(image["height"]), int(image["width"])]
+                segments += [{"image_id": image_id, "category_id": int(row[5]),
+                              "score": float(row[4]),
+                              "segmentation": {"size": size, "counts": counts}}
+                             for row, counts in zip(r, masks or [])]
             result.update(self._run("segm", segments, image_ids, MASK_STAT_NAMES))
         return result
 
     def _run(self, iou_type: str, results: np.ndarray | list[dict], image_ids: Sequence[int],
              names: Sequence[str]) -> dict[str, float]:
-        """COCOeval of one kind ("bbox": rows, "segm": result dicts) on `image_ids`, as {name: value}."""
+        """COCOeval of one kind ("bbox": rows, "segm": result dicts) on `image_ids`, as
+        {name: value}."""
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             coco_dt = self._load_results(results)
@@ -264,7 +282,8 @@ class CocoMetric(Metric):
             evaluator.accumulate()
             evaluator.summarize()
         if self.verbose:
-            lines = [line for line in log.getvalue().splitlines() if line.lstrip().startswith("Average")]
+            lines = [line for line in log.getvalue().splitlines()
+                     if line.lstrip().startswith("Average")]
             print("\n".join(([f"COCO {iou_type}:"] if iou_type != "bbox" else []) + lines))
         # COCO writes -1 where a size range has no ground truth: undefined, not zero.
         return {name: float(v) if v >= 0 else math.nan for name, v in zip(names, evaluator.stats)}
