@@ -219,6 +219,7 @@ class DataConfig:
     synthetic_val: int = spec(at_least(1))
     verify_images: str = spec(Rule("'header', 'full' or 'none'", lambda v: v in ("header", "full", "none")))
     skip_bad_images: bool = spec()
+    masks: bool = spec()
     seed: Optional[int] = spec()
 
 

@@ -1,4 +1,5 @@
-"""COCO-format detection dataset, checked when built so that bad input fails in one clear sentence."""
+"""COCO-format detection (and instance segmentation) dataset, checked when built so that bad input
+fails in one clear sentence."""
 from __future__ import annotations
 
 import contextlib
@@ -14,13 +15,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from ..files import atomic_write
-from .transforms import finalize_boxes
+from .transforms import finalize_target
 
 _REQUIRED_KEYS = {
     "images": ("id", "file_name", "width", "height"),
@@ -102,6 +104,78 @@ def build_coco(data: dict[str, Any]) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress lines
         coco.createIndex()
     return coco
+
+
+# How one annotation's segmentation is kept (see `_segmentation_blob`).
+_RLE, _POLYGONS = 0, 1
+
+
+def _segmentation_blob(segm: Any, height: int, width: int) -> tuple[int, bytes, int] | str:
+    """(kind, bytes, polygons dropped) of a COCO segmentation on a `height` x `width` image, or why
+    it cannot be read.
+
+    Compressed RLE keeps its counts string (uncompressed RLE is compressed first); polygons keep
+    their coordinates as float64 bytes, [k, len_1, ..., len_k, x, y, ...], and are rasterized by
+    pycocotools when the image is loaded (rasterizing COCO's 860k training polygons up front would
+    take about a minute). Polygons of fewer than 3 points (COCO has a few) are dropped.
+    """
+    if isinstance(segm, dict):
+        if "counts" not in segm or "size" not in segm:
+            return "it is a dict without 'counts' and 'size' (not RLE)"
+        size = segm["size"]
+        if not (isinstance(size, (list, tuple)) and list(size) == [height, width]):
+            return f"its RLE size is {size!r}, but its image is {height}x{width} (height, width)"
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            valid = all(isinstance(v, int) and v >= 0 for v in counts)
+            if not valid or sum(counts) != height * width:
+                return (f"its uncompressed RLE counts do not add up to the image's "
+                        f"{height * width} pixels")
+            return _RLE, mask_utils.frPyObjects(segm, height, width)["counts"], 0
+        if isinstance(counts, str):
+            return _RLE, counts.encode("ascii"), 0
+        if isinstance(counts, bytes):
+            return _RLE, counts, 0
+        return f"its RLE counts are a {type(counts).__name__}, not a list or a string"
+    if isinstance(segm, list):
+        polygons = []
+        for poly in segm:
+            if not isinstance(poly, list) or len(poly) % 2:
+                return ("it is a list but not of polygons [x1, y1, x2, y2, ...] (an even count of "
+                        "numbers)")
+            try:
+                polygons.append(np.asarray(poly, dtype=np.float64))
+            except (TypeError, ValueError):
+                return "a polygon holds something other than numbers"
+        kept = [poly for poly in polygons if len(poly) >= 6]
+        header = np.array([len(kept), *(len(poly) for poly in kept)], dtype=np.float64)
+        return _POLYGONS, np.concatenate([header, *kept]).tobytes(), len(polygons) - len(kept)
+    return f"it is a {type(segm).__name__}, neither polygons nor RLE"
+
+
+def _blob_rle(kind: int, blob: bytes, height: int, width: int) -> dict[str, Any]:
+    """The compressed RLE of a `_segmentation_blob` on a `height` x `width` image."""
+    if kind == _RLE:
+        return {"size": [height, width], "counts": blob}
+    values = np.frombuffer(blob, dtype=np.float64)
+    k = int(values[0])
+    if k == 0:
+        return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+    bounds = np.cumsum([1 + k, *values[1:1 + k].astype(np.int64)])
+    polygons = [values[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+
+
+def fit_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(n, h, w) masks cropped or zero-padded at the bottom/right to (n, `height`, `width`): an
+    image file whose size differs from its annotated one keeps its annotations' pixel coordinates
+    (its boxes are clipped, not scaled), and so do its masks."""
+    n, h, w = masks.shape
+    if (h, w) == (height, width):
+        return masks
+    out = np.zeros((n, height, width), dtype=masks.dtype)
+    out[:, :min(h, height), :min(w, width)] = masks[:, :height, :width]
+    return out
 
 
 VERIFY_IMAGES = ("header", "full", "none")
@@ -197,10 +271,28 @@ def _name_files(items: Sequence[str]) -> str:
 
 
 class CocoDetection(Dataset):
-    """(image, target) pairs; target = labels, boxes (cxcywh normalized by the image), image_id, orig_size, size.
+    """(image, target) pairs. The target dict:
 
-    Class index = category id. Crowd boxes are dropped; boxes are clipped to their image and empty
-    ones dropped (one warning per dataset); images without boxes are kept.
+    - "labels": int64 (N,), class index = category id.
+    - "boxes": float32 (N, 4) cxcywh divided by (w, h) = "size": the transformed image's own
+      (unpadded) extent, so [0, 1] spans the valid region, not the padded batch.
+    - "masks" (only with `masks=True`): bool (N, h, w), (h, w) = "size", row i the instance of box
+      i. Pixel [y, x] covers [x, x + 1) x [y, y + 1) of the transformed image, so its normalized
+      centre is ((x + 0.5) / w, (y + 0.5) / h), the frame of "boxes". Not padded by `collate`.
+    - "image_id": int; "orig_size": int64 (2,) (h, w) of the image file; "size": int64 (2,) (h, w)
+      after the transforms.
+
+    Crowd annotations are dropped (with their masks); boxes are clipped to their image and empty
+    ones dropped with their masks (one warning per dataset); images without boxes are kept.
+
+    `masks=True` reads every annotation's `segmentation` (polygons, uncompressed or compressed
+    RLE, through pycocotools at the image's annotated height x width) and refuses, in one sentence,
+    a file in which some annotation has none. Segmentations are kept compactly in flat arrays
+    (compressed RLE bytes or polygon coordinates) and rasterized per image in __getitem__. An image
+    file whose size differs from the annotated one gets its masks cropped or zero-padded at the
+    bottom/right to the file's size (its boxes are clipped the same way). `coco`, the ground truth
+    for evaluation, then carries every annotation's segmentation (crowd ones included) as
+    compressed RLE, attached the first time it is read.
 
     Image files are checked when the dataset is built: `verify_images="header"` (default) opens
     each file's header (format, pixel mode, size; a truncated file passes), `"full"` decodes every
@@ -211,7 +303,7 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None,
-                 verify_images: str = "header", skip_bad_images: bool = False):
+                 verify_images: str = "header", skip_bad_images: bool = False, masks: bool = False):
         if verify_images not in VERIFY_IMAGES:
             raise ValueError(f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
                              "file's header), 'full' (decode every image) or 'none'.")
@@ -220,14 +312,38 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         self.verify_images = verify_images
         self.skip_bad_images = bool(skip_bad_images)
+        self.masks = bool(masks)
         data = read_coco_json(self.ann_file)
         data = self._check_images(data)
         self.ids = [int(img["id"]) for img in data["images"]]
         self._files = [str(img["file_name"]) for img in data["images"]]
+        # The annotated (height, width) of each image: segmentations are rasterized at this size.
+        self._image_sizes = np.array([[img["height"], img["width"]] for img in data["images"]],
+                                     dtype=np.int64).reshape(-1, 2)
         self._unreadable: set[int] = set()  # indices found undecodable while loading (skip_bad_images)
         self.category_names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        self._boxes, self._labels, self._starts = self._index_boxes(data)
-        self.coco = build_coco(data)
+        if self.masks:
+            self._segm_kinds, self._segm_bytes, self._segm_starts = self._index_segmentations(data)
+        self._boxes, self._labels, self._starts, self._mask_rows = self._index_boxes(data)
+        self._coco = build_coco(data)
+        self._segm_pending = self.masks  # the ground truth's segmentations, attached on first use
+
+    @property
+    def coco(self) -> COCO:
+        """The pycocotools ground truth of the images kept; with `masks=True` every annotation
+        carries its segmentation as compressed RLE (counts a str), as COCOeval(iouType='segm')
+        reads it. A training set, which is never evaluated, never builds them."""
+        if self._segm_pending:
+            for row, ann in enumerate(self._coco.dataset["annotations"]):
+                image = self._coco.imgs[ann["image_id"]]
+                rle = self._rle(row, int(image["height"]), int(image["width"]))
+                counts = rle["counts"]
+                if isinstance(counts, bytes):
+                    counts = counts.decode("ascii")
+                ann["segmentation"] = {"size": [int(image["height"]), int(image["width"])],
+                                       "counts": counts}
+            self._segm_pending = False
+        return self._coco
 
     @property
     def num_classes(self) -> int:
@@ -310,14 +426,62 @@ class CocoDetection(Dataset):
         return {**data, "images": [img for img in data["images"] if img["id"] not in dropped],
                 "annotations": [a for a in data["annotations"] if a["image_id"] not in dropped]}
 
-    def _index_boxes(self, data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Clean boxes into flat arrays with per-image offsets.
+    def _index_segmentations(self, data: dict[str, Any]
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every annotation's segmentation (crowd ones too: the evaluation needs them) as one flat
+        byte buffer: (kinds (n,) int8, bytes (total,) uint8, starts (n + 1,) int64), in the order
+        of data["annotations"]. Refuses a file in which an annotation has none or an unreadable
+        one."""
+        sizes = {img["id"]: (int(img["height"]), int(img["width"])) for img in data["images"]}
+        annotations = data["annotations"]
+        lacking = [i for i, a in enumerate(annotations) if not a.get("segmentation")]
+        if lacking:
+            first = lacking[0]
+            more = (f" (and {len(lacking) - 1} more of the {len(annotations)})"
+                    if len(lacking) > 1 else "")
+            raise ValueError(
+                f"data.masks=true needs a segmentation on every annotation, but in "
+                f"'{self.ann_file}' annotations[{first}] (id {annotations[first]['id']}){more} has "
+                "none; add polygons or RLE to them, or set data.masks=false to train boxes only."
+            )
+        kinds = np.zeros(len(annotations), dtype=np.int8)
+        blobs: list[bytes] = []
+        dropped = emptied = 0
+        for i, ann in enumerate(annotations):
+            found = _segmentation_blob(ann["segmentation"], *sizes[ann["image_id"]])
+            if isinstance(found, str):
+                raise ValueError(f"annotation file '{self.ann_file}': annotations[{i}] (id "
+                                 f"{ann['id']}) has a segmentation that cannot be read ({found}); "
+                                 "fix it, or set data.masks=false to train boxes only.")
+            kinds[i], blob, lost = found
+            blobs.append(blob)
+            dropped += lost
+            # all of its polygons dropped: the blob's polygon count (its first float64) is 0
+            emptied += lost > 0 and np.frombuffer(blob[:8], np.float64)[0] == 0
+        if dropped:
+            warnings.warn(f"'{self.ann_file}': {dropped} polygon(s) with fewer than 3 points were "
+                          f"dropped from their segmentation; {emptied} annotation(s) are left with "
+                          "an empty mask.", UserWarning, stacklevel=3)
+        starts = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=starts[1:])
+        return kinds, np.frombuffer(b"".join(blobs), dtype=np.uint8), starts
+
+    def _rle(self, row: int, height: int, width: int) -> dict[str, Any]:
+        """Compressed RLE of annotation `row` (of the file's kept images) at `height` x `width`."""
+        blob = self._segm_bytes[self._segm_starts[row]:self._segm_starts[row + 1]].tobytes()
+        return _blob_rle(int(self._segm_kinds[row]), blob, height, width)
+
+    def _index_boxes(self, data: dict[str, Any]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Clean boxes into flat arrays with per-image offsets, and the annotation row of each box.
 
         Flat numpy arrays rather than per-image Python lists: DataLoader workers then share the
         pages instead of copying them as reference counts change.
         """
         row = {image_id: i for i, image_id in enumerate(self.ids)}
-        anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
+        rows = np.array([i for i, a in enumerate(data["annotations"]) if not a.get("iscrowd", 0)],
+                        dtype=np.int64)
+        anns = [data["annotations"][i] for i in rows]
         image_index = np.array([row[a["image_id"]] for a in anns], dtype=np.int64)
         labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
@@ -333,10 +497,20 @@ class CocoDetection(Dataset):
                 f"{dropped} box(es) are empty (zero or negative area after clipping) and were dropped.",
                 UserWarning, stacklevel=3,
             )
-        image_index, boxes, labels = image_index[keep], boxes[keep], labels[keep]
+        image_index, boxes, labels, rows = image_index[keep], boxes[keep], labels[keep], rows[keep]
         order = np.argsort(image_index, kind="stable")
         starts = np.searchsorted(image_index[order], np.arange(len(self.ids) + 1))
-        return boxes[order].astype(np.float32), labels[order], starts
+        return boxes[order].astype(np.float32), labels[order], starts, rows[order]
+
+    def _masks(self, index: int, height: int, width: int) -> np.ndarray:
+        """uint8 (N, `height`, `width`) masks of image `index`'s boxes, rasterized at its annotated
+        size and fitted to the file's (see `fit_masks`)."""
+        lo, hi = int(self._starts[index]), int(self._starts[index + 1])
+        h0, w0 = (int(v) for v in self._image_sizes[index])
+        if hi == lo:
+            return np.zeros((0, height, width), dtype=np.uint8)
+        dense = mask_utils.decode([self._rle(int(r), h0, w0) for r in self._mask_rows[lo:hi]])
+        return fit_masks(np.ascontiguousarray(dense.transpose(2, 0, 1)), height, width)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -373,15 +547,19 @@ class CocoDetection(Dataset):
                                          canvas_size=(h, w))
         # The file, not the JSON, says how big the image is: clip again in case they disagree.
         target = {"boxes": TF.clamp_bounding_boxes(boxes), "labels": torch.from_numpy(self._labels[lo:hi].copy())}
+        if self.masks:
+            target["masks"] = tv_tensors.Mask(torch.from_numpy(self._masks(index, h, w)))
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         else:
             image = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         size = tuple(int(v) for v in image.shape[-2:])
-        boxes, labels = finalize_boxes(target["boxes"], target["labels"], size)
+        boxes, labels, masks = finalize_target(target["boxes"], target["labels"], size,
+                                               target.get("masks"))
         return image, {
             "labels": labels,
             "boxes": boxes,
+            **({"masks": masks} if masks is not None else {}),
             "image_id": self.ids[index],
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
             "size": torch.tensor(size, dtype=torch.int64),

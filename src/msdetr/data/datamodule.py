@@ -15,7 +15,15 @@ from .transforms import COCO_TRAIN_SCALES, eval_transforms, train_transforms
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Stack images zero-padded bottom/right to the batch's largest H and W; mask is True on padding."""
+    """(images, padding mask, targets): images zero-padded bottom/right to the batch's largest H and
+    W, the (B, H, W) bool mask True on the padding, the targets as the dataset gives them.
+
+    Targets are not padded. Their boxes are normalized by each image's own (unpadded) size, and
+    their instance masks (with data.masks=true) are bool (N, h, w) at that size, "size" = (h, w):
+    both live in the valid-region frame, where (0, 0) and (1, 1) are the corners of the image's
+    valid region, not of the batch. A mask loss that samples ground-truth masks at normalized
+    points p of that frame samples predictions made over the padded batch at p * (w, h) / (W, H).
+    """
     images, targets = zip(*batch)
     h = max(int(im.shape[-2]) for im in images)
     w = max(int(im.shape[-1]) for im in images)
@@ -36,6 +44,8 @@ class CocoDataModule(L.LightningDataModule):
     a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to `root`.
     `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and val
     images are checked when the datasets are built, and what happens to bad ones (see CocoDetection).
+    `masks=True` gives each target the instance masks of its boxes (see CocoDetection for the
+    target dict) and the validation ground truth its segmentations; a file without them is refused.
     The validation loader doubles as the test and predict loader.
     """
 
@@ -63,6 +73,7 @@ class CocoDataModule(L.LightningDataModule):
         seed: int | None = None,
         verify_images: str = "header",
         skip_bad_images: bool = False,
+        masks: bool = False,
     ):
         super().__init__()
         if verify_images not in VERIFY_IMAGES:
@@ -102,6 +113,7 @@ class CocoDataModule(L.LightningDataModule):
         self.synthetic_sizes = (synthetic_train, synthetic_val)
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
+        self.masks = bool(masks)
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
 
@@ -152,7 +164,7 @@ class CocoDataModule(L.LightningDataModule):
 
     def _dataset(self, images: str, ann: str, transforms: Callable) -> CocoDetection:
         dataset = CocoDetection(images, ann, transforms, verify_images=self.verify_images,
-                                skip_bad_images=self.skip_bad_images)
+                                skip_bad_images=self.skip_bad_images, masks=self.masks)
         if self._num_classes is not None and dataset.num_classes > self._num_classes:
             raise ValueError(
                 f"'{ann}' has category id {dataset.num_classes - 1}, but the model has num_classes="

@@ -1,6 +1,7 @@
 """A small COCO-format dataset of coloured shapes on textured backgrounds, learnable on a CPU in minutes.
 
 python -m msdetr.data.synthetic <root> writes root/{train,val}/*.png and root/annotations/instances_{train,val}.json.
+Every annotation has an exact instance mask: the pixels its shape was drawn on, as compressed RLE.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
 
 from ..files import atomic_write
 
@@ -37,7 +39,8 @@ SHAPES: dict[str, list[tuple[float, float]] | None] = {
     "star": _STAR,
     "hourglass": [(0.0, 0.0), (1.0, 0.0), (0.5, 0.5), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)],
 }
-_FORMAT_VERSION = 2  # bump when the drawing changes, so old copies are rewritten
+# Bump when the drawing or the annotations change, so old copies are rewritten (3: masks).
+_FORMAT_VERSION = 3
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -62,7 +65,10 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
     return r, g, b
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, int], colour) -> None:
+Box = tuple[int, int, int, int]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: Box, colour: int | tuple) -> None:
     # PIL fills both end pixels, so the shape spans [x0, x1) exactly when drawn up to x1 - 1.
     x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
     if name == "rectangle":
@@ -77,13 +83,30 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: tuple[int, int, int, 
         draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in corners], fill=colour)
 
 
-def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int):
+def shape_mask(name: str, box: Box, height: int, width: int) -> np.ndarray:
+    """uint8 (height, width) mask of the pixels that `_draw_shape` fills for `name` in `box`: the
+    same PIL call on a one-channel canvas (PIL rasterizes a shape the same in every mode)."""
+    canvas = Image.new("L", (width, height), 0)
+    _draw_shape(ImageDraw.Draw(canvas), name, box, 1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """A (h, w) binary mask as COCO compressed RLE with a str counts (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int,
+            noise: float = 6.0) -> tuple[Image.Image, list[tuple[int, Box, tuple[int, int, int]]]]:
+    """(image, [(category, xyxy box, colour)]); every shape is filled with its one colour before the
+    Gaussian pixel noise of standard deviation `noise` is added."""
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
     background = _background(rng, h, w)
     img = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     names = list(SHAPES)[:num_classes]
-    objects: list[tuple[int, tuple[int, int, int, int]]] = []
+    objects: list[tuple[int, Box, tuple[int, int, int]]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(30):
             bw = max(8, round(rng.uniform(0.2, 0.6) * w))
@@ -92,15 +115,15 @@ def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: in
             box = (x0, y0, x0 + bw, y0 + bh)
             # Disjoint boxes with a small gap: every object stays fully visible.
             if all(box[0] >= o[2] + 2 or o[0] >= box[2] + 2 or box[1] >= o[3] + 2 or o[1] >= box[3] + 2
-                   for _, o in objects):
+                   for _, o, _ in objects):
                 break
         else:
             continue
         category = int(rng.integers(1, num_classes + 1))
         colour = _contrasting_colour(rng, background[y0:y0 + bh, x0:x0 + bw].mean(axis=(0, 1)))
         _draw_shape(draw, names[category - 1], box, colour)
-        objects.append((category, box))
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, 6, size=(h, w, 3))
+        objects.append((category, box, colour))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, noise, size=(h, w, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), objects
 
 
@@ -118,6 +141,8 @@ def write_synthetic_coco(
     Each image side is uniform in `image_size` (min, max); category ids are 1..num_classes (at most
     len(SHAPES)); images have 1..max_objects non-overlapping shapes, each 20-60% of the image side.
     Deterministic in `seed`; image i of a split does not depend on how many images are written.
+    Each annotation's segmentation is the exact mask of its drawn shape as compressed RLE (see
+    `shape_mask`); its area stays the box's, as before masks, so box metrics stay comparable.
     """
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes={num_classes}: the synthetic set has 1 to {len(SHAPES)} shape classes.")
@@ -142,10 +167,12 @@ def write_synthetic_coco(
             file_name = f"{image_id:06d}.png"
             atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
             images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
-            for category, (x0, y0, x1, y1) in objects:
+            for category, (x0, y0, x1, y1), _ in objects:
+                name = categories[category - 1]["name"]
+                mask = shape_mask(name, (x0, y0, x1, y1), img.height, img.width)
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                    "iscrowd": 0})
+                                    "segmentation": mask_rle(mask), "iscrowd": 0})
         coco = {"images": images, "annotations": annotations, "categories": categories}
         atomic_write(root / "annotations" / f"instances_{split}.json", lambda p: p.write_text(json.dumps(coco)))
     # Last, so an interrupted write is redone on the next call.

@@ -1,9 +1,12 @@
-"""The DETR augmentation recipe on torchvision.transforms.v2; boxes follow the image as tv_tensors."""
+"""The DETR augmentation recipe on torchvision.transforms.v2; boxes and masks follow the image as
+tv_tensors (BoundingBoxes, Mask): flips, crops and resizes move them with it, the dtype conversion
+and normalization touch only the image."""
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.ops import box_convert
 from torchvision.transforms import v2
 
@@ -63,8 +66,10 @@ class DetrResize(v2.Transform):
 
     v2.Resize(size, max_size=...) caps differently: in most capped cases it is off by 1-2 px.
     Boxes and masks follow through v2.functional.resize to the explicit (h, w), so boxes scale by
-    new/old per axis as in the official code. Bilinear with antialias, v2.Resize's default and the
-    nearest tensor equivalent of the official PIL bilinear resize.
+    new/old per axis as in the official code. Images: bilinear with antialias, v2.Resize's default
+    and the nearest tensor equivalent of the official PIL bilinear resize. Masks: nearest-exact
+    (each output pixel takes the input pixel under its centre, the geometry of the box scaling),
+    so they stay binary.
     """
 
     def __init__(self, sizes: Sequence[int], max_size: int | None = None):
@@ -88,6 +93,9 @@ class DetrResize(v2.Transform):
         return {"size": [oh, ow]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return v2.functional.resize(inpt, params["size"],
+                                        interpolation=v2.InterpolationMode.NEAREST_EXACT)
         return v2.functional.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -137,14 +145,33 @@ def eval_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
     return v2.Compose([v2.ToImage(), DetrResize([size], max_size), *_to_model_input()])
 
 
-def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop empty xyxy boxes (and their labels); return the rest as cxcywh divided by the (h, w) `size`.
+def finalize_target(
+    boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int],
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Drop empty xyxy boxes with their labels and masks; return (boxes as cxcywh divided by the
+    (h, w) `size`, labels, masks as a plain bool (N, h, w) tensor or None).
 
     The official rule keeps any positive extent; v2.SanitizeBoundingBoxes would also drop
-    sub-pixel boxes (its min_size is at least 1).
+    sub-pixel boxes (its min_size is at least 1). A mask is kept or dropped with its box, never on
+    its own: an instance whose mask a crop emptied while its box kept some area stays.
     """
     xyxy = boxes.as_subclass(torch.Tensor).float()
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     h, w = (int(v) for v in size)
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    return box_convert(xyxy[keep], "xyxy", "cxcywh") / scale, labels[keep]
+    if masks is not None:
+        masks = masks.as_subclass(torch.Tensor)
+        if masks.shape != (len(xyxy), h, w):
+            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match {len(xyxy)} boxes "
+                             f"on a {h}x{w} image; a transform moved the image without its masks.")
+        masks = masks[keep].bool()
+    return box_convert(xyxy[keep], "xyxy", "cxcywh") / scale, labels[keep], masks
+
+
+def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor,
+                   size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`finalize_target` without masks: (boxes as normalized cxcywh, labels) of the non-empty
+    boxes."""
+    boxes, labels, _ = finalize_target(boxes, labels, size)
+    return boxes, labels
