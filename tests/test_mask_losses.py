@@ -1,5 +1,6 @@
 """Mask losses, matching costs and point sampling (msdetr.losses.masks), and the inference pasting
 (msdetr.postprocess_masks), on hand-made examples."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,18 @@ import math
 import pytest
 import torch
 
-from msdetr.losses.masks import (dice_mask_loss, map_points, mask_bce_cost, mask_dice_cost, mask_losses,
-                                 mask_match_costs, point_sample, sample_matched_points, sigmoid_bce_mask_loss,
-                                 uncertain_points)
+from msdetr.losses.masks import (
+    dice_mask_loss,
+    map_points,
+    mask_bce_cost,
+    mask_dice_cost,
+    mask_losses,
+    mask_match_costs,
+    point_sample,
+    sample_matched_points,
+    sigmoid_bce_mask_loss,
+    uncertain_points,
+)
 from msdetr.postprocess_masks import paste_masks
 
 # -- point_sample ----------------------------------------------------------------------------------
@@ -18,8 +28,10 @@ from msdetr.postprocess_masks import paste_masks
 def test_point_sample_hand_values():
     # A 2 x 2 map: pixel centres at x, y = 0.25 and 0.75; zero outside (grid_sample's zero padding).
     grid = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]], dtype=torch.float64)
-    coords = torch.tensor([[[0.5, 0.5], [0.25, 0.25], [0.375, 0.25], [0.125, 0.25], [0.75, 0.625]]],
-                          dtype=torch.float64)
+    coords = torch.tensor(
+        [[[0.5, 0.5], [0.25, 0.25], [0.375, 0.25], [0.125, 0.25], [0.75, 0.625]]],
+        dtype=torch.float64,
+    )
     out = point_sample(grid, coords)
     # centre: mean of all four; a pixel centre: its value; a quarter pixel right of (0, 0):
     # 0.75 * 1 + 0.25 * 2; a quarter pixel left of it: 0.75 * 1 + 0.25 * 0 (outside);
@@ -29,7 +41,8 @@ def test_point_sample_hand_values():
 
 
 def manual_bilinear(img: torch.Tensor, x: float, y: float) -> float:
-    """One channel (H, W) at (x, y) in [0, 1]: pixel (i, j) has its centre at ((j + .5) / W, (i + .5) / H)."""
+    """One channel (H, W) at (x, y) in [0, 1]: pixel (i, j) has its centre at
+    ((j + .5) / W, (i + .5) / H); zero outside."""
     h, w = img.shape
     px, py = x * w - 0.5, y * h - 0.5
     x0, y0 = math.floor(px), math.floor(py)
@@ -44,15 +57,22 @@ def manual_bilinear(img: torch.Tensor, x: float, y: float) -> float:
 def test_point_sample_matches_manual_bilinear_with_channels():
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(2, 3, 5, 7, dtype=torch.float64, generator=g)
-    coords = torch.tensor([[[0.1, 0.9], [0.5, 0.33], [0.99, 0.01], [0.0, 0.0]],
-                           [[0.6, 0.2], [0.071, 0.5], [1.0, 1.0], [0.3, 0.77]]], dtype=torch.float64)
+    coords = torch.tensor(
+        [
+            [[0.1, 0.9], [0.5, 0.33], [0.99, 0.01], [0.0, 0.0]],
+            [[0.6, 0.2], [0.071, 0.5], [1.0, 1.0], [0.3, 0.77]],
+        ],
+        dtype=torch.float64,
+    )
     out = point_sample(maps, coords)
     assert out.shape == (2, 3, 4)
     for n in range(2):
         for c in range(3):
             for p in range(4):
                 x, y = coords[n, p].tolist()
-                assert out[n, c, p].item() == pytest.approx(manual_bilinear(maps[n, c], x, y), abs=1e-12)
+                assert out[n, c, p].item() == pytest.approx(
+                    manual_bilinear(maps[n, c], x, y), abs=1e-12
+                )
 
 
 # -- losses and costs, written out --------------------------------------------------------------
@@ -66,7 +86,9 @@ def sig(v: float) -> float:
 
 
 def bce_by_hand(xs: list[float], ts: list[float]) -> float:
-    return sum(-(t * math.log(sig(x)) + (1 - t) * math.log(1 - sig(x))) for x, t in zip(xs, ts)) / len(xs)
+    return sum(
+        -(t * math.log(sig(x)) + (1 - t) * math.log(1 - sig(x))) for x, t in zip(xs, ts)
+    ) / len(xs)
 
 
 def dice_by_hand(xs: list[float], ts: list[float]) -> float:
@@ -90,10 +112,12 @@ def test_losses_equal_their_formulas_in_float64():
     bce = sigmoid_bce_mask_loss(x, t, num_masks)
     dice = dice_mask_loss(x, t, num_masks)
     assert bce.dtype == torch.float64 and dice.dtype == torch.float64
-    assert bce.item() == pytest.approx(sum(bce_by_hand(a, b) for a, b in zip(LOGITS, LABELS)) / num_masks,
-                                       rel=1e-12)
-    assert dice.item() == pytest.approx(sum(dice_by_hand(a, b) for a, b in zip(LOGITS, LABELS)) / num_masks,
-                                        rel=1e-12)
+    assert bce.item() == pytest.approx(
+        sum(bce_by_hand(a, b) for a, b in zip(LOGITS, LABELS)) / num_masks, rel=1e-12
+    )
+    assert dice.item() == pytest.approx(
+        sum(dice_by_hand(a, b) for a, b in zip(LOGITS, LABELS)) / num_masks, rel=1e-12
+    )
 
 
 def test_costs_equal_their_formulas_pairwise():
@@ -116,6 +140,7 @@ def test_low_precision_logits_give_float32_losses():
 
 # -- importance sampling --------------------------------------------------------------------------
 
+
 def confident_right_map(n: int = 2) -> torch.Tensor:
     """(n, 8, 8) logits: 0 (most uncertain) in columns 0-3, +-10 in columns 4-7."""
     logits = torch.full((n, 8, 8), 10.0)
@@ -135,7 +160,8 @@ def test_importance_points_fall_in_the_uncertain_region():
     # Points left of the 4th column's centre (x < 3.5 / 8) read exactly 0; about 3 * 200 * 0.44 of
     # the oversampled points lie there, more than the 150 kept: all importance points are there.
     assert (coords[:, :num_uncertain, 0] < 3.5 / 8).all()
-    # The rest is the complement: fresh uniform points, the generator's next draw after the oversampling.
+    # The rest is the complement: fresh uniform points, the generator's next draw after the
+    # oversampling.
     g = torch.Generator().manual_seed(3)
     oversampled = torch.rand(2, int(num_points * over), 2, generator=g)
     fresh = torch.rand(2, num_points - num_uncertain, 2, generator=g)
@@ -153,13 +179,17 @@ def test_importance_counts_follow_the_ratios():
     logits = torch.full((1, 8, 8), -10.0)
     logits[:, :, :6] = 0.0
     for num_points, frac in ((100, 0.0), (100, 1.0), (37, 0.5), (10, 0.75)):
-        coords = uncertain_points(logits, num_points, 2.0, frac, generator=torch.Generator().manual_seed(0))
+        coords = uncertain_points(
+            logits, num_points, 2.0, frac, generator=torch.Generator().manual_seed(0)
+        )
         assert coords.shape == (1, num_points, 2)
         k = int(frac * num_points)
         assert (coords[0, :k, 0] < 5.5 / 8).all()
         g = torch.Generator().manual_seed(0)
         torch.rand(1, 2 * num_points, 2, generator=g)
-        torch.testing.assert_close(coords[:, k:], torch.rand(1, num_points - k, 2, generator=g), rtol=0, atol=0)
+        torch.testing.assert_close(
+            coords[:, k:], torch.rand(1, num_points - k, 2, generator=g), rtol=0, atol=0
+        )
     with pytest.raises(ValueError, match="oversample_ratio"):
         uncertain_points(logits, 10, 0.5, 0.75)
 
@@ -169,8 +199,9 @@ def test_importance_points_respect_the_valid_region():
     # i.e. in the valid region's left half (x < 0.5 there, minus the half-pixel blur).
     logits = torch.full((1, 8, 8), 10.0)
     logits[:, :, :2] = 0.0
-    coords = uncertain_points(logits, 100, 3.0, 0.75, valid_ratio=(0.5, 1.0),
-                              generator=torch.Generator().manual_seed(1))
+    coords = uncertain_points(
+        logits, 100, 3.0, 0.75, valid_ratio=(0.5, 1.0), generator=torch.Generator().manual_seed(1)
+    )
     assert (coords[0, :75, 0] < 1.5 / 8 / 0.5).all()
     assert (coords[..., 0] < 1).all()  # drawn in the valid region only
 
@@ -184,6 +215,7 @@ def test_uncertain_points_reproducible_with_a_generator():
 
 
 # -- the coordinate mapping -----------------------------------------------------------------------
+
 
 def block_case():
     """An image of 48 x 80 pixels on a 64 x 96 canvas, stride 4: a map of 16 x 24 whose valid region
@@ -202,20 +234,28 @@ def test_same_shape_on_the_canvas_gives_near_zero_dice():
     # maps read 1/2 by construction.
     pred, gt, ratio = block_case()
     g = torch.Generator().manual_seed(0)
-    p, t = sample_matched_points(pred[None], gt[None], ratio, num_points=4000, importance_sample_ratio=0.0,
-                                 generator=g)
+    p, t = sample_matched_points(
+        pred[None], gt[None], ratio, num_points=4000, importance_sample_ratio=0.0, generator=g
+    )
     assert p.shape == t.shape == (1, 4000)
     best = dice_mask_loss(p, t, 1.0).item()
     assert best < 0.02
     for scale in (0.97, 1.03):  # a valid region 3 % off is worse
         g = torch.Generator().manual_seed(0)
-        p, t = sample_matched_points(pred[None], gt[None], ratio * scale, num_points=4000,
-                                     importance_sample_ratio=0.0, generator=g)
+        p, t = sample_matched_points(
+            pred[None],
+            gt[None],
+            ratio * scale,
+            num_points=4000,
+            importance_sample_ratio=0.0,
+            generator=g,
+        )
         assert dice_mask_loss(p, t, 1.0).item() > best + 0.01
     # The wrong mapping (the GT taken as covering the whole canvas) misses by far.
     g = torch.Generator().manual_seed(0)
-    p, t = sample_matched_points(pred[None], gt[None], None, num_points=4000, importance_sample_ratio=0.0,
-                                 generator=g)
+    p, t = sample_matched_points(
+        pred[None], gt[None], None, num_points=4000, importance_sample_ratio=0.0, generator=g
+    )
     assert dice_mask_loss(p, t, 1.0).item() > 0.15
 
 
@@ -226,17 +266,36 @@ def test_mask_losses_over_a_batch_and_matching_costs():
     preds = torch.stack([other, pred])[None].repeat(2, 1, 1, 1).requires_grad_()  # (B=2, Q=2, 4, 6)
     gts = [torch.stack([gt, ~gt]), gt[None]]
     ratios = ratio.expand(2, 2)
-    indices = [(torch.tensor([1]), torch.tensor([0])), (torch.tensor([], dtype=torch.long),
-                                                        torch.tensor([], dtype=torch.long))]
-    losses = mask_losses(preds, gts, indices, ratios, 1.0, num_points=2000, importance_sample_ratio=0.0,
-                         generator=torch.Generator().manual_seed(0))
+    indices = [
+        (torch.tensor([1]), torch.tensor([0])),
+        (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)),
+    ]
+    losses = mask_losses(
+        preds,
+        gts,
+        indices,
+        ratios,
+        1.0,
+        num_points=2000,
+        importance_sample_ratio=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert losses["dice"].item() < 0.02 and losses["mask"].item() < 0.2
     (losses["mask"] + losses["dice"]).backward()
-    assert preds.grad is not None and preds.grad[0, 1].abs().sum() > 0 and preds.grad[0, 0].abs().sum() == 0
+    assert (
+        preds.grad is not None
+        and preds.grad[0, 1].abs().sum() > 0
+        and preds.grad[0, 0].abs().sum() == 0
+    )
     empty = mask_losses(preds, gts, [indices[1]] * 2, ratios, 1.0, num_points=10)
     assert empty["mask"].item() == 0 and empty["mask"].requires_grad
-    bce, dice = mask_match_costs(preds[0].detach(), gts[0], ratio, num_points=2000,
-                                 generator=torch.Generator().manual_seed(0))
+    bce, dice = mask_match_costs(
+        preds[0].detach(),
+        gts[0],
+        ratio,
+        num_points=2000,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert bce.shape == dice.shape == (2, 2)
     assert dice[1, 0] < 0.02 and dice[1, 0] < dice[0, 0] and dice[1, 0] < dice[1, 1]
     assert bce[1, 0] < bce[0, 0]
@@ -256,11 +315,12 @@ def test_match_costs_from_given_point_logits():
 
 # -- pasting at inference ------------------------------------------------------------------------
 
+
 def test_paste_puts_a_known_mask_at_the_original_size():
     # Original 24 x 36, resized to 16 x 24, padded to a 20 x 28 canvas: a 5 x 7 map at stride 4,
-    # valid (24 / 28, 16 / 20). Map rows 1-2 are the transformed image's rows 4-11, i.e. [0.25, 0.75)
-    # of it: the original's rows 6-17; map columns 2-4 its columns 8-19, [1/3, 5/6): the original's
-    # columns 12-29. Bands across the whole map (a rectangle's corners are rounded by the bilinear
+    # valid (24 / 28, 16 / 20). Map rows 1-2 are the transformed image's rows 4-11, i.e.
+    # [0.25, 0.75) of it: the original's rows 6-17; map columns 2-4 its columns 8-19, [1/3, 5/6):
+    # the original's columns 12-29. Bands across the whole map (a rectangle's corners are rounded by the bilinear
     # resampling of the logits).
     logits = torch.full((3, 5, 7), -10.0)
     logits[0, 1:3, :] = 10.0

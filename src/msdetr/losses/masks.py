@@ -16,9 +16,10 @@ dice weights 5.0 each, matching costs 5.0 each):
 The losses are sums over masks divided by `num_masks`: pass the box losses' `num_boxes` (the same
 normalizer, all-reduced over the world and clamped at 1).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,8 @@ def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
     Args:
         inputs: (N, C, H, W) or (N, H, W) maps.
-        coords: (N, P, 2) points (x, y) in [0, 1] of each map (0: its left / top edge, 1: its right /
-            bottom edge; `grid_sample`, align_corners=False, zero outside).
+        coords: (N, P, 2) points (x, y) in [0, 1] of each map (0: its left / top edge, 1: its
+            right / bottom edge; `grid_sample`, align_corners=False, zero outside).
     Returns: (N, C, P), or (N, P) for (N, H, W) maps.
     """
     squeeze = inputs.dim() == 3
@@ -62,16 +63,28 @@ def map_points(coords: torch.Tensor, valid_ratio: Ratio | None) -> torch.Tensor:
     return coords * _ratio(valid_ratio, coords.shape[0], coords)
 
 
-def uniform_points(n: int, num_points: int, *, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+def uniform_points(
+    n: int,
+    num_points: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(n, num_points, 2) points uniform in [0, 1)^2 (the valid region)."""
     return torch.rand(n, num_points, 2, device=device, dtype=dtype, generator=generator)
 
 
 @torch.no_grad()
-def uncertain_points(logits: torch.Tensor, num_points: int = NUM_POINTS, oversample_ratio: float = OVERSAMPLE_RATIO,
-                     importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO, *, valid_ratio: Ratio | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def uncertain_points(
+    logits: torch.Tensor,
+    num_points: int = NUM_POINTS,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+    *,
+    valid_ratio: Ratio | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """PointRend's importance sampling toward uncertain points (Mask2Former's rule).
 
     Draws `int(num_points * oversample_ratio)` uniform points per mask, takes the logits there
@@ -87,8 +100,11 @@ def uncertain_points(logits: torch.Tensor, num_points: int = NUM_POINTS, oversam
     first, then the uniform ones. No gradient.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"mask point sampling needs oversample_ratio >= 1 and importance_sample_ratio in [0, 1], "
-                         f"got {oversample_ratio} and {importance_sample_ratio}; fix the mask loss config.")
+        raise ValueError(
+            "mask point sampling needs oversample_ratio >= 1 and importance_sample_ratio in "
+            f"[0, 1], got {oversample_ratio} and {importance_sample_ratio}; fix the mask loss "
+            "config."
+        )
     if logits.dim() == 4:
         logits = logits[:, 0]
     n = logits.shape[0]
@@ -105,10 +121,16 @@ def uncertain_points(logits: torch.Tensor, num_points: int = NUM_POINTS, oversam
     return torch.cat([chosen, extra], 1)
 
 
-def sample_matched_points(pred_masks: torch.Tensor, gt_masks: torch.Tensor, valid_ratio: Ratio | None, *,
-                          num_points: int = NUM_POINTS, oversample_ratio: float = OVERSAMPLE_RATIO,
-                          importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_matched_points(
+    pred_masks: torch.Tensor,
+    gt_masks: torch.Tensor,
+    valid_ratio: Ratio | None,
+    *,
+    num_points: int = NUM_POINTS,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's matched pairs at their points: the predictions' logits and the GTs' labels.
 
     Args:
@@ -121,18 +143,30 @@ def sample_matched_points(pred_masks: torch.Tensor, gt_masks: torch.Tensor, vali
     if pred_masks.shape[0] == 0:  # an image without pairs
         empty = pred_masks.new_zeros(0, num_points)
         return empty, empty.float()
-    coords = uncertain_points(pred_masks, num_points, oversample_ratio, importance_sample_ratio,
-                              valid_ratio=valid_ratio, generator=generator)
+    coords = uncertain_points(
+        pred_masks,
+        num_points,
+        oversample_ratio,
+        importance_sample_ratio,
+        valid_ratio=valid_ratio,
+        generator=generator,
+    )
     pred = point_sample(pred_masks, map_points(coords, valid_ratio).to(pred_masks.dtype))
     gt = point_sample(gt_masks.to(coords.dtype), coords)
     return pred, gt
 
 
-def select_matched(pred_masks: torch.Tensor, gt_masks: Sequence[torch.Tensor],
-                   indices: Sequence[tuple[torch.Tensor, torch.Tensor]], valid_ratios: torch.Tensor, *,
-                   num_points: int = NUM_POINTS, oversample_ratio: float = OVERSAMPLE_RATIO,
-                   importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_matched(
+    pred_masks: torch.Tensor,
+    gt_masks: Sequence[torch.Tensor],
+    indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    valid_ratios: torch.Tensor,
+    *,
+    num_points: int = NUM_POINTS,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's matched pairs at their points, image after image (`sample_matched_points`).
 
     Args:
@@ -144,16 +178,23 @@ def select_matched(pred_masks: torch.Tensor, gt_masks: Sequence[torch.Tensor],
     """
     preds, gts = [], []
     for b, (src, tgt) in enumerate(indices):
-        pred, gt = sample_matched_points(pred_masks[b, src], gt_masks[b][tgt], valid_ratios[b],
-                                         num_points=num_points, oversample_ratio=oversample_ratio,
-                                         importance_sample_ratio=importance_sample_ratio, generator=generator)
+        pred, gt = sample_matched_points(
+            pred_masks[b, src],
+            gt_masks[b][tgt],
+            valid_ratios[b],
+            num_points=num_points,
+            oversample_ratio=oversample_ratio,
+            importance_sample_ratio=importance_sample_ratio,
+            generator=generator,
+        )
         preds.append(pred)
         gts.append(gt)
     return torch.cat(preds), torch.cat(gts)
 
 
-def sigmoid_bce_mask_loss(point_logits: torch.Tensor, point_labels: torch.Tensor,
-                          num_masks: float | torch.Tensor) -> torch.Tensor:
+def sigmoid_bce_mask_loss(
+    point_logits: torch.Tensor, point_labels: torch.Tensor, num_masks: float | torch.Tensor
+) -> torch.Tensor:
     """Sigmoid binary cross-entropy, mean over each mask's P points, summed over masks / num_masks.
 
     (M, P) logits and (M, P) targets in [0, 1] -> scalar (float32 or wider)."""
@@ -162,8 +203,9 @@ def sigmoid_bce_mask_loss(point_logits: torch.Tensor, point_labels: torch.Tensor
     return bce.mean(1).sum() / num_masks
 
 
-def dice_mask_loss(point_logits: torch.Tensor, point_labels: torch.Tensor,
-                   num_masks: float | torch.Tensor) -> torch.Tensor:
+def dice_mask_loss(
+    point_logits: torch.Tensor, point_labels: torch.Tensor, num_masks: float | torch.Tensor
+) -> torch.Tensor:
     """Dice loss 1 - (2 sum(p t) + 1) / (sum p + sum t + 1) per mask (p = sigmoid of the logit),
     summed over masks / num_masks. (M, P) logits and (M, P) targets -> scalar."""
     x = point_logits.float() if point_logits.dtype != torch.float64 else point_logits
@@ -172,9 +214,14 @@ def dice_mask_loss(point_logits: torch.Tensor, point_labels: torch.Tensor,
     return loss.sum() / num_masks
 
 
-def mask_losses(pred_masks: torch.Tensor, gt_masks: Sequence[torch.Tensor],
-                indices: Sequence[tuple[torch.Tensor, torch.Tensor]], valid_ratios: torch.Tensor,
-                num_masks: float | torch.Tensor, **sampling) -> dict[str, torch.Tensor]:
+def mask_losses(
+    pred_masks: torch.Tensor,
+    gt_masks: Sequence[torch.Tensor],
+    indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    valid_ratios: torch.Tensor,
+    num_masks: float | torch.Tensor,
+    **sampling,
+) -> dict[str, torch.Tensor]:
     """{"mask": BCE, "dice": dice} of a layer's matched pairs (`select_matched`; `sampling`: its
     num_points, oversample_ratio, importance_sample_ratio, generator). With no pair at all both
     are 0 and still depend on `pred_masks` (every rank runs the same backward)."""
@@ -182,7 +229,10 @@ def mask_losses(pred_masks: torch.Tensor, gt_masks: Sequence[torch.Tensor],
     if pred.shape[0] == 0:
         zero = pred_masks.sum() * 0.0
         return {"mask": zero, "dice": zero}
-    return {"mask": sigmoid_bce_mask_loss(pred, gt, num_masks), "dice": dice_mask_loss(pred, gt, num_masks)}
+    return {
+        "mask": sigmoid_bce_mask_loss(pred, gt, num_masks),
+        "dice": dice_mask_loss(pred, gt, num_masks),
+    }
 
 
 def mask_bce_cost(pred_points: torch.Tensor, gt_points: torch.Tensor) -> torch.Tensor:
@@ -191,7 +241,7 @@ def mask_bce_cost(pred_points: torch.Tensor, gt_points: torch.Tensor) -> torch.T
     x = pred_points.float() if pred_points.dtype != torch.float64 else pred_points
     t = gt_points.to(x.dtype)
     pos = F.softplus(-x)  # BCE against 1
-    neg = F.softplus(x)   # BCE against 0
+    neg = F.softplus(x)  # BCE against 0
     return (pos @ t.T + neg @ (1 - t).T) / x.shape[1]
 
 
@@ -204,10 +254,16 @@ def mask_dice_cost(pred_points: torch.Tensor, gt_points: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def mask_match_costs(pred_masks: torch.Tensor | None, gt_masks: torch.Tensor, valid_ratio: Ratio | None, *,
-                     num_points: int = NUM_POINTS, generator: torch.Generator | None = None,
-                     pred_points: torch.Tensor | None = None, coords: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_match_costs(
+    pred_masks: torch.Tensor | None,
+    gt_masks: torch.Tensor,
+    valid_ratio: Ratio | None,
+    *,
+    num_points: int = NUM_POINTS,
+    generator: torch.Generator | None = None,
+    pred_points: torch.Tensor | None = None,
+    coords: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's (Q, G) mask BCE and dice costs on one set of uniform points shared by all its
     predictions and GTs (Mask DINO's matcher).
 
@@ -234,6 +290,8 @@ def mask_match_costs(pred_masks: torch.Tensor | None, gt_masks: torch.Tensor, va
     if pred_points is None:
         assert pred_masks is not None
         q = pred_masks.shape[0]
-        pred_points = point_sample(pred_masks.float(), map_points(coords, valid_ratio).expand(q, -1, -1))
+        pred_points = point_sample(
+            pred_masks.float(), map_points(coords, valid_ratio).expand(q, -1, -1)
+        )
     gt_points = point_sample(gt_masks.float(), coords.expand(gt_masks.shape[0], -1, -1))
     return mask_bce_cost(pred_points, gt_points), mask_dice_cost(pred_points, gt_points)

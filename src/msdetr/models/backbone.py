@@ -102,8 +102,8 @@ class FeatureBackbone(nn.Module):
     def forward_with_stride4(self, images: torch.Tensor, padding_mask: torch.Tensor
                              ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """`forward`'s levels, and the (B, stride4_channels, ceil(H/4), ceil(W/4)) stride-4 map."""
-        raise ValueError(f"the {type(self).__name__} backbone has no stride-4 map; set "
-                         "model.detector.mask_head.lateral_stride=8 to use its stride-8 map instead.")
+        raise ValueError(f"the {type(self).__name__} backbone has no stride-4 map; set the mask "
+                         "head's lateral_stride=8 to use its stride-8 map instead.")
 
 
 class Backbone(FeatureBackbone):
@@ -165,7 +165,8 @@ class Backbone(FeatureBackbone):
         c2, *feats = self.body.stages(images)
         return self._levels(feats, padding_mask), c2
 
-    def _levels(self, feats: list[torch.Tensor], padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _levels(self, feats: list[torch.Tensor], padding_mask: torch.Tensor
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.return_interm_layers:
             feats = feats[-1:]
         return [(f, resize_mask(padding_mask, f.shape[-2:])) for f in feats]

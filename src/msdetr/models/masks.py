@@ -41,6 +41,7 @@ only what is used: the matched pairs' maps (`pair_logits`) and the Hungarian cos
 (`point_logits`, exact because bilinear sampling is linear in the channels). Masks are never made
 at full resolution in training; at inference only the kept detections' are (`postprocess_masks`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,14 +72,23 @@ class MaskHead(nn.Module):
     Attributes: `stride` (the mask maps' stride), `mask_dim`.
     """
 
-    def __init__(self, *, hidden_dim: int = 256, lateral_channels: int = 256, lateral_stride: int = 4,
-                 mask_dim: int | None = None, num_groups: int = 32):
+    def __init__(
+        self,
+        *,
+        hidden_dim: int = 256,
+        lateral_channels: int = 256,
+        lateral_stride: int = 4,
+        mask_dim: int | None = None,
+        num_groups: int = 32,
+    ):
         super().__init__()
         if lateral_stride not in (4, 8):
             raise ValueError(f"mask_head.lateral_stride must be 4 or 8, got {lateral_stride}.")
         if hidden_dim % num_groups:
-            raise ValueError(f"mask_head.num_groups={num_groups} does not divide hidden_dim={hidden_dim}; "
-                             "set a num_groups that divides it.")
+            raise ValueError(
+                f"mask_head.num_groups={num_groups} does not divide hidden_dim={hidden_dim}; "
+                "set a num_groups that divides it."
+            )
         self.stride = lateral_stride
         self.hidden_dim = hidden_dim
         self.mask_dim = hidden_dim if mask_dim is None else mask_dim
@@ -96,7 +106,7 @@ class MaskHead(nn.Module):
         `shapes`: the levels' (H, W) as Python ints (`Levels.shapes`)."""
         h, w = (int(v) for v in shapes[0])
         b, _, c = memory.shape
-        return memory[:, :h * w].transpose(1, 2).reshape(b, c, h, w)
+        return memory[:, : h * w].transpose(1, 2).reshape(b, c, h, w)
 
     def pixel_embedding(self, memory: torch.Tensor, shapes, lateral: torch.Tensor) -> torch.Tensor:
         """The per-pixel embedding (B, mask_dim, h, w) at the lateral map's size.
@@ -124,10 +134,16 @@ class MaskHead(nn.Module):
         """Per decoder layer (B, Q, C) hidden states -> per layer (B, Q, h, w) mask logits."""
         return [self.logits(h, pixel) for h in hidden]
 
-    def pair_logits(self, hidden: torch.Tensor, pixel: torch.Tensor, batch_idx: torch.Tensor,
-                    query_idx: torch.Tensor) -> torch.Tensor:
+    def pair_logits(
+        self,
+        hidden: torch.Tensor,
+        pixel: torch.Tensor,
+        batch_idx: torch.Tensor,
+        query_idx: torch.Tensor,
+    ) -> torch.Tensor:
         """Only the chosen queries' maps: (B, Q, C) features, (B, D, h, w) pixel embedding, (M,)
-        image and query indices -> (M, h, w) mask logits (the matched pairs, the kept detections)."""
+        image and query indices -> (M, h, w) mask logits (the matched pairs, the kept
+        detections)."""
         emb = self.embed(hidden[batch_idx, query_idx])  # (M, D)
         # One matmul over (image, channel) with the other images' weights zero: no (M, D, h, w) copy
         # of the pixel embedding and no per-image split (which would read the counts on the host).
@@ -135,12 +151,16 @@ class MaskHead(nn.Module):
         weights = emb[:, None, :] * own[..., None].to(emb.dtype)  # (M, B, D)
         return torch.einsum("mbd,bdhw->mhw", weights, pixel.to(emb.dtype))
 
-    def point_logits(self, hidden: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def point_logits(
+        self, hidden: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor
+    ) -> torch.Tensor:
         """Mask logits at points without making the maps: (B, Q, C) features, (B, D, h, w) pixel
         embedding, (B, P, 2) points (x, y) in [0, 1] of the map -> (B, Q, P). Equal to sampling the
         (B, Q, h, w) logits at the points (bilinear sampling is linear in the channels)."""
         grid = (2.0 * coords - 1.0).unsqueeze(2).to(pixel.dtype)  # (B, P, 1, 2)
-        sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[..., 0]  # (B, D, P)
+        sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[
+            ..., 0
+        ]  # (B, D, P)
         return torch.einsum("bqd,bdp->bqp", self.embed(hidden), sampled)
 
 
