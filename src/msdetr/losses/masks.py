@@ -49,8 +49,8 @@ def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return out[:, 0] if squeeze else out
 
 
-def _ratio(valid_ratio: Ratio | None, n: int, like: torch.Tensor) -> torch.Tensor:
-    """valid (w, h) fraction as an (n or 1, 1, 2) tensor on `like`'s device."""
+def _ratio(valid_ratio: Ratio | None, like: torch.Tensor) -> torch.Tensor:
+    """valid (w, h) fraction as an (N or 1, 1, 2) tensor on `like`'s device."""
     if valid_ratio is None:
         return torch.ones(1, 1, 2, dtype=like.dtype, device=like.device)
     ratio = torch.as_tensor(valid_ratio, dtype=like.dtype).to(like.device, non_blocking=True)
@@ -60,7 +60,7 @@ def _ratio(valid_ratio: Ratio | None, n: int, like: torch.Tensor) -> torch.Tenso
 def map_points(coords: torch.Tensor, valid_ratio: Ratio | None) -> torch.Tensor:
     """(N, P, 2) points normalized to the valid region -> the same points normalized to the padded
     map, whose valid region is the top-left `valid_ratio` (w, h) fraction ((2,), (N, 2) or None)."""
-    return coords * _ratio(valid_ratio, coords.shape[0], coords)
+    return coords * _ratio(valid_ratio, coords)
 
 
 def uniform_points(
