@@ -1,4 +1,5 @@
-"""ResNet backbones (torchvision, frozen BatchNorm) returning the stride-8/16/32 maps with masks."""
+"""ResNet backbones (torchvision, frozen BatchNorm) returning the stride-8/16/32 maps with masks
+(and, for a mask head, the stride-4 map of layer1 through `forward_with_stride4`)."""
 from __future__ import annotations
 
 import warnings
@@ -16,6 +17,8 @@ _CHANNELS = {
     "resnet50": (512, 1024, 2048),
     "resnet101": (512, 1024, 2048),
 }
+# Channels of layer1 (stride 4), what a mask head's lateral convolution reads.
+_STRIDE4_CHANNELS = {"resnet18": 64, "resnet34": 64, "resnet50": 256, "resnet101": 256}
 
 
 class ResNetBody(nn.Module):
@@ -36,12 +39,16 @@ class ResNetBody(nn.Module):
             setattr(self, name, getattr(resnet, name))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.stages(x)[1:]
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps of layer1..layer4 (strides 4, 8, 16, 32)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        c3 = self.layer2(x)
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        return [c3, c4, c5]
+        return [c2, c3, c4, c5]
 
 
 def _load_resnet(name: str, pretrained: bool | str, dilation: bool, norm: str) -> torchvision.models.ResNet:
@@ -80,12 +87,23 @@ _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
 class FeatureBackbone(nn.Module):
     """What the detector needs of a backbone: `forward(images, padding_mask)` returns one
     (feature map, mask) pair per output level, finest first, with `num_channels[i]` channels in
-    level i."""
+    level i.
+
+    A backbone that can also give a stride-4 map (for a mask head's pixel embedding) sets
+    `stride4_channels` and implements `forward_with_stride4`; the others leave `stride4_channels`
+    None and a mask head must use `lateral_stride=8` with them."""
 
     num_channels: list[int]
+    stride4_channels: int | None = None
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def forward_with_stride4(self, images: torch.Tensor, padding_mask: torch.Tensor
+                             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """`forward`'s levels, and the (B, stride4_channels, ceil(H/4), ceil(W/4)) stride-4 map."""
+        raise ValueError(f"the {type(self).__name__} backbone has no stride-4 map; set the mask "
+                         "head's lateral_stride=8 to use its stride-8 map instead.")
 
 
 class Backbone(FeatureBackbone):
@@ -135,9 +153,20 @@ class Backbone(FeatureBackbone):
         self.return_interm_layers = return_interm_layers
         self.num_channels = list(channels if return_interm_layers else channels[-1:])
         self.strides = list(strides if return_interm_layers else strides[-1:])
+        self.stride4_channels = _STRIDE4_CHANNELS[name]
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        feats = self.body(images)
+        return self._levels(self.body(images), padding_mask)
+
+    def forward_with_stride4(self, images: torch.Tensor, padding_mask: torch.Tensor
+                             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """`forward`'s levels (the same tensors), and layer1's stride-4 map. layer1 trains only with
+        trainable_layers >= 4 (Mask DINO trains it; the default leaves it frozen)."""
+        c2, *feats = self.body.stages(images)
+        return self._levels(feats, padding_mask), c2
+
+    def _levels(self, feats: list[torch.Tensor], padding_mask: torch.Tensor
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.return_interm_layers:
             feats = feats[-1:]
         return [(f, resize_mask(padding_mask, f.shape[-2:])) for f in feats]
