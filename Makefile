@@ -25,8 +25,8 @@ test: install
 bench: install
 	$(PY) bench/train_step.py
 
-# On a lent GPU machine (no registry there): `make gpu-wheels` here first, carry .gpu-wheels, then
-# `make gpu-check PYTHON=python3` there. Writes $(GPU_OUT)/RESULTS-gpu.md; ARGS=--dry-run for a CPU run.
+# On a GPU machine without registry access: `make gpu-wheels` first where the registry is reachable,
+# copy .gpu-wheels/ into the checkout there, then `make gpu-check PYTHON=python3` there. Writes $(GPU_OUT)/RESULTS-gpu.md; ARGS=--dry-run for a CPU run.
 GPU_OUT ?= bench/gpu-out
 gpu-check:
 	PYTHON=$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bash bench/gpu_check.sh $(GPU_OUT) $(ARGS)

@@ -295,7 +295,7 @@ def step_msda(args, device):
 def _build_train_module(backbone: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from msdetr.runner import build_module
+    from msdetr.run.build import build_module
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[

@@ -34,7 +34,7 @@ elif "$PYTHON" -c "import $(echo $MODULES | tr ' ' ',')" 2>/dev/null; then
     echo "gpu_check.sh: everything imports already, no installs"
 else
     if [ ! -d .gpu-wheels ]; then
-        echo "gpu_check.sh: .gpu-wheels/ is missing: run 'make gpu-wheels' here and carry .gpu-wheels" >&2
+        echo "gpu_check.sh: .gpu-wheels/ is missing: run 'make gpu-wheels' where the registry is reachable and copy .gpu-wheels/ into this checkout" >&2
         exit 2
     fi
     files=()

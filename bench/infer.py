@@ -40,7 +40,7 @@ TINY = ["model.hidden_dim=32", "model.nheads=2", "model.detector.encoder.num_lay
 
 def build(name: str, backbone: str, num_classes: int, extra: list[str]):
     """The DetectionModule of a model, with a random-init backbone, in eval mode."""
-    from msdetr.runner import build_module
+    from msdetr.run.build import build_module
 
     chosen, _ = MODELS[name]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

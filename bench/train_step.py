@@ -50,7 +50,7 @@ _REPLY = "@@msdetr-bench "  # prefix of the worker's protocol lines (anything el
 def build(matcher: str, model: str, backbone: str, num_classes: int, experiment: str | None = None,
           overrides: list[str] | tuple[str, ...] = ()):
     """The module of an experiment, or of a model + matcher pair, with a random-init backbone."""
-    from msdetr.runner import build_module
+    from msdetr.run.build import build_module
 
     chosen = [f"experiment={experiment}"] if experiment else ["~experiment", f"model={model}", f"matcher={matcher}"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -12,7 +12,8 @@ from torch._dynamo.utils import counters
 
 from detectors import tiny_detector
 from msdetr.config_schema import ConfigValidationError, validate
-from msdetr.runner import build_datamodule, build_module, build_trainer, check_resume_config
+from msdetr.run.build import build_datamodule, build_module, build_trainer
+from msdetr.run.resume import check_resume_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # MS-DETR++ (two-stage, refine, mixed selection, look-forward-twice, one-to-many stream) at toy size.
@@ -215,9 +216,9 @@ def test_compile_options_validate_and_reach_the_module(overrides):
 def test_resume_may_switch_compile(tmp_path):
     """Compilation and the attention backend are how the model runs, not what it is: a checkpoint
     made without them (or before the keys existed) resumes with model.compile=true or another backend."""
-    from msdetr.runner import _plain_config
+    from msdetr.run.build import plain_config
 
-    saved = _plain_config(compose_cfg())
+    saved = plain_config(compose_cfg())
     for key in ("compile", "compile_mode", "compile_dynamic", "compile_backend"):
         del saved["model"][key]
     path = tmp_path / "last.ckpt"

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from parity_utils import fixture_batch, fixture_state_dict, rel_err
 
 from msdetr.official import build_model, load_official_state_dict, parse_flags, to_official
-from msdetr.runner import build_module, evaluate
+from msdetr.run import evaluate
+from msdetr.run.build import build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 # Fixture sizes: ResNet-18, 2 encoder / 3 decoder layers, FFN 512, 60 queries, dropout 0.

@@ -208,7 +208,7 @@ def test_recipe_at_the_fixture_size_reproduces_dinos_losses(fixture):
     from parity_utils import feed_fixture_denoising, fixture_batch, fixture_state_dict, rel_err
 
     from msdetr.official import load_official_state_dict
-    from msdetr.runner import build_module
+    from msdetr.run.build import build_module
     fx = load_fixture(f"{fixture}.pt")
     no_dn = [] if fx["config"]["use_dn"] else ["model.detector.training_queries.dn=null",
                                               "matcher.criterion.branches.dn=null"]

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from msdetr.lit.callbacks import AtomicCheckpointIO, NonFiniteCheckpointError
 from msdetr.lit.module import DivergedError
-from msdetr.runner import build_module
+from msdetr.run.build import build_module
 from runs import ROOT, SMALL, losses, train
 
 TINY_MODEL = [o for o in SMALL if o.startswith("model.")]

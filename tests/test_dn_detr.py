@@ -181,7 +181,7 @@ def test_recipe_at_the_fixture_size_reproduces_dn_detrs_losses():
     from parity_utils import dn_detr_loss_name, feed_dn_detr_denoising, fixture_batch, fixture_state_dict, rel_err
 
     from msdetr.official import load_official_state_dict
-    from msdetr.runner import build_module
+    from msdetr.run.build import build_module
     fx = load_fixture("dn_deformable_detr.pt")
     cfg = _compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.name=resnet18",
                    "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from msdetr.config_schema import validate
-from msdetr.runner import build_datamodule, build_module
+from msdetr.run.build import build_datamodule, build_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

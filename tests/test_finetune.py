@@ -7,11 +7,12 @@ import lightning as L
 import pytest
 import torch
 
-import msdetr.runner as runner
+import msdetr.run as msdetr_run
 from msdetr.checkpoints import load_weights
 from msdetr.naming import is_class_head
 from msdetr.official import build_from_args, parse_flags, to_official
-from msdetr.runner import build_datamodule, build_module, train
+from msdetr.run import train
+from msdetr.run.build import build_datamodule, build_module
 
 from test_configs import compose_cfg
 from test_train import config
@@ -197,7 +198,7 @@ def test_deta_swin_large_recipe_resets_class_heads():
 def test_resume_ignores_init_from(tmp_path, monkeypatch):
     # ckpt_path resumes the exact run (strict, inside Lightning); init_from is not read at all.
     calls = []
-    monkeypatch.setattr(runner, "load_weights", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(msdetr_run, "load_weights", lambda *a, **kw: calls.append((a, kw)))
     monkeypatch.setattr(L.Trainer, "fit", lambda self, module, datamodule=None, ckpt_path=None: calls.append(ckpt_path))
     last = tmp_path / "last.ckpt"
     torch.save({"global_step": 0}, last)

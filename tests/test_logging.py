@@ -17,7 +17,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from msdetr import runner
+from msdetr.run import build, launch, train
+from msdetr.run.summary import optimized_value
 from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.lit import loggers as msdetr_loggers
 
@@ -43,12 +44,12 @@ def test_logger_configs_combine():
 
 def test_build_loggers_skips_null_and_keeps_order(tmp_path):
     cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none")
-    built = runner.build_loggers(cfg)
+    built = build.build_loggers(cfg)
     assert [type(logger).__name__ for logger in built] == ["CSVLogger", "TensorBoardLogger"]
     with open_dict(cfg):
         cfg.logger.tensorboard = None  # logger.tensorboard=null
-    assert [type(logger).__name__ for logger in runner.build_loggers(cfg)] == ["CSVLogger"]
-    trainer = runner.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
+    assert [type(logger).__name__ for logger in build.build_loggers(cfg)] == ["CSVLogger"]
+    trainer = build.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
     assert trainer.loggers == []
 
 
@@ -59,7 +60,7 @@ def test_missing_tensorboard_is_one_sentence(tmp_path, monkeypatch):
     cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none")
     with pytest.raises(ImportError, match=r"^logger=tensorboard needs the tensorboard package; install it with "
                                           r"pip install 'msdetr\[tensorboard\]'"):
-        runner.build_trainer(cfg)
+        build.build_trainer(cfg)
 
 
 # -- the run described in its loggers --------------------------------------------------------
@@ -67,10 +68,10 @@ def test_missing_tensorboard_is_one_sentence(tmp_path, monkeypatch):
 def test_every_logger_gets_the_whole_config_and_parameter_counts(tmp_path):
     cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none", "+trainer.limit_train_batches=1",
                  "+trainer.limit_val_batches=1", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1")
-    datamodule = runner.build_datamodule(cfg)  # first: the model's class count may come from the data
-    module = runner.build_module(cfg)
-    module.run_config = runner._plain_config(cfg)
-    trainer = runner.build_trainer(cfg)
+    datamodule = build.build_datamodule(cfg)  # first: the model's class count may come from the data
+    module = build.build_module(cfg)
+    module.run_config = build.plain_config(cfg)
+    trainer = build.build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
     # Plain values: `${...}` resolved; only Hydra's own, outside a Hydra app, would stay as written.
     assert module.run_config["trainer"]["max_epochs"] == 1
@@ -202,19 +203,19 @@ def test_optimized_metric_is_a_config_key():
     cfg = _compose()
     assert cfg.optimized_metric == "val/AP"
     final = {"AP": 0.25, "AP50": 0.5}
-    assert runner.optimized_value(cfg, final) == 0.25
-    assert runner.optimized_value(_compose("optimized_metric=val/AP50"), final) == 0.5
+    assert optimized_value(cfg, final) == 0.25
+    assert optimized_value(_compose("optimized_metric=val/AP50"), final) == 0.5
     with pytest.raises(ConfigValidationError, match=r"^optimized_metric=val/ap is not a metric of this run; "
                                                     r"its final validation gave val/AP, val/AP50\.$"):
-        runner.optimized_value(_compose("optimized_metric=val/ap"), final)
-    assert runner.optimized_value(cfg, {}) is None  # a single run that never validated: a warning
+        optimized_value(_compose("optimized_metric=val/ap"), final)
+    assert optimized_value(cfg, {}) is None  # a single run that never validated: a warning
 
 
 # -- optimizer and LR scheduler as _partial_ configs -----------------------------------------
 
 def _module(cfg):
-    runner.build_datamodule(cfg)  # first: the model's class count may come from the data
-    return runner.build_module(cfg)
+    build.build_datamodule(cfg)  # first: the model's class count may come from the data
+    return build.build_module(cfg)
 
 
 def _optimizers(cfg):
@@ -265,7 +266,7 @@ def test_checkpoint_hyperparameters_stay_plain(tmp_path):
     cfg = config(tmp_path, "schedule.epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
                  "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null", "callbacks.throughput=null",
                  "schedule.optimizer._target_=torch.optim.SGD")
-    runner.train(cfg)
+    train(cfg)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled callables
     assert saved["optimizer_states"][0]["param_groups"][0]["name"] == "default"
     assert "optimizer" not in saved["hyper_parameters"]
@@ -302,11 +303,11 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.pytorch.strategies.launchers import subprocess_script
 
-    module_name, attribute = runner._LIGHTNING_RANK_COMMAND
+    module_name, attribute = launch._LIGHTNING_RANK_COMMAND
     assert module_name == subprocess_script.__name__
     original = getattr(subprocess_script, attribute)
     assert list(inspect.signature(original).parameters) == ["local_rank"]  # what the patch relies on
-    assert L.__version__.startswith(runner._LIGHTNING_TESTED + ".")  # pyproject pins this minor
+    assert L.__version__.startswith(launch._LIGHTNING_TESTED + ".")  # pyproject pins this minor
 
     started = []
     monkeypatch.setattr(subprocess_script.subprocess, "Popen",
@@ -317,10 +318,10 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
     (tmp_path / "run").mkdir()
     with _hydra_config(cfg, tmp_path, multirun=True):
         job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        with runner._rank_launch_patch(job_cfg):
+        with launch._rank_launch_patch(job_cfg):
             launcher = subprocess_script._SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
             launcher._call_children_scripts()
-        expected = runner._rank_command(job_cfg)(1)
+        expected = launch._rank_command(job_cfg)(1)
     assert getattr(subprocess_script, attribute) is original  # put back
     ((command, local_rank, cwd),) = started
     assert (command, cwd) == (expected[0], expected[1]) and local_rank == "1"
@@ -332,20 +333,20 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
 def test_a_changed_lightning_launcher_is_one_sentence(monkeypatch):
     from lightning.pytorch.strategies.launchers import subprocess_script
 
-    monkeypatch.setattr(subprocess_script, runner._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None)
+    monkeypatch.setattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None)
     with pytest.raises(RuntimeError, match=r"this Lightning version .* changed how it starts DDP ranks under Hydra.*"
                                            r"pin lightning==2\.6\.\* or start the ranks with torchrun"):
-        with runner._rank_launch_patch(_compose()):
+        with launch._rank_launch_patch(_compose()):
             pass
-    monkeypatch.delattr(subprocess_script, runner._LIGHTNING_RANK_COMMAND[1])
+    monkeypatch.delattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1])
     with pytest.raises(RuntimeError, match="is gone or different"):
-        with runner._rank_launch_patch(_compose()):
+        with launch._rank_launch_patch(_compose()):
             pass
 
 
 def test_only_a_ddp_launch_patches_lightning(tmp_path):
-    single = runner.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
-    assert not runner._launches_rank_processes(single)
-    ddp = runner.build_trainer(config(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    single = build.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
+    assert not launch._launches_rank_processes(single)
+    ddp = build.build_trainer(config(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                       "logger=none", "callbacks=none"))
-    assert runner._launches_rank_processes(ddp)
+    assert launch._launches_rank_processes(ddp)

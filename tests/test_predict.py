@@ -17,7 +17,8 @@ from PIL import Image
 import msdetr.predict as predict_module
 from msdetr.__main__ import main as cli_main
 from msdetr.predict import predict
-from msdetr.runner import _plain_config, build_module, train
+from msdetr.run import train
+from msdetr.run.build import build_module, plain_config
 
 from test_train import _LAUNCHER_VARS, ROOT, config
 
@@ -28,7 +29,7 @@ def _save_untrained(cfg, path):
     """A train.py-style checkpoint (config and class names inside) of an untrained tiny model whose
     boxes all span nearly the whole image, so that most of them stick out of it before clipping."""
     module = build_module(cfg)
-    module.run_config = _plain_config(cfg)
+    module.run_config = plain_config(cfg)
     module.category_names = dict(NAMES)
     with torch.no_grad():
         for name, p in module.model.named_parameters():

@@ -12,7 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from msdetr.runner import build_datamodule, build_module, build_trainer, evaluate, train
+from msdetr.run import evaluate, train
+from msdetr.run.build import build_datamodule, build_module, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import HungarianMatcher
-from msdetr.runner import train
+from msdetr.run import train
 
 from test_model import batch, tiny
 from test_train import ROOT, TINY, _LAUNCHER_VARS, _run_train, config

@@ -16,7 +16,7 @@ class RunError(CompactHydraException):
 def _known() -> tuple[type[BaseException], ...]:
     from .data.coco import UnreadableImageError
     from .files import DiskFullError
-    from .runner import IncompleteRunError
+    from .run.resume import IncompleteRunError
 
     return ValueError, FileNotFoundError, FloatingPointError, UnreadableImageError, DiskFullError, IncompleteRunError
 

@@ -149,7 +149,7 @@ def build_predictor(cfg: DictConfig) -> Predictor:
 
     The images are resized as the checkpoint's run evaluated them (its data.eval_size and
     data.max_size) unless `cfg.eval_size` / `cfg.max_size` are set."""
-    from .runner import build_module
+    from .run.build import build_module
 
     path = Path(cfg.ckpt_path)
     ckpt = read_checkpoint_file(path)

@@ -1,7 +1,7 @@
 """The report of a Hydra multirun sweep: python -m msdetr.report <sweep dir> [--out DIR] [--metric val/AP]
 
 Reads every job directory of the sweep (`<sweep dir>/<job>/` with `.hydra/overrides.yaml`), its CSV
-metrics (`csv/version_0/metrics.csv`) and the `run_summary.json` that `msdetr.runner.train` writes
+metrics (`csv/version_0/metrics.csv`) and the `run_summary.json` that `msdetr.run.train` writes
 when a run ends, and writes into `<sweep dir>/report/` (or --out):
 
 - `report.md` and `report.csv`: one row per job: the overrides that differ between jobs, status, the
@@ -31,7 +31,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-SUMMARY_FILE = "run_summary.json"  # msdetr.runner.RUN_SUMMARY (not imported: it loads Lightning)
+SUMMARY_FILE = "run_summary.json"  # msdetr.run.summary.RUN_SUMMARY (not imported: it loads Lightning)
 FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 WANDB_GROUP_MAX = 128
 # The table's columns as written to report.csv and the wandb.Table (values as logged: AP in [0, 1]).

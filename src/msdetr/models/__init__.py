@@ -6,8 +6,10 @@ from .detector import DeformableDETR
 from .encoder import DeformableEncoder, EncoderLayer, Levels
 from .outputs import DetectorOutput, EncoderStream, LayerStream, Prediction
 from .position_encoding import PositionEmbeddingSine
-from .queries import (AnchorQueries, ContrastiveDenoisingQueries, DenoisingQueries, DINOQueries, HybridQueries, LearnedQueries, NMSTwoStageQueries, Queries, QueryGroups, QuerySelection,
-                      TrainingQueries, TwoStageQueries)
+from .queries import (AnchorQueries, DINOQueries, LearnedQueries, NMSTwoStageQueries, Queries,
+                      QuerySelection, TwoStageQueries)
+from .training_queries import (ContrastiveDenoisingQueries, DenoisingQueries, HybridQueries,
+                               QueryGroups, TrainingQueries)
 from .swin import SwinBackbone
 
 __all__ = [

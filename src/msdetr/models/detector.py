@@ -24,7 +24,8 @@ from .decoder import MLP, DeformableDecoder
 from .encoder import DeformableEncoder
 from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
 from .position_encoding import PositionEmbeddingSine
-from .queries import Queries, QuerySelection, TrainingQueries, block_ids
+from .queries import Queries, QuerySelection
+from .training_queries import TrainingQueries, block_ids
 
 
 class DeformableDETR(nn.Module):
