@@ -1,18 +1,15 @@
 """The per-branch classification losses (`Branch.loss_cls`): focal (unchanged), varifocal and ia_bce,
 checked against the papers' formulas written out here entry by entry on a tiny hand-made case."""
 import math
-import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision.ops import sigmoid_focal_loss
 
+from helpers.config import compose
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses.criterion import aligned_iou, set_class_targets_
-
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 
 # One image, 4 queries, 3 classes. Query 0 sits exactly on GT 0 (IoU 1); query 1 is GT 1 shifted by
 # half its width (intersection 0.1 x 0.2 = 0.02, union 0.04 + 0.04 - 0.02 = 0.06: IoU 1/3); query 2
@@ -168,16 +165,15 @@ def test_invalid_choices_are_one_sentence():
 
 
 def test_hydra_override_composes_and_builds():
-    with initialize_config_dir(os.path.abspath(CONF), version_base=None):
-        cfg = compose("train", overrides=["matcher.criterion.branches.main.loss_cls=varifocal",
-                                          "matcher.criterion.branches.enc.loss_cls=ia_bce"])
-        crit = instantiate(cfg.matcher.criterion)
-        assert isinstance(crit, SetCriterion)
-        kinds = {b.stream: crit.cls_loss_params(b) for b in crit.branches}
-        assert kinds == {"main": ("varifocal", 0.75, 2.0), "enc_outputs": ("ia_bce", 0.25, 2.0)}
-        # ...and the default config keeps the focal loss on every branch.
-        default = instantiate(compose("train").matcher.criterion)
-        assert {b.loss_cls for b in default.branches} == {"focal"}
+    cfg = compose("matcher.criterion.branches.main.loss_cls=varifocal",
+                  "matcher.criterion.branches.enc.loss_cls=ia_bce")
+    crit = instantiate(cfg.matcher.criterion)
+    assert isinstance(crit, SetCriterion)
+    kinds = {b.stream: crit.cls_loss_params(b) for b in crit.branches}
+    assert kinds == {"main": ("varifocal", 0.75, 2.0), "enc_outputs": ("ia_bce", 0.25, 2.0)}
+    # ...and the default config keeps the focal loss on every branch.
+    default = instantiate(compose().matcher.criterion)
+    assert {b.loss_cls for b in default.branches} == {"focal"}
     # the built criterion runs (Hungarian assignment, every term finite)
     torch.manual_seed(0)
     c = 4  # the config leaves num_classes to the data module; the losses take it from the logits
