@@ -1,5 +1,5 @@
-"""Shared test set-up (Triton under its CPU interpreter, one thread per xdist worker, a seeded torch)
-and the pytest fixtures; the functions and constants tests import are in tests/helpers/."""
+"""Shared test set-up (Triton under its CPU interpreter, one thread per xdist worker, a seeded
+torch) and the pytest fixtures; the functions and constants tests import are in tests/helpers/."""
 import os
 import tempfile
 

@@ -71,8 +71,8 @@ def test_compiled_detector_matches_eager_and_does_not_recompile():
     fresh_counters()
     torch.manual_seed(0)
     eager = build_module(compose(*TINY_PP, UNUSED_OUTPUT))
-    compiled = build_module(compose(*TINY_PP, "model.compile=true", f"model.compile_backend={BACKEND}",
-                                    UNUSED_OUTPUT))
+    compiled = build_module(compose(*TINY_PP, "model.compile=true",
+                                    f"model.compile_backend={BACKEND}", UNUSED_OUTPUT))
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
     assert compiled.detector_compiled and not eager.detector_compiled
@@ -123,11 +123,10 @@ def _graph_backend(graphs):
 def test_triton_attention_is_one_op_in_the_graph():
     """With the Triton backend (run by its CPU interpreter here) the custom op is traced as
     `torch.ops.msdetr.ms_deform_attn_fwd`, inside the detector's single graph, not a graph break."""
-    from msdetr.models import Backbone, DeformableDETR
-
     fresh_counters()
-    model = tiny_detector("model=deformable_detr_two_stage_refine", "model.num_queries=4", "model.hidden_dim=32",
-                          "model.nheads=2", "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
+    model = tiny_detector("model=deformable_detr_two_stage_refine", "model.num_queries=4",
+                          "model.hidden_dim=32", "model.nheads=2",
+                          "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
                           "model.attn_backend=triton").eval()
     images, mask, _ = make_batch(2, 64, 96, seed=3)
     graphs = []
@@ -187,7 +186,8 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
 def test_compile_mode_needs_inductor():
     with pytest.raises(ConfigValidationError, match=r"^model.compile_mode=max-autotune is not allowed with "
                                                     r"model.compile_backend=aot_eager: .*\.$"):
-        validate(compose("model.compile_mode=max-autotune", "model.compile_backend=aot_eager", UNUSED_OUTPUT))
+        validate(compose("model.compile_mode=max-autotune", "model.compile_backend=aot_eager",
+                         UNUSED_OUTPUT))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -195,7 +195,8 @@ def test_compile_mode_needs_inductor():
     ["model.compile=true", "model.compile_backend=aot_eager", "model.compile_dynamic=false"],
 ])
 def test_compile_options_validate_and_reach_the_module(overrides):
-    cfg = compose(*overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5", UNUSED_OUTPUT)
+    cfg = compose(*overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5",
+                  UNUSED_OUTPUT)
     validate(cfg)
     module = build_module(cfg)
     assert module.hparams.compile_model is True

@@ -12,13 +12,15 @@ from msdetr.models import ContrastiveDenoisingQueries, DenoisingQueries, TwoStag
 
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
-TWO_STAGE = ("model=deformable_detr_two_stage_refine", "model.detector.queries.mixed_selection=true")
+TWO_STAGE = ("model=deformable_detr_two_stage_refine",
+             "model.detector.queries.mixed_selection=true")
 DN = ("matcher=dn_detr", "model.detector.training_queries.dn.groups=2")  # DN-DETR's block, 2 groups
 CDN = ("matcher=dino", "model.detector.training_queries.dn.max_positives=2")  # DINO's, 4 groups
 
 
 def test_attention_mask_keeps_groups_apart_and_hides_them_from_the_matching_queries():
-    model = tiny_detector(*TWO_STAGE, *DN)  # 7 one-to-one queries, 2 DN groups of 2 (largest GT count)
+    # 7 one-to-one queries, 2 DN groups of 2 (largest GT count)
+    model = tiny_detector(*TWO_STAGE, *DN)
     block = model.training_queries["dn"]
     sizes = [[7], block.sizes(7, TARGETS)]
     assert sizes[1] == [2, 2]

@@ -206,8 +206,8 @@ def test_recipe_at_the_fixture_size_reproduces_dinos_losses(fixture):
                                               "matcher.criterion.branches.dn=null"]
     cfg = compose("experiment=dino_4scale_12ep", "model.detector.backbone.name=resnet18",
                   "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
-                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256", "model.num_queries=100",
-                  UNUSED_OUTPUT, *no_dn)
+                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256",
+                  "model.num_queries=100", UNUSED_OUTPUT, *no_dn)
     module = build_module(cfg)
     load_official_state_dict(module, fixture_state_dict(fx))
     if fx["config"]["use_dn"]:

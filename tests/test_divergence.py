@@ -18,7 +18,8 @@ TINY_MODEL = [o for o in SMALL if o.startswith("model.")]
 
 @pytest.fixture(scope="module")
 def module():
-    cfg = compose(*TINY_MODEL, "data.num_classes=5", "matcher=ms_detr", "max_consecutive_skipped_steps=3")
+    cfg = compose(*TINY_MODEL, "data.num_classes=5", "matcher=ms_detr",
+                  "max_consecutive_skipped_steps=3")
     return build_module(cfg)
 
 

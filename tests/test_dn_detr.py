@@ -78,7 +78,8 @@ def test_denoising_indicator_and_label_book():
 
 def test_denoising_on_learned_anchors_trains():
     torch.manual_seed(0)
-    model = tiny_detector("experiment=dn_deformable_detr_50ep", "model.detector.training_queries.dn.groups=2")
+    model = tiny_detector("experiment=dn_deformable_detr_50ep",
+                          "model.detector.training_queries.dn.groups=2")
     out = model(*batch(), TARGETS)
     assert out["dn_outputs"]["pred_boxes"].shape == (2, 2 * 2, 4) and "enc_outputs" not in out
     assert set(model.output_streams) == {"main", "dn_outputs"}
@@ -169,15 +170,16 @@ def test_recipe_at_the_fixture_size_reproduces_dn_detrs_losses():
     """The experiment config (not from_official) built at the fixture's sizes loads DN-DETR's weights
     and gives DN-DETR's losses (tests/fixtures/dn_deformable_detr.pt): the configs wire the same parts,
     weights and names."""
-    from helpers.parity import dn_detr_loss_name, feed_dn_detr_denoising, fixture_batch, fixture_state_dict, rel_err
+    from helpers.parity import (dn_detr_loss_name, feed_dn_detr_denoising, fixture_batch,
+                                fixture_state_dict, rel_err)
 
     from msdetr.official import load_official_state_dict
     from msdetr.runner import build_module
     fx = load_fixture("dn_deformable_detr.pt")
     cfg = compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.name=resnet18",
                   "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
-                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256", "model.num_queries=30",
-                  UNUSED_OUTPUT)
+                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256",
+                  "model.num_queries=30", UNUSED_OUTPUT)
     module = build_module(cfg)
     load_official_state_dict(module, fixture_state_dict(fx))
     feed_dn_detr_denoising(module.model.training_queries["dn"], fx)

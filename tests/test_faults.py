@@ -152,7 +152,8 @@ def test_after_a_hard_kill_tensorboard_shows_each_step_once(tmp_path):
     with a SIGKILL here: the killed run's W&B service may hold the id for a while after the kill.)"""
     run_dir = tmp_path / "run"
     args = ["logger=[csv,tensorboard]", "callbacks.checkpoint.every_n_train_steps=2", "schedule.epochs=1"]
-    killed = train(tmp_path, run_dir, *args, "+callbacks.kill._target_=helpers.signals.SignalAtStep",
+    killed = train(tmp_path, run_dir, *args,
+                   "+callbacks.kill._target_=helpers.signals.SignalAtStep",
                    "+callbacks.kill.step=3", "+callbacks.kill.when=batch_start", "+callbacks.kill.signal_name=SIGKILL",
                    base=SMALL)
     assert killed.returncode == -signal.SIGKILL

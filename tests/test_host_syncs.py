@@ -57,7 +57,8 @@ TWO_STAGE = "model=deformable_detr_two_stage_refine"
 BLOCKS = "model.detector.training_queries."
 # Each case: how its tiny detector is built (helpers.detectors; 5 classes) and its branches.
 CASES = {
-    "ms_detr": (partial(tiny_detector, "model=deformable_detr_pp", "matcher=ms_detr"), ms_detr_branches),
+    "ms_detr": (partial(tiny_detector, "model=deformable_detr_pp", "matcher=ms_detr"),
+                ms_detr_branches),
     "one_stage_o2m": (partial(tiny_detector, "model.detector.box_refine=true",
                               "model.detector.decoder.layer.o2m_tap=output"), ms_detr_branches),
     "h_detr": (partial(tiny_detector, TWO_STAGE, "matcher=h_detr", BLOCKS + "hybrid.num_queries=5"),
@@ -67,7 +68,8 @@ CASES = {
              lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
                       Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True),
                       Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False)]),
-    "dn_detr": (partial(tiny_detector, "experiment=dn_deformable_detr_50ep", BLOCKS + "dn.groups=2"),
+    "dn_detr": (partial(tiny_detector, "experiment=dn_deformable_detr_50ep",
+                        BLOCKS + "dn.groups=2"),
                 lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
                          Branch("dn_outputs", DenoisingAssigner(padding="ignore"), suffix="_dn")]),
     "deta": (partial(tiny_detector, "model=deta"), deta_branches),

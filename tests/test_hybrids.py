@@ -14,8 +14,9 @@ TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.
 
 TWO_STAGE = "model=deformable_detr_two_stage_refine"
 MIXED = "model.detector.queries.mixed_selection=true"
-HYBRID = ("matcher=h_detr", "model.detector.training_queries.hybrid.num_queries=11")  # H-DETR's, 11 queries
-GROUPS = ("matcher=group_detr", "model.detector.training_queries.groups.groups=3")  # Group DETR's, 3 groups
+BLOCKS = "model.detector.training_queries."
+HYBRID = ("matcher=h_detr", BLOCKS + "hybrid.num_queries=11")  # H-DETR's block, 11 queries
+GROUPS = ("matcher=group_detr", BLOCKS + "groups.groups=3")  # Group DETR's, 3 groups
 VARIANTS = [
     HYBRID,
     (TWO_STAGE, *HYBRID),
@@ -31,7 +32,8 @@ def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(ove
     model = tiny_detector(*overrides)
     images, mask = batch()
     out = model(images, mask)
-    stream, extra = ("hybrid_outputs", 11) if "hybrid" in model.training_queries else ("group_outputs", 2 * 7)
+    hybrid = "hybrid" in model.training_queries
+    stream, extra = ("hybrid_outputs", 11) if hybrid else ("group_outputs", 2 * 7)
     assert set(model.output_streams) - {"main"} == {k for k in out if k.endswith("_outputs") and k != "aux_outputs"}
     assert out["pred_logits"].shape == (2, 7, 5)
     assert out[stream]["pred_logits"].shape == (2, extra, 5)
@@ -117,11 +119,12 @@ def test_group_normalizer_averages_over_groups():
                                    "dab_deformable_detr"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     cfg = compose("data.num_classes=5", f"model={model}", f"matcher={matcher}",
-                  "model.detector.backbone.pretrained=false", "model.detector.backbone.name=resnet18",
+                  "model.detector.backbone.pretrained=false",
+                  "model.detector.backbone.name=resnet18",
                   "model.num_queries=6", "model.hidden_dim=32", "model.nheads=2",
                   "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=2",
                   "model.dim_feedforward=32",
-                  *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
+                  *([BLOCKS + "hybrid.num_queries=12"] if "h_detr" in matcher else []))
     selection = cfg.model.detector.queries._target_
     # DN-DETR's learned anchors: one-stage (no encoder stream), but with box references to denoise from.
     anchors = selection.endswith("AnchorQueries")
@@ -175,7 +178,7 @@ def test_inconsistent_query_blocks_are_refused():
         HybridQueries(num_queries=0)
     with pytest.raises(ValueError, match="mixed_selection=true"):
         tiny_detector(TWO_STAGE, "model.detector.box_refine=false", "matcher=group_detr",
-                      "model.detector.training_queries.groups.groups=2")
+                      BLOCKS + "groups.groups=2")
     parts = tiny_detector()
     with pytest.raises(ValueError, match="training_queries.b and .a both write hybrid_outputs"):
         DeformableDETR(backbone=parts.backbone, encoder=parts.encoder, decoder=parts.decoder, queries=parts.queries,
@@ -188,8 +191,7 @@ def test_query_blocks_compose():
     block invisible to the others, the one-to-one outputs those of inference."""
     torch.manual_seed(0)
     model = tiny_detector(TWO_STAGE, MIXED, "+parts@_global_=[h_detr_branch,group_detr_branch]",
-                          "model.detector.training_queries.hybrid.num_queries=5",
-                          "model.detector.training_queries.groups.groups=3")
+                          BLOCKS + "hybrid.num_queries=5", BLOCKS + "groups.groups=3")
     images, mask = batch()
     out = model(images, mask)
     assert out["hybrid_outputs"]["pred_boxes"].shape == (2, 5, 4)

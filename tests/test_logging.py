@@ -126,8 +126,9 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
     share the sweep's group and are named by their overrides, and report=true writes the sweep's
     table and figures at the end."""
     pytest.importorskip("wandb")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *E2E, "logger=[csv,wandb]",
-           "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *E2E,
+           "logger=[csv,wandb]", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
+           "trainer.log_every_n_steps=1",
            "callbacks.predictions=null", "report=true", f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     clean = clean_env()

@@ -27,8 +27,8 @@ BLOCKS = "model.detector.training_queries."
     (TWO_STAGE, "matcher=ms_detr_d"),  # o2m_tap=self_attn
     ("model=dino",),
     ("model=dino", "matcher=ms_detr"),
-    ("model=dino", "+parts@_global_=[h_detr_branch,group_detr_branch]", BLOCKS + "hybrid.num_queries=3",
-     BLOCKS + "groups.groups=2"),
+    ("model=dino", "+parts@_global_=[h_detr_branch,group_detr_branch]",
+     BLOCKS + "hybrid.num_queries=3", BLOCKS + "groups.groups=2"),
 ])
 def test_variants_forward_backward(overrides):
     model = tiny_detector(*overrides)
@@ -108,8 +108,8 @@ def test_postprocess_scales_to_original_size():
     ((LAYER + "aux_ffn=true",), "aux_ffn .* set o2m_tap"),
     (("model.detector.o2m_class_heads=true",), "o2m_class_heads needs a one-to-many stream"),
     (("model.num_feature_levels=2",), "fewer than the backbone's 3 outputs"),
-    ((TWO_STAGE, "model.detector.box_refine=false", "matcher=group_detr", BLOCKS + "groups.groups=3"),
-     "mixed_selection=true"),
+    ((TWO_STAGE, "model.detector.box_refine=false", "matcher=group_detr",
+      BLOCKS + "groups.groups=3"), "mixed_selection=true"),
 ])
 def test_inconsistent_options_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -126,7 +126,8 @@ def test_parts_of_other_widths_are_refused():
 
 @pytest.mark.parametrize("overrides", [
     (),
-    (TWO_STAGE, MIXED, LAYER + "o2m_tap=cross_attn", "matcher=h_detr", BLOCKS + "hybrid.num_queries=4"),
+    (TWO_STAGE, MIXED, LAYER + "o2m_tap=cross_attn", "matcher=h_detr",
+     BLOCKS + "hybrid.num_queries=4"),
     (TWO_STAGE, MIXED, "matcher=group_detr", BLOCKS + "groups.groups=2", LAYER + "o2m_tap=output"),
     ("model=dino", LAYER + "o2m_tap=cross_attn", "matcher=h_detr", BLOCKS + "hybrid.num_queries=4"),
 ])
@@ -147,8 +148,8 @@ def test_output_streams_are_what_a_training_forward_returns(overrides):
 
 def test_state_dict_names_convert_to_the_official_layout_and_back():
     from msdetr.naming import from_official_name, to_official_name, upgrade_state_dict
-    model = tiny_detector(TWO_STAGE, MIXED, "model.detector.queries.pix_trans=true", LAYER + "o2m_tap=cross_attn",
-                          LAYER + "aux_ffn=true")
+    model = tiny_detector(TWO_STAGE, MIXED, "model.detector.queries.pix_trans=true",
+                          LAYER + "o2m_tap=cross_attn", LAYER + "aux_ffn=true")
     names = list(model.state_dict())
     official = [to_official_name(n) for n in names]
     assert {"transformer.level_embed", "transformer.enc_output.weight", "transformer.pos_trans_norm.bias",

@@ -65,8 +65,9 @@ def folder(tmp_path):
 
 
 def run_predict(ckpt, inp, out, *overrides, threshold=0.0):
-    cfg = compose(f"ckpt_path='{ckpt}'", f"input='{inp}'", f"output_dir='{out}'", f"score_threshold={threshold}",
-                  "paths.output_dir=unused", "batch_size=2", *overrides, name="predict")
+    cfg = compose(f"ckpt_path='{ckpt}'", f"input='{inp}'", f"output_dir='{out}'",
+                  f"score_threshold={threshold}", "paths.output_dir=unused", "batch_size=2",
+                  *overrides, name="predict")
     return predict(cfg)
 
 
@@ -197,8 +198,9 @@ def test_predict_after_training_writes_coco_json_and_pictures(tmp_path):
     names = sorted(p.name for p in images.iterdir())
 
     def run(inp, threshold, out):
-        pcfg = compose(f"ckpt_path={ckpt}", f"input={inp}", f"score_threshold={threshold}", f"output_dir={out}",
-                       "eval_size=64", "max_size=96", "paths.output_dir=unused", name="predict")
+        pcfg = compose(f"ckpt_path={ckpt}", f"input={inp}", f"score_threshold={threshold}",
+                       f"output_dir={out}", "eval_size=64", "max_size=96",
+                       "paths.output_dir=unused", name="predict")
         return json.loads(predict(pcfg).read_text())
 
     dets = run(images, 0.0, tmp_path / "pred")

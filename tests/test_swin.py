@@ -8,14 +8,16 @@ from helpers.detectors import batch, tiny_detector  # noqa: E402
 from msdetr.lit import DetectionModule  # noqa: E402
 from msdetr.losses import Branch, SetCriterion  # noqa: E402
 from msdetr.matching import HungarianMatcher  # noqa: E402
-from msdetr.models import DeformableDETR, SwinBackbone  # noqa: E402
+from msdetr.models import SwinBackbone  # noqa: E402
 from msdetr.models.swin import swin_timm_to_official  # noqa: E402
 from msdetr.official import load_official_state_dict, to_official  # noqa: E402
 
 TINY = "swin_tiny_patch4_window7_224"
-# DETA's detector on this Swin (the backbone group's config at random init, no drop path, no checkpointing).
+# DETA's detector on this Swin (the backbone group's config: random init, no drop path, no
+# activation checkpointing).
 DETA_SWIN = ("model=deta", "backbone=swin_large", f"model.detector.backbone.name={TINY}",
-             "model.detector.backbone.drop_path_rate=0.0", "model.detector.backbone.checkpointing=false")
+             "model.detector.backbone.drop_path_rate=0.0",
+             "model.detector.backbone.checkpointing=false")
 
 
 def test_swin_maps_any_image_size():

@@ -109,8 +109,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
     for _attempt in range(3):  # a port taken between choosing and binding it is retried, nothing else
-        result = train_e2e(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "matcher=ms_detr",
-                           "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
+        result = train_e2e(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                           "matcher=ms_detr", "schedule.epochs=1",
+                           "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
                            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         if "EADDRINUSE" not in result.stderr:
             break
@@ -153,7 +154,8 @@ def test_matcher_sweep_fast_dev_run(tmp_path):
                 "ms_detr_dino"]
     # Mixed query selection for all: Group DETR's groups need learned content on a two-stage model.
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),
-           "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *E2E, f"paths.data_root={tmp_path / 'data'}",
+           "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *E2E,
+           f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
     clean = clean_env()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean)

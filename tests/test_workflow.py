@@ -26,8 +26,9 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
 def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
     pytest.importorskip("wandb")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    first = train_e2e(tmp_path, "logger=wandb", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
-                      "callbacks.predictions.every_n_epochs=1", env=env)
+    first = train_e2e(tmp_path, "logger=wandb", "schedule.epochs=1",
+                      "trainer.check_val_every_n_epoch=1", "callbacks.predictions.every_n_epochs=1",
+                      env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"
     run_id = (run / "wandb_id.txt").read_text().strip()
@@ -121,7 +122,8 @@ def test_optuna_sweep_maximizes_validation_ap(tmp_path):
 
 def test_slurm_config_runs_one_task_per_gpu():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose("cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu", hydra=True)
+    cfg = compose("cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu",
+                  hydra=True)
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices == 8

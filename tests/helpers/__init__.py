@@ -1,6 +1,6 @@
-"""What the tests share, imported as `helpers` (tests/ is on sys.path: pyproject's pytest `pythonpath`,
-and the PYTHONPATH of the runs the tests start). Fixtures stay in tests/conftest.py; these are plain
-functions and constants:
+"""What the tests share, imported as `helpers` (tests/ is on sys.path: pyproject's pytest
+`pythonpath`, and the PYTHONPATH of the runs the tests start). Fixtures stay in tests/conftest.py;
+these are plain functions and constants:
 
 - here: the repository's paths and the stored fixtures (`load_fixture`),
 - `config`: the Hydra configs composed as a run composes them (`compose`),

@@ -1,4 +1,5 @@
-"""The Hydra configs of conf/, composed for a test as train.py / evaluate.py / predict.py compose them."""
+"""The Hydra configs of conf/, composed for a test as train.py, evaluate.py and predict.py compose
+them."""
 from __future__ import annotations
 
 from hydra import compose as hydra_compose
@@ -7,7 +8,7 @@ from omegaconf import DictConfig
 
 from . import CONF
 
-# For configs a test builds a module from without a Hydra run (paths.output_dir is the run's directory).
+# For configs a test builds a module from without a Hydra run (paths.output_dir: the run's folder).
 UNUSED_OUTPUT = "paths.output_dir=/tmp/msdetr-unused"
 
 

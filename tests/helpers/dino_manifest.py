@@ -51,4 +51,5 @@ def dino_4scale_r50_keys(c: dict = CONFIG) -> StateDictKeys:
 def manifest() -> dict:
     return dino_4scale_r50_keys().manifest(
         "dino_4scale_r50", ["modelname='dino'"],
-        "derived from IDEA-Research/DINO @ faa8520 with config/DINO/DINO_4scale.py (tests/helpers/dino_manifest.py)")
+        "derived from IDEA-Research/DINO @ faa8520 with config/DINO/DINO_4scale.py "
+        "(tests/helpers/dino_manifest.py)")

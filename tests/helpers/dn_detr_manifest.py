@@ -49,10 +49,12 @@ def dn_deformable_detr_r50_keys(c: dict = CONFIG) -> StateDictKeys:
 def manifest() -> dict:
     return dn_deformable_detr_r50_keys().manifest(
         "dn_deformable_detr_r50", FLAGS,
-        "derived from IDEA-Research/DN-DETR @ ff3902a, main.py -m dn_dab_deformable_detr (tests/helpers/dn_detr_manifest.py)")
+        "derived from IDEA-Research/DN-DETR @ ff3902a, main.py -m dn_dab_deformable_detr "
+        "(tests/helpers/dn_detr_manifest.py)")
 
 
-if __name__ == "__main__":  # writes the stored manifest: python -m helpers.dn_detr_manifest, in tests/
+# Writes the stored manifest (from tests/: python -m helpers.dn_detr_manifest).
+if __name__ == "__main__":
     import json
 
     from helpers import FIXTURES

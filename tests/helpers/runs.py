@@ -32,21 +32,23 @@ MS_DETR = [*SMALL, "matcher=ms_detr"]
 # 8 training and 4 validation images in batches of 4, the one list to update.
 E2E = [
     "model.num_queries=10", "model.hidden_dim=64", "model.detector.encoder.num_layers=1",
-    "model.detector.decoder.num_layers=2", "model.dim_feedforward=64", "model.postprocess.num_select=10",
-    "data.synthetic_train=8", "data.synthetic_val=4", "data.batch_size=4", "data.num_workers=0",
-    "data.train_scales=[64,80]", "data.max_size=96", "data.crop_resize=[64]", "data.crop_size=[48,64]",
-    "data.eval_size=64", "model.detector.backbone.pretrained=false", "logger=csv",
+    "model.detector.decoder.num_layers=2", "model.dim_feedforward=64",
+    "model.postprocess.num_select=10", "data.synthetic_train=8", "data.synthetic_val=4",
+    "data.batch_size=4", "data.num_workers=0", "data.train_scales=[64,80]", "data.max_size=96",
+    "data.crop_resize=[64]", "data.crop_size=[48,64]", "data.eval_size=64",
+    "model.detector.backbone.pretrained=false", "logger=csv",
 ]
 # Variables that tell Lightning it was launched by a cluster or by torchrun: inherited from an
 # earlier in-process distributed test they would make a fresh run wait for ranks nobody starts.
 LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS"}
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID",
+                 "SLURM_NTASKS"}
 
 
 def config(tmp_path: Path, *overrides: str, name: str = "train") -> DictConfig:
     """conf/<name>.yaml at the E2E sizes, its data and output under `tmp_path`, then `overrides`."""
-    return compose(*E2E, f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
-                   *overrides, name=name)
+    return compose(*E2E, f"paths.data_root={tmp_path / 'data'}",
+                   f"paths.output_dir={tmp_path / 'run'}", *overrides, name=name)
 
 
 def clean_env() -> dict[str, str]:
