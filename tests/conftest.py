@@ -1,4 +1,5 @@
-"""Shared test set-up: Triton runs under its CPU interpreter, fixtures live beside the tests."""
+"""Shared test set-up (Triton under its CPU interpreter, one thread per xdist worker, a seeded
+torch) and the pytest fixtures; the functions and constants tests import are in tests/helpers/."""
 import os
 import tempfile
 
@@ -8,12 +9,8 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 # verify_images=full remembers what decoded: the tests' verdicts stay out of the user's cache.
 os.environ.setdefault("MSDETR_CACHE_DIR", tempfile.mkdtemp(prefix="msdetr-cache-"))
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 # Under pytest-xdist (`make test`: one worker per core) each worker computes on one thread, so the
 # workers do not fight over the cores; the runs the tests start as subprocesses keep torch's default.
@@ -27,15 +24,11 @@ def _deterministic():
     yield
 
 
-def load_fixture(name: str) -> dict:
-    return torch.load(FIXTURES / name, weights_only=True)
-
-
 @pytest.fixture(scope="session")
 def whole(tmp_path_factory):
     """The uninterrupted tiny MS-DETR run (2 epochs of 4 steps, validation after each) that the
     stopped, killed and broken runs are compared with: (losses, val/AP, final weights), by step."""
-    from runs import MS_DETR, losses, train, weights
+    from helpers.runs import MS_DETR, losses, train, weights
 
     tmp = tmp_path_factory.mktemp("whole")
     run = train(tmp, tmp / "run", base=MS_DETR)

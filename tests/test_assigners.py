@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from assigner_reference import cap_positives, topk_per_gt
+from helpers.assigners import cap_positives, topk_per_gt
 from msdetr.losses.criterion import merge_indices, query_class_targets
 from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, quality_assign
 
@@ -225,7 +225,7 @@ def test_costs_and_qualities_keep_the_models_precision():
 
 def _reference_assign(assigner, outputs, targets):
     """`assigner(outputs, targets)` image by image: `quality_assign`, the random cap and the per-GT
-    top-k of tests/assigner_reference.py, drawing from the assigner's generator in image order."""
+    top-k of tests/helpers/assigners.py, drawing from the assigner's generator in image order."""
     out = []
     for b, target in enumerate(targets):
         if len(target["labels"]) == 0:

@@ -1,19 +1,16 @@
 """The per-branch classification losses (`Branch.loss_cls`): focal (unchanged), varifocal and ia_bce,
 checked against the papers' formulas written out here entry by entry on a tiny hand-made case."""
 import math
-import os
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision.ops import sigmoid_focal_loss
 
-from assigner_reference import FixedAssigner
+from helpers.assigners import FixedAssigner
+from helpers.config import compose
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses.criterion import aligned_iou, set_class_targets_
-
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 
 # One image, 4 queries, 3 classes. Query 0 sits exactly on GT 0 (IoU 1); query 1 is GT 1 shifted by
 # half its width (intersection 0.1 x 0.2 = 0.02, union 0.04 + 0.04 - 0.02 = 0.06: IoU 1/3); query 2
@@ -141,8 +138,8 @@ def test_binary_branch(loss_cls):
     logits = LOGITS[:, :1]
     outputs = {"enc_outputs": {"pred_logits": logits[None], "pred_boxes": PRED_BOXES[None]},
                "pred_logits": LOGITS[None], "pred_boxes": PRED_BOXES[None]}
-    crit = SetCriterion(3, [Branch("enc_outputs", FixedAssigner(INDICES), suffix="_enc", aux=False,
-                                   binary=True, loss_cls=loss_cls)])
+    crit = SetCriterion(3, [Branch("enc_outputs", FixedAssigner(INDICES), suffix="_enc", aux=False, binary=True,
+                                   loss_cls=loss_cls)])
     losses = crit(outputs, TARGETS)
     assert "class_error_enc" not in losses
     ious = [1.0, 1 / 3, 0.0, None]
@@ -169,16 +166,15 @@ def test_invalid_choices_are_one_sentence():
 
 
 def test_hydra_override_composes_and_builds():
-    with initialize_config_dir(os.path.abspath(CONF), version_base=None):
-        cfg = compose("train", overrides=["matcher.criterion.branches.main.loss_cls=varifocal",
-                                          "matcher.criterion.branches.enc.loss_cls=ia_bce"])
-        crit = instantiate(cfg.matcher.criterion)
-        assert isinstance(crit, SetCriterion)
-        kinds = {b.stream: crit.cls_loss_params(b) for b in crit.branches}
-        assert kinds == {"main": ("varifocal", 0.75, 2.0), "enc_outputs": ("ia_bce", 0.25, 2.0)}
-        # ...and the default config keeps the focal loss on every branch.
-        default = instantiate(compose("train").matcher.criterion)
-        assert {b.loss_cls for b in default.branches} == {"focal"}
+    cfg = compose("matcher.criterion.branches.main.loss_cls=varifocal",
+                  "matcher.criterion.branches.enc.loss_cls=ia_bce")
+    crit = instantiate(cfg.matcher.criterion)
+    assert isinstance(crit, SetCriterion)
+    kinds = {b.stream: crit.cls_loss_params(b) for b in crit.branches}
+    assert kinds == {"main": ("varifocal", 0.75, 2.0), "enc_outputs": ("ia_bce", 0.25, 2.0)}
+    # ...and the default config keeps the focal loss on every branch.
+    default = instantiate(compose().matcher.criterion)
+    assert {b.loss_cls for b in default.branches} == {"focal"}
     # the built criterion runs (Hungarian assignment, every term finite)
     torch.manual_seed(0)
     c = 4  # the config leaves num_classes to the data module; the losses take it from the logits

@@ -3,19 +3,17 @@ shape reuse the compilation, the forward is one graph (the Triton op included), 
 same, and the config trains through Lightning."""
 import contextlib
 import os
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch._dynamo.utils import counters
 
-from detectors import tiny_detector
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.detectors import tiny_detector
 from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.run.build import build_datamodule, build_module, build_trainer
 from msdetr.run.resume import check_resume_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # MS-DETR++ (two-stage, refine, mixed selection, look-forward-twice, one-to-many stream) at toy size.
 TINY_PP = [
     "experiment=ms_detr_pp_300", "data.num_classes=5", "model.detector.backbone.name=resnet18",
@@ -31,11 +29,6 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 # graph) except inductor's code generation, which on 2 CPU cores takes over 15 minutes for even this toy
 # detector with dynamic sizes; MSDETR_TEST_COMPILE_BACKEND=inductor runs it with inductor.
 BACKEND = os.environ.get("MSDETR_TEST_COMPILE_BACKEND", "aot_eager")
-
-
-def compose_cfg(*overrides, name="train"):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, "paths.output_dir=/tmp/msdetr-unused"])
 
 
 def make_batch(b, h, w, seed):
@@ -78,8 +71,9 @@ def test_compiled_detector_matches_eager_and_does_not_recompile():
     `fail_on_recompile`; the forward is one graph in each mode, with no graph break."""
     fresh_counters()
     torch.manual_seed(0)
-    eager = build_module(compose_cfg(*TINY_PP))
-    compiled = build_module(compose_cfg(*TINY_PP, "model.compile=true", f"model.compile_backend={BACKEND}"))
+    eager = build_module(compose(*TINY_PP, UNUSED_OUTPUT))
+    compiled = build_module(compose(*TINY_PP, "model.compile=true",
+                                    f"model.compile_backend={BACKEND}", UNUSED_OUTPUT))
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
     assert compiled.detector_compiled and not eager.detector_compiled
@@ -130,12 +124,11 @@ def _graph_backend(graphs):
 def test_triton_attention_is_one_op_in_the_graph():
     """With the Triton backend (run by its CPU interpreter here) the custom op is traced as
     `torch.ops.msdetr.ms_deform_attn_fwd`, inside the detector's single graph, not a graph break."""
-    from msdetr.models import Backbone, DeformableDETR
-
     fresh_counters()
-    model = tiny_detector(num_classes=5, num_queries=4, hidden_dim=32,
-                           nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=32, dropout=0.0,
-                           two_stage=True, box_refine=True, attn_backend="triton").eval()
+    model = tiny_detector("model=deformable_detr_two_stage_refine", "model.num_queries=4",
+                          "model.hidden_dim=32", "model.nheads=2",
+                          "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
+                          "model.attn_backend=triton").eval()
     images, mask, _ = make_batch(2, 64, 96, seed=3)
     graphs = []
     compiled = torch.compile(model, backend=_graph_backend(graphs), dynamic=False, fullgraph=True)
@@ -168,8 +161,7 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
         "model.compile=true", "model.compile_backend=eager", "model.compile_dynamic=false",
         "model.attn_backend=reference",  # `auto` is `gather` on the CPU, whose nonzero breaks the graph
     ]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose(*overrides)
     validate(cfg)
     datamodule = build_datamodule(cfg)  # sets data.num_classes
     module = build_module(cfg)
@@ -195,7 +187,8 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
 def test_compile_mode_needs_inductor():
     with pytest.raises(ConfigValidationError, match=r"^model.compile_mode=max-autotune is not allowed with "
                                                     r"model.compile_backend=aot_eager: .*\.$"):
-        validate(compose_cfg("model.compile_mode=max-autotune", "model.compile_backend=aot_eager"))
+        validate(compose("model.compile_mode=max-autotune", "model.compile_backend=aot_eager",
+                         UNUSED_OUTPUT))
 
 
 @pytest.mark.parametrize("overrides", [
@@ -203,7 +196,8 @@ def test_compile_mode_needs_inductor():
     ["model.compile=true", "model.compile_backend=aot_eager", "model.compile_dynamic=false"],
 ])
 def test_compile_options_validate_and_reach_the_module(overrides):
-    cfg = compose_cfg(*overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5")
+    cfg = compose(*overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5",
+                  UNUSED_OUTPUT)
     validate(cfg)
     module = build_module(cfg)
     assert module.hparams.compile_model is True
@@ -218,12 +212,13 @@ def test_resume_may_switch_compile(tmp_path):
     made without them (or before the keys existed) resumes with model.compile=true or another backend."""
     from msdetr.run.build import plain_config
 
-    saved = plain_config(compose_cfg())
+    saved = plain_config(compose(UNUSED_OUTPUT))
     for key in ("compile", "compile_mode", "compile_dynamic", "compile_backend"):
         del saved["model"][key]
     path = tmp_path / "last.ckpt"
     torch.save({"msdetr_config": saved, "global_step": 7}, path)
-    assert check_resume_config(compose_cfg("model.compile=true", "model.compile_backend=aot_eager"), path) == 7
-    assert check_resume_config(compose_cfg("model.attn_backend=reference"), path) == 7
+    compiled = compose("model.compile=true", "model.compile_backend=aot_eager", UNUSED_OUTPUT)
+    assert check_resume_config(compiled, path) == 7
+    assert check_resume_config(compose("model.attn_backend=reference", UNUSED_OUTPUT), path) == 7
     with pytest.raises(ValueError, match="model.num_queries"):
-        check_resume_config(compose_cfg("model.num_queries=5"), path)
+        check_resume_config(compose("model.num_queries=5", UNUSED_OUTPUT), path)

@@ -3,21 +3,13 @@ import inspect
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers import CONF, ROOT
+from helpers.config import compose
 from msdetr.config_schema import ATTN_BACKENDS, ConfigValidationError, RunConfig, validate
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-
-def compose_cfg(*overrides, name="train"):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose(name, overrides=list(overrides))
 
 
 def options(group):
@@ -33,17 +25,17 @@ SHIPPED = [f"{group}={option}" for group in ("experiment", "matcher", "model", "
 
 @pytest.mark.parametrize("override", SHIPPED)
 def test_every_shipped_config_validates(override):
-    validate(compose_cfg(override))
+    validate(compose(override))
 
 
 @pytest.mark.parametrize("name, overrides", [("evaluate", []), ("evaluate", ["experiment=deta_12ep"]),
                                               ("predict", []), ("predict", ["eval_size=800", "max_size=1333"])])
 def test_evaluate_and_predict_configs_validate(name, overrides):
-    validate(compose_cfg(*overrides, name=name))
+    validate(compose(*overrides, name=name))
 
 
 def test_validation_leaves_the_config_as_composed():
-    cfg = compose_cfg("experiment=ms_detr_pp_900", "schedule.optim.lr=1", "trainer.devices=[0,1]")
+    cfg = compose("experiment=ms_detr_pp_900", "schedule.optim.lr=1", "trainer.devices=[0,1]")
     before = OmegaConf.to_yaml(cfg)  # unresolved: interpolations and int-vs-float stay visible
     validate(cfg)
     assert OmegaConf.to_yaml(cfg) == before
@@ -87,7 +79,7 @@ def test_validation_leaves_the_config_as_composed():
 ])
 def test_a_wrong_value_is_one_sentence(override, sentence):
     with pytest.raises(ConfigValidationError) as err:
-        validate(compose_cfg(*override.split()))
+        validate(compose(*override.split()))
     assert str(err.value) == sentence
 
 
@@ -97,7 +89,7 @@ def test_a_wrong_value_is_one_sentence(override, sentence):
     "trainer.max_epochs=-1", "schedule.optim.lr=1", "+model.detector.backbone.extra=1", "data.num_classes=null",
 ])
 def test_allowed_values_and_extra_keys_pass(override):
-    validate(compose_cfg(override))
+    validate(compose(override))
 
 
 def test_schema_keys_are_the_code_parameters():

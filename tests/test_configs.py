@@ -2,30 +2,23 @@
 import argparse
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, load_fixture
-from hydra import compose, initialize_config_dir
-from parity_utils import fixture_batch, fixture_state_dict, rel_err
+from helpers import FIXTURES, load_fixture
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.parity import fixture_batch, fixture_state_dict, rel_err
 
 from msdetr.official import build_model, load_official_state_dict, parse_flags, to_official
 from msdetr.run import evaluate
 from msdetr.run.build import build_module
 
-ROOT = Path(__file__).resolve().parents[1]
 # Fixture sizes: ResNet-18, 2 encoder / 3 decoder layers, FFN 512, 60 queries, dropout 0.
 FIXTURE_SIZE = [
     "model.detector.backbone.name=resnet18", "model.detector.backbone.pretrained=false",
     "model.detector.encoder.num_layers=2", "model.detector.decoder.num_layers=3", "model.dim_feedforward=512",
     "model.num_queries=60", "model.dropout=0.0", "data.num_classes=91",
 ]
-
-
-def compose_cfg(*overrides, name="train"):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*overrides, "paths.output_dir=/tmp/msdetr-unused"])
 
 
 @pytest.mark.parametrize("experiment, fixture", [
@@ -37,7 +30,7 @@ def compose_cfg(*overrides, name="train"):
 ])
 def test_experiment_config_reproduces_fixture_losses(experiment, fixture):
     fx = load_fixture(f"{fixture}.pt")
-    module = build_module(compose_cfg(f"experiment={experiment}", *FIXTURE_SIZE))
+    module = build_module(compose(f"experiment={experiment}", *FIXTURE_SIZE, UNUSED_OUTPUT))
     load_official_state_dict(module, fixture_state_dict(fx))
     images, mask = fixture_batch(fx)
     module.train()
@@ -66,8 +59,8 @@ def test_official_checkpoint_evaluates_through_evaluate_py(tmp_path, experiment,
              "data.num_workers=0", "data.eval_size=96", "data.max_size=128", "data.num_classes=91",
              "model.detector.backbone.pretrained=false", "trainer.accelerator=cpu", "trainer.devices=1",
              "logger=none", f"ckpt_path={path}"]
-    metrics = evaluate(compose_cfg(f"experiment={experiment}", *small, name="evaluate"))
+    metrics = evaluate(compose(f"experiment={experiment}", *small, UNUSED_OUTPUT, name="evaluate"))
     assert set(metrics) >= {"AP", "AP50"} and all(math.isnan(v) or 0 <= v <= 1 for v in metrics.values())
     # A checkpoint of another architecture is refused in one sentence, not a shape error.
     with pytest.raises(ValueError, match="does not fit the configured architecture"):
-        evaluate(compose_cfg(f"experiment={other}", *small, name="evaluate"))
+        evaluate(compose(f"experiment={other}", *small, UNUSED_OUTPUT, name="evaluate"))

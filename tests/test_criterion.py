@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
-from assigner_reference import FixedAssigner
+from helpers.assigners import FixedAssigner
 from msdetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from msdetr.losses import Branch, SetCriterion
 from msdetr.losses.criterion import merge_indices, query_class_targets

@@ -3,8 +3,7 @@ sees whom, the noise, the known assignment and its loss, and that none of it cha
 one-to-one queries or exists at inference."""
 import pytest
 import torch
-from detectors import tiny_detector
-from test_model import batch
+from helpers.detectors import batch, tiny_detector
 
 from msdetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from msdetr.losses import Branch, SetCriterion
@@ -13,11 +12,15 @@ from msdetr.models import ContrastiveDenoisingQueries, DenoisingQueries, TwoStag
 
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
-TWO_STAGE = dict(two_stage=True, box_refine=True, mixed_selection=True)
+TWO_STAGE = ("model=deformable_detr_two_stage_refine",
+             "model.detector.queries.mixed_selection=true")
+DN = ("matcher=dn_detr", "model.detector.training_queries.dn.groups=2")  # DN-DETR's block, 2 groups
+CDN = ("matcher=dino", "model.detector.training_queries.dn.max_positives=2")  # DINO's, 4 groups
 
 
 def test_attention_mask_keeps_groups_apart_and_hides_them_from_the_matching_queries():
-    model = tiny_detector(**TWO_STAGE, denoising="dn")  # 7 one-to-one queries, 2 DN groups of 2 (largest GT count)
+    # 7 one-to-one queries, 2 DN groups of 2 (largest GT count)
+    model = tiny_detector(*TWO_STAGE, *DN)
     block = model.training_queries["dn"]
     sizes = [[7], block.sizes(7, TARGETS)]
     assert sizes[1] == [2, 2]
@@ -30,7 +33,7 @@ def test_attention_mask_keeps_groups_apart_and_hides_them_from_the_matching_quer
 
 def test_one_to_one_outputs_do_not_change_with_denoising_queries():
     torch.manual_seed(0)
-    model = tiny_detector(**TWO_STAGE, denoising="cdn")
+    model = tiny_detector(*TWO_STAGE, *CDN)
     images, mask = batch()
     out = model(images, mask, TARGETS)
     assert out["dn_outputs"]["pred_logits"].shape == (2, 4 * 2 * 2, 5)  # 4 groups x (pos + neg) x 2 GTs
@@ -43,19 +46,19 @@ def test_one_to_one_outputs_do_not_change_with_denoising_queries():
 
 
 def test_training_without_targets_is_one_sentence():
-    model = tiny_detector(**TWO_STAGE, denoising="dn")
+    model = tiny_detector(*TWO_STAGE, *DN)
     with pytest.raises(ValueError, match="built from the targets: call model"):
         model(*batch())
 
 
 def test_one_stage_models_are_refused():
     with pytest.raises(ValueError, match="needs box references: use a two-stage model"):
-        tiny_detector(denoising="dn")
+        tiny_detector(*DN)
 
 
 def test_dn_queries_start_from_their_noised_gt():
     torch.manual_seed(0)
-    model = tiny_detector(**TWO_STAGE, denoising="dn")
+    model = tiny_detector(*TWO_STAGE, *DN)
     block = model.training_queries["dn"]
     queries = block.build(TARGETS, model.queries)
     assert queries.tgt.shape == (2, 4, 64) and queries.reference.shape == (2, 4, 4)
@@ -181,7 +184,7 @@ def test_contrastive_negatives_are_background():
 
 def test_a_batch_without_boxes_has_no_denoising_queries_and_a_zero_dn_loss():
     torch.manual_seed(0)
-    model = tiny_detector(**TWO_STAGE, denoising="cdn")
+    model = tiny_detector(*TWO_STAGE, *CDN)
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
     out = model(*batch(), empty)
     assert out["dn_outputs"]["pred_logits"].shape == (2, 0, 5)
@@ -200,7 +203,7 @@ def test_a_batch_without_boxes_has_no_denoising_queries_and_a_zero_dn_loss():
 def test_denoising_trains_through_the_module_with_its_noise_in_the_checkpoint_rng():
     from msdetr.lit import DetectionModule
 
-    model = tiny_detector(**TWO_STAGE, denoising="dn")
+    model = tiny_detector(*TWO_STAGE, *DN)
     crit = SetCriterion(5, [Branch("main", HungarianMatcher()),
                             Branch("dn_outputs", DenoisingAssigner(), suffix="_dn")])
     module = DetectionModule(model, crit)

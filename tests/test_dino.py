@@ -5,15 +5,13 @@ details, DINO's flags in from_official, the released checkpoint's keys, and the 
 in test_parity.py (dino_nodn.pt, dino.pt)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, load_fixture
-from detectors import tiny_detector
-from dino_manifest import manifest
-from hydra import compose, initialize_config_dir
-from test_model import batch
+from helpers import FIXTURES, load_fixture
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.detectors import batch, tiny_detector
+from helpers.dino_manifest import manifest
 
 from msdetr.box_ops import cxcywh_to_xyxy, generalized_box_iou
 from msdetr.losses import Branch, SetCriterion
@@ -22,7 +20,6 @@ from msdetr.models import ContrastiveDenoisingQueries, DINOQueries, PositionEmbe
 from msdetr.models.position_encoding import reference_sine_embedding
 from msdetr.official import build_model, from_official, parse_flags, to_official
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
 
@@ -53,7 +50,7 @@ def test_reference_sine_embedding_is_y_x_w_h():
 
 def test_dino_decoder_positions_come_from_the_current_boxes_of_every_layer():
     torch.manual_seed(0)
-    model = tiny_detector(dino=True, num_queries=7, hidden_dim=64, nheads=4)
+    model = tiny_detector("model=dino")
     seen = []
     original = model.decoder.query_positions
     model.decoder.query_positions = lambda ref: seen.append(ref) or original(ref)
@@ -73,7 +70,7 @@ def test_dino_selection_ranks_by_the_best_class():
 
 
 def test_inconsistent_dino_parts_are_refused():
-    parts = tiny_detector(dino=True)
+    parts = tiny_detector("model=dino")
     from msdetr.models import DeformableDecoder, DeformableDETR, TwoStageQueries
     plain = DeformableDecoder(layer=parts.decoder.layers[0], num_layers=2)
     with pytest.raises(ValueError, match="use decoder.box_query_pos=true exactly with DINOQueries"):
@@ -97,7 +94,7 @@ def test_inconsistent_dino_parts_are_refused():
 
 def test_denoising_on_dino_has_no_positions_and_dino_sized_label_book():
     torch.manual_seed(0)
-    model = tiny_detector(dino=True)
+    model = tiny_detector("model=dino")
     block = ContrastiveDenoisingQueries(max_positives=2, seed=0, label_book=5)  # DINO doubles: 4 groups
     block.bind(name="dn", selection=model.queries, num_classes=5)
     assert block.label_embed.weight.shape == (6, 64)  # DINO's label_enc: dn_labelbook_size + 1 rows
@@ -133,7 +130,7 @@ def test_dino_flags_parse_and_refuse_what_is_not_dino_4scale():
 
 def test_dino_checkpoint_round_trip_keeps_every_weight():
     fx = load_fixture("dino.pt")
-    from parity_utils import fixture_state_dict
+    from helpers.parity import fixture_state_dict
     official = fixture_state_dict(fx)
     module = from_official(official, fx["flags"])
     back = to_official(module)
@@ -150,11 +147,6 @@ def test_released_key_manifest_is_derived_from_dinos_code():
     assert stored == json.loads(json.dumps(manifest()))
 
 
-def _compose(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def test_recipe_is_dinos_released_config_value_by_value():
     """experiment=dino_4scale_12ep against DINO's own resolved config (the fixture's `config_full`, its
     values at DINO_4scale.py but for the fixture's size overrides), and its detector against the key
@@ -165,7 +157,7 @@ def test_recipe_is_dinos_released_config_value_by_value():
             "dropout": 0.0, "use_dn": True, "dn_number": 100}
     assert set(fx["config"]) <= {"enc_layers", "dec_layers", "dim_feedforward", "num_queries", "dropout", "use_dn",
                                  "dn_number"}
-    cfg = _compose("experiment=dino_4scale_12ep", "model.detector.backbone.pretrained=false")
+    cfg = compose("experiment=dino_4scale_12ep", "model.detector.backbone.pretrained=false")
     m, d, s = cfg.model, cfg.model.detector, cfg.schedule
     crit = cfg.matcher.criterion.branches
     checks = {
@@ -205,17 +197,17 @@ def test_recipe_is_dinos_released_config_value_by_value():
 def test_recipe_at_the_fixture_size_reproduces_dinos_losses(fixture):
     """The experiment config (not from_official) built at the fixture's sizes loads DINO's weights and
     gives DINO's losses: the configs wire the same parts, weights and names."""
-    from parity_utils import feed_fixture_denoising, fixture_batch, fixture_state_dict, rel_err
+    from helpers.parity import feed_fixture_denoising, fixture_batch, fixture_state_dict, rel_err
 
     from msdetr.official import load_official_state_dict
     from msdetr.run.build import build_module
     fx = load_fixture(f"{fixture}.pt")
     no_dn = [] if fx["config"]["use_dn"] else ["model.detector.training_queries.dn=null",
                                               "matcher.criterion.branches.dn=null"]
-    cfg = _compose("experiment=dino_4scale_12ep", "model.detector.backbone.name=resnet18",
-                   "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
-                   "model.detector.decoder.num_layers=3", "model.dim_feedforward=256", "model.num_queries=100",
-                   "paths.output_dir=/tmp/msdetr-unused", *no_dn)
+    cfg = compose("experiment=dino_4scale_12ep", "model.detector.backbone.name=resnet18",
+                  "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
+                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256",
+                  "model.num_queries=100", UNUSED_OUTPUT, *no_dn)
     module = build_module(cfg)
     load_official_state_dict(module, fixture_state_dict(fx))
     if fx["config"]["use_dn"]:

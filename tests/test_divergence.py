@@ -6,21 +6,20 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from msdetr.lit.callbacks import AtomicCheckpointIO, NonFiniteCheckpointError
 from msdetr.lit.module import DivergedError
 from msdetr.run.build import build_module
-from runs import ROOT, SMALL, losses, train
+from helpers.config import compose
+from helpers.runs import SMALL, losses, train
 
 TINY_MODEL = [o for o in SMALL if o.startswith("model.")]
 
 
 @pytest.fixture(scope="module")
 def module():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY_MODEL, "data.num_classes=5", "matcher=ms_detr",
-                                                   "max_consecutive_skipped_steps=3"])
+    cfg = compose(*TINY_MODEL, "data.num_classes=5", "matcher=ms_detr",
+                  "max_consecutive_skipped_steps=3")
     return build_module(cfg)
 
 

@@ -4,20 +4,17 @@ label book of the denoising block, DN-DETR's flags in from_official, its release
 and the recipe (experiment=dn_deformable_detr_50ep) value by value against DN-DETR's main.py.
 Parity with DN-DETR's own code is in test_parity.py (dn_deformable_detr.pt)."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
-from detectors import tiny_detector
-from dn_detr_manifest import FLAGS, manifest
-from hydra import compose, initialize_config_dir
-from test_model import batch
+from helpers import FIXTURES, load_fixture
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.detectors import batch, tiny_detector
+from helpers.dn_detr_manifest import FLAGS, manifest
 
 from msdetr.models import AnchorQueries, DeformableDecoder, DenoisingQueries, HybridQueries
 from msdetr.official import build_model, from_official, parse_flags, to_official
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.0, 0.3, 0.1, 0.1]])},
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
 
@@ -40,7 +37,7 @@ def test_anchor_queries_are_learned_content_with_a_zero_indicator_and_learned_bo
 
 def test_query_scale_scales_every_layer_after_the_first_by_its_input():
     torch.manual_seed(0)
-    model = tiny_detector(dab=True, dec_layers=3)
+    model = tiny_detector("model=dab_deformable_detr", "model.detector.decoder.num_layers=3")
     raw, scales = [], []
     model.decoder.query_scale.register_forward_hook(lambda m, i, o: scales.append(o))
     original = model.decoder.query_positions
@@ -61,7 +58,7 @@ def test_query_scale_scales_every_layer_after_the_first_by_its_input():
 
 def test_denoising_indicator_and_label_book():
     torch.manual_seed(0)
-    model = tiny_detector(dab=True)
+    model = tiny_detector("model=dab_deformable_detr")
     block = DenoisingQueries(groups=2, seed=0, label_book=5, logit_eps=1e-3, indicator=True)
     block.bind(name="dn", selection=model.queries, num_classes=5)
     assert block.label_embed.weight.shape == (6, 63)  # DN-DETR's label_enc: (num_classes + 1, hidden - 1)
@@ -81,7 +78,8 @@ def test_denoising_indicator_and_label_book():
 
 def test_denoising_on_learned_anchors_trains():
     torch.manual_seed(0)
-    model = tiny_detector(dab=True, denoising="dn")
+    model = tiny_detector("experiment=dn_deformable_detr_50ep",
+                          "model.detector.training_queries.dn.groups=2")
     out = model(*batch(), TARGETS)
     assert out["dn_outputs"]["pred_boxes"].shape == (2, 2 * 2, 4) and "enc_outputs" not in out
     assert set(model.output_streams) == {"main", "dn_outputs"}
@@ -126,16 +124,11 @@ def test_from_official_builds_dn_detrs_module_and_loads_its_checkpoint():
     assert not without_dn.model.training_queries  # label_enc is dropped, as DINO's with use_dn=False
 
 
-def _compose(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 def test_recipe_is_dn_detrs_released_command_value_by_value():
     """experiment=dn_deformable_detr_50ep against DN-DETR's main.py defaults with the README's command,
     and its detector against the key set of the released checkpoint."""
     dn = parse_flags(FLAGS)
-    cfg = _compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.pretrained=false")
+    cfg = compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.pretrained=false")
     m, d, s = cfg.model, cfg.model.detector, cfg.schedule
     crit = cfg.matcher.criterion.branches
     block = d.training_queries.dn
@@ -177,16 +170,16 @@ def test_recipe_at_the_fixture_size_reproduces_dn_detrs_losses():
     """The experiment config (not from_official) built at the fixture's sizes loads DN-DETR's weights
     and gives DN-DETR's losses (tests/fixtures/dn_deformable_detr.pt): the configs wire the same parts,
     weights and names."""
-    from conftest import load_fixture
-    from parity_utils import dn_detr_loss_name, feed_dn_detr_denoising, fixture_batch, fixture_state_dict, rel_err
+    from helpers.parity import (dn_detr_loss_name, feed_dn_detr_denoising, fixture_batch,
+                                fixture_state_dict, rel_err)
 
     from msdetr.official import load_official_state_dict
     from msdetr.run.build import build_module
     fx = load_fixture("dn_deformable_detr.pt")
-    cfg = _compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.name=resnet18",
-                   "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
-                   "model.detector.decoder.num_layers=3", "model.dim_feedforward=256", "model.num_queries=30",
-                   "paths.output_dir=/tmp/msdetr-unused")
+    cfg = compose("experiment=dn_deformable_detr_50ep", "model.detector.backbone.name=resnet18",
+                  "model.detector.backbone.pretrained=false", "model.detector.encoder.num_layers=2",
+                  "model.detector.decoder.num_layers=3", "model.dim_feedforward=256",
+                  "model.num_queries=30", UNUSED_OUTPUT)
     module = build_module(cfg)
     load_official_state_dict(module, fixture_state_dict(fx))
     feed_dn_detr_denoising(module.model.training_queries["dn"], fx)

@@ -8,18 +8,16 @@ data in place of COCO (with the recipe's class count). Nothing here reads the de
 the model config is named `num_queries` and against the count a file name states (`ms_detr_pp_900`).
 """
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers import CONF
+from helpers.config import compose
 from msdetr.config_schema import validate
 from msdetr.run.build import build_datamodule, build_module
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The recipes released when this test was written; more may come, none may silently go.
 RELEASED = {
@@ -36,11 +34,6 @@ NO_DOWNLOADS = ["model.detector.backbone.pretrained=false"]
 H, W, IMAGE_H, IMAGE_W = 64, 64, 48, 40
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.3, 0.3, 0.2, 0.2]])}]
 ORIG_SIZES = torch.tensor([[IMAGE_H, IMAGE_W]])
-
-
-def compose_cfg(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def tiny_batch():
@@ -76,15 +69,15 @@ def test_the_glob_finds_every_released_experiment():
     pytest.param(e, id=e, marks=[pytest.mark.slow] if e in SLOW else []) for e in EXPERIMENTS])
 def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     # The recipe as released (COCO, its trainer) validates as train.py validates it.
-    released = compose_cfg(f"experiment={experiment}", *NO_DOWNLOADS)
+    released = compose(f"experiment={experiment}", *NO_DOWNLOADS)
     validate(released)
     num_classes = released.data.get("num_classes")
     # The same recipe on the synthetic data (no files needed; data.num_classes: null reads the
     # synthetic annotation files, two images each, written under tmp_path).
-    cfg = compose_cfg(f"experiment={experiment}", *NO_DOWNLOADS, "data=synthetic",
-                      f"data.num_classes={'null' if num_classes is None else num_classes}",
-                      f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
-                      "data.synthetic_train=2", "data.synthetic_val=2", "data.num_workers=0")
+    cfg = compose(f"experiment={experiment}", *NO_DOWNLOADS, "data=synthetic",
+                  f"data.num_classes={'null' if num_classes is None else num_classes}",
+                  f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
+                  "data.synthetic_train=2", "data.synthetic_val=2", "data.num_workers=0")
     validate(cfg)
     dm = build_datamodule(cfg)
     module = build_module(cfg)

@@ -11,7 +11,7 @@ import torch
 
 from msdetr.data.synthetic import write_synthetic_coco
 from msdetr.files import DiskFullError, atomic_write
-from runs import SMALL, train
+from helpers.runs import SMALL, train
 
 
 def _synthetic(tmp_path):
@@ -103,13 +103,13 @@ def test_a_run_out_of_disk_stops_in_one_sentence_with_no_temporary(tmp_path):
 def test_a_decode_failure_mid_epoch_saves_the_work_first(tmp_path, whole):
     """Without skip_bad_images: the steps done are saved, the run stops non-zero naming the file and
     data.verify_images=full; once the file is fixed, rerunning the command continues exactly."""
-    from runs import MS_DETR, losses
+    from helpers.runs import MS_DETR, losses
 
     root = _synthetic(tmp_path)
     originals = {p.name: p.read_bytes() for p in (root / "train").iterdir()}
 
     run_dir = tmp_path / "run"
-    cut = ["+callbacks.cut._target_=signal_helpers.TruncateImagesAtStep", "+callbacks.cut.step=2",
+    cut = ["+callbacks.cut._target_=helpers.signals.TruncateImagesAtStep", "+callbacks.cut.step=2",
            f"+callbacks.cut.folder={root / 'train'}"]
     broken = train(tmp_path, run_dir, *cut, base=MS_DETR)
     assert broken.returncode != 0
@@ -152,7 +152,8 @@ def test_after_a_hard_kill_tensorboard_shows_each_step_once(tmp_path):
     with a SIGKILL here: the killed run's W&B service may hold the id for a while after the kill.)"""
     run_dir = tmp_path / "run"
     args = ["logger=[csv,tensorboard]", "callbacks.checkpoint.every_n_train_steps=2", "schedule.epochs=1"]
-    killed = train(tmp_path, run_dir, *args, "+callbacks.kill._target_=signal_helpers.SignalAtStep",
+    killed = train(tmp_path, run_dir, *args,
+                   "+callbacks.kill._target_=helpers.signals.SignalAtStep",
                    "+callbacks.kill.step=3", "+callbacks.kill.when=batch_start", "+callbacks.kill.signal_name=SIGKILL",
                    base=SMALL)
     assert killed.returncode == -signal.SIGKILL

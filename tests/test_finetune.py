@@ -14,8 +14,8 @@ from msdetr.official import build_from_args, parse_flags, to_official
 from msdetr.run import train
 from msdetr.run.build import build_datamodule, build_module
 
-from test_configs import compose_cfg
-from test_train import config
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.runs import config
 
 SMALL = ["--backbone", "resnet18", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
          "--dim_feedforward", "64"]
@@ -187,11 +187,11 @@ def test_train_init_from(tmp_path, monkeypatch, reset):
 
 def test_deta_swin_large_recipe_resets_class_heads():
     # Off unless asked for; train.yaml's keys are defaults an experiment overrides.
-    assert compose_cfg().init_reset_class_heads is False
-    assert compose_cfg("init_reset_class_heads=true").init_reset_class_heads is True
-    cfg = compose_cfg("experiment=deta_swin_large_24ep")
+    assert compose(UNUSED_OUTPUT).init_reset_class_heads is False
+    assert compose("init_reset_class_heads=true", UNUSED_OUTPUT).init_reset_class_heads is True
+    cfg = compose("experiment=deta_swin_large_24ep", UNUSED_OUTPUT)
     assert cfg.init_reset_class_heads is True and cfg.model.detector.backbone.name.startswith("swin")
-    off = compose_cfg("experiment=deta_swin_large_24ep", "init_reset_class_heads=false")
+    off = compose("experiment=deta_swin_large_24ep", "init_reset_class_heads=false", UNUSED_OUTPUT)
     assert off.init_reset_class_heads is False
 
 

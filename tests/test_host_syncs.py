@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import collections
+from functools import partial
 
 import numpy as np
 import pytest
@@ -25,23 +26,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from detectors import tiny_detector
+from helpers.detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import (DenoisingAssigner, HungarianMatcher, IoUTopKAssigner,
                              MixedScoreTopKAssigner, QualityTopKAssigner)
-from msdetr.models import Backbone, DeformableDETR
 from msdetr.models.attention import MSDeformAttn
 from msdetr.models import NMSTwoStageQueries, TwoStageQueries
 from msdetr.postprocess import NMSPostProcess, TopKPostProcess
 
 NUM_CLASSES = 5
-
-
-def tiny(**kw) -> DeformableDETR:
-    opts = dict(num_classes=NUM_CLASSES, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, dropout=0.0)
-    opts.update(kw)
-    return tiny_detector(**opts)
 
 
 def ms_detr_branches(seed=0):
@@ -59,22 +52,26 @@ def deta_branches(seed=0):
                    binary=True)]
 
 
+TWO_STAGE = "model=deformable_detr_two_stage_refine"
+BLOCKS = "model.detector.training_queries."
+# Each case: how its tiny detector is built (helpers.detectors; 5 classes) and its branches.
 CASES = {
-    "ms_detr": (dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True,
-                     cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True), ms_detr_branches),
-    "one_stage_o2m": (dict(box_refine=True, o2m_tap="output"), ms_detr_branches),
-    "h_detr": (dict(two_stage=True, box_refine=True, hybrid_queries=5),
+    "ms_detr": (partial(tiny_detector, "model=deformable_detr_pp", "matcher=ms_detr"),
+                ms_detr_branches),
+    "one_stage_o2m": (partial(tiny_detector, "model.detector.box_refine=true",
+                              "model.detector.decoder.layer.o2m_tap=output"), ms_detr_branches),
+    "h_detr": (partial(tiny_detector, TWO_STAGE, "matcher=h_detr", BLOCKS + "hybrid.num_queries=5"),
                lambda: [Branch("main", HungarianMatcher()),
                         Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
-    "dino": (dict(dino=True, denoising="cdn"),
+    "dino": (partial(tiny_detector, "model=dino", "matcher=dino", BLOCKS + "dn.max_positives=2"),
              lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
                       Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True),
                       Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False)]),
-    "dn_detr": (dict(dab=True, denoising="dn"),
+    "dn_detr": (partial(tiny_detector, "experiment=dn_deformable_detr_50ep",
+                        BLOCKS + "dn.groups=2"),
                 lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
                          Branch("dn_outputs", DenoisingAssigner(padding="ignore"), suffix="_dn")]),
-    "deta": (dict(two_stage=True, box_refine=True, pix_trans=True, num_feature_levels=5,
-                  nms_selection=True), deta_branches),
+    "deta": (partial(tiny_detector, "model=deta"), deta_branches),
 }
 
 
@@ -137,9 +134,9 @@ def fake_batch(device: str, num_images=2, h=64, w=80):
 
 
 def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool = False):
-    kw, branches = CASES[case]
+    detector, branches = CASES[case]
     mode = FakeTensorMode()
-    model = fake_model(mode, tiny(**kw), device)
+    model = fake_model(mode, detector(), device)
     model.set_attn_backend(backend)
     criterion = SetCriterion(NUM_CLASSES, branches())
     with mode:
@@ -214,9 +211,9 @@ def test_fake_step_catches_an_inserted_sync(fault, host_steps_stubbed, monkeypat
 
 def test_proposal_nms_selection_is_the_one_stubbed_step():
     """Without the stub DETA's NMS selection is the (allowed) data-dependent step of the model."""
-    kw, _ = CASES["deta"]
+    detector, _ = CASES["deta"]
     mode = FakeTensorMode()
-    model = fake_model(mode, tiny(**kw), "cuda")
+    model = fake_model(mode, detector(), "cuda")
     model.eval()
     with mode, pytest.raises(Exception, match="(?i)dynamic|data.dependent|nonzero|nms"):
         model(*fake_batch("cuda")[:2])

@@ -1,37 +1,39 @@
 """Training-only query blocks (H-DETR hybrid queries, Group DETR groups) and the branches that use them."""
-import os
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from helpers.config import compose
+from helpers.detectors import batch, tiny_detector
 from msdetr.lit import DetectionModule
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import HungarianMatcher
 
-from test_model import batch, tiny
-
-CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
            {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
 
+TWO_STAGE = "model=deformable_detr_two_stage_refine"
+MIXED = "model.detector.queries.mixed_selection=true"
+BLOCKS = "model.detector.training_queries."
+HYBRID = ("matcher=h_detr", BLOCKS + "hybrid.num_queries=11")  # H-DETR's block, 11 queries
+GROUPS = ("matcher=group_detr", BLOCKS + "groups.groups=3")  # Group DETR's, 3 groups
 VARIANTS = [
-    dict(hybrid_queries=11),
-    dict(hybrid_queries=11, two_stage=True, box_refine=True),
-    dict(hybrid_queries=11, two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True),
-    dict(query_groups=3),
-    dict(query_groups=3, two_stage=True, box_refine=True, mixed_selection=True),
+    HYBRID,
+    (TWO_STAGE, *HYBRID),
+    ("model=deformable_detr_pp", *HYBRID),
+    GROUPS,
+    (TWO_STAGE, MIXED, *GROUPS),
 ]
 
 
-@pytest.mark.parametrize("kw", VARIANTS)
-def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(kw):
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(overrides):
     torch.manual_seed(0)
-    model = tiny(**kw)
+    model = tiny_detector(*overrides)
     images, mask = batch()
     out = model(images, mask)
-    stream, extra = ("hybrid_outputs", 11) if "hybrid_queries" in kw else ("group_outputs", 2 * 7)
+    hybrid = "hybrid" in model.training_queries
+    stream, extra = ("hybrid_outputs", 11) if hybrid else ("group_outputs", 2 * 7)
     assert set(model.output_streams) - {"main"} == {k for k in out if k.endswith("_outputs") and k != "aux_outputs"}
     assert out["pred_logits"].shape == (2, 7, 5)
     assert out[stream]["pred_logits"].shape == (2, extra, 5)
@@ -55,7 +57,7 @@ def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(kw)
 
 def test_groups_share_the_one_to_one_proposals():
     torch.manual_seed(0)
-    model = tiny(query_groups=3, two_stage=True, box_refine=True, mixed_selection=True)
+    model = tiny_detector(TWO_STAGE, MIXED, *GROUPS)
     out = model(*batch())
     refs = out["group_outputs"]["init_reference"]
     torch.testing.assert_close(refs[:, :7], out["init_reference"])
@@ -64,7 +66,7 @@ def test_groups_share_the_one_to_one_proposals():
 
 def test_hybrid_queries_take_the_next_ranked_proposals():
     torch.manual_seed(0)
-    model = tiny(hybrid_queries=11, two_stage=True, box_refine=True)
+    model = tiny_detector(TWO_STAGE, *HYBRID)
     out = model(*batch())
     enc = out["enc_outputs"]
     # The one-to-one and then the hybrid queries start from the encoder's best 7 + 11 boxes, in rank order.
@@ -110,22 +112,19 @@ def test_group_normalizer_averages_over_groups():
     torch.testing.assert_close(scaled["loss_bbox"] * 4, plain["loss_bbox"])
 
 
-def _compose(*overrides):
-    with initialize_config_dir(os.path.abspath(CONF), version_base="1.3"):
-        return compose("train", overrides=["data.num_classes=5", *overrides])
-
-
 @pytest.mark.parametrize("matcher", ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr",
                                      "ms_detr_deta", "ms_detr_iou", "dn_detr", "dino", "ms_detr_dn", "ms_detr_dino",
                                      "ms_detr_group_detr"])
 @pytest.mark.parametrize("model", ["deformable_detr", "deformable_detr_two_stage_refine", "deformable_detr_pp", "deta", "dino",
                                    "dab_deformable_detr"])
 def test_every_matcher_fits_every_model_or_says_why(matcher, model):
-    cfg = _compose(f"model={model}", f"matcher={matcher}", "model.detector.backbone.pretrained=false",
-                   "model.detector.backbone.name=resnet18", "model.num_queries=6",
-                   "model.hidden_dim=32", "model.nheads=2", "model.detector.encoder.num_layers=1",
-                   "model.detector.decoder.num_layers=2", "model.dim_feedforward=32",
-                   *(["model.detector.training_queries.hybrid.num_queries=12"] if "h_detr" in matcher else []))
+    cfg = compose("data.num_classes=5", f"model={model}", f"matcher={matcher}",
+                  "model.detector.backbone.pretrained=false",
+                  "model.detector.backbone.name=resnet18",
+                  "model.num_queries=6", "model.hidden_dim=32", "model.nheads=2",
+                  "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=2",
+                  "model.dim_feedforward=32",
+                  *([BLOCKS + "hybrid.num_queries=12"] if "h_detr" in matcher else []))
     selection = cfg.model.detector.queries._target_
     # DN-DETR's learned anchors: one-stage (no encoder stream), but with box references to denoise from.
     anchors = selection.endswith("AnchorQueries")
@@ -165,7 +164,7 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
 
 
 def test_a_branch_without_its_stream_is_one_sentence():
-    model = tiny()
+    model = tiny_detector()
     crit = SetCriterion(5, [Branch("main", HungarianMatcher()), Branch("hybrid_outputs", HungarianMatcher())])
     with pytest.raises(ValueError, match="needs H-DETR's hybrid queries in model.detector.training_queries"):
         DetectionModule(model, crit)
@@ -178,8 +177,9 @@ def test_inconsistent_query_blocks_are_refused():
     with pytest.raises(ValueError, match="num_queries >= 1"):
         HybridQueries(num_queries=0)
     with pytest.raises(ValueError, match="mixed_selection=true"):
-        tiny(query_groups=2, two_stage=True)
-    parts = tiny()
+        tiny_detector(TWO_STAGE, "model.detector.box_refine=false", "matcher=group_detr",
+                      BLOCKS + "groups.groups=2")
+    parts = tiny_detector()
     with pytest.raises(ValueError, match="training_queries.b and .a both write hybrid_outputs"):
         DeformableDETR(backbone=parts.backbone, encoder=parts.encoder, decoder=parts.decoder, queries=parts.queries,
                        num_classes=5, training_queries={"a": HybridQueries(num_queries=3),
@@ -190,7 +190,8 @@ def test_query_blocks_compose():
     """H-DETR's hybrid queries and Group DETR's groups side by side: each its own stream, every
     block invisible to the others, the one-to-one outputs those of inference."""
     torch.manual_seed(0)
-    model = tiny(hybrid_queries=5, query_groups=3, two_stage=True, box_refine=True, mixed_selection=True)
+    model = tiny_detector(TWO_STAGE, MIXED, "+parts@_global_=[h_detr_branch,group_detr_branch]",
+                          BLOCKS + "hybrid.num_queries=5", BLOCKS + "groups.groups=3")
     images, mask = batch()
     out = model(images, mask)
     assert out["hybrid_outputs"]["pred_boxes"].shape == (2, 5, 4)

@@ -13,33 +13,27 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from helpers import ROOT
+from helpers.config import compose
+from helpers.runs import E2E, clean_env, config
 from msdetr.run import build, launch, train
 from msdetr.run.summary import optimized_value
 from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.lit import loggers as msdetr_loggers
 
-# The tiny model and data of the end-to-end tests: test_train.TINY, the one list to update.
-from test_train import ROOT, TINY, _LAUNCHER_VARS, config
-
-
-def _compose(*overrides, hydra=False):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
-
 
 # -- logger configs --------------------------------------------------------------------------
 
 def test_logger_configs_combine():
-    cfg = _compose("logger=[csv,tensorboard,wandb]")
+    cfg = compose("logger=[csv,tensorboard,wandb]")
     assert list(cfg.logger) == ["csv", "tensorboard", "wandb"]
     assert cfg.logger.csv.version == cfg.logger.tensorboard.version == 0  # a resume appends to the same history
     assert cfg.logger.wandb._target_ == "msdetr.lit.loggers.wandb_logger"
-    assert list(_compose("logger=none").logger) == []
-    assert list(_compose("logger=[none,csv]").logger) == ["csv"]
+    assert list(compose("logger=none").logger) == []
+    assert list(compose("logger=[none,csv]").logger) == ["csv"]
 
 
 def test_build_loggers_skips_null_and_keeps_order(tmp_path):
@@ -133,11 +127,12 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
     share the sweep's group and are named by their overrides, and report=true writes the sweep's
     table and figures at the end."""
     pytest.importorskip("wandb")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *TINY, "logger=[csv,wandb]",
-           "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "trainer.log_every_n_steps=1",
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *E2E,
+           "logger=[csv,wandb]", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
+           "trainer.log_every_n_steps=1",
            "callbacks.predictions=null", "report=true", f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    clean = clean_env()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**clean, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -149,7 +144,7 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
         for logged in (yaml.safe_load(hparams.read_text()), wandb_config):
             assert logged["seed"] == 42 and logged["matcher"]["weights"]["ce"] > 0
             assert ("o2m" in logged["matcher"]["criterion"]["branches"]) == (matcher == "ms_detr")
-            assert logged["model"]["num_queries"] == 10  # from TINY
+            assert logged["model"]["num_queries"] == 10  # from E2E
             assert logged["schedule"]["optim"]["lr"] > 0 and logged["optimized_metric"] == "val/AP"
             assert logged["paths"]["output_dir"] == str(run)  # resolved, Hydra's interpolations too
             assert logged["num_params"]["total"] >= logged["num_params"]["trainable"] > 0
@@ -186,7 +181,7 @@ def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypat
     monkeypatch.setattr("lightning.pytorch.loggers.WandbLogger", FakeWandbLogger)
     msdetr_loggers.wandb_logger(str(tmp_path), name="")
     assert seen["name"] is None and seen["group"] is None  # outside Hydra: W&B picks the name
-    cfg = _compose("logger=wandb", hydra=True)
+    cfg = compose("logger=wandb", hydra=True)
     with _hydra_config(cfg, tmp_path, multirun=False):
         msdetr_loggers.wandb_logger(str(tmp_path), name="")
         assert seen["name"] == "train" and seen["group"] is None  # a plain run: its job name, no group
@@ -200,14 +195,14 @@ def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypat
 # -- the optimised metric --------------------------------------------------------------------
 
 def test_optimized_metric_is_a_config_key():
-    cfg = _compose()
+    cfg = compose()
     assert cfg.optimized_metric == "val/AP"
     final = {"AP": 0.25, "AP50": 0.5}
     assert optimized_value(cfg, final) == 0.25
-    assert optimized_value(_compose("optimized_metric=val/AP50"), final) == 0.5
+    assert optimized_value(compose("optimized_metric=val/AP50"), final) == 0.5
     with pytest.raises(ConfigValidationError, match=r"^optimized_metric=val/ap is not a metric of this run; "
                                                     r"its final validation gave val/AP, val/AP50\.$"):
-        optimized_value(_compose("optimized_metric=val/ap"), final)
+        optimized_value(compose("optimized_metric=val/ap"), final)
     assert optimized_value(cfg, {}) is None  # a single run that never validated: a warning
 
 
@@ -313,8 +308,8 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
     monkeypatch.setattr(subprocess_script.subprocess, "Popen",
                         lambda command, env, cwd: started.append((command, env["LOCAL_RANK"], cwd)))
     # The launcher writes its variables into os.environ: into a copy, dropped after the test.
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS})
-    cfg = _compose("trainer=ddp", hydra=True)
+    monkeypatch.setattr(os, "environ", clean_env())
+    cfg = compose("trainer=ddp", hydra=True)
     (tmp_path / "run").mkdir()
     with _hydra_config(cfg, tmp_path, multirun=True):
         job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -336,11 +331,11 @@ def test_a_changed_lightning_launcher_is_one_sentence(monkeypatch):
     monkeypatch.setattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None)
     with pytest.raises(RuntimeError, match=r"this Lightning version .* changed how it starts DDP ranks under Hydra.*"
                                            r"pin lightning==2\.6\.\* or start the ranks with torchrun"):
-        with launch._rank_launch_patch(_compose()):
+        with launch._rank_launch_patch(compose()):
             pass
     monkeypatch.delattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1])
     with pytest.raises(RuntimeError, match="is gone or different"):
-        with launch._rank_launch_patch(_compose()):
+        with launch._rank_launch_patch(compose()):
             pass
 
 

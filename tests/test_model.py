@@ -2,53 +2,44 @@
 import pytest
 import torch
 
-from detectors import tiny_detector
+from helpers.detectors import batch, tiny_detector
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import HungarianMatcher
-from msdetr.models import Backbone, DeformableDETR
+from msdetr.models import DeformableDETR, TwoStageQueries
 from msdetr.postprocess import TopKPostProcess
 
-
-def tiny(**kw):
-    opts = dict(num_classes=5, num_queries=7, hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, dropout=0.0)
-    opts.update(kw)
-    return tiny_detector(**opts)
+TWO_STAGE = "model=deformable_detr_two_stage_refine"
+MIXED = "model.detector.queries.mixed_selection=true"
+LAYER = "model.detector.decoder.layer."  # the decoder layer's options: o2m_tap, aux_ffn, ...
+BLOCKS = "model.detector.training_queries."
 
 
-def batch(h=64, w=80):
-    images = torch.randn(2, 3, h, w)
-    mask = torch.zeros(2, h, w, dtype=torch.bool)
-    mask[1, h // 2:, :] = True
-    mask[1, :, w // 2:] = True
-    return images, mask
-
-
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(box_refine=True),
-    dict(two_stage=True, box_refine=True),
-    dict(two_stage=True),
-    dict(two_stage=True, box_refine=True, mixed_selection=True, look_forward_twice=True),
-    dict(num_feature_levels=5, two_stage=True, box_refine=True, pix_trans=True),
-    dict(num_feature_levels=3),
-    dict(two_stage=True, box_refine=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
-    dict(two_stage=True, box_refine=True, o2m_tap="output", o2m_class_heads=True),
-    dict(two_stage=True, box_refine=True, o2m_tap="self_attn"),
-    dict(dino=True),
-    dict(dino=True, cross_attn_first=True, o2m_tap="cross_attn", aux_ffn=True),
-    dict(dino=True, hybrid_queries=3, query_groups=2),
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("model.detector.box_refine=true",),
+    (TWO_STAGE,),
+    (TWO_STAGE, "model.detector.box_refine=false"),
+    ("model=deformable_detr_pp",),  # + mixed selection, look forward twice
+    (TWO_STAGE, "model.num_feature_levels=5", "model.detector.queries.pix_trans=true"),
+    ("model.num_feature_levels=3",),
+    (TWO_STAGE, "matcher=ms_detr"),  # cross_attn_first, o2m_tap=cross_attn, aux_ffn
+    (TWO_STAGE, "matcher=ms_detr_a"),  # o2m_tap=output, o2m_class_heads
+    (TWO_STAGE, "matcher=ms_detr_d"),  # o2m_tap=self_attn
+    ("model=dino",),
+    ("model=dino", "matcher=ms_detr"),
+    ("model=dino", "+parts@_global_=[h_detr_branch,group_detr_branch]",
+     BLOCKS + "hybrid.num_queries=3", BLOCKS + "groups.groups=2"),
 ])
-def test_variants_forward_backward(kw):
-    model = tiny(**kw)
+def test_variants_forward_backward(overrides):
+    model = tiny_detector(*overrides)
     images, mask = batch()
     out = model(images, mask)
     assert out["pred_logits"].shape == (2, 7, 5) and out["pred_boxes"].shape == (2, 7, 4)
     assert len(out["aux_outputs"]) == 1
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
-    if kw.get("two_stage"):
+    if isinstance(model.queries, TwoStageQueries):
         assert out["enc_outputs"]["pred_logits"].shape[1] == out["enc_outputs"]["anchors"].shape[1]
-    if kw.get("o2m_tap"):
+    if model.decoder.o2m_tap is not None:
         assert out["o2m_outputs"]["pred_logits"].shape == (2, 7, 5)
         model.eval()
         assert "o2m_outputs" not in model(images, mask)  # never computed at inference
@@ -58,14 +49,14 @@ def test_variants_forward_backward(kw):
 
 def test_tiny_image_fewer_tokens_than_queries():
     # 32x32 gives 16+4+1+1 = 22 tokens over four levels, fewer than 50 queries: no crash.
-    model = tiny(num_queries=50, two_stage=True, box_refine=True)
+    model = tiny_detector(TWO_STAGE, "model.num_queries=50")
     out = model(*batch(32, 32))
     assert out["pred_boxes"].shape == (2, 50, 4)
     assert torch.isfinite(out["pred_logits"]).all()
 
 
 def test_criterion_handles_images_without_boxes():
-    model = tiny(two_stage=True, box_refine=True)
+    model = tiny_detector(TWO_STAGE)
     out = model(*batch())
     matcher = HungarianMatcher()
     crit = SetCriterion(5, [Branch("main", matcher), Branch("enc_outputs", matcher, suffix="_enc", aux=False, binary=True)])
@@ -96,7 +87,7 @@ def test_matcher_is_optimal_on_a_toy_problem():
 
 
 def test_criterion_names_a_missing_stream():
-    model = tiny()  # one-stage: no encoder outputs
+    model = tiny_detector()  # one-stage: no encoder outputs
     crit = SetCriterion(5, [Branch("enc_outputs", HungarianMatcher(), suffix="_enc", binary=True)])
     with pytest.raises(KeyError, match="needs a two-stage model"):
         crit(model(*batch()), [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}] * 2)
@@ -112,39 +103,41 @@ def test_postprocess_scales_to_original_size():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(look_forward_twice=True), "look_forward_twice needs box_refine"),
-    (dict(o2m_tap="nowhere"), "unknown o2m_tap"),
-    (dict(aux_ffn=True), "aux_ffn .* set o2m_tap"),
-    (dict(o2m_class_heads=True), "o2m_class_heads needs a one-to-many stream"),
-    (dict(num_feature_levels=2), "fewer than the backbone's 3 outputs"),
-    (dict(query_groups=3, two_stage=True), "mixed_selection=true"),
+    (("model.detector.decoder.look_forward_twice=true",), "look_forward_twice needs box_refine"),
+    ((LAYER + "o2m_tap=nowhere",), "unknown o2m_tap"),
+    ((LAYER + "aux_ffn=true",), "aux_ffn .* set o2m_tap"),
+    (("model.detector.o2m_class_heads=true",), "o2m_class_heads needs a one-to-many stream"),
+    (("model.num_feature_levels=2",), "fewer than the backbone's 3 outputs"),
+    ((TWO_STAGE, "model.detector.box_refine=false", "matcher=group_detr",
+      BLOCKS + "groups.groups=3"), "mixed_selection=true"),
 ])
 def test_inconsistent_options_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
-        tiny(**bad)
+        tiny_detector(*bad)
 
 
 def test_parts_of_other_widths_are_refused():
     from msdetr.models import LearnedQueries
-    model = tiny()
+    model = tiny_detector()
     with pytest.raises(ValueError, match="the parts disagree.*queries d_model=32"):
         DeformableDETR(backbone=model.backbone, encoder=model.encoder, decoder=model.decoder,
                        queries=LearnedQueries(num_queries=7, d_model=32))
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(two_stage=True, box_refine=True, mixed_selection=True, o2m_tap="cross_attn", hybrid_queries=4),
-    dict(two_stage=True, box_refine=True, mixed_selection=True, query_groups=2, o2m_tap="output"),
-    dict(dino=True, o2m_tap="cross_attn", hybrid_queries=4),
+@pytest.mark.parametrize("overrides", [
+    (),
+    (TWO_STAGE, MIXED, LAYER + "o2m_tap=cross_attn", "matcher=h_detr",
+     BLOCKS + "hybrid.num_queries=4"),
+    (TWO_STAGE, MIXED, "matcher=group_detr", BLOCKS + "groups.groups=2", LAYER + "o2m_tap=output"),
+    ("model=dino", LAYER + "o2m_tap=cross_attn", "matcher=h_detr", BLOCKS + "hybrid.num_queries=4"),
 ])
-def test_output_streams_are_what_a_training_forward_returns(kw):
+def test_output_streams_are_what_a_training_forward_returns(overrides):
     """`output_streams` (what matchers are checked against) is derived from the parts, and names
     exactly the DetectorOutput keys a training forward returns."""
     from typing import get_type_hints
 
     from msdetr.models import DetectorOutput
-    model = tiny(**kw)
+    model = tiny_detector(*overrides)
     out = model(*batch())
     declared = get_type_hints(DetectorOutput)
     assert set(out) <= set(declared)
@@ -155,8 +148,8 @@ def test_output_streams_are_what_a_training_forward_returns(kw):
 
 def test_state_dict_names_convert_to_the_official_layout_and_back():
     from msdetr.naming import from_official_name, to_official_name, upgrade_state_dict
-    model = tiny(two_stage=True, box_refine=True, mixed_selection=True, pix_trans=True, o2m_tap="cross_attn",
-                 aux_ffn=True)
+    model = tiny_detector(TWO_STAGE, MIXED, "model.detector.queries.pix_trans=true",
+                          LAYER + "o2m_tap=cross_attn", LAYER + "aux_ffn=true")
     names = list(model.state_dict())
     official = [to_official_name(n) for n in names]
     assert {"transformer.level_embed", "transformer.enc_output.weight", "transformer.pos_trans_norm.bias",

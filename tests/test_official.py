@@ -103,7 +103,7 @@ def test_zero_byte_checkpoint_through_the_scripts(tmp_path, script):
 
     import torchvision
 
-    from runs import ROOT
+    from helpers import ROOT
 
     (tmp_path / "empty.ckpt").write_bytes(b"")
     (tmp_path / "images").mkdir()

@@ -1,9 +1,9 @@
 """The parity fixtures (official code run on CPU): outputs, every loss, gradient norms, detections."""
 import pytest
 import torch
-from conftest import load_fixture
-from parity_utils import (dn_detr_loss_name, feed_dn_detr_denoising, feed_fixture_denoising, fixture_batch,
-                          fixture_state_dict, flatten_outputs, rel_err)
+from helpers import load_fixture
+from helpers.parity import (dn_detr_loss_name, feed_dn_detr_denoising, feed_fixture_denoising,
+                            fixture_batch, fixture_state_dict, flatten_outputs, rel_err)
 
 from msdetr.official import from_official, official_names
 

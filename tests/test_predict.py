@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import msdetr.predict as predict_module
@@ -20,7 +19,9 @@ from msdetr.predict import predict
 from msdetr.run import train
 from msdetr.run.build import build_module, plain_config
 
-from test_train import _LAUNCHER_VARS, ROOT, config
+from helpers import ROOT
+from helpers.config import compose
+from helpers.runs import LAUNCHER_VARS, config
 
 NAMES = {1: "rectangle", 2: "ellipse", 3: "triangle", 4: "cross"}
 
@@ -65,10 +66,9 @@ def folder(tmp_path):
 
 
 def run_predict(ckpt, inp, out, *overrides, threshold=0.0):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("predict", overrides=[f"ckpt_path='{ckpt}'", f"input='{inp}'", f"output_dir='{out}'",
-                                            f"score_threshold={threshold}", "paths.output_dir=unused",
-                                            "batch_size=2", *overrides])
+    cfg = compose(f"ckpt_path='{ckpt}'", f"input='{inp}'", f"output_dir='{out}'",
+                  f"score_threshold={threshold}", "paths.output_dir=unused", "batch_size=2",
+                  *overrides, name="predict")
     return predict(cfg)
 
 
@@ -154,7 +154,7 @@ def test_predict_fails_when_nothing_is_readable(ckpt, folder, tmp_path):
 def test_predict_reads_a_lightning_cli_checkpoint(folder, tmp_path, resolutions, monkeypatch):
     root = tmp_path / "cli"
     monkeypatch.setattr(sys, "argv", ["msdetr"])  # the arguments are LightningCLI's `args`, not pytest's
-    for name in _LAUNCHER_VARS:
+    for name in LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
     # One training step, checkpointed at the end of the epoch (as `python -m msdetr fit` does).
     cli_main(["fit", "--config", str(ROOT / "configs" / "cli" / "synthetic.yaml"), "--trainer.max_epochs=1",
@@ -199,10 +199,9 @@ def test_predict_after_training_writes_coco_json_and_pictures(tmp_path):
     names = sorted(p.name for p in images.iterdir())
 
     def run(inp, threshold, out):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            pcfg = compose("predict", overrides=[f"ckpt_path={ckpt}", f"input={inp}", f"score_threshold={threshold}",
-                                                 f"output_dir={out}", "eval_size=64", "max_size=96",
-                                                 "paths.output_dir=unused"])
+        pcfg = compose(f"ckpt_path={ckpt}", f"input={inp}", f"score_threshold={threshold}",
+                       f"output_dir={out}", "eval_size=64", "max_size=96",
+                       "paths.output_dir=unused", name="predict")
         return json.loads(predict(pcfg).read_text())
 
     dets = run(images, 0.0, tmp_path / "pred")

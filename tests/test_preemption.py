@@ -6,9 +6,9 @@ import signal
 import pytest
 import torch
 
-from runs import SMALL
-from runs import losses as _losses
-from runs import train as _train
+from helpers.runs import SMALL
+from helpers.runs import losses as _losses
+from helpers.runs import train as _train
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_sigterm_mid_epoch_then_resume_continues_bit_for_bit(tmp_path, matcher):
     assert sorted(expected) == list(range(8))
 
     stopped_dir = tmp_path / "stopped"
-    kill = ["+callbacks.kill._target_=signal_helpers.SignalAtStep", "+callbacks.kill.step=1"]
+    kill = ["+callbacks.kill._target_=helpers.signals.SignalAtStep", "+callbacks.kill.step=1"]
     stopped = _train(tmp_path, stopped_dir, f"matcher={matcher}", *kill, base=SMALL)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
     saved = torch.load(stopped_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from msdetr.report import Job, SweepReport, label_jobs, main, write_report
 
-from test_train import ROOT
+from helpers.config import compose
 
 
 def _job(sweep: Path, name: str, overrides: list[str], rows: list[dict] | None = None, summary: dict | None = None,
@@ -167,9 +166,8 @@ def test_not_a_sweep_directory_in_one_sentence(tmp_path, capsys):
 
 
 def test_report_true_configures_the_hydra_callback(tmp_path):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        off = compose("train", return_hydra_config=True)
-        on = compose("train", overrides=["report=true"], return_hydra_config=True)
+    off = compose(hydra=True)
+    on = compose("report=true", hydra=True)
     assert not instantiate(off.hydra.callbacks.sweep_report).enabled  # listed, idle by default
     assert instantiate(on.hydra.callbacks.sweep_report).enabled
     sweep = _sweep(tmp_path)

@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from runs import MS_DETR, losses, train, weights
+from helpers.runs import MS_DETR, losses, train, weights
 
-KILL = "+callbacks.kill._target_=signal_helpers.SignalAtStep"
+KILL = "+callbacks.kill._target_=helpers.signals.SignalAtStep"
 
 # (signal, when, after step, extra overrides, what the resumed run starts from)
 MOMENTS = [

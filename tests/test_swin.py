@@ -4,17 +4,20 @@ import torch
 
 pytest.importorskip("timm")
 
-from detectors import tiny_detector
+from helpers.detectors import batch, tiny_detector  # noqa: E402
 from msdetr.lit import DetectionModule  # noqa: E402
 from msdetr.losses import Branch, SetCriterion  # noqa: E402
 from msdetr.matching import HungarianMatcher  # noqa: E402
-from msdetr.models import DeformableDETR, SwinBackbone  # noqa: E402
+from msdetr.models import SwinBackbone  # noqa: E402
 from msdetr.models.swin import swin_timm_to_official  # noqa: E402
 from msdetr.official import load_official_state_dict, to_official  # noqa: E402
 
-from test_model import batch  # noqa: E402
-
 TINY = "swin_tiny_patch4_window7_224"
+# DETA's detector on this Swin (the backbone group's config: random init, no drop path, no
+# activation checkpointing).
+DETA_SWIN = ("model=deta", "backbone=swin_large", f"model.detector.backbone.name={TINY}",
+             "model.detector.backbone.drop_path_rate=0.0",
+             "model.detector.backbone.checkpointing=false")
 
 
 def test_swin_maps_any_image_size():
@@ -55,9 +58,7 @@ def test_swin_loads_local_microsoft_weights(tmp_path):
 
 def test_swin_detector_trains_and_round_trips_deta_names():
     torch.manual_seed(0)
-    model = tiny_detector(SwinBackbone(name=TINY, drop_path_rate=0.0), num_classes=5, num_queries=7, hidden_dim=64,
-                           nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_feature_levels=5,
-                           two_stage=True, box_refine=True, pix_trans=True, nms_selection=True)
+    model = tiny_detector(*DETA_SWIN)
     criterion = SetCriterion(5, [Branch("main", HungarianMatcher())])
     module = DetectionModule(model, criterion)
     out = model(*batch(70, 90))
@@ -69,10 +70,7 @@ def test_swin_detector_trains_and_round_trips_deta_names():
     assert "backbone.0.body.layers.3.downsample.reduction.weight" not in official
     assert {f"backbone.0.body.norm{i}.weight" for i in (1, 2, 3)} <= set(official)
     official["backbone.0.body.layers.1.blocks.0.attn.relative_position_index"] = torch.zeros(1)  # saved by DETA
-    fresh = DetectionModule(tiny_detector(SwinBackbone(name=TINY, drop_path_rate=0.0), num_classes=5, num_queries=7,
-                                           hidden_dim=64, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
-                                           num_feature_levels=5, two_stage=True, box_refine=True,
-                                           pix_trans=True, nms_selection=True), criterion)
+    fresh = DetectionModule(tiny_detector(*DETA_SWIN), criterion)
     load_official_state_dict(fresh, official)
     for name, tensor in module.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[name], tensor, msg=name)

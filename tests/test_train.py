@@ -1,34 +1,18 @@
 """End to end through the Hydra configs: train, predictions picture, resume, config errors, DDP."""
 import math
-import os
 import random
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from helpers import ROOT
+from helpers.runs import E2E, clean_env, config, train_e2e
 from msdetr.run import evaluate, train
 from msdetr.run.build import build_datamodule, build_module, build_trainer
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.num_queries=10", "model.hidden_dim=64", "model.detector.encoder.num_layers=1",
-    "model.detector.decoder.num_layers=2", "model.dim_feedforward=64", "model.postprocess.num_select=10",
-    "data.synthetic_train=8", "data.synthetic_val=4", "data.batch_size=4", "data.num_workers=0",
-    "data.train_scales=[64,80]", "data.max_size=96", "data.crop_resize=[64]", "data.crop_size=[48,64]",
-    "data.eval_size=64", "model.detector.backbone.pretrained=false", "logger=csv",
-]
-
-
-def config(tmp_path, *overrides, name="train"):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=[*TINY, f"paths.data_root={tmp_path / 'data'}",
-                                        f"paths.output_dir={tmp_path / 'run'}", *overrides])
 
 
 def test_train_writes_checkpoint_metrics_and_picture(tmp_path):
@@ -106,26 +90,12 @@ def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
     assert trainer.current_epoch == 3
 
 
-# Variables that tell Lightning it was launched by a cluster or by torchrun: inherited from an
-# earlier in-process distributed test they would make a fresh run wait for ranks nobody starts.
-_LAUNCHER_VARS = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
-
-
-def _run_train(tmp_path, *args, env=None):
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.data_root={tmp_path / 'data'}",
-           f"hydra.run.dir={tmp_path / 'run'}", *args]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                          env={**clean, "HYDRA_FULL_ERROR": "0", **(env or {})})
-
-
 @pytest.mark.parametrize("override, message", [
     ("model.detector.not_an_option=1", "Key 'not_an_option' is not in struct"),
     ("matcher=not_a_matcher", "Could not find 'matcher/not_a_matcher'"),
 ])
 def test_unknown_config_option_is_one_clear_error(tmp_path, override, message):
-    result = _run_train(tmp_path, override)
+    result = train_e2e(tmp_path, override)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -140,9 +110,10 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
     for _attempt in range(3):  # a port taken between choosing and binding it is retried, nothing else
-        result = _run_train(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "matcher=ms_detr",
-                            "schedule.epochs=1", "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
-                            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        result = train_e2e(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                           "matcher=ms_detr", "schedule.epochs=1",
+                           "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
+                           env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         if "EADDRINUSE" not in result.stderr:
             break
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,9 +132,9 @@ def test_ddp_jobs_of_a_sweep_do_not_reenter_the_sweep(tmp_path):
     # Lightning starts rank 1 by rerunning the job's saved config in the job's absolute directory.
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", "trainer=ddp",
            "trainer.accelerator=cpu", "trainer.devices=2", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
-           "callbacks.predictions=null", *TINY, f"paths.data_root={tmp_path / 'data'}",
+           "callbacks.predictions=null", *E2E, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    clean = clean_env()
     for _attempt in range(3):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
                                 env={**clean, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
@@ -184,9 +155,10 @@ def test_matcher_sweep_fast_dev_run(tmp_path):
                 "ms_detr_dino"]
     # Mixed query selection for all: Group DETR's groups need learned content on a two-stage model.
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),
-           "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",
+           "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *E2E,
+           f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    clean = clean_env()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())

@@ -8,8 +8,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import load_fixture
-from parity_utils import fixture_batch, fixture_state_dict
+from helpers import load_fixture
+from helpers.parity import fixture_batch, fixture_state_dict
 
 from msdetr.naming import official_names
 from msdetr.official import build_from_args, from_official, official_trainer_args, parse_flags

@@ -1,21 +1,20 @@
 """Research workflow: W&B offline runs and resumes, requeue auto-resume, LightningCLI (predict.py: test_predict.py),
 bf16-mixed with gradient accumulation and throughput logging, the Optuna and SLURM configs."""
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from helpers import ROOT
+from helpers.config import compose
+from helpers.detectors import batch, tiny_detector
+from helpers.runs import E2E, clean_env, config, train_e2e
 from msdetr.losses import Branch, SetCriterion
 from msdetr.matching import HungarianMatcher
 from msdetr.run import train
-
-from test_model import batch, tiny
-from test_train import ROOT, TINY, _LAUNCHER_VARS, _run_train, config
 
 
 def _metrics_rows(run_dir: Path) -> list[dict]:
@@ -27,8 +26,9 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
 def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
     pytest.importorskip("wandb")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    first = _run_train(tmp_path, "logger=wandb", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
-                       "callbacks.predictions.every_n_epochs=1", env=env)
+    first = train_e2e(tmp_path, "logger=wandb", "schedule.epochs=1",
+                      "trainer.check_val_every_n_epoch=1", "callbacks.predictions.every_n_epochs=1",
+                      env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"
     run_id = (run / "wandb_id.txt").read_text().strip()
@@ -37,12 +37,12 @@ def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
     assert b"val/AP" in log and b"train/loss" in log and b"val/predictions" in log
 
     resumed = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *TINY, f"paths.data_root={tmp_path / 'data'}",
+        [sys.executable, str(ROOT / "train.py"), *E2E, f"paths.data_root={tmp_path / 'data'}",
          f"hydra.run.dir={tmp_path / 'resumed'}", "logger=wandb", "schedule.epochs=2",
          "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
          f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**{k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}, **env})
+        env={**clean_env(), **env})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resume writes into the run it continues: same directory, same W&B run.
     assert (run / "wandb_id.txt").read_text().strip() == run_id
@@ -51,12 +51,12 @@ def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
 
 
 def test_requeued_run_resumes_from_its_own_last_checkpoint(tmp_path):
-    first = _run_train(tmp_path, "schedule.epochs=1", "callbacks.predictions=null")
+    first = train_e2e(tmp_path, "schedule.epochs=1", "callbacks.predictions=null")
     assert first.returncode == 0, first.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2  # 8 images, 4 per batch
     # The same job again in the same directory (what a SLURM requeue does), now for 2 epochs.
-    again = _run_train(tmp_path, "schedule.epochs=2", "callbacks.predictions=null")
+    again = train_e2e(tmp_path, "schedule.epochs=2", "callbacks.predictions=null")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming this run from" in again.stdout + again.stderr
     assert torch.load(last, weights_only=False)["global_step"] == 4  # continued, not restarted
@@ -66,7 +66,7 @@ def test_lightning_cli_fit_fast_dev_run(tmp_path):
     cmd = [sys.executable, "-m", "msdetr", "fit", "--config", str(ROOT / "configs" / "cli" / "synthetic.yaml"),
            "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path / 'cli'}",
            f"--data.root={tmp_path / 'synthetic'}", "--data.synthetic_train=8", "--data.synthetic_val=4"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    clean = clean_env()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stderr
@@ -74,7 +74,7 @@ def test_lightning_cli_fit_fast_dev_run(tmp_path):
 
 def test_bf16_forward_backward_keeps_costs_and_losses_fp32():
     torch.manual_seed(0)
-    model = tiny(two_stage=True, box_refine=True)
+    model = tiny_detector("model=deformable_detr_two_stage_refine")
     crit = SetCriterion(5, [Branch("main", HungarianMatcher()),
                             Branch("enc_outputs", HungarianMatcher(), suffix="_enc", aux=False, binary=True)])
     targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
@@ -111,9 +111,9 @@ def test_bf16_mixed_training_with_accumulation_logs_throughput(tmp_path):
 def test_optuna_sweep_maximizes_validation_ap(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-           "trainer.fast_dev_run=true", *TINY, f"paths.data_root={tmp_path / 'data'}",
+           "trainer.fast_dev_run=true", *E2E, f"paths.data_root={tmp_path / 'data'}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
-    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    clean = clean_env()
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
     assert result.returncode == 0, result.stderr[-3000:]
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
@@ -122,9 +122,8 @@ def test_optuna_sweep_maximizes_validation_ap(tmp_path):
 
 def test_slurm_config_runs_one_task_per_gpu():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+    cfg = compose("cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu",
+                  hydra=True)
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices == 8

@@ -20,7 +20,7 @@ Where each key comes from (files under models/dn_dab_deformable_detr/):
 """
 from __future__ import annotations
 
-from official_keys import StateDictKeys
+from helpers.official_keys import StateDictKeys
 
 FLAGS = ["-m", "dn_dab_deformable_detr", "--batch_size", "2", "--epochs", "50", "--lr_drop", "40",
          "--transformer_activation", "relu", "--use_dn"]
@@ -49,12 +49,15 @@ def dn_deformable_detr_r50_keys(c: dict = CONFIG) -> StateDictKeys:
 def manifest() -> dict:
     return dn_deformable_detr_r50_keys().manifest(
         "dn_deformable_detr_r50", FLAGS,
-        "derived from IDEA-Research/DN-DETR @ ff3902a, main.py -m dn_dab_deformable_detr (tests/dn_detr_manifest.py)")
+        "derived from IDEA-Research/DN-DETR @ ff3902a, main.py -m dn_dab_deformable_detr "
+        "(tests/helpers/dn_detr_manifest.py)")
 
 
-if __name__ == "__main__":  # writes the stored manifest
+# Writes the stored manifest (from tests/: python -m helpers.dn_detr_manifest).
+if __name__ == "__main__":
     import json
-    from pathlib import Path
 
-    out = Path(__file__).parent / "fixtures" / "manifests" / "dn_deformable_detr_r50.json"
+    from helpers import FIXTURES
+
+    out = FIXTURES / "manifests" / "dn_deformable_detr_r50.json"
     out.write_text(json.dumps(manifest(), indent=1) + "\n")

@@ -20,7 +20,7 @@ Where each key comes from:
 """
 from __future__ import annotations
 
-from official_keys import StateDictKeys
+from helpers.official_keys import StateDictKeys
 
 CONFIG = dict(num_classes=91, hidden_dim=256, dim_feedforward=2048, enc_layers=6, dec_layers=6,
               num_feature_levels=4, nheads=8, enc_n_points=4, dec_n_points=4, num_queries=900,
@@ -51,4 +51,5 @@ def dino_4scale_r50_keys(c: dict = CONFIG) -> StateDictKeys:
 def manifest() -> dict:
     return dino_4scale_r50_keys().manifest(
         "dino_4scale_r50", ["modelname='dino'"],
-        "derived from IDEA-Research/DINO @ faa8520 with config/DINO/DINO_4scale.py (tests/dino_manifest.py)")
+        "derived from IDEA-Research/DINO @ faa8520 with config/DINO/DINO_4scale.py "
+        "(tests/helpers/dino_manifest.py)")
