@@ -1,4 +1,6 @@
-"""COCO-evaluate a checkpoint (this project's .ckpt or an official .pth): python evaluate.py experiment=... ckpt_path=..."""
+"""COCO-evaluate a checkpoint (this project's .ckpt or an official .pth): python evaluate.py
+experiment=... ckpt_path=..."""
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,7 +15,8 @@ def main(cfg: DictConfig) -> float:
     from msdetr.errors import one_sentence
     from msdetr.run import evaluate
 
-    with one_sentence():  # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+    # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+    with one_sentence():
         return evaluate(cfg).get("AP", 0.0)
 
 

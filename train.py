@@ -1,4 +1,6 @@
-"""Train a detector: python train.py [experiment=...] [model=...] [matcher=...] [schedule=...] [key=value]."""
+"""Train a detector: python train.py [experiment=...] [model=...] [matcher=...] [schedule=...]
+[key=value]."""
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,7 +15,8 @@ def main(cfg: DictConfig) -> float:
     from msdetr.errors import one_sentence
     from msdetr.run import optimized_value, train
 
-    with one_sentence():  # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+    # known bad input: one sentence, no traceback (HYDRA_FULL_ERROR=1 shows it)
+    with one_sentence():
         metrics = train(cfg)
     return optimized_value(cfg, metrics)  # the value a Hydra sweeper optimizes (optimized_metric)
 

@@ -1,9 +1,11 @@
-"""Cost of the whole criterion (o2o + o2m + encoder branches, every layer) beside forward + backward.
+"""Cost of the whole criterion (o2o + o2m + encoder branches, every layer) beside forward +
+backward.
 
 python bench/criterion.py [--experiment ms_detr_pp_900] [--gts 40] [--steps 3] [--device cpu|cuda]
 On CUDA it also counts the device-to-host copies made inside the criterion (goal: one per step,
 the Hungarian cost matrices of all layers and images together).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,9 @@ def count_dtoh(fn) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--experiment", default="ms_detr_pp_900")
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--gts", type=int, default=40)
@@ -36,16 +40,21 @@ def main(argv=None) -> None:
     images, mask, targets = synthetic_batch(args.gts, 91, device, torch.Generator().manual_seed(0))
     med = time_step(module, images, mask, targets, args.steps, 1, device)
     f, c, b = med["forward"], med["criterion"], med["backward"]
-    print(f"# criterion: experiment={args.experiment} backbone={args.backbone} device={device} "
-          f"threads={torch.get_num_threads()} images=2 gts/img={args.gts} loss terms={len(module.criterion.weight_dict)} "
-          f"steps={args.steps} (median)")
+    print(
+        f"# criterion: experiment={args.experiment} backbone={args.backbone} device={device} "
+        f"threads={torch.get_num_threads()} images=2 gts/img={args.gts} loss "
+        f"terms={len(module.criterion.weight_dict)} steps={args.steps} (median)"
+    )
     print("| part | seconds | share of step |")
     print("|---|---|---|")
     for name, v in (("forward", f), ("criterion", c), ("backward", b)):
         print(f"| {name} | {v:.3f} | {100 * v / (f + c + b):.1f}% |")
     if device.type == "cuda":
         out = module.model(images, mask)
-        print(f"device-to-host copies inside the criterion: {count_dtoh(lambda: module.criterion(out, targets))}")
+        print(
+            "device-to-host copies inside the criterion: "
+            f"{count_dtoh(lambda: module.criterion(out, targets))}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ P=4) and decoder calls with 300 and 900 queries on the same value. The DRAM floo
 read once and every output written once; GB/s = floor bytes / median time. Peak memory is what the
 call allocates above its inputs. L2 is flushed before each timed call unless --no-flush.
 
-python bench/msda.py --device cpu [--backends reference,gather] [--iters 3] [--warmup 1] [--dtypes fp32]
-CPU comparison of the PyTorch backends (no CUDA needed): the same cases, each (query count, backend,
-mode) in a fresh subprocess. Times are medians of perf_counter: fwd (no grad), bwd (one retained
-graph) and fwd+bwd; peak memory is the growth of the process's peak resident set (ru_maxrss) over its
-value just before the first call, for a forward-only process and for a forward + backward one.
+python bench/msda.py --device cpu [--backends reference,gather] [--iters 3] [--warmup 1] [--dtypes
+fp32] CPU comparison of the PyTorch backends (no CUDA needed): the same cases, each (query count,
+backend, mode) in a fresh subprocess. Times are medians of perf_counter: fwd (no grad), bwd (one
+retained graph) and fwd+bwd; peak memory is the growth of the process's peak resident set
+(ru_maxrss) over its value just before the first call, for a forward-only process and for a forward
++ backward one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +48,9 @@ def reference_points(num_queries: int, device, generator) -> torch.Tensor:
         return torch.rand(num_queries, 2, generator=generator).to(device)
     centres = []
     for h, w in LEVELS:
-        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        ys, xs = torch.meshgrid(
+            (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij"
+        )
         centres.append(torch.stack([xs, ys], -1).flatten(0, 1))
     return torch.cat(centres).to(device)
 
@@ -59,13 +63,20 @@ def make_inputs(num_queries: int, dtype, locations: str, device, generator):
     if locations == "uniform":
         loc = torch.rand(*shape, 2, generator=generator).to(device)
     else:
-        # Offsets of a few pixels of each level around the query's reference point, like a trained model.
+        # Offsets of a few pixels of each level around the query's reference point, like a trained
+        # model.
         sizes = torch.tensor([[w, h] for h, w in LEVELS], dtype=torch.float32, device=device)
         offsets = torch.randn(*shape, 2, generator=generator).to(device) * 2.0 / sizes[:, None, :]
-        loc = reference_points(num_queries, device, generator)[None, :, None, None, None, :] + offsets
-    logits = torch.randn(BATCH, num_queries, HEADS, len(LEVELS) * POINTS, generator=generator).to(device)
+        loc = (
+            reference_points(num_queries, device, generator)[None, :, None, None, None, :] + offsets
+        )
+    logits = torch.randn(BATCH, num_queries, HEADS, len(LEVELS) * POINTS, generator=generator).to(
+        device
+    )
     weights = logits.softmax(-1).view(shape).to(dtype)
-    grad_out = torch.randn(BATCH, num_queries, HEADS * CHANNELS, generator=generator).to(device, dtype)
+    grad_out = torch.randn(BATCH, num_queries, HEADS * CHANNELS, generator=generator).to(
+        device, dtype
+    )
     return value, shapes, starts, loc, weights, grad_out
 
 
@@ -93,7 +104,9 @@ def autograd_impl(op, value, shapes, starts, loc, weights, grad_out):
         return torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
 
     def fwd_bwd():
-        return torch.autograd.grad(op(inputs[0], shapes, starts, inputs[1], inputs[2]), inputs, grad_out)
+        return torch.autograd.grad(
+            op(inputs[0], shapes, starts, inputs[1], inputs[2]), inputs, grad_out
+        )
 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
@@ -106,7 +119,9 @@ def original_impl(ext, value, shapes, starts, loc, weights, grad_out):
         return ext.ms_deform_attn_forward(value, shapes, starts, loc, weights, im2col_step)
 
     def bwd():
-        return ext.ms_deform_attn_backward(value, shapes, starts, loc, weights, grad_out, im2col_step)
+        return ext.ms_deform_attn_backward(
+            value, shapes, starts, loc, weights, grad_out, im2col_step
+        )
 
     def fwd_bwd():
         return fwd(), bwd()
@@ -139,7 +154,8 @@ def measure(fn, warmup: int, iters: int, flush: torch.Tensor | None) -> tuple[fl
 
 
 def cpu_backends() -> dict:
-    """The differentiable CPU implementations, all with the (value, shapes, starts, loc, weights) call."""
+    """The differentiable CPU implementations, all with the (value, shapes, starts, loc, weights)
+    call."""
     from msdetr.kernels import ms_deform_attn_reference
 
     def gather(value, shapes, starts, loc, weights):
@@ -156,20 +172,30 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def cpu_case(lq: int, backend: str, dtype_name: str, mode: str, iters: int, warmup: int, locations: str) -> dict:
+def cpu_case(
+    lq: int, backend: str, dtype_name: str, mode: str, iters: int, warmup: int, locations: str
+) -> dict:
     """One case in this process: median ms of fwd / bwd / fwd+bwd (mode "train") or of fwd only
     (mode "fwd"), and the peak RSS growth over the value just before the first call."""
     op = cpu_backends()[backend]
     generator = torch.Generator().manual_seed(0)
-    value, shapes, starts, loc, weights, grad_out = make_inputs(lq, DTYPES[dtype_name], locations, "cpu", generator)
+    value, shapes, starts, loc, weights, grad_out = make_inputs(
+        lq, DTYPES[dtype_name], locations, "cpu", generator
+    )
     # Before autograd_impl: it runs one forward to keep a graph for bwd.
     before = peak_rss_bytes()
-    calls = autograd_impl(op, value, shapes, starts, loc, weights, grad_out) if mode == "train" else None
+    calls = (
+        autograd_impl(op, value, shapes, starts, loc, weights, grad_out)
+        if mode == "train"
+        else None
+    )
     ms = {}
     if mode == "fwd":
+
         def fwd():
             with torch.no_grad():
                 return op(value, shapes, starts, loc, weights)
+
         calls = {"fwd": fwd}
     for name, fn in calls.items():
         if name == "fwd" and mode == "train":
@@ -188,16 +214,24 @@ def cpu_main(args) -> int:
     backends = args.backends.split(",")
     unknown = sorted(set(backends) - set(cpu_backends()))
     if unknown:
-        sys.exit(f"bench/msda.py: unknown CPU backend(s) {unknown}; choose from {sorted(cpu_backends())}.")
+        sys.exit(
+            f"bench/msda.py: unknown CPU backend(s) {unknown}; choose from "
+            f"{sorted(cpu_backends())}."
+        )
     encoder_queries = sum(h * w for h, w in LEVELS)
     queries = args.queries or [encoder_queries, 300, 900]
     dtypes = args.dtypes or ["fp32"]
-    print(f"# ms_deform_attn on CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; "
-          f"B={BATCH} M={HEADS} D={CHANNELS} L={len(LEVELS)} P={POINTS} S={encoder_queries}; "
-          f"locations={args.locations}; median of {args.iters} after {args.warmup} warm-up; every case in a "
-          f"fresh process; peak = growth of ru_maxrss over its value before the first call")
+    print(
+        f"# ms_deform_attn on CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; "
+        f"B={BATCH} M={HEADS} D={CHANNELS} L={len(LEVELS)} P={POINTS} S={encoder_queries}; "
+        f"locations={args.locations}; median of {args.iters} after {args.warmup} warm-up; every "
+        f"case in a fresh process; peak = growth of ru_maxrss over its value before the first call"
+    )
     print()
-    print("| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | fwd+bwd x first |")
+    print(
+        "| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | "
+        "fwd+bwd x first |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for lq in queries:
         for dtype_name in dtypes:
@@ -205,18 +239,39 @@ def cpu_main(args) -> int:
             for backend in backends:
                 results = {}
                 for mode in ("fwd", "train"):
-                    cmd = [sys.executable, __file__, "--cpu-case", str(lq), backend, dtype_name, mode,
-                           "--iters", str(args.iters), "--warmup", str(args.warmup), "--locations", args.locations,
-                           "--threads", str(torch.get_num_threads())]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--cpu-case",
+                        str(lq),
+                        backend,
+                        dtype_name,
+                        mode,
+                        "--iters",
+                        str(args.iters),
+                        "--warmup",
+                        str(args.warmup),
+                        "--locations",
+                        args.locations,
+                        "--threads",
+                        str(torch.get_num_threads()),
+                    ]
                     proc = subprocess.run(cmd, capture_output=True, text=True)
                     if proc.returncode != 0:
-                        sys.exit(f"bench/msda.py: case {lq} {backend} {dtype_name} {mode} failed:\n{proc.stderr[-2000:]}")
+                        sys.exit(
+                            f"bench/msda.py: case {lq} {backend} {dtype_name} {mode} "
+                            f"failed:\n{proc.stderr[-2000:]}"
+                        )
                     results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
                 train = results["train"]["ms"]
                 first = first or train["fwd+bwd"]
-                print(f"| {lq} | {dtype_name} | {backend} | {results['fwd']['ms']['fwd']:.1f} | {train['bwd']:.1f} | "
-                      f"{train['fwd+bwd']:.1f} | {results['fwd']['peak_mib']:.0f} | {results['train']['peak_mib']:.0f} | "
-                      f"{train['fwd+bwd'] / first:.2f} |", flush=True)
+                print(
+                    f"| {lq} | {dtype_name} | {backend} | {results['fwd']['ms']['fwd']:.1f} | "
+                    f"{train['bwd']:.1f} | {train['fwd+bwd']:.1f} | "
+                    f"{results['fwd']['peak_mib']:.0f} | {results['train']['peak_mib']:.0f} | "
+                    f"{train['fwd+bwd'] / first:.2f} |",
+                    flush=True,
+                )
     return 0
 
 
@@ -229,21 +284,56 @@ def load_original_extension():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=None, help="timed calls (default 100 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 20 on CUDA, 1 on CPU)")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
-                   help="default: fp32 bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--queries", nargs="+", type=int, default=None,
-                   help="query counts to run (default: the encoder's 22223, then 300 and 900)")
-    p.add_argument("--locations", choices=("local", "uniform"), default="local",
-                   help="local: a few pixels around each query's reference point; uniform: anywhere")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--iters", type=int, default=None, help="timed calls (default 100 on CUDA, 3 on CPU)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls first (default 20 on CUDA, 1 on CPU)",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: fp32 bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--queries",
+        nargs="+",
+        type=int,
+        default=None,
+        help="query counts to run (default: the encoder's 22223, then 300 and 900)",
+    )
+    p.add_argument(
+        "--locations",
+        choices=("local", "uniform"),
+        default="local",
+        help="local: a few pixels around each query's reference point; uniform: anywhere",
+    )
     p.add_argument("--no-flush", action="store_true", help="keep L2 warm between timed calls")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda: Triton vs reference (the default); cpu: --backends compared on the CPU")
-    p.add_argument("--backends", default="reference,gather", help="CPU backends, comma-separated (--device cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
-    p.add_argument("--cpu-case", nargs=4, metavar=("LQ", "BACKEND", "DTYPE", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda: Triton vs reference (the default); cpu: --backends compared on the CPU",
+    )
+    p.add_argument(
+        "--backends",
+        default="reference,gather",
+        help="CPU backends, comma-separated (--device cpu)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)"
+    )
+    p.add_argument(
+        "--cpu-case", nargs=4, metavar=("LQ", "BACKEND", "DTYPE", "MODE"), help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
     cpu = args.device == "cpu" or args.cpu_case
     args.iters = args.iters if args.iters is not None else (3 if cpu else 100)
@@ -252,16 +342,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.cpu_case:
         lq, backend, dtype_name, mode = args.cpu_case
-        print(json.dumps(cpu_case(int(lq), backend, dtype_name, mode, args.iters, args.warmup, args.locations)))
+        print(
+            json.dumps(
+                cpu_case(
+                    int(lq), backend, dtype_name, mode, args.iters, args.warmup, args.locations
+                )
+            )
+        )
         return 0
     if args.device == "cpu":
         return cpu_main(args)
     args.dtypes = args.dtypes or ["fp32", "bf16"]
 
     if not torch.cuda.is_available():
-        sys.exit("bench/msda.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.")
+        sys.exit(
+            "bench/msda.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was "
+            "measured."
+        )
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("bench/msda.py: unset TRITON_INTERPRET, the interpreter would time numpy on the CPU.")
+        sys.exit(
+            "bench/msda.py: unset TRITON_INTERPRET, the interpreter would time numpy on the CPU."
+        )
 
     from msdetr.kernels import ms_deform_attn_reference
     from msdetr.kernels.triton_msda import ms_deform_attn_triton
@@ -274,38 +375,58 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(0)
     floor_notes = []
 
-    print(f"# ms_deform_attn on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-          f"triton {__import__('triton').__version__}; B={BATCH} M={HEADS} D={CHANNELS} L={len(LEVELS)} "
-          f"P={POINTS} S={encoder_queries}; locations={args.locations}; median of {args.iters} after "
-          f"{args.warmup} warm-up; L2 {'warm' if args.no_flush else 'flushed'}; original CUDA op "
-          f"{'present' if ext else 'not importable'}")
+    print(
+        f"# ms_deform_attn on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}; B={BATCH} M={HEADS} D={CHANNELS} "
+        f"L={len(LEVELS)} P={POINTS} S={encoder_queries}; locations={args.locations}; median of "
+        f"{args.iters} after {args.warmup} warm-up; L2 {'warm' if args.no_flush else 'flushed'}; "
+        f"original CUDA op {'present' if ext else 'not importable'}"
+    )
     print()
-    print("| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | fwd+bwd GB/s "
-          "| fwd / bwd / fwd+bwd peak MiB |")
+    print(
+        "| Lq | dtype | impl | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s | bwd GB/s | fwd+bwd GB/s "
+        "| fwd / bwd / fwd+bwd peak MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for lq in queries:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            value, shapes, starts, loc, weights, grad_out = make_inputs(lq, dtype, args.locations, device, generator)
+            value, shapes, starts, loc, weights, grad_out = make_inputs(
+                lq, dtype, args.locations, device, generator
+            )
             floors = floor_bytes(value, loc, weights, grad_out)
-            floor_notes.append(f"Lq={lq} {dtype_name} " + " / ".join(f"{b / 1e6:.1f}" for b in floors.values()))
+            floor_notes.append(
+                f"Lq={lq} {dtype_name} " + " / ".join(f"{b / 1e6:.1f}" for b in floors.values())
+            )
             impls = {
-                "triton": autograd_impl(ms_deform_attn_triton, value, shapes, starts, loc, weights, grad_out),
-                "reference": autograd_impl(ms_deform_attn_reference, value, shapes, starts, loc, weights, grad_out),
+                "triton": autograd_impl(
+                    ms_deform_attn_triton, value, shapes, starts, loc, weights, grad_out
+                ),
+                "reference": autograd_impl(
+                    ms_deform_attn_reference, value, shapes, starts, loc, weights, grad_out
+                ),
             }
             # The extension dispatches on fp32 / fp64 only.
             if ext is not None and dtype == torch.float32:
-                impls["original CUDA"] = original_impl(ext, value, shapes, starts, loc, weights, grad_out)
+                impls["original CUDA"] = original_impl(
+                    ext, value, shapes, starts, loc, weights, grad_out
+                )
             for name, calls in impls.items():
                 ms, peak, rate = {}, {}, {}
                 for mode, fn in calls.items():
                     ms[mode], peak[mode] = measure(fn, args.warmup, args.iters, flush)
                     rate[mode] = floors[mode] / (ms[mode] * 1e6)
                 modes = list(calls)
-                print(f"| {lq} | {dtype_name} | {name} | "
-                      + " | ".join(f"{ms[m]:.3f}" for m in modes) + " | "
-                      + " | ".join(f"{rate[m]:.0f}" for m in modes) + " | "
-                      + " / ".join(f"{peak[m] / 2**20:.0f}" for m in modes) + " |", flush=True)
+                print(
+                    f"| {lq} | {dtype_name} | {name} | "
+                    + " | ".join(f"{ms[m]:.3f}" for m in modes)
+                    + " | "
+                    + " | ".join(f"{rate[m]:.0f}" for m in modes)
+                    + " | "
+                    + " / ".join(f"{peak[m] / 2**20:.0f}" for m in modes)
+                    + " |",
+                    flush=True,
+                )
             del impls
             torch.cuda.empty_cache()
     print()

@@ -6,10 +6,10 @@ python bench/train_step.py --compare reference,gather,compiled        # one tabl
 Default: two-stage + box refinement, 2 images ~384x512, 300 queries, 20 GTs per image.
 
 --compare runs execution variants of one model: `reference` (= `eager`: eager, the grid_sample
-attention, the official CPU algorithm), `gather`, `triton` or any other `attn_backend`, and `compiled`
-(torch.compile of the detector, model.compile=true) combined with one of them (`compiled` alone is
-`compiled-reference`; `compiled-gather`; add `static` for compile_dynamic=false, `bf16` for bf16
-autocast as trainer.precision=bf16-mixed: `bf16-compiled-triton`). A variant whose
+attention, the official CPU algorithm), `gather`, `triton` or any other `attn_backend`, and
+`compiled` (torch.compile of the detector, model.compile=true) combined with one of them (`compiled`
+alone is `compiled-reference`; `compiled-gather`; add `static` for compile_dynamic=false, `bf16` for
+bf16 autocast as trainer.precision=bf16-mixed: `bf16-compiled-triton`). A variant whose
 backend this checkout does not accept is reported as unavailable. Its default model is section 4's:
 experiment=ms_detr_pp_300 (MS-DETR on Deformable-DETR++, 300 queries, 6 + 6 layers) with ResNet-18,
 random init.
@@ -26,11 +26,11 @@ against MS-DETR's o2m stream of the same queries). Each step calls the module's 
 batch's targets, as training_step does, so matchers whose query blocks are built from the targets
 (dn_detr, ms_detr_dn) run as in training.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -44,21 +44,42 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("forward", "criterion", "backward")
-_REPLY = "@@msdetr-bench "  # prefix of the worker's protocol lines (anything else on its stdout is ignored)
+# prefix of the worker's protocol lines (anything else on its stdout is ignored)
+_REPLY = "@@msdetr-bench "
 
 
-def build(matcher: str, model: str, backbone: str, num_classes: int, experiment: str | None = None,
-          overrides: list[str] | tuple[str, ...] = ()):
+def build(
+    matcher: str,
+    model: str,
+    backbone: str,
+    num_classes: int,
+    experiment: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+):
     """The module of an experiment, or of a model + matcher pair, with a random-init backbone."""
     from msdetr.run.build import build_module
 
-    chosen = [f"experiment={experiment}"] if experiment else ["~experiment", f"model={model}", f"matcher={matcher}"]
+    chosen = (
+        [f"experiment={experiment}"]
+        if experiment
+        else ["~experiment", f"model={model}", f"matcher={matcher}"]
+    )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[
-            *chosen, "data=coco", f"data.num_classes={num_classes}",
-            f"model.detector.backbone.name={backbone}", "model.detector.backbone.pretrained=false", *overrides,
-        ])
-    if "groups" in cfg.model.detector.training_queries and cfg.model.detector.queries.get("mixed_selection") is False:
+        cfg = compose(
+            "train",
+            overrides=[
+                *chosen,
+                "data=coco",
+                f"data.num_classes={num_classes}",
+                f"model.detector.backbone.name={backbone}",
+                "model.detector.backbone.pretrained=false",
+                *overrides,
+            ],
+        )
+    if (
+        "groups" in cfg.model.detector.training_queries
+        and cfg.model.detector.queries.get("mixed_selection") is False
+    ):
         # Group DETR's groups share the two-stage proposals, so they need learned content (the model
         # refuses otherwise): the one change to the model this row makes.
         cfg.model.detector.queries.mixed_selection = True
@@ -76,8 +97,12 @@ def synthetic_batch(num_gts: int, num_classes: int, device, generator):
         mask[i, :ih, :iw] = False
         centers = torch.rand(num_gts, 2, generator=generator) * 0.6 + 0.2
         wh = torch.rand(num_gts, 2, generator=generator) * 0.3 + 0.05
-        targets.append({"labels": torch.randint(1, num_classes, (num_gts,), generator=generator).to(device),
-                        "boxes": torch.cat([centers, wh], 1).to(device)})
+        targets.append(
+            {
+                "labels": torch.randint(1, num_classes, (num_gts,), generator=generator).to(device),
+                "boxes": torch.cat([centers, wh], 1).to(device),
+            }
+        )
     return images.to(device), mask.to(device), targets
 
 
@@ -86,11 +111,20 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(module, images, mask, targets, steps: int, warmup: int, device,
-              autocast: torch.dtype | None = None) -> dict[str, float]:
+def time_step(
+    module,
+    images,
+    mask,
+    targets,
+    steps: int,
+    warmup: int,
+    device,
+    autocast: torch.dtype | None = None,
+) -> dict[str, float]:
     """Median seconds of forward, criterion and backward over `steps` steps after `warmup`.
-    The forward is the module's (`DetectionModule.detect`: compiled where the module was configured so).
-    `autocast` (e.g. torch.bfloat16): forward and criterion under autocast, as Lightning's bf16-mixed."""
+    The forward is the module's (`DetectionModule.detect`: compiled where the module was configured
+    so). `autocast` (e.g. torch.bfloat16): forward and criterion under autocast, as Lightning's
+    bf16-mixed."""
     times = {part: [] for part in PARTS}
     for step in range(warmup + steps):
         module.zero_grad(set_to_none=True)
@@ -114,7 +148,8 @@ def time_step(module, images, mask, targets, steps: int, warmup: int, device,
     return {k: statistics.median(v) for k, v in times.items() if v}
 
 
-# -- variants ----------------------------------------------------------------------------------------
+# -- variants
+# ----------------------------------------------------------------------------------------
 
 _WORDS = ("compiled", "static", "eager", "bf16")
 
@@ -126,13 +161,19 @@ def variant_autocast(variant: str) -> torch.dtype | None:
 
 def variant_overrides(variant: str) -> list[str]:
     """Config overrides of a --compare variant: '-'-separated words, `compiled`, `static`, `eager`,
-    `bf16` and at most one attention backend (default reference): `compiled-gather`, `bf16-triton`."""
+    `bf16` and at most one attention backend (default reference): `compiled-gather`,
+    `bf16-triton`."""
     words = variant.split("-")
     backends = [w for w in words if w not in _WORDS]
-    if len(backends) > 1 or ("static" in words and "compiled" not in words) or \
-            ("compiled" in words and "eager" in words):
-        raise SystemExit(f"--compare variant {variant!r}: use [bf16-][compiled-[static-]]<attention backend> "
-                         "(reference, gather, triton, ...), or eager / compiled.")
+    if (
+        len(backends) > 1
+        or ("static" in words and "compiled" not in words)
+        or ("compiled" in words and "eager" in words)
+    ):
+        raise SystemExit(
+            f"--compare variant {variant!r}: use [bf16-][compiled-[static-]]<attention backend> "
+            "(reference, gather, triton, ...), or eager / compiled."
+        )
     overrides = [f"model.attn_backend={backends[0] if backends else 'reference'}"]
     if "compiled" in words:
         overrides.append("model.compile=true")
@@ -175,7 +216,9 @@ class PeakMemory:
             return torch.cuda.memory_allocated(self.device) / 2**30
         rss = _proc_status_gib("VmRSS")
         # No /proc: the high-water mark so far, which right after the build is about the RSS.
-        return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return (
+            rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )
 
 
 def _proc_status_gib(field: str) -> float | None:
@@ -195,12 +238,18 @@ def _reply(**fields) -> None:
 
 
 def worker(args, device, images, mask, targets) -> None:
-    """One variant in its own process: build, warm up, then one timed step per 'step' line on stdin."""
+    """One variant in its own process: build, warm up, then one timed step per 'step' line on
+    stdin."""
     overrides = variant_overrides(args.variant) if args.variant else []
     try:
         torch.manual_seed(0)  # the same weights in every variant
-        module = build(args.matcher, args.model, args.backbone, 91, args.experiment, overrides).to(device).train()
-        module.configure_model()  # what the Trainer calls: compiles the detector with model.compile=true
+        module = (
+            build(args.matcher, args.model, args.backbone, 91, args.experiment, overrides)
+            .to(device)
+            .train()
+        )
+        # what the Trainer calls: compiles the detector with model.compile=true
+        module.configure_model()
         built_gib = PeakMemory(device).current()  # weights, batch and libraries: before any step
         warmup = max(args.warmup, 2) if module.detector_compiled else args.warmup
         autocast = variant_autocast(args.variant) if args.variant else None
@@ -208,7 +257,8 @@ def worker(args, device, images, mask, targets) -> None:
         if warmup:
             time_step(module, images, mask, targets, 0, warmup, device, autocast)
         warmup_s = time.perf_counter() - start
-    except Exception as exc:  # an attention backend this checkout lacks, a compile failure: one row says so
+    # an attention backend this checkout lacks, a compile failure: one row says so
+    except Exception as exc:
         _reply(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
         return
     peak = PeakMemory(device)
@@ -225,8 +275,13 @@ class Worker:
     def __init__(self, name: str, argv: list[str]):
         self.name = name
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
 
     def ask(self, command: str | None = None) -> dict:
         if command is not None:
@@ -234,7 +289,7 @@ class Worker:
             self.proc.stdin.flush()
         for line in self.proc.stdout:
             if line.startswith(_REPLY):
-                return json.loads(line[len(_REPLY):])
+                return json.loads(line[len(_REPLY) :])
         self.log.seek(0)
         tail = self.log.read()[-2000:]
         raise RuntimeError(f"the {self.name} worker ended (exit {self.proc.wait()}):\n{tail}")
@@ -259,8 +314,11 @@ def interleaved(variants: dict[str, list[str]], common: list[str], steps: int) -
                 worker_.close()
                 continue
             workers[name] = worker_
-            results[name] = {"warmup_s": ready["warmup_s"], "built_gib": ready["built_gib"],
-                             **{part: [] for part in PARTS}}
+            results[name] = {
+                "warmup_s": ready["warmup_s"],
+                "built_gib": ready["built_gib"],
+                **{part: [] for part in PARTS},
+            }
         for _ in range(steps):
             for name, worker_ in workers.items():
                 for part, seconds in worker_.ask("step").items():
@@ -277,11 +335,17 @@ def interleaved(variants: dict[str, list[str]], common: list[str], steps: int) -
 
 def print_table(results: dict[str, dict], label: str) -> None:
     base_name = next(n for n in results)
-    base = sum(results[base_name][p] for p in PARTS) if "unavailable" not in results[base_name] else None
+    base = (
+        sum(results[base_name][p] for p in PARTS)
+        if "unavailable" not in results[base_name]
+        else None
+    )
     base_mem = results[base_name].get("peak_gib")
     base_step_mem = _step_gib(results[base_name])
-    print(f"| {label} | forward s | criterion s | backward s | step s | x {base_name} | peak memory GiB | "
-          f"memory x {base_name} | step memory GiB | step memory x {base_name} | warm-up s |")
+    print(
+        f"| {label} | forward s | criterion s | backward s | step s | x {base_name} | peak memory "
+        f"GiB | memory x {base_name} | step memory GiB | step memory x {base_name} | warm-up s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if "unavailable" in r:
@@ -292,14 +356,21 @@ def print_table(results: dict[str, dict], label: str) -> None:
         mem_ratio = f"{r['peak_gib'] / base_mem:.2f}" if base_mem else "-"
         step_mem = _step_gib(r)
         step_mem_ratio = f"{step_mem / base_step_mem:.2f}" if base_step_mem else "-"
-        print(f"| `{name}` | {r['forward']:.3f} | {r['criterion']:.3f} | {r['backward']:.3f} | {step_s:.3f} | "
-              f"{ratio} | {r['peak_gib']:.2f}{'*' if r['peak_since_start'] else ''} | {mem_ratio} | "
-              f"{step_mem:.2f} | {step_mem_ratio} | {r['warmup_s']:.1f} |")
-    print("\npeak memory: the worker's peak over the timed steps (CUDA: max allocated; CPU: peak RSS, "
-          "libraries and weights included); step memory: that peak less the memory in use right after the "
-          "module was built, before any step (activations, gradients, the criterion's work).")
+        print(
+            f"| `{name}` | {r['forward']:.3f} | {r['criterion']:.3f} | {r['backward']:.3f} | "
+            f"{step_s:.3f} | {ratio} | {r['peak_gib']:.2f}{'*' if r['peak_since_start'] else ''} "
+            f"| {mem_ratio} | {step_mem:.2f} | {step_mem_ratio} | {r['warmup_s']:.1f} |"
+        )
+    print(
+        "\npeak memory: the worker's peak over the timed steps (CUDA: max allocated; CPU: peak "
+        "RSS, libraries and weights included); step memory: that peak less the memory in use "
+        "right after the module was built, before any step (activations, gradients, the "
+        "criterion's work)."
+    )
     if any(r.get("peak_since_start") for r in results.values()):
-        print("\n*: peak over the whole process (warm-up included): the peak could not be reset here.")
+        print(
+            "\n*: peak over the whole process (warm-up included): the peak could not be reset here."
+        )
 
 
 def _step_gib(result: dict) -> float | None:
@@ -310,22 +381,37 @@ def _step_gib(result: dict) -> float | None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--matcher", default="hungarian")
     p.add_argument("--model", default="deformable_detr_two_stage_refine")
-    p.add_argument("--experiment", default=None,
-                   help="an experiment config instead of --model/--matcher (--compare: default ms_detr_pp_300)")
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="an experiment config instead of --model/--matcher "
+        "(--compare: default ms_detr_pp_300)",
+    )
     p.add_argument("--backbone", default=None, help="default resnet50 (--compare: resnet18)")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compiled variants: at least 2)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps first (compiled variants: at least 2)"
+    )
     p.add_argument("--gts", type=int, default=20)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the medians as JSON (one run)")
-    p.add_argument("--matchers", default=None,
-                   help="comma-separated matcher configs to compare on the same model and batch (first = baseline)")
-    p.add_argument("--compare", default=None,
-                   help="comma-separated execution variants (reference, gather, compiled, compiled-gather, ...) "
-                        "of one model (first = baseline)")
+    p.add_argument(
+        "--matchers",
+        default=None,
+        help="comma-separated matcher configs to compare on the same model and batch (first = "
+        "baseline)",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="comma-separated execution variants (reference, gather, compiled, compiled-gather, "
+        "...) of one model (first = baseline)",
+    )
     p.add_argument("--variant", default=None, help="run one --compare variant in this process")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -342,18 +428,30 @@ def main(argv=None) -> None:
         worker(args, device, images, mask, targets)
         return
     what = f"experiment={args.experiment}" if args.experiment else f"model={args.model}"
-    header = (f"# train step: {what} backbone={args.backbone} device={device} threads={torch.get_num_threads()} "
-              f"images=2 (384x512, 352x480) gts/img={args.gts} median of {args.steps} steps after "
-              f"{args.warmup} warm-up")
+    header = (
+        f"# train step: {what} backbone={args.backbone} device={device} "
+        f"threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} median "
+        f"of {args.steps} steps after {args.warmup} warm-up"
+    )
     if not args.matchers and not args.compare:
         torch.manual_seed(0)
         overrides = variant_overrides(args.variant) if args.variant else []
-        module = build(args.matcher, args.model, args.backbone, num_classes, args.experiment, overrides)
+        module = build(
+            args.matcher, args.model, args.backbone, num_classes, args.experiment, overrides
+        )
         module = module.to(device).train()
         module.configure_model()
         warmup = max(args.warmup, 2) if module.detector_compiled else args.warmup
-        med = time_step(module, images, mask, targets, args.steps, warmup, device,
-                        variant_autocast(args.variant) if args.variant else None)
+        med = time_step(
+            module,
+            images,
+            mask,
+            targets,
+            args.steps,
+            warmup,
+            device,
+            variant_autocast(args.variant) if args.variant else None,
+        )
         if args.json:
             print(json.dumps(med))
             return
@@ -366,8 +464,19 @@ def main(argv=None) -> None:
             print(f"| {k} | {v:.3f} | {100 * v / step_s:.1f}% |")
         print(f"| step | {step_s:.3f} | 100% |")
         return
-    common = ["--model", args.model, "--backbone", args.backbone, "--gts", str(args.gts), "--device", args.device,
-              "--warmup", str(args.warmup), *(["--experiment", args.experiment] if args.experiment else [])]
+    common = [
+        "--model",
+        args.model,
+        "--backbone",
+        args.backbone,
+        "--gts",
+        str(args.gts),
+        "--device",
+        args.device,
+        "--warmup",
+        str(args.warmup),
+        *(["--experiment", args.experiment] if args.experiment else []),
+    ]
     if args.matchers:
         variants = {m: ["--matcher", m] for m in args.matchers.split(",")}
         label = "matcher"
@@ -377,8 +486,10 @@ def main(argv=None) -> None:
             variant_overrides(v)  # a malformed name stops here, before any worker starts
         label = "variant"
     results = interleaved(variants, common, args.steps)
-    print(header + f" ({'compiled variants: at least 2; ' if args.compare else ''}never timed), "
-          f"{label}s interleaved, one process each")
+    print(
+        header + f" ({'compiled variants: at least 2; ' if args.compare else ''}never timed), "
+        f"{label}s interleaved, one process each"
+    )
     print_table(results, label)
 
 

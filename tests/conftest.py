@@ -1,5 +1,6 @@
 """Shared test set-up (Triton under its CPU interpreter, one thread per xdist worker, a seeded
 torch) and the pytest fixtures; the functions and constants tests import are in tests/helpers/."""
+
 import os
 import tempfile
 
@@ -13,7 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Under pytest-xdist (`make test`: one worker per core) each worker computes on one thread, so the
-# workers do not fight over the cores; the runs the tests start as subprocesses keep torch's default.
+# workers do not fight over the cores; the runs the tests start as subprocesses keep torch's
+# default.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
@@ -33,4 +35,8 @@ def whole(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whole")
     run = train(tmp, tmp / "run", base=MS_DETR)
     assert run.returncode == 0, run.stderr[-3000:]
-    return losses(tmp / "run"), losses(tmp / "run", "val/AP"), weights(tmp / "run" / "checkpoints" / "last.ckpt")
+    return (
+        losses(tmp / "run"),
+        losses(tmp / "run", "val/AP"),
+        weights(tmp / "run" / "checkpoints" / "last.ckpt"),
+    )

@@ -1,4 +1,6 @@
-"""The one-to-many assigners (MS-DETR's mixed score, DETA's IoU) and the indices merge, on hand-made cases."""
+"""The one-to-many assigners (MS-DETR's mixed score, DETA's IoU) and the indices merge, on hand-made
+cases."""
+
 import pytest
 import torch
 
@@ -8,8 +10,7 @@ from msdetr.matching import IoUTopKAssigner, MixedScoreTopKAssigner, quality_ass
 
 
 def test_quality_assign_threshold_and_low_quality_rescue():
-    quality = torch.tensor([[0.9, 0.5, 0.1, 0.2],
-                            [0.1, 0.3, 0.2, 0.35]])
+    quality = torch.tensor([[0.9, 0.5, 0.1, 0.2], [0.1, 0.3, 0.2, 0.35]])
     best_gt, positive, negative = quality_assign(quality, threshold=0.4)
     assert best_gt.tolist() == [0, 0, 1, 1]
     # query 3 is below the threshold but is GT 1's best: rescued, keeping its own best GT (1).
@@ -26,13 +27,13 @@ def test_cap_keeps_a_random_subset_only_above_the_cap():
 
 
 def test_topk_per_gt_searches_all_queries_and_sorts_ascending():
-    quality = torch.tensor([[0.9, 0.8, 0.7, 0.1],
-                            [0.2, 0.3, 0.1, 0.6]])
+    quality = torch.tensor([[0.9, 0.8, 0.7, 0.1], [0.2, 0.3, 0.1, 0.6]])
     best_gt = torch.tensor([0, 0, 0, 1])
     positive = torch.tensor([True, False, False, True])  # GT 0 has 1 positive, GT 1 has 1
     queries, gts = topk_per_gt(quality, best_gt, positive, k=6)
     assert sorted(zip(queries.tolist(), gts.tolist())) == [(0, 0), (3, 1)]
-    positive = torch.tensor([True, True, True, True])  # GT 0: 3 positives -> its top-3 over all queries
+    # GT 0: 3 positives -> its top-3 over all queries
+    positive = torch.tensor([True, True, True, True])
     queries, gts = topk_per_gt(quality, best_gt, positive, k=2)
     scores = quality[gts, queries]
     assert (scores[1:] >= scores[:-1]).all()
@@ -47,24 +48,25 @@ def test_assigner_end_to_end_and_empty_images():
     logits[0, :2, 2] = 5.0
     outputs = {"pred_logits": logits, "pred_boxes": boxes}
     target = {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])}
-    (queries, gts), = MixedScoreTopKAssigner()(outputs, [target])
+    ((queries, gts),) = MixedScoreTopKAssigner()(outputs, [target])
     assert sorted(queries.tolist()) == [0, 1] and gts.tolist() == [0, 0]
     assert queries[-1] == 0  # the best pair comes last
     empty = {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}
-    (queries, gts), = MixedScoreTopKAssigner()(outputs, [empty])
+    ((queries, gts),) = MixedScoreTopKAssigner()(outputs, [empty])
     assert queries.numel() == 0 and gts.numel() == 0
 
 
 def test_merge_indices_union_with_second_winning():
     first = [(torch.tensor([0, 2]), torch.tensor([1, 0]))]
     second = [(torch.tensor([2, 3]), torch.tensor([1, 1]))]
-    (queries, gts), = merge_indices(first, second, num_queries=5)
+    ((queries, gts),) = merge_indices(first, second, num_queries=5)
     assert queries.tolist() == [0, 2, 3] and gts.tolist() == [1, 1, 1]
 
 
 # Each one-to-many assigner's official rule, written out step by step from its own repository, on
 # crowded scenes where candidates sit in the top-k of two GTs of different classes. The positive cap
 # is kept out of play (positive_fraction 1) so the rule is deterministic.
+
 
 def _official_matcher(quality, threshold, ties):
     """Each candidate's best GT; positive at >= threshold; every GT's best candidate (all ties for
@@ -97,20 +99,34 @@ def _official_topk_per_gt(quality, best_gt, positive, k, sort_by_score):
 def _crowded(seed, clusters=7, per_cluster=3, num_queries=48, num_classes=6):
     """GTs in overlapping clusters (a crowd), queries scattered around them."""
     g = torch.Generator().manual_seed(seed)
-    base = torch.cat([0.25 + 0.5 * torch.rand(clusters, 2, generator=g),
-                      0.15 + 0.15 * torch.rand(clusters, 2, generator=g)], 1)
+    base = torch.cat(
+        [
+            0.25 + 0.5 * torch.rand(clusters, 2, generator=g),
+            0.15 + 0.15 * torch.rand(clusters, 2, generator=g),
+        ],
+        1,
+    )
     gt_boxes = base.repeat_interleave(per_cluster, 0)
-    gt_boxes = gt_boxes + 0.025 * torch.randn(gt_boxes.shape, generator=g) * torch.tensor([1.0, 1.0, 0.5, 0.5])
+    gt_boxes = gt_boxes + 0.025 * torch.randn(gt_boxes.shape, generator=g) * torch.tensor(
+        [1.0, 1.0, 0.5, 0.5]
+    )
     pick = torch.randint(len(gt_boxes), (num_queries,), generator=g)
     boxes = (gt_boxes[pick] + 0.02 * torch.randn(num_queries, 4, generator=g)).clamp(0.05, 0.95)
-    outputs = {"pred_logits": torch.randn(1, num_queries, num_classes, generator=g),
-               "pred_boxes": boxes[None], "init_reference": boxes[None]}
-    target = {"labels": torch.randint(num_classes, (len(gt_boxes),), generator=g), "boxes": gt_boxes}
+    outputs = {
+        "pred_logits": torch.randn(1, num_queries, num_classes, generator=g),
+        "pred_boxes": boxes[None],
+        "init_reference": boxes[None],
+    }
+    target = {
+        "labels": torch.randint(num_classes, (len(gt_boxes),), generator=g),
+        "boxes": gt_boxes,
+    }
     return outputs, [target]
 
 
 def _class_map(indices, target, num_queries):
-    """The official `target_classes[idx] = labels`, one write per pair in order: the last one stays."""
+    """The official `target_classes[idx] = labels`, one write per pair in order: the last one
+    stays."""
     classes = [-1] * num_queries
     for n, g in zip(*(x.tolist() for x in indices[0])):
         classes[n] = int(target["labels"][g])
@@ -136,8 +152,11 @@ def test_each_assigner_lists_its_pairs_in_its_official_order(seed):
         for q, c in zip(query.tolist(), label.tolist()):
             got[q] = c
         assert got == _class_map(indices, targets[0], num_queries)
-        shared = [n for n in set(expected[0]) if len({int(targets[0]["labels"][g])
-                                                     for m, g in zip(*expected) if m == n}) > 1]
+        shared = [
+            n
+            for n in set(expected[0])
+            if len({int(targets[0]["labels"][g]) for m, g in zip(*expected) if m == n}) > 1
+        ]
         assert shared, "the scene must put a candidate in the top-k of two GTs of different classes"
 
 
@@ -145,17 +164,24 @@ def test_deta_order_gives_the_larger_gt_index_not_the_better_gt():
     """A proposal in the top-k of two GTs: DETA's unsorted pairs give it the later GT's class even
     where the earlier GT overlaps it more; MS-DETR's sorted pairs give it the better GT's class."""
     # GT 0 (class 1) is proposal 0; GT 1 (class 2) is proposal 1 and the best GT of proposal 2 too
-    # (IoU 0.6), so it takes its top-2 over all proposals: 1 and then 0 (IoU 0.67 with GT 1, 1 with GT 0).
+    # (IoU 0.6), so it takes its top-2 over all proposals: 1 and then 0 (IoU 0.67 with GT 1, 1 with
+    # GT 0).
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2], [0.59, 0.5, 0.2, 0.2]]])
     outputs = {"pred_logits": torch.zeros(1, 3, 4), "pred_boxes": boxes, "init_reference": boxes}
-    targets = [{"labels": torch.tensor([1, 2]),
-                "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2]])}]
+    targets = [
+        {
+            "labels": torch.tensor([1, 2]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.54, 0.5, 0.2, 0.2]]),
+        }
+    ]
     deta = IoUTopKAssigner(threshold=0.5, k=2, positive_fraction=1.0)
     ms_detr = MixedScoreTopKAssigner(threshold=0.4, k=2, positive_fraction=1.0)
     for assigner, expected_class in ((deta, 2), (ms_detr, 1)):
         indices = assigner(outputs, targets)
         _, query, label = query_class_targets(indices, targets, 3)
-        assert dict(zip(query.tolist(), label.tolist()))[0] == expected_class, type(assigner).__name__
+        assert dict(zip(query.tolist(), label.tolist()))[0] == expected_class, type(
+            assigner
+        ).__name__
 
 
 def test_pair_order_is_checked_and_overridable():
@@ -189,8 +215,9 @@ def test_the_random_cap_draws_as_the_official_code(seed):
     outputs = {k: torch.cat([v, v.flip(1)]) for k, v in outputs.items()}  # two images
     targets = target * 2
     for assigner, threshold, ties, k, sort_by_score in (
-            (MixedScoreTopKAssigner(positive_fraction=0.2), 0.4, False, 6, True),
-            (IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1), 0.6, True, 4, False)):
+        (MixedScoreTopKAssigner(positive_fraction=0.2), 0.4, False, 6, True),
+        (IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1), 0.6, True, 4, False),
+    ):
         cap = int(assigner.positive_fraction * outputs["pred_logits"].shape[1])
         torch.manual_seed(100 + seed)
         expected = []
@@ -203,8 +230,14 @@ def test_the_random_cap_draws_as_the_official_code(seed):
         got = assigner(outputs, targets)
         assert [(q.tolist(), g.tolist()) for q, g in got] == expected
         assert torch.equal(torch.randint(1 << 30, (4,)), after_official)
-        positives = [int(_official_matcher(assigner.quality(outputs, b, targets[b]), threshold, ties)[1].sum())
-                     for b in range(2)]
+        positives = [
+            int(
+                _official_matcher(assigner.quality(outputs, b, targets[b]), threshold, ties)[
+                    1
+                ].sum()
+            )
+            for b in range(2)
+        ]
         assert max(positives) > cap, "the cap must bind for this test to mean something"
 
 
@@ -215,8 +248,11 @@ def test_costs_and_qualities_keep_the_models_precision():
     from msdetr.matching import HungarianMatcher
 
     outputs, targets = _crowded(0)
-    for dtype, expected in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-                            (torch.float32, torch.float32)):
+    for dtype, expected in (
+        (torch.float64, torch.float64),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+    ):
         out = {k: v.to(dtype) for k, v in outputs.items()}
         assert HungarianMatcher().cost_matrices(out, targets)[0].dtype == expected
         assert MixedScoreTopKAssigner().quality(out, 0, targets[0]).dtype == expected
@@ -232,10 +268,12 @@ def _reference_assign(assigner, outputs, targets):
             out.append(([], []))
             continue
         quality = assigner.quality(outputs, b, target)
-        best_gt, positive, negative = quality_assign(quality, assigner.threshold,
-                                                     assigner.low_quality, assigner.ignore_below)
-        kept = cap_positives(positive, assigner.cap(quality.shape[1]), assigner.generator,
-                             int(negative.sum()))
+        best_gt, positive, negative = quality_assign(
+            quality, assigner.threshold, assigner.low_quality, assigner.ignore_below
+        )
+        kept = cap_positives(
+            positive, assigner.cap(quality.shape[1]), assigner.generator, int(negative.sum())
+        )
         queries, gts = topk_per_gt(quality, best_gt, kept, assigner.k, assigner.pair_order)
         out.append((queries.tolist(), gts.tolist()))
     return out
@@ -252,11 +290,14 @@ def test_the_batch_of_calls_is_the_image_by_image_rule(seed):
     targets = [target[0], empty, target[0]]
 
     def assigners():
-        return [MixedScoreTopKAssigner(positive_fraction=0.1, seed=seed),
-                IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1),
-                MixedScoreTopKAssigner(positive_fraction=0.5, pair_order="gt"),
-                IoUTopKAssigner(threshold=0.5, ignore_below=0.2, k=3, positive_fraction=0.05,
-                                seed=seed + 7)]
+        return [
+            MixedScoreTopKAssigner(positive_fraction=0.1, seed=seed),
+            IoUTopKAssigner(threshold=0.6, k=4, positive_fraction=0.1),
+            MixedScoreTopKAssigner(positive_fraction=0.5, pair_order="gt"),
+            IoUTopKAssigner(
+                threshold=0.5, ignore_below=0.2, k=3, positive_fraction=0.05, seed=seed + 7
+            ),
+        ]
 
     torch.manual_seed(seed)
     reference = assigners()
@@ -273,6 +314,7 @@ def test_the_batch_of_calls_is_the_image_by_image_rule(seed):
     assert IoUTopKAssigner.batch_group() is MixedScoreTopKAssigner.batch_group()
     for assigner in reference:  # the cap binds for every assigner (in the first image)
         quality = assigner.quality(outputs, 0, targets[0])
-        _, positive, _ = quality_assign(quality, assigner.threshold, assigner.low_quality,
-                                        assigner.ignore_below)
+        _, positive, _ = quality_assign(
+            quality, assigner.threshold, assigner.low_quality, assigner.ignore_below
+        )
         assert positive.sum() > assigner.cap(quality.shape[1]), type(assigner).__name__

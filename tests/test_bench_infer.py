@@ -1,5 +1,6 @@
 """bench/infer.py --tiny: a smoke run that prints one row per (model, dtype, mode), a failed compile
 being a row with its error instead of a crash."""
+
 import re
 import sys
 from pathlib import Path
@@ -21,7 +22,9 @@ def infer():
 
 
 def rows(text: str) -> list[list[str]]:
-    lines = [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| model |")]
+    lines = [
+        ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith("| model |")
+    ]
     return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
 
 
@@ -41,20 +44,32 @@ def test_tiny_run_has_every_row(infer, capsys, monkeypatch):
     table = rows(out)
     models = ["model=deformable_detr_two_stage_refine", "experiment=ms_detr_pp_900", "model=deta"]
     assert [(r[0], r[1], r[2]) for r in table] == [
-        (m, dt, mode) for m in models for mode in ("eager", "compiled") for dt in ("fp32", "bf16")]
+        (m, dt, mode) for m in models for mode in ("eager", "compiled") for dt in ("fp32", "bf16")
+    ]
     for r in table:
         if r[2] == "eager":
             assert float(r[5]) > 0 and r[6] == "", r
         else:
-            assert r[3:6] == ["-", "-", "-"] and r[6] == "failed: RuntimeError: compile refused in this test", r
+            assert (
+                r[3:6] == ["-", "-", "-"]
+                and r[6] == "failed: RuntimeError: compile refused in this test"
+            ), r
 
 
 def test_compile_models_limits_compiled_rows(infer, capsys, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # "compiled" = eager, fast
-    assert infer.main(["--tiny", "--models", "two_stage,deta", "--dtypes", "fp32", "--compile-models", "deta"]) == 0
+    assert (
+        infer.main(
+            ["--tiny", "--models", "two_stage,deta", "--dtypes", "fp32", "--compile-models", "deta"]
+        )
+        == 0
+    )
     table = rows(capsys.readouterr().out)
-    assert [(r[0], r[2]) for r in table] == [("model=deformable_detr_two_stage_refine", "eager"),
-                                             ("model=deta", "eager"), ("model=deta", "compiled")]
+    assert [(r[0], r[2]) for r in table] == [
+        ("model=deformable_detr_two_stage_refine", "eager"),
+        ("model=deta", "eager"),
+        ("model=deta", "compiled"),
+    ]
     assert all(float(r[5]) > 0 for r in table)
 
 

@@ -1,6 +1,7 @@
-"""model.compile=true: the compiled detector gives the eager outputs and gradients, batches of another
-shape reuse the compilation, the forward is one graph (the Triton op included), checkpoints are the
-same, and the config trains through Lightning."""
+"""model.compile=true: the compiled detector gives the eager outputs and gradients, batches of
+another shape reuse the compilation, the forward is one graph (the Triton op included), checkpoints
+are the same, and the config trains through Lightning."""
+
 import contextlib
 import os
 
@@ -14,20 +15,30 @@ from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.run.build import build_datamodule, build_module, build_trainer
 from msdetr.run.resume import check_resume_config
 
-# MS-DETR++ (two-stage, refine, mixed selection, look-forward-twice, one-to-many stream) at toy size.
+# MS-DETR++ (two-stage, refine, mixed selection, look-forward-twice, one-to-many stream) at toy
+# size.
 TINY_PP = [
-    "experiment=ms_detr_pp_300", "data.num_classes=5", "model.detector.backbone.name=resnet18",
-    "model.detector.backbone.pretrained=false", "model.num_queries=10", "model.hidden_dim=32",
-    "model.nheads=4", "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=1",
-    "model.dim_feedforward=32", "model.attn_backend=reference",
-    # A frozen backbone halves the joint graph the compilation traces (its forward is still compiled).
+    "experiment=ms_detr_pp_300",
+    "data.num_classes=5",
+    "model.detector.backbone.name=resnet18",
+    "model.detector.backbone.pretrained=false",
+    "model.num_queries=10",
+    "model.hidden_dim=32",
+    "model.nheads=4",
+    "model.detector.encoder.num_layers=1",
+    "model.detector.decoder.num_layers=1",
+    "model.dim_feedforward=32",
+    "model.attn_backend=reference",
+    # A frozen backbone halves the joint graph the compilation traces (its forward is still
+    # compiled).
     "model.detector.backbone.train_backbone=false",
 ]
 TOL = dict(rtol=1e-4, atol=1e-5)
-# The backend of the dynamic-shape test. aot_eager is everything model.compile changes about the program
-# (Dynamo's capture with symbolic sizes, guards, AOTAutograd's functionalized joint forward / backward
-# graph) except inductor's code generation, which on 2 CPU cores takes over 15 minutes for even this toy
-# detector with dynamic sizes; MSDETR_TEST_COMPILE_BACKEND=inductor runs it with inductor.
+# The backend of the dynamic-shape test. aot_eager is everything model.compile changes about the
+# program (Dynamo's capture with symbolic sizes, guards, AOTAutograd's functionalized joint forward
+# / backward graph) except inductor's code generation, which on 2 CPU cores takes over 15 minutes
+# for even this toy detector with dynamic sizes; MSDETR_TEST_COMPILE_BACKEND=inductor runs it with
+# inductor.
 BACKEND = os.environ.get("MSDETR_TEST_COMPILE_BACKEND", "aot_eager")
 
 
@@ -37,10 +48,15 @@ def make_batch(b, h, w, seed):
     images = torch.randn(b, 3, h, w, generator=g)
     mask = torch.zeros(b, h, w, dtype=torch.bool)
     for i in range(1, b):
-        mask[i, h - 8 * i:, :] = True
-        mask[i, :, w - 16 * i:] = True
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]])}
-               for _ in range(b)]
+        mask[i, h - 8 * i :, :] = True
+        mask[i, :, w - 16 * i :] = True
+    targets = [
+        {
+            "labels": torch.tensor([1, 3]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]]),
+        }
+        for _ in range(b)
+    ]
     return images, mask, targets
 
 
@@ -56,7 +72,7 @@ def assert_outputs_close(compiled, eager):
     a, b = flat(compiled), flat(eager)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], **TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], **TOL, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def fresh_counters():
@@ -66,14 +82,16 @@ def fresh_counters():
 
 @pytest.mark.slow
 def test_compiled_detector_matches_eager_and_does_not_recompile():
-    """Compiled with dynamic sizes (BACKEND): training outputs, loss and every gradient, then the eval
-    outputs, equal the eager module's; the second training and eval batches (another batch size and image size) run under
-    `fail_on_recompile`; the forward is one graph in each mode, with no graph break."""
+    """Compiled with dynamic sizes (BACKEND): training outputs, loss and every gradient, then the
+    eval outputs, equal the eager module's; the second training and eval batches (another batch size
+    and image size) run under `fail_on_recompile`; the forward is one graph in each mode, with no
+    graph break."""
     fresh_counters()
     torch.manual_seed(0)
     eager = build_module(compose(*TINY_PP, UNUSED_OUTPUT))
-    compiled = build_module(compose(*TINY_PP, "model.compile=true",
-                                    f"model.compile_backend={BACKEND}", UNUSED_OUTPUT))
+    compiled = build_module(
+        compose(*TINY_PP, "model.compile=true", f"model.compile_backend={BACKEND}", UNUSED_OUTPUT)
+    )
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
     assert compiled.detector_compiled and not eager.detector_compiled
@@ -98,7 +116,13 @@ def test_compiled_detector_matches_eager_and_does_not_recompile():
         grads_c = {n: p.grad for n, p in compiled.named_parameters() if p.grad is not None}
         assert grads_c.keys() == grads_e.keys() and len(grads_e) > 50
         for name in grads_e:
-            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                grads_c[name],
+                grads_e[name],
+                rtol=1e-4,
+                atol=2e-5,
+                msg=lambda m, name=name: f"{name}: {m}",
+            )
 
     for module in (eager, compiled):
         module.eval()
@@ -118,6 +142,7 @@ def _graph_backend(graphs):
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
+
     return backend
 
 
@@ -125,10 +150,15 @@ def test_triton_attention_is_one_op_in_the_graph():
     """With the Triton backend (run by its CPU interpreter here) the custom op is traced as
     `torch.ops.msdetr.ms_deform_attn_fwd`, inside the detector's single graph, not a graph break."""
     fresh_counters()
-    model = tiny_detector("model=deformable_detr_two_stage_refine", "model.num_queries=4",
-                          "model.hidden_dim=32", "model.nheads=2",
-                          "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
-                          "model.attn_backend=triton").eval()
+    model = tiny_detector(
+        "model=deformable_detr_two_stage_refine",
+        "model.num_queries=4",
+        "model.hidden_dim=32",
+        "model.nheads=2",
+        "model.detector.decoder.num_layers=1",
+        "model.dim_feedforward=32",
+        "model.attn_backend=triton",
+    ).eval()
     images, mask, _ = make_batch(2, 64, 96, seed=3)
     graphs = []
     compiled = torch.compile(model, backend=_graph_backend(graphs), dynamic=False, fullgraph=True)
@@ -137,35 +167,56 @@ def test_triton_attention_is_one_op_in_the_graph():
         expected = model(images, mask)
     assert len(graphs) == 1
     targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.msdetr.ms_deform_attn_fwd.default) == 2  # encoder + decoder layer
+    # encoder + decoder layer
+    assert targets.count(torch.ops.msdetr.ms_deform_attn_fwd.default) == 2
     torch.testing.assert_close(out["pred_boxes"], expected["pred_boxes"], **TOL)
     assert dict(counters["graph_break"]) == {}
 
 
 @pytest.mark.slow
 def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_path):
-    """model.compile=true from the command line: configure_model compiles the detector, a fast_dev_run
-    trains and validates, and the checkpoint loads into an eager module (same keys, same weights)."""
+    """model.compile=true from the command line: configure_model compiles the detector, a
+    fast_dev_run trains and validates, and the checkpoint loads into an eager module (same keys,
+    same weights)."""
     from msdetr.checkpoints import load_weights
 
     fresh_counters()
     # Dynamo's capture only (the eager backend), static shapes: the wiring, fast; the dynamic-shape
     # compilation and its numerics are the test above.
     overrides = [
-        "model.num_queries=10", "model.hidden_dim=32", "model.nheads=4",
-        "model.detector.encoder.num_layers=1", "model.detector.decoder.num_layers=1", "model.dim_feedforward=32",
-        "model.postprocess.num_select=10", "data.synthetic_train=2", "data.synthetic_val=2", "data.batch_size=2",
-        "data.num_workers=0", "data.train_scales=[64]", "data.max_size=80", "data.crop_resize=[64]",
-        "data.crop_size=[48,64]", "data.eval_size=64", "logger=none", "callbacks=none",
-        "trainer.fast_dev_run=1", f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
-        "model.compile=true", "model.compile_backend=eager", "model.compile_dynamic=false",
-        "model.attn_backend=reference",  # `auto` is `gather` on the CPU, whose nonzero breaks the graph
+        "model.num_queries=10",
+        "model.hidden_dim=32",
+        "model.nheads=4",
+        "model.detector.encoder.num_layers=1",
+        "model.detector.decoder.num_layers=1",
+        "model.dim_feedforward=32",
+        "model.postprocess.num_select=10",
+        "data.synthetic_train=2",
+        "data.synthetic_val=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.train_scales=[64]",
+        "data.max_size=80",
+        "data.crop_resize=[64]",
+        "data.crop_size=[48,64]",
+        "data.eval_size=64",
+        "logger=none",
+        "callbacks=none",
+        "trainer.fast_dev_run=1",
+        f"paths.data_root={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "model.compile=true",
+        "model.compile_backend=eager",
+        "model.compile_dynamic=false",
+        # `auto` is `gather` on the CPU, whose nonzero breaks the graph
+        "model.attn_backend=reference",
     ]
     cfg = compose(*overrides)
     validate(cfg)
     datamodule = build_datamodule(cfg)  # sets data.num_classes
     module = build_module(cfg)
-    assert module.hparams.compile_model and not module.detector_compiled  # compiled when the Trainer sets up
+    # compiled when the Trainer sets up
+    assert module.hparams.compile_model and not module.detector_compiled
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
     assert module.detector_compiled
@@ -185,19 +236,30 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
 
 
 def test_compile_mode_needs_inductor():
-    with pytest.raises(ConfigValidationError, match=r"^model.compile_mode=max-autotune is not allowed with "
-                                                    r"model.compile_backend=aot_eager: .*\.$"):
-        validate(compose("model.compile_mode=max-autotune", "model.compile_backend=aot_eager",
-                         UNUSED_OUTPUT))
+    with pytest.raises(
+        ConfigValidationError,
+        match=r"^model.compile_mode=max-autotune is not allowed with "
+        r"model.compile_backend=aot_eager: .*\.$",
+    ):
+        validate(
+            compose(
+                "model.compile_mode=max-autotune", "model.compile_backend=aot_eager", UNUSED_OUTPUT
+            )
+        )
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.compile=true"], ["model.compile=true", "model.compile_mode=max-autotune", "model.compile_dynamic=null"],
-    ["model.compile=true", "model.compile_backend=aot_eager", "model.compile_dynamic=false"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.compile=true"],
+        ["model.compile=true", "model.compile_mode=max-autotune", "model.compile_dynamic=null"],
+        ["model.compile=true", "model.compile_backend=aot_eager", "model.compile_dynamic=false"],
+    ],
+)
 def test_compile_options_validate_and_reach_the_module(overrides):
-    cfg = compose(*overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5",
-                  UNUSED_OUTPUT)
+    cfg = compose(
+        *overrides, "model.detector.backbone.pretrained=false", "data.num_classes=5", UNUSED_OUTPUT
+    )
     validate(cfg)
     module = build_module(cfg)
     assert module.hparams.compile_model is True
@@ -209,7 +271,8 @@ def test_compile_options_validate_and_reach_the_module(overrides):
 
 def test_resume_may_switch_compile(tmp_path):
     """Compilation and the attention backend are how the model runs, not what it is: a checkpoint
-    made without them (or before the keys existed) resumes with model.compile=true or another backend."""
+    made without them (or before the keys existed) resumes with model.compile=true or another
+    backend."""
     from msdetr.run.build import plain_config
 
     saved = plain_config(compose(UNUSED_OUTPUT))

@@ -1,4 +1,6 @@
-"""COCO-format data: synthetic writer, target format, transforms, collate, datamodule and every bad input."""
+"""COCO-format data: synthetic writer, target format, transforms, collate, datamodule and every bad
+input."""
+
 import json
 import random
 import shutil
@@ -12,9 +14,18 @@ from torchvision.transforms import v2
 
 from msdetr.data import CocoDataModule, CocoDetection, collate, write_synthetic_coco
 from msdetr.data.synthetic import SHAPES, main
-from msdetr.data.transforms import (COCO_TRAIN_SCALES, IMAGENET_MEAN, IMAGENET_STD, DetrResize, RandomSizeCrop,
-                                    detr_resize_size, eval_transforms, finalize_boxes, multi_scale_resize,
-                                    train_transforms)
+from msdetr.data.transforms import (
+    COCO_TRAIN_SCALES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetrResize,
+    RandomSizeCrop,
+    detr_resize_size,
+    eval_transforms,
+    finalize_boxes,
+    multi_scale_resize,
+    train_transforms,
+)
 
 SMALL = dict(num_train=6, num_val=3)
 
@@ -44,8 +55,16 @@ def edit_ann(root, change, split="train"):
 
 
 def small_datamodule(root, **kwargs):
-    opts = dict(root=str(root), batch_size=2, num_workers=0, train_scales=[64, 80], max_size=100,
-                crop_resize=[64], crop_size=(40, 60), eval_size=64)
+    opts = dict(
+        root=str(root),
+        batch_size=2,
+        num_workers=0,
+        train_scales=[64, 80],
+        max_size=100,
+        crop_resize=[64],
+        crop_size=(40, 60),
+        eval_size=64,
+    )
     return CocoDataModule(**{**opts, **kwargs})
 
 
@@ -54,13 +73,22 @@ def test_synthetic_is_deterministic_valid_coco(synth, tmp_path):
     again = write_synthetic_coco(tmp_path / "again", **SMALL)
     for split in ("train", "val"):
         assert ann_path(synth, split).read_bytes() == ann_path(again, split).read_bytes()
-    assert (synth / "train" / "000003.png").read_bytes() == (again / "train" / "000003.png").read_bytes()
+    assert (synth / "train" / "000003.png").read_bytes() == (
+        again / "train" / "000003.png"
+    ).read_bytes()
     coco = COCO(str(ann_path(synth)))
     assert sorted(coco.getCatIds()) == [1, 2, 3, 4] and len(coco.getImgIds()) == 6
     for ann in coco.dataset["annotations"]:
         img = coco.imgs[ann["image_id"]]
         x, y, w, h = ann["bbox"]
-        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= img["width"] and y + h <= img["height"]
+        assert (
+            w > 0
+            and h > 0
+            and x >= 0
+            and y >= 0
+            and x + w <= img["width"]
+            and y + h <= img["height"]
+        )
         # Shapes are large enough to learn quickly: at least a fifth of the image side.
         assert w >= 0.19 * img["width"] and h >= 0.19 * img["height"]
         assert ann["area"] == w * h and ann["iscrowd"] == 0
@@ -79,8 +107,20 @@ def test_synthetic_is_idempotent_and_rewrites_on_new_settings(tmp_path):
 
 
 def test_synthetic_more_classes_and_cli(tmp_path, capsys):
-    main([str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--num-classes", "8",
-          "--image-size", "64", "80"])
+    main(
+        [
+            str(tmp_path / "cli"),
+            "--num-train",
+            "2",
+            "--num-val",
+            "1",
+            "--num-classes",
+            "8",
+            "--image-size",
+            "64",
+            "80",
+        ]
+    )
     data = json.loads(ann_path(tmp_path / "cli").read_text())
     assert [c["name"] for c in data["categories"]] == list(SHAPES)
     assert all(64 <= img["width"] <= 80 for img in data["images"])
@@ -92,7 +132,11 @@ def test_synthetic_more_classes_and_cli(tmp_path, capsys):
 # -- dataset and transforms ----------------------------------------------------------------------
 def test_dataset_target_format(synth):
     ds = CocoDetection(synth / "train", ann_path(synth))
-    assert len(ds) == 6 and ds.num_classes == 5 and ds.category_names == dict(enumerate(list(SHAPES)[:4], 1))
+    assert (
+        len(ds) == 6
+        and ds.num_classes == 5
+        and ds.category_names == dict(enumerate(list(SHAPES)[:4], 1))
+    )
     image, target = ds[1]
     h, w = image.shape[-2:]
     assert image.dtype == torch.float32 and image.shape[0] == 3
@@ -101,15 +145,26 @@ def test_dataset_target_format(synth):
     assert target["orig_size"].dtype == torch.int64 and target["orig_size"].tolist() == [h, w]
     assert target["size"].tolist() == [h, w] and isinstance(target["image_id"], int)
     anns = ds.coco.imgToAnns[target["image_id"]]
-    expected = torch.tensor([[(a["bbox"][0] + a["bbox"][2] / 2) / w, (a["bbox"][1] + a["bbox"][3] / 2) / h,
-                              a["bbox"][2] / w, a["bbox"][3] / h] for a in anns])
+    expected = torch.tensor(
+        [
+            [
+                (a["bbox"][0] + a["bbox"][2] / 2) / w,
+                (a["bbox"][1] + a["bbox"][3] / 2) / h,
+                a["bbox"][2] / w,
+                a["bbox"][3] / h,
+            ]
+            for a in anns
+        ]
+    )
     torch.testing.assert_close(target["boxes"], expected)
     assert target["labels"].tolist() == [a["category_id"] for a in anns]
 
 
 def test_flip_mirrors_box_centres(synth):
     plain = CocoDetection(synth / "train", ann_path(synth))
-    flipped = CocoDetection(synth / "train", ann_path(synth), v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(1.0)]))
+    flipped = CocoDetection(
+        synth / "train", ann_path(synth), v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(1.0)])
+    )
     for i in range(len(plain)):
         a, b = plain[i][1]["boxes"], flipped[i][1]["boxes"]
         torch.testing.assert_close(b[:, 0], 1 - a[:, 0])
@@ -117,17 +172,25 @@ def test_flip_mirrors_box_centres(synth):
 
 
 def _bright_box_sample(h=90, w=120, box=(20, 30, 70, 80)):
-    """A white rectangle on black with its box: a transform is right iff the box stays on the bright pixels."""
+    """A white rectangle on black with its box: a transform is right iff the box stays on the bright
+    pixels."""
     image = torch.zeros(3, h, w, dtype=torch.uint8)
-    image[:, box[1]:box[3], box[0]:box[2]] = 255
-    boxes = tv_tensors.BoundingBoxes(torch.tensor([box], dtype=torch.float32), format="XYXY", canvas_size=(h, w))
+    image[:, box[1] : box[3], box[0] : box[2]] = 255
+    boxes = tv_tensors.BoundingBoxes(
+        torch.tensor([box], dtype=torch.float32), format="XYXY", canvas_size=(h, w)
+    )
     return tv_tensors.Image(image), {"boxes": boxes, "labels": torch.tensor([1])}
 
 
 def test_train_transforms_keep_boxes_on_the_object():
     torch.manual_seed(0)
-    tf = train_transforms(scales=[64, 80, 96], max_size=110, crop_resize=[70, 90], crop_size=(30, 60))
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    tf = train_transforms(
+        scales=[64, 80, 96], max_size=110, crop_resize=[70, 90], crop_size=(30, 60)
+    )
+    mean, std = (
+        torch.tensor(IMAGENET_MEAN)[:, None, None],
+        torch.tensor(IMAGENET_STD)[:, None, None],
+    )
     kept = 0
     for _ in range(40):
         image, target = tf(*_bright_box_sample())
@@ -154,7 +217,8 @@ def test_random_size_crop_bounds():
     for _ in range(30):
         out = crop(tv_tensors.Image(torch.zeros(3, 40, 100)))
         assert 30 <= out.shape[-2] <= 40 and 30 <= out.shape[-1] <= 50
-    assert crop(tv_tensors.Image(torch.zeros(3, 20, 25))).shape[-2:] == (20, 25)  # smaller than min_size
+    # smaller than min_size
+    assert crop(tv_tensors.Image(torch.zeros(3, 20, 25))).shape[-2:] == (20, 25)
     with pytest.raises(ValueError, match="crop_size must be"):
         RandomSizeCrop(60, 50)
 
@@ -173,7 +237,8 @@ def test_eval_transforms_resize(synth):
 
 
 def _official_size(w, h, size, max_size=None):
-    """The official DETR get_size_with_aspect_ratio, transcribed line by line: (w, h) in, (h, w) out."""
+    """The official DETR get_size_with_aspect_ratio, transcribed line by line: (w, h) in, (h, w)
+    out."""
     if max_size is not None:
         min_original_size = float(min((w, h)))
         max_original_size = float(max((w, h)))
@@ -198,15 +263,26 @@ def test_detr_resize_size_matches_the_official_rule():
         cases.append((h, w, rng.choice(COCO_TRAIN_SCALES), 1333))
         cases.append((h, w, rng.randint(1, 3000), rng.choice([None, 1333, rng.randint(1, 4000)])))
     for _ in range(2000):  # COCO-like images, where the 1333 cap often applies
-        cases.append((rng.randint(200, 640), rng.randint(200, 640), rng.choice(COCO_TRAIN_SCALES), 1333))
-    for s in (1, 2, 3, 480, 800):  # a side equal to the target, squares, ties and caps that land on a side
+        cases.append(
+            (rng.randint(200, 640), rng.randint(200, 640), rng.choice(COCO_TRAIN_SCALES), 1333)
+        )
+    # a side equal to the target, squares, ties and caps that land on a side
+    for s in (1, 2, 3, 480, 800):
         for other in {1, max(s - 1, 1), s, s + 1, 2 * s, 3 * s + 1, 1333, 2999}:
             for max_size in (None, s, s + 1, 2 * s, 1333):
                 cases += [(s, other, s, max_size), (other, s, s, max_size)]
-    cases += [(500, 1333, 800, 1333), (1333, 500, 800, 1333),  # the cap lands exactly on the short side
-              (90, 120, 96, 110),  # 82.5 rounds to even: 82
-              (341, 576, 800, 1333), (318, 613, 704, 1333)]  # v2.Resize(max_size=1333) gives 1333 and 691
-    mismatches = [c for c in cases if detr_resize_size(*c) != _official_size(c[1], c[0], c[2], c[3])]
+    # the cap lands exactly on the short side
+    cases += [
+        (500, 1333, 800, 1333),
+        (1333, 500, 800, 1333),
+        (90, 120, 96, 110),  # 82.5 rounds to even: 82
+        # v2.Resize(max_size=1333) gives 1333 and 691
+        (341, 576, 800, 1333),
+        (318, 613, 704, 1333),
+    ]
+    mismatches = [
+        c for c in cases if detr_resize_size(*c) != _official_size(c[1], c[0], c[2], c[3])
+    ]
     assert not mismatches, mismatches[:10]
     assert detr_resize_size(90, 120, 96, 110) == (82, 109)
     assert detr_resize_size(341, 576, 800, 1333) == (789, 1332)
@@ -215,9 +291,17 @@ def test_detr_resize_size_matches_the_official_rule():
 
 def _boxes_sample(h, w):
     image = tv_tensors.Image(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
-    boxes = torch.tensor([[0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h], [0.0, 0.0, w, h], [0.5 * w, 0.1 * h, 0.7 * w, 0.3 * h]])
-    return image, {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-                   "labels": torch.tensor([1, 2, 3])}
+    boxes = torch.tensor(
+        [
+            [0.1 * w, 0.2 * h, 0.6 * w, 0.9 * h],
+            [0.0, 0.0, w, h],
+            [0.5 * w, 0.1 * h, 0.7 * w, 0.3 * h],
+        ]
+    )
+    return image, {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
+        "labels": torch.tensor([1, 2, 3]),
+    }
 
 
 def _assert_official_resize(before, after, size, max_size):
@@ -226,15 +310,20 @@ def _assert_official_resize(before, after, size, max_size):
     oh, ow = _official_size(w, h, size, max_size)
     assert tuple(out.shape[-2:]) == (oh, ow) and tuple(out_target["boxes"].canvas_size) == (oh, ow)
     scale = torch.tensor([ow / w, oh / h, ow / w, oh / h])
-    torch.testing.assert_close(out_target["boxes"].as_subclass(torch.Tensor), target["boxes"] * scale)
+    torch.testing.assert_close(
+        out_target["boxes"].as_subclass(torch.Tensor), target["boxes"] * scale
+    )
     assert torch.equal(out_target["labels"], target["labels"])
 
 
-@pytest.mark.parametrize("h, w", [(341, 576), (553, 311), (318, 613), (427, 640), (500, 1333), (800, 800)])
+@pytest.mark.parametrize(
+    "h, w", [(341, 576), (553, 311), (318, 613), (427, 640), (500, 1333), (800, 800)]
+)
 def test_eval_and_train_resize_give_the_official_size_and_scaled_boxes(h, w):
     sample = _boxes_sample(h, w)
     _assert_official_resize(sample, eval_transforms(800, 1333)(*sample), 800, 1333)
-    for size, max_size in ((704, 1333), (480, 1333), (600, None)):  # the crop branch's resize has no cap
+    # the crop branch's resize has no cap
+    for size, max_size in ((704, 1333), (480, 1333), (600, None)):
         resized = multi_scale_resize([size], max_size)(*sample)
         _assert_official_resize(sample, resized, size, max_size)
         # Bilinear with antialias, as v2.Resize does by default.
@@ -246,7 +335,8 @@ def test_multi_scale_resize_draws_every_scale():
     torch.manual_seed(0)
     sample = _boxes_sample(318, 613)
     tf = multi_scale_resize(COCO_TRAIN_SCALES, 1333)
-    official = {_official_size(613, 318, s, 1333): s for s in COCO_TRAIN_SCALES}  # 704..800 all hit the cap
+    # 704..800 all hit the cap
+    official = {_official_size(613, 318, s, 1333): s for s in COCO_TRAIN_SCALES}
     assert len(official) == 8
     seen = set()
     for _ in range(100):
@@ -261,7 +351,9 @@ def test_multi_scale_resize_draws_every_scale():
     with pytest.raises(ValueError, match="max_size must be a positive int"):
         DetrResize([800], 0)
     # An aspect ratio beyond what the official code can handle still gives a non-empty image.
-    assert multi_scale_resize([800], 1333)(tv_tensors.Image(torch.zeros(3, 1, 3000))).shape[-2:] == (1, 1333)
+    assert multi_scale_resize([800], 1333)(tv_tensors.Image(torch.zeros(3, 1, 3000))).shape[
+        -2:
+    ] == (1, 1333)
 
 
 def test_collate_pads_bottom_right_and_masks(synth):
@@ -281,19 +373,30 @@ def test_collate_pads_bottom_right_and_masks(synth):
 
 # -- bad input -----------------------------------------------------------------------------------
 def test_missing_annotation_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"annotation file '.*nope\.json' does not exist; check data\."):
+    with pytest.raises(
+        FileNotFoundError, match=r"annotation file '.*nope\.json' does not exist; check data\."
+    ):
         CocoDetection(tmp_path, tmp_path / "nope.json")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    ("[]", "needs top-level lists 'images', 'annotations' and 'categories'"),
-    (json.dumps({"images": [], "annotations": []}), "needs top-level lists"),
-    (json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}),
-     r"images\[0\] lacks \['width', 'height'\]"),
-    (json.dumps({"images": [], "annotations": [{"id": 1}], "categories": []}),
-     r"annotations\[0\] lacks \['image_id', 'category_id', 'bbox'\]"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("[]", "needs top-level lists 'images', 'annotations' and 'categories'"),
+        (json.dumps({"images": [], "annotations": []}), "needs top-level lists"),
+        (
+            json.dumps(
+                {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}
+            ),
+            r"images\[0\] lacks \['width', 'height'\]",
+        ),
+        (
+            json.dumps({"images": [], "annotations": [{"id": 1}], "categories": []}),
+            r"annotations\[0\] lacks \['image_id', 'category_id', 'bbox'\]",
+        ),
+    ],
+)
 def test_malformed_annotation_file(tmp_path, content, message):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
@@ -301,14 +404,29 @@ def test_malformed_annotation_file(tmp_path, content, message):
         CocoDetection(tmp_path, bad)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), r"annotations\[0\]\.bbox is \[1, 2, 3\]; it must be four"),
-    (lambda d: d["annotations"][0].update(image_id=999), "refers to image_id 999, which is not in 'images'"),
-    (lambda d: d["annotations"][0].update(category_id=77), "category_id 77, which is not in 'categories'"),
-    (lambda d: d["images"][1].update(id=d["images"][0]["id"]), "repeats an id in 'images'"),
-    (lambda d: d["images"][0].update(width=0), r"images\[0\] has width 0"),
-    (lambda d: d["categories"][0].update(id=-1), "category id -1; category ids must be non-negative"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+            r"annotations\[0\]\.bbox is \[1, 2, 3\]; it must be four",
+        ),
+        (
+            lambda d: d["annotations"][0].update(image_id=999),
+            "refers to image_id 999, which is not in 'images'",
+        ),
+        (
+            lambda d: d["annotations"][0].update(category_id=77),
+            "category_id 77, which is not in 'categories'",
+        ),
+        (lambda d: d["images"][1].update(id=d["images"][0]["id"]), "repeats an id in 'images'"),
+        (lambda d: d["images"][0].update(width=0), r"images\[0\] has width 0"),
+        (
+            lambda d: d["categories"][0].update(id=-1),
+            "category id -1; category ids must be non-negative",
+        ),
+    ],
+)
 def test_inconsistent_annotation_file(editable, change, message):
     edit_ann(editable, change)
     with pytest.raises(ValueError, match=message):
@@ -318,8 +436,11 @@ def test_inconsistent_annotation_file(editable, change, message):
 def test_missing_image_files(editable):
     for name in ("000002.png", "000003.png", "000004.png", "000006.png"):
         (editable / "train" / name).unlink()
-    with pytest.raises(FileNotFoundError,
-                       match=r"4 image file\(s\) .* missing .*'000002\.png', '000003\.png', '000004\.png' and 1 more"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"4 image file\(s\) .* missing .*'000002\.png', '000003\.png', '000004\.png' and 1 "
+        r"more",
+    ):
         CocoDetection(editable / "train", ann_path(editable))
 
 
@@ -327,15 +448,35 @@ def test_bad_boxes_clipped_or_dropped_with_one_warning_and_crowd_dropped(editabl
     def add_bad_boxes(data):
         img = data["images"][0]
         data["annotations"] += [
-            {"id": 901, "image_id": img["id"], "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width
-            {"id": 902, "image_id": img["id"], "category_id": 2, "bbox": [-10, -10, 30, 30]},  # spills out
-            {"id": 903, "image_id": img["id"], "category_id": 3, "bbox": [img["width"] + 5, 3, 10, 10]},  # outside
-            {"id": 904, "image_id": img["id"], "category_id": 4, "bbox": [8, 8, -4, 10]},  # negative width
-            {"id": 905, "image_id": img["id"], "category_id": 3, "bbox": [3, 3, 20, 20], "iscrowd": 1},
+            # zero width
+            {"id": 901, "image_id": img["id"], "category_id": 1, "bbox": [5, 5, 0, 10]},
+            # spills out
+            {"id": 902, "image_id": img["id"], "category_id": 2, "bbox": [-10, -10, 30, 30]},
+            # outside
+            {
+                "id": 903,
+                "image_id": img["id"],
+                "category_id": 3,
+                "bbox": [img["width"] + 5, 3, 10, 10],
+            },
+            # negative width
+            {"id": 904, "image_id": img["id"], "category_id": 4, "bbox": [8, 8, -4, 10]},
+            {
+                "id": 905,
+                "image_id": img["id"],
+                "category_id": 3,
+                "bbox": [3, 3, 20, 20],
+                "iscrowd": 1,
+            },
         ]
+
     data = edit_ann(editable, add_bad_boxes)
-    originals = [a for a in data["annotations"] if a["image_id"] == data["images"][0]["id"] and a["id"] < 900]
-    with pytest.warns(UserWarning, match=r"1 box\(es\) extend outside .* clipped .* 3 box\(es\) are empty") as record:
+    originals = [
+        a for a in data["annotations"] if a["image_id"] == data["images"][0]["id"] and a["id"] < 900
+    ]
+    with pytest.warns(
+        UserWarning, match=r"1 box\(es\) extend outside .* clipped .* 3 box\(es\) are empty"
+    ) as record:
         ds = CocoDetection(editable / "train", ann_path(editable))
         target = ds[0][1]
         ds[0]
@@ -348,7 +489,10 @@ def test_bad_boxes_clipped_or_dropped_with_one_warning_and_crowd_dropped(editabl
 
 
 def test_images_without_annotations_go_through_training(editable):
-    first = edit_ann(editable, lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 1]))
+    first = edit_ann(
+        editable,
+        lambda d: d.update(annotations=[a for a in d["annotations"] if a["image_id"] != 1]),
+    )
     assert first["images"][0]["id"] == 1
     dm = small_datamodule(editable, batch_size=6)
     dm.setup("fit")
@@ -362,7 +506,9 @@ def test_images_without_annotations_go_through_training(editable):
 
 def test_category_id_beyond_the_model_classes(synth):
     dm = small_datamodule(synth, num_classes=4)
-    with pytest.raises(ValueError, match=r"category id 4, but the model has num_classes=4 .* at least 5"):
+    with pytest.raises(
+        ValueError, match=r"category id 4, but the model has num_classes=4 .* at least 5"
+    ):
         dm.setup("fit")
     small_datamodule(synth, num_classes=91).setup("fit")
 
@@ -376,7 +522,9 @@ def test_datamodule_end_to_end(synth):
     assert dm.num_classes == 8
     dm.setup("fit")
     images, mask, targets = next(iter(dm.train_dataloader()))
-    assert images.shape[:2] == (2, 3) and mask.shape == (2, *images.shape[-2:]) and len(targets) == 2
+    assert (
+        images.shape[:2] == (2, 3) and mask.shape == (2, *images.shape[-2:]) and len(targets) == 2
+    )
     assert max(images.shape[-2:]) <= 100
     assert len(dm.train_dataloader()) == 3
     seen = [t["image_id"] for _, _, ts in dm.val_dataloader() for t in ts]
@@ -394,9 +542,14 @@ def test_datamodule_writes_synthetic_data(tmp_path):
 
 
 def test_datamodule_explicit_paths_and_small_train_set(synth):
-    dm = CocoDataModule(train_images=str(synth / "train"), train_ann=str(ann_path(synth)),
-                        val_images=str(synth / "val"), val_ann=str(ann_path(synth, "val")), batch_size=8,
-                        num_workers=0)
+    dm = CocoDataModule(
+        train_images=str(synth / "train"),
+        train_ann=str(ann_path(synth)),
+        val_images=str(synth / "val"),
+        val_ann=str(ann_path(synth, "val")),
+        batch_size=8,
+        num_workers=0,
+    )
     with pytest.raises(ValueError, match="has 6 image.*fewer than data.batch_size=8"):
         dm.setup("fit")
     with pytest.raises(ValueError, match="needs data.root, or data.val_images and data.val_ann"):

@@ -1,5 +1,7 @@
 """COCO evaluation: perfect detections score 1, none score 0, undefined metrics are NaN, repeated
-images (DDP padding) count once, and torchmetrics' sync under DDP gives the single-process numbers."""
+images (DDP padding) count once, and torchmetrics' sync under DDP gives the single-process
+numbers."""
+
 import json
 import math
 import sys
@@ -19,14 +21,44 @@ from msdetr.evaluation import STAT_NAMES, CocoMetric
 from msdetr.lit.module import DetectionModule
 
 GT = {
-    "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80},
-               {"id": 2, "file_name": "b.png", "width": 120, "height": 90},
-               {"id": 3, "file_name": "c.png", "width": 60, "height": 60}],
+    "images": [
+        {"id": 1, "file_name": "a.png", "width": 100, "height": 80},
+        {"id": 2, "file_name": "b.png", "width": 120, "height": 90},
+        {"id": 3, "file_name": "c.png", "width": 60, "height": 60},
+    ],
     "annotations": [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 30, 20], "area": 600, "iscrowd": 0},
-        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [50, 30, 40, 40], "area": 1600, "iscrowd": 0},
-        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [5, 5, 60, 60], "area": 3600, "iscrowd": 0},
-        {"id": 4, "image_id": 3, "category_id": 3, "bbox": [0, 0, 30, 50], "area": 1500, "iscrowd": 0},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [10, 10, 30, 20],
+            "area": 600,
+            "iscrowd": 0,
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 3,
+            "bbox": [50, 30, 40, 40],
+            "area": 1600,
+            "iscrowd": 0,
+        },
+        {
+            "id": 3,
+            "image_id": 2,
+            "category_id": 1,
+            "bbox": [5, 5, 60, 60],
+            "area": 3600,
+            "iscrowd": 0,
+        },
+        {
+            "id": 4,
+            "image_id": 3,
+            "category_id": 3,
+            "bbox": [0, 0, 30, 50],
+            "area": 1500,
+            "iscrowd": 0,
+        },
     ],
     "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "c"}],
 }
@@ -52,9 +84,14 @@ def coco_gt(gt_file):
 def perfect(coco_gt, image_id):
     """Every ground-truth box of the image with score 1, xyxy in original pixels."""
     anns = coco_gt.imgToAnns[image_id]
-    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
-    return {"scores": torch.ones(len(anns)), "labels": torch.tensor([a["category_id"] for a in anns]),
-            "boxes": boxes}
+    boxes = torch.tensor(
+        [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32
+    )
+    return {
+        "scores": torch.ones(len(anns)),
+        "labels": torch.tensor([a["category_id"] for a in anns]),
+        "boxes": boxes,
+    }
 
 
 def half_right(coco_gt):
@@ -66,13 +103,18 @@ def half_right(coco_gt):
 
 
 def no_detections():
-    return {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
+    return {
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "boxes": torch.zeros(0, 4),
+    }
 
 
 def same(a, b):
     """Equal dicts of metrics, NaN equal to NaN."""
-    return a.keys() == b.keys() and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in
-                                        ((a[k], b[k]) for k in a))
+    return a.keys() == b.keys() and all(
+        x == y or (math.isnan(x) and math.isnan(y)) for x, y in ((a[k], b[k]) for k in a)
+    )
 
 
 def test_perfect_detections_score_one(coco_gt, capsys):
@@ -83,7 +125,10 @@ def test_perfect_detections_score_one(coco_gt, capsys):
     for name in ("AP", "AP50", "AP75", "AR100"):
         assert stats[name] == pytest.approx(1.0)
     assert all(math.isnan(stats[name]) for name in LARGE)
-    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000" in capsys.readouterr().out
+    assert (
+        "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] = 1.000"
+        in capsys.readouterr().out
+    )
 
 
 def test_no_detections_score_zero(coco_gt):
@@ -93,7 +138,9 @@ def test_no_detections_score_zero(coco_gt):
     assert all(math.isnan(v) for v in nothing.values())
     metric.update({1: no_detections(), 2: no_detections()})
     stats = metric.compute()
-    assert {k: v for k, v in stats.items() if k not in LARGE} == dict.fromkeys(set(STAT_NAMES) - LARGE, 0.0)
+    assert {k: v for k, v in stats.items() if k not in LARGE} == dict.fromkeys(
+        set(STAT_NAMES) - LARGE, 0.0
+    )
     assert all(math.isnan(stats[name]) for name in LARGE)
 
 
@@ -102,7 +149,8 @@ def test_only_updated_images_are_scored(coco_gt):
     metric.update({1: perfect(coco_gt, 1)})
     assert metric.compute()["AP"] == pytest.approx(1.0)
     metric.update({2: no_detections()})  # a seen image with a missed box lowers recall
-    assert metric.compute()["AR100"] == pytest.approx(0.75)  # class 1: 1 of 2 found; class 3: 1 of 1
+    # class 1: 1 of 2 found; class 3: 1 of 1
+    assert metric.compute()["AR100"] == pytest.approx(0.75)
 
 
 def test_wrong_label_and_box_score_low(coco_gt):
@@ -120,9 +168,23 @@ def test_numbers_are_the_official_ones(coco_gt):
     metric = CocoMetric(coco_gt, verbose=False)
     metric.update({1: half_right(coco_gt), 2: perfect(coco_gt, 2)})
     stats = metric.compute()
-    assert same(stats, {"AP": 0.6, "AP50": 1.0, "AP75": 0.5, "APs": 0.9999999999999998, "APm": 0.5999999999999999,
-                        "APl": math.nan, "AR1": 0.6, "AR10": 0.6, "AR100": 0.6, "ARs": 1.0, "ARm": 0.6,
-                        "ARl": math.nan})
+    assert same(
+        stats,
+        {
+            "AP": 0.6,
+            "AP50": 1.0,
+            "AP75": 0.5,
+            "APs": 0.9999999999999998,
+            "APm": 0.5999999999999999,
+            "APl": math.nan,
+            "AR1": 0.6,
+            "AR10": 0.6,
+            "AR100": 0.6,
+            "ARs": 1.0,
+            "ARm": 0.6,
+            "ARl": math.nan,
+        },
+    )
 
 
 def test_repeated_images_count_once_with_their_first_detections(coco_gt):
@@ -148,15 +210,18 @@ def test_unknown_image_id_and_backend(coco_gt):
 
 def test_missing_fast_backend_says_how_to_install(coco_gt, monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # makes the import fail
-    CocoMetric(backend="faster_coco_eval")  # no ground truth, nothing to score: a predicting module builds one
+    # no ground truth, nothing to score: a predicting module builds one
+    CocoMetric(backend="faster_coco_eval")
     with pytest.raises(ImportError, match=r"pip install msdetr\[fast-eval\]"):
         CocoMetric(coco_gt, backend="faster_coco_eval")
 
 
 def test_fast_backend_agrees_with_pycocotools(coco_gt):
     pytest.importorskip("faster_coco_eval")
-    cases = {"partial": {1: half_right(coco_gt), 2: perfect(coco_gt, 2)},
-             "none": {1: no_detections(), 3: no_detections()}}
+    cases = {
+        "partial": {1: half_right(coco_gt), 2: perfect(coco_gt, 2)},
+        "none": {1: no_detections(), 3: no_detections()},
+    }
     for case, predictions in cases.items():
         results = {}
         for backend in ("pycocotools", "faster_coco_eval"):
@@ -170,8 +235,13 @@ def test_fast_backend_agrees_with_pycocotools(coco_gt):
 
 
 def test_small_objects_only_leave_large_metrics_undefined(tmp_path):
-    small = {**GT, "annotations": [{**a, "bbox": [a["bbox"][0], a["bbox"][1], 20, 20], "area": 400}
-                                   for a in GT["annotations"]]}
+    small = {
+        **GT,
+        "annotations": [
+            {**a, "bbox": [a["bbox"][0], a["bbox"][1], 20, 20], "area": 400}
+            for a in GT["annotations"]
+        ],
+    }
     coco = COCO(str(_write(tmp_path, small)))
     metric = CocoMetric(coco, verbose=False)
     metric.update({i: perfect(coco, i) for i in (1, 2, 3)})
@@ -225,8 +295,14 @@ class _Val(L.LightningDataModule):
 
 
 def _validate(module, datamodule, times=1):
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     for _ in range(times):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     return trainer.callback_metrics
@@ -234,9 +310,13 @@ def _validate(module, datamodule, times=1):
 
 def test_module_does_not_log_undefined_metrics(gt_file):
     dm = _Val(gt_file)
-    module = DetectionModule(_EchoIds(), criterion=None, postprocess=_PerfectFor(dm.val_dataset.coco))
+    module = DetectionModule(
+        _EchoIds(), criterion=None, postprocess=_PerfectFor(dm.val_dataset.coco)
+    )
     logged = _validate(module, dm)
-    assert module.last_metrics["AP"] == pytest.approx(1.0) and float(logged["val/AP"]) == pytest.approx(1.0)
+    assert module.last_metrics["AP"] == pytest.approx(1.0) and float(
+        logged["val/AP"]
+    ) == pytest.approx(1.0)
     assert math.isnan(module.last_metrics["APl"])
     assert "val/APl" not in logged and "val/ARl" not in logged and "val/APm" in logged
     # The metric's states never reach a checkpoint.
@@ -247,7 +327,9 @@ def test_module_does_not_log_undefined_metrics(gt_file):
 def test_module_warns_once_on_a_validation_set_without_annotations(gt_file, tmp_path):
     empty = _write(tmp_path, {**GT, "annotations": []}, name="val_empty.json")
     dm = _Val(empty)
-    module = DetectionModule(_EchoIds(), criterion=None, postprocess=_PerfectFor(COCO(str(gt_file))))
+    module = DetectionModule(
+        _EchoIds(), criterion=None, postprocess=_PerfectFor(COCO(str(gt_file)))
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         logged = _validate(module, dm, times=2)
@@ -275,8 +357,9 @@ def _rank_main(rank, gt_path, store, out_dir):
     with metric.sync_context():  # what compute sees: every rank's images, in rank order
         gathered = metric.image_ids.tolist()
     local = [t.tolist() for t in metric.image_ids]  # unsynced again afterwards
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"gathered": gathered, "local": local,
-                                                          "stats": metric.compute()}))
+    (out_dir / f"rank{rank}.json").write_text(
+        json.dumps({"gathered": gathered, "local": local, "stats": metric.compute()})
+    )
     dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ data in place of COCO (with the recipe's class count). Nothing here reads the de
 (`model.detector.*`): the query count is read from the outputs and checked against whatever key of
 the model config is named `num_queries` and against the count a file name states (`ms_detr_pp_900`).
 """
+
 import re
 
 import pytest
@@ -21,10 +22,22 @@ from msdetr.run.build import build_datamodule, build_module
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # The recipes released when this test was written; more may come, none may silently go.
 RELEASED = {
-    "deformable_detr_pp_12ep", "deformable_detr_two_stage_refine_50ep", "deta_12ep", "deta_24ep",
-    "deta_swin_large_24ep", "h_detr_pp_12ep", "ms_detr_300", "ms_detr_a_300", "ms_detr_pp_300",
-    "ms_detr_pp_900", "synthetic_cpu", "deta_improved_baseline_50ep", "deta_swin_large_o365_24ep",
-    "dino_4scale_12ep", "ms_detr_dino_12ep", "dn_deformable_detr_50ep",
+    "deformable_detr_pp_12ep",
+    "deformable_detr_two_stage_refine_50ep",
+    "deta_12ep",
+    "deta_24ep",
+    "deta_swin_large_24ep",
+    "h_detr_pp_12ep",
+    "ms_detr_300",
+    "ms_detr_a_300",
+    "ms_detr_pp_300",
+    "ms_detr_pp_900",
+    "synthetic_cpu",
+    "deta_improved_baseline_50ep",
+    "deta_swin_large_o365_24ep",
+    "dino_4scale_12ep",
+    "ms_detr_dino_12ep",
+    "dn_deformable_detr_50ep",
 }
 # Over 10 s each on 2 CPU cores (Swin-L: ~200M parameters built and run on the CPU).
 SLOW = {"deta_swin_large_24ep", "deta_swin_large_o365_24ep"}
@@ -32,7 +45,12 @@ NO_DOWNLOADS = ["model.detector.backbone.pretrained=false"]
 # One 64 x 64 image whose lower right part is padding (the image itself is 48 x 40), with two boxes
 # (cxcywh, relative to the image): one image keeps the H-DETR (1800 queries) and Swin-L steps cheap.
 H, W, IMAGE_H, IMAGE_W = 64, 64, 48, 40
-TARGETS = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.3, 0.3, 0.2, 0.2]])}]
+TARGETS = [
+    {
+        "labels": torch.tensor([1, 3]),
+        "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.3, 0.3, 0.2, 0.2]]),
+    }
+]
 ORIG_SIZES = torch.tensor([[IMAGE_H, IMAGE_W]])
 
 
@@ -65,8 +83,10 @@ def test_the_glob_finds_every_released_experiment():
     assert RELEASED <= set(EXPERIMENTS), f"missing: {sorted(RELEASED - set(EXPERIMENTS))}"
 
 
-@pytest.mark.parametrize("experiment", [
-    pytest.param(e, id=e, marks=[pytest.mark.slow] if e in SLOW else []) for e in EXPERIMENTS])
+@pytest.mark.parametrize(
+    "experiment",
+    [pytest.param(e, id=e, marks=[pytest.mark.slow] if e in SLOW else []) for e in EXPERIMENTS],
+)
 def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     # The recipe as released (COCO, its trainer) validates as train.py validates it.
     released = compose(f"experiment={experiment}", *NO_DOWNLOADS)
@@ -74,10 +94,17 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     num_classes = released.data.get("num_classes")
     # The same recipe on the synthetic data (no files needed; data.num_classes: null reads the
     # synthetic annotation files, two images each, written under tmp_path).
-    cfg = compose(f"experiment={experiment}", *NO_DOWNLOADS, "data=synthetic",
-                  f"data.num_classes={'null' if num_classes is None else num_classes}",
-                  f"paths.data_root={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'run'}",
-                  "data.synthetic_train=2", "data.synthetic_val=2", "data.num_workers=0")
+    cfg = compose(
+        f"experiment={experiment}",
+        *NO_DOWNLOADS,
+        "data=synthetic",
+        f"data.num_classes={'null' if num_classes is None else num_classes}",
+        f"paths.data_root={tmp_path / 'data'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "data.synthetic_train=2",
+        "data.synthetic_val=2",
+        "data.num_workers=0",
+    )
     validate(cfg)
     dm = build_datamodule(cfg)
     module = build_module(cfg)
@@ -98,19 +125,23 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     # One training step: forward, every branch's loss finite, backward, every gradient finite.
     images, mask = tiny_batch()
     module.train()
-    outputs = module.detect(images, mask, TARGETS)  # the targets reach query blocks built from them (denoising)
+    # the targets reach query blocks built from them (denoising)
+    outputs = module.detect(images, mask, TARGETS)
     criterion = module.criterion
     losses = criterion(outputs, TARGETS)
     total = criterion.total(losses)
     assert torch.isfinite(total) and total > 0
-    assert all(torch.isfinite(v).all() for v in losses.values()), [k for k, v in losses.items()
-                                                                    if not torch.isfinite(v).all()]
+    assert all(torch.isfinite(v).all() for v in losses.values()), [
+        k for k, v in losses.items() if not torch.isfinite(v).all()
+    ]
     # Every stream the training forward produces is supervised, every required branch finds its
     # stream, and each layer it assigns on holds the boxes its assigner matches against (DETA's IoU
     # assigners: the proposals, the anchors; its decoder branch assigns once, on the last layer).
     produced = streams_of(outputs)
     branches = list(criterion.branches)
-    assert produced <= {b.stream for b in branches}, "streams the recipe computes but never supervises"
+    assert produced <= {b.stream for b in branches}, (
+        "streams the recipe computes but never supervises"
+    )
     assert {b.stream for b in branches if getattr(b, "required", True)} <= produced
     if hasattr(module.model, "output_streams"):
         assert set(module.model.output_streams) == produced
@@ -118,15 +149,27 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
         assert f"loss_bbox{branch.suffix}" in losses, branch.stream
         stream = outputs if branch.stream == "main" else outputs[branch.stream]
         box_key = branch.assigner.box_key
-        assigned = [stream] if getattr(branch, "assign_once", False) else [*stream.get("aux_outputs", []), stream]
+        assigned = (
+            [stream]
+            if getattr(branch, "assign_once", False)
+            else [*stream.get("aux_outputs", []), stream]
+        )
         for layer in assigned:
-            assert {"pred_logits", "pred_boxes", box_key} <= set(layer), (branch.stream, box_key, sorted(layer))
+            assert {"pred_logits", "pred_boxes", box_key} <= set(layer), (
+                branch.stream,
+                box_key,
+                sorted(layer),
+            )
     total.backward()
     params = dict(module.model.named_parameters())
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     assert trainable
-    assert not [n for n, p in trainable.items() if p.grad is None], "parameters left out of the training step"
-    assert not [n for n, p in trainable.items() if not torch.isfinite(p.grad).all()], "non-finite gradients"
+    assert not [n for n, p in trainable.items() if p.grad is None], (
+        "parameters left out of the training step"
+    )
+    assert not [n for n, p in trainable.items() if not torch.isfinite(p.grad).all()], (
+        "non-finite gradients"
+    )
     # Each optimizer group (backbone, linear projections, the rest) is reached by the loss.
     for group in optimization["optimizer"].param_groups:
         assert any(p.grad.abs().max() > 0 for p in group["params"]), group.get("name")

@@ -1,5 +1,6 @@
 """Fine-tuning with init_from: class heads of another class count, or all of them on request (the
 official --finetune), keep their fresh initialisation with one warning; anything else is refused."""
+
 import argparse
 import warnings
 
@@ -8,30 +9,48 @@ import pytest
 import torch
 
 import msdetr.run as msdetr_run
+from helpers.config import UNUSED_OUTPUT, compose
+from helpers.runs import config
 from msdetr.checkpoints import load_weights
 from msdetr.naming import is_class_head
 from msdetr.official import build_from_args, parse_flags, to_official
 from msdetr.run import train
 from msdetr.run.build import build_datamodule, build_module
 
-from helpers.config import UNUSED_OUTPUT, compose
-from helpers.runs import config
-
-SMALL = ["--backbone", "resnet18", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
-         "--dim_feedforward", "64"]
+SMALL = [
+    "--backbone",
+    "resnet18",
+    "--enc_layers",
+    "1",
+    "--dec_layers",
+    "2",
+    "--num_queries",
+    "10",
+    "--dim_feedforward",
+    "64",
+]
 # (official flags, checkpoint keys that pick the variant): the class heads of each layout.
 VARIANTS = {
     "shared_heads": ([], ()),  # one class head shared by the decoder layers
-    "two_stage_refine": (["--with_box_refine", "--two_stage"], ()),  # + encoder head, decoder aliases
-    "deta": (["--with_box_refine", "--two_stage", "--assign_first_stage", "--assign_second_stage"], ()),
-    "ms_detr_a": (["--with_box_refine", "--two_stage", "--use_ms_detr"], ("class_embed_o2m.0.weight",)),
+    # + encoder head, decoder aliases
+    "two_stage_refine": (["--with_box_refine", "--two_stage"], ()),
+    "deta": (
+        ["--with_box_refine", "--two_stage", "--assign_first_stage", "--assign_second_stage"],
+        (),
+    ),
+    "ms_detr_a": (
+        ["--with_box_refine", "--two_stage", "--use_ms_detr"],
+        ("class_embed_o2m.0.weight",),
+    ),
 }
 
 
 def _module(variant, num_classes, seed, extra=()):
     flags, keys = VARIANTS[variant]
     torch.manual_seed(seed)
-    return build_from_args(parse_flags([*SMALL, *flags, *extra]), num_classes=num_classes, keys=keys)
+    return build_from_args(
+        parse_flags([*SMALL, *flags, *extra]), num_classes=num_classes, keys=keys
+    )
 
 
 def _head(name):
@@ -42,10 +61,18 @@ def _head(name):
 def _save(module, path, fmt):
     if fmt == "official":
         sd = to_official(module.model)
-        torch.save({"model": sd, "args": argparse.Namespace(**parse_flags(SMALL)), "epoch": 11}, path)
+        torch.save(
+            {"model": sd, "args": argparse.Namespace(**parse_flags(SMALL)), "epoch": 11}, path
+        )
     else:  # what Lightning's ModelCheckpoint writes, as far as load_weights reads it
-        torch.save({"state_dict": module.state_dict(), "pytorch-lightning_version": L.__version__, "epoch": 11},
-                   path)
+        torch.save(
+            {
+                "state_dict": module.state_dict(),
+                "pytorch-lightning_version": L.__version__,
+                "epoch": 11,
+            },
+            path,
+        )
     return path
 
 
@@ -68,7 +95,10 @@ def _assert_heads_fresh_rest_loaded(target, fresh, source):
 
 
 # Every head layout through the official names; this project's .ckpt for the two-stage layouts.
-CASES = [(v, "official") for v in VARIANTS] + [("two_stage_refine", "lightning"), ("ms_detr_a", "lightning")]
+CASES = [(v, "official") for v in VARIANTS] + [
+    ("two_stage_refine", "lightning"),
+    ("ms_detr_a", "lightning"),
+]
 
 
 @pytest.mark.parametrize("variant, fmt", CASES)
@@ -93,7 +123,11 @@ def test_other_mismatch_is_refused_in_one_sentence(tmp_path, fmt):
     path = _save(_module("two_stage_refine", 91, seed=1), tmp_path / "w.pth", fmt)
     target = _module("two_stage_refine", 5, seed=2, extra=["--dim_feedforward", "32"])
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    what = "does not fit the configured architecture" if fmt == "official" else "trained with another architecture"
+    what = (
+        "does not fit the configured architecture"
+        if fmt == "official"
+        else "trained with another architecture"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(ValueError, match=what) as info:
@@ -134,7 +168,9 @@ def test_reset_drops_class_heads_that_fit(tmp_path, variant, fmt):
         assert any(k.startswith("transformer.decoder.class_embed.") for k in official)
     target = _module(variant, 91, seed=2)
     fresh = {k: v.clone() for k, v in target.model.state_dict().items()}
-    assert any(not torch.equal(fresh[k], v) for k, v in source.model.state_dict().items() if _head(k))
+    assert any(
+        not torch.equal(fresh[k], v) for k, v in source.model.state_dict().items() if _head(k)
+    )
     (message,) = _load(target, path, fine_tune=True, reset_class_heads=True)
     _assert_heads_fresh_rest_loaded(target, fresh, source)
     assert "init_reset_class_heads" in message and "--finetune" in message
@@ -147,11 +183,17 @@ def test_reset_drops_class_heads_that_fit(tmp_path, variant, fmt):
 
 def test_one_rule_for_both_namings():
     names = {
-        "class_embed.6.bias": True, "model.class_embed.0.weight": True, "class_embed_o2m.5.weight": True,
-        "transformer.decoder.class_embed.3.weight": True, "model.class_embed_o2m.0.bias": True,
-        "bbox_embed.0.layers.0.weight": False, "transformer.enc_output.weight": False,
-        "transformer.decoder.bbox_embed.1.layers.2.bias": False, "bbox_embed_o2m.0.layers.0.weight": False,
-        "model.transformer.pix_trans.weight": False, "query_embed.weight": False,
+        "class_embed.6.bias": True,
+        "model.class_embed.0.weight": True,
+        "class_embed_o2m.5.weight": True,
+        "transformer.decoder.class_embed.3.weight": True,
+        "model.class_embed_o2m.0.bias": True,
+        "bbox_embed.0.layers.0.weight": False,
+        "transformer.enc_output.weight": False,
+        "transformer.decoder.bbox_embed.1.layers.2.bias": False,
+        "bbox_embed_o2m.0.layers.0.weight": False,
+        "model.transformer.pix_trans.weight": False,
+        "query_embed.weight": False,
     }
     assert {n: is_class_head(n) for n in names} == names
 
@@ -163,8 +205,12 @@ def test_train_init_from(tmp_path, monkeypatch, reset):
     L.seed_everything(1)
     source = build_module(source_cfg)
     path = tmp_path / "source.ckpt"
-    torch.save({"state_dict": source.state_dict(), "pytorch-lightning_version": L.__version__}, path)
-    overrides = ["data.num_classes=91", "init_reset_class_heads=true"] if reset else ["data.num_classes=5"]
+    torch.save(
+        {"state_dict": source.state_dict(), "pytorch-lightning_version": L.__version__}, path
+    )
+    overrides = (
+        ["data.num_classes=91", "init_reset_class_heads=true"] if reset else ["data.num_classes=5"]
+    )
     cfg = config(tmp_path, f"init_from={path}", "callbacks.predictions=null", *overrides)
     # The model train() builds before loading: same seed, same construction order.
     L.seed_everything(cfg.seed)
@@ -190,7 +236,9 @@ def test_deta_swin_large_recipe_resets_class_heads():
     assert compose(UNUSED_OUTPUT).init_reset_class_heads is False
     assert compose("init_reset_class_heads=true", UNUSED_OUTPUT).init_reset_class_heads is True
     cfg = compose("experiment=deta_swin_large_24ep", UNUSED_OUTPUT)
-    assert cfg.init_reset_class_heads is True and cfg.model.detector.backbone.name.startswith("swin")
+    assert cfg.init_reset_class_heads is True and cfg.model.detector.backbone.name.startswith(
+        "swin"
+    )
     off = compose("experiment=deta_swin_large_24ep", "init_reset_class_heads=false", UNUSED_OUTPUT)
     assert off.init_reset_class_heads is False
 
@@ -199,9 +247,20 @@ def test_resume_ignores_init_from(tmp_path, monkeypatch):
     # ckpt_path resumes the exact run (strict, inside Lightning); init_from is not read at all.
     calls = []
     monkeypatch.setattr(msdetr_run, "load_weights", lambda *a, **kw: calls.append((a, kw)))
-    monkeypatch.setattr(L.Trainer, "fit", lambda self, module, datamodule=None, ckpt_path=None: calls.append(ckpt_path))
+    monkeypatch.setattr(
+        L.Trainer,
+        "fit",
+        lambda self, module, datamodule=None, ckpt_path=None: calls.append(ckpt_path),
+    )
     last = tmp_path / "last.ckpt"
     torch.save({"global_step": 0}, last)
-    train(config(tmp_path, "data.num_classes=5", f"ckpt_path={last}", f"init_from={tmp_path / 'none.pth'}",
-                 "callbacks.predictions=null"))
+    train(
+        config(
+            tmp_path,
+            "data.num_classes=5",
+            f"ckpt_path={last}",
+            f"init_from={tmp_path / 'none.pth'}",
+            "callbacks.predictions=null",
+        )
+    )
     assert calls == [str(last)]

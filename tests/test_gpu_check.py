@@ -1,5 +1,6 @@
 """bench/gpu_check.sh --dry-run: every step of the GPU check runs on the CPU (tiny shapes, Triton
 interpreter) and RESULTS-gpu.md gets every section."""
+
 import json
 import os
 import subprocess
@@ -7,19 +8,37 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["## Environment", "## Kernel correctness", "## bench/msda.py", "## bench/train_step.py",
-            "## bench/infer.py", "## Failures"]
+SECTIONS = [
+    "## Environment",
+    "## Kernel correctness",
+    "## bench/msda.py",
+    "## bench/train_step.py",
+    "## bench/infer.py",
+    "## Failures",
+]
 
 
 def test_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu-out"
     env = dict(os.environ, PYTHON=sys.executable, TRITON_INTERPRET="1")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] is True
-    assert [s["step"] for s in summary["steps"]] == ["environment", "kernel", "msda", "train_step", "infer"]
+    assert [s["step"] for s in summary["steps"]] == [
+        "environment",
+        "kernel",
+        "msda",
+        "train_step",
+        "infer",
+    ]
     for step in summary["steps"]:
         assert step["status"] == "ok", step
         assert step["result"]["rows"], step
@@ -30,7 +49,10 @@ def test_dry_run_runs_every_step(tmp_path):
     assert any("gradcheck" in note and "pass" in note for note in kernel["notes"])
     assert {row[0] for row in summary["steps"][3]["result"]["rows"]} == {"reference", "bf16-triton"}
     assert {row[0] for row in summary["steps"][4]["result"]["rows"]} == {
-        "model=deformable_detr_two_stage_refine", "experiment=ms_detr_pp_900", "model=deta"}
+        "model=deformable_detr_two_stage_refine",
+        "experiment=ms_detr_pp_900",
+        "model=deta",
+    }
     results = (out / "RESULTS-gpu.md").read_text()
     assert "Device: " in results and "Date: " in results
     for section in SECTIONS:
@@ -49,8 +71,11 @@ def test_failed_step_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
     def broken(args, device):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(gpu_check, "STEPS", [("msda", "bench/msda.py", broken),
-                                             ("environment", "Environment", gpu_check.STEPS[0][2])])
+    monkeypatch.setattr(
+        gpu_check,
+        "STEPS",
+        [("msda", "bench/msda.py", broken), ("environment", "Environment", gpu_check.STEPS[0][2])],
+    )
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [s["status"] for s in summary["steps"]] == ["error", "ok"]

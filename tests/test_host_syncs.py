@@ -1,9 +1,9 @@
 """No needless host-device synchronisation in the model, the criterion and the post-processing.
 
 (a) Under FakeTensorMode every tensor is a fake on a fake `cuda` device (no GPU needed): any
-    data-dependent host read (`.item()`, `.tolist()`, `nonzero`, a boolean mask index) raises, and so
-    does an op mixing CPU and CUDA tensors. The model (training and eval forward), the criterion and
-    the post-processing run under it. The few intended host steps are stubbed, each one named
+    data-dependent host read (`.item()`, `.tolist()`, `nonzero`, a boolean mask index) raises, and
+    so does an op mixing CPU and CUDA tensors. The model (training and eval forward), the criterion
+    and the post-processing run under it. The few intended host steps are stubbed, each one named
     method: the Hungarian solve (`HungarianMatcher.solve_on_host`), the one-to-many cap draw
     (`QualityTopKAssigner.select_on_host`), the merged-assignment sizes
     (`SetCriterion.counts_on_host`) and DETA's NMS proposal selection
@@ -11,8 +11,10 @@
     backward runs under the same mode on fake CPU tensors instead (which still rejects every
     data-dependent read).
 (b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
-    same number for 2 or 6 layers and 1 or 3 images, DETA's post-processing the same for batch 2 and 4.
+    same number for 2 or 6 layers and 1 or 3 images, DETA's post-processing the same for batch 2 and
+    4.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,10 +30,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from helpers.detectors import tiny_detector
 from msdetr.losses import Branch, SetCriterion
-from msdetr.matching import (DenoisingAssigner, HungarianMatcher, IoUTopKAssigner,
-                             MixedScoreTopKAssigner, QualityTopKAssigner)
-from msdetr.models.attention import MSDeformAttn
+from msdetr.matching import (
+    DenoisingAssigner,
+    HungarianMatcher,
+    IoUTopKAssigner,
+    MixedScoreTopKAssigner,
+    QualityTopKAssigner,
+)
 from msdetr.models import NMSTwoStageQueries, TwoStageQueries
+from msdetr.models.attention import MSDeformAttn
 from msdetr.postprocess import NMSPostProcess, TopKPostProcess
 
 NUM_CLASSES = 5
@@ -39,38 +46,80 @@ NUM_CLASSES = 5
 
 def ms_detr_branches(seed=0):
     hungarian = HungarianMatcher()
-    return [Branch("main", hungarian),
-            Branch("o2m_outputs", MixedScoreTopKAssigner(seed=seed), suffix="_o2m", merge_with="main"),
-            Branch("enc_outputs", HungarianMatcher(cost_class=0, box_key="anchors"), suffix="_enc", aux=False,
-                   binary=True, required=False)]
+    return [
+        Branch("main", hungarian),
+        Branch("o2m_outputs", MixedScoreTopKAssigner(seed=seed), suffix="_o2m", merge_with="main"),
+        Branch(
+            "enc_outputs",
+            HungarianMatcher(cost_class=0, box_key="anchors"),
+            suffix="_enc",
+            aux=False,
+            binary=True,
+            required=False,
+        ),
+    ]
 
 
 def deta_branches(seed=0):
-    return [Branch("main", IoUTopKAssigner(seed=seed), assign_once=True),
-            Branch("enc_outputs", IoUTopKAssigner(box_key="anchors", threshold=0.7, ignore_below=0.3, sample_size=256,
-                                                  positive_fraction=0.5, seed=seed), suffix="_enc", aux=False,
-                   binary=True)]
+    return [
+        Branch("main", IoUTopKAssigner(seed=seed), assign_once=True),
+        Branch(
+            "enc_outputs",
+            IoUTopKAssigner(
+                box_key="anchors",
+                threshold=0.7,
+                ignore_below=0.3,
+                sample_size=256,
+                positive_fraction=0.5,
+                seed=seed,
+            ),
+            suffix="_enc",
+            aux=False,
+            binary=True,
+        ),
+    ]
 
 
 TWO_STAGE = "model=deformable_detr_two_stage_refine"
 BLOCKS = "model.detector.training_queries."
 # Each case: how its tiny detector is built (helpers.detectors; 5 classes) and its branches.
 CASES = {
-    "ms_detr": (partial(tiny_detector, "model=deformable_detr_pp", "matcher=ms_detr"),
-                ms_detr_branches),
-    "one_stage_o2m": (partial(tiny_detector, "model.detector.box_refine=true",
-                              "model.detector.decoder.layer.o2m_tap=output"), ms_detr_branches),
-    "h_detr": (partial(tiny_detector, TWO_STAGE, "matcher=h_detr", BLOCKS + "hybrid.num_queries=5"),
-               lambda: [Branch("main", HungarianMatcher()),
-                        Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2)]),
-    "dino": (partial(tiny_detector, "model=dino", "matcher=dino", BLOCKS + "dn.max_positives=2"),
-             lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
-                      Branch("dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True),
-                      Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False)]),
-    "dn_detr": (partial(tiny_detector, "experiment=dn_deformable_detr_50ep",
-                        BLOCKS + "dn.groups=2"),
-                lambda: [Branch("main", HungarianMatcher(giou_eps=1e-6)),
-                         Branch("dn_outputs", DenoisingAssigner(padding="ignore"), suffix="_dn")]),
+    "ms_detr": (
+        partial(tiny_detector, "model=deformable_detr_pp", "matcher=ms_detr"),
+        ms_detr_branches,
+    ),
+    "one_stage_o2m": (
+        partial(
+            tiny_detector,
+            "model.detector.box_refine=true",
+            "model.detector.decoder.layer.o2m_tap=output",
+        ),
+        ms_detr_branches,
+    ),
+    "h_detr": (
+        partial(tiny_detector, TWO_STAGE, "matcher=h_detr", BLOCKS + "hybrid.num_queries=5"),
+        lambda: [
+            Branch("main", HungarianMatcher()),
+            Branch("hybrid_outputs", HungarianMatcher(), suffix="_one2many", repeat_targets=2),
+        ],
+    ),
+    "dino": (
+        partial(tiny_detector, "model=dino", "matcher=dino", BLOCKS + "dn.max_positives=2"),
+        lambda: [
+            Branch("main", HungarianMatcher(giou_eps=1e-6)),
+            Branch(
+                "dn_outputs", DenoisingAssigner(contrastive=True), suffix="_dn", suffix_first=True
+            ),
+            Branch("enc_outputs", HungarianMatcher(giou_eps=1e-6), suffix="_interm", aux=False),
+        ],
+    ),
+    "dn_detr": (
+        partial(tiny_detector, "experiment=dn_deformable_detr_50ep", BLOCKS + "dn.groups=2"),
+        lambda: [
+            Branch("main", HungarianMatcher(giou_eps=1e-6)),
+            Branch("dn_outputs", DenoisingAssigner(padding="ignore"), suffix="_dn"),
+        ],
+    ),
     "deta": (partial(tiny_detector, "model=deta"), deta_branches),
 }
 
@@ -126,10 +175,15 @@ def fake_model(mode: FakeTensorMode, model: torch.nn.Module, device: str) -> tor
 def fake_batch(device: str, num_images=2, h=64, w=80):
     images = torch.randn(num_images, 3, h, w, device=device)
     mask = torch.zeros(num_images, h, w, dtype=torch.bool, device=device)
-    mask[-1, h // 2:, :] = True
-    mask[-1, :, w // 2:] = True
-    targets = [{"labels": torch.randint(0, NUM_CLASSES, (n,), device=device), "boxes": torch.rand(n, 4, device=device)
-                * 0.5 + 0.25} for n in (2, 3, 0, 1)[:num_images]]
+    mask[-1, h // 2 :, :] = True
+    mask[-1, :, w // 2 :] = True
+    targets = [
+        {
+            "labels": torch.randint(0, NUM_CLASSES, (n,), device=device),
+            "boxes": torch.rand(n, 4, device=device) * 0.5 + 0.25,
+        }
+        for n in (2, 3, 0, 1)[:num_images]
+    ]
     return images, mask, targets
 
 
@@ -149,7 +203,9 @@ def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool 
         if backward:
             total.backward()
             grads = [p.grad for p in model.parameters() if p.requires_grad]
-            assert any(g is not None for g in grads) and all(g.device.type == device for g in grads if g is not None)
+            assert any(g is not None for g in grads) and all(
+                g.device.type == device for g in grads if g is not None
+            )
         model.eval()
         out = model(images, mask)
         sizes = torch.tensor([[64, 80], [32, 40]], device=device)
@@ -161,7 +217,9 @@ def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool 
 def test_there_is_no_gpu_here():
     # The fake-CUDA tests below are meant to run (and do run) on machines without one.
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present; the fake tests still run, this only documents the CPU-only set-up")
+        pytest.skip(
+            "a GPU is present; the fake tests still run, this only documents the CPU-only set-up"
+        )
     with FakeTensorMode():
         assert torch.empty(2, device="cuda").device.type == "cuda"
 
@@ -181,7 +239,8 @@ def test_reference_attention_runs_on_fake_cuda(host_steps_stubbed):
 @pytest.mark.parametrize("case", ["ms_detr", "deta"])
 def test_training_step_with_backward_runs_on_fake_cpu(case, host_steps_stubbed):
     # The attention a GPU runs has no host read in its backward; on the CPU "auto" is the gather
-    # formulation, whose index grouping (nonzero) is host work by design, so the reference stands in.
+    # formulation, whose index grouping (nonzero) is host work by design, so the reference stands
+    # in.
     run_fake_step(case, "cpu", backend="reference", backward=True)
 
 
@@ -225,10 +284,19 @@ def test_proposal_nms_selection_is_the_one_stubbed_step():
 
 aten = torch.ops.aten
 # Ops that read device data on the host or produce a shape that depends on it.
-SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default, aten.is_nonzero.default,
-            aten.masked_select.default, aten.bincount.default, aten.repeat_interleave.Tensor,
-            aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default,
-            torch.ops.torchvision.nms.default}
+SYNC_OPS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten.masked_select.default,
+    aten.bincount.default,
+    aten.repeat_interleave.Tensor,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    torch.ops.torchvision.nms.default,
+}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -261,11 +329,18 @@ class SyncCounter(TorchDispatchMode):
         if on_device:
             if func in SYNC_OPS:
                 self.counts[str(func.overloadpacket)] += 1
-            elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
-                    i is not None and i.dtype == torch.bool for i in args[1]):
+            elif func in (
+                aten.index.Tensor,
+                aten.index_put.default,
+                aten.index_put_.default,
+            ) and any(i is not None and i.dtype == torch.bool for i in args[1]):
                 self.counts["boolean index"] += 1
         out = func(*args, **kwargs)
-        if func is aten.randperm.default or func is aten.randperm.generator or (tensors and not on_device):
+        if (
+            func is aten.randperm.default
+            or func is aten.randperm.generator
+            or (tensors and not on_device)
+        ):
             self.mark_host(out)
         return out
 
@@ -278,7 +353,8 @@ class SyncCounter(TorchDispatchMode):
             if not counter.is_device(t):
                 return cpu(t, *a, **k)
             counter.counts["copy to host"] += 1
-            out = cpu(t, *a, **k).clone()  # a new tensor even on the CPU, to mark it as the host copy
+            # a new tensor even on the CPU, to mark it as the host copy
+            out = cpu(t, *a, **k).clone()
             counter.host[out] = True
             return out
 
@@ -287,6 +363,7 @@ class SyncCounter(TorchDispatchMode):
                 if counter.is_device(t):
                     counter.counts[name] += 1
                 return original(t, *a, **k)
+
             return patched
 
         torch.Tensor.cpu = patched_cpu
@@ -308,8 +385,10 @@ def _synthetic_ms_detr_outputs(num_layers: int, num_images: int, q=30, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def layer():
-        return {"pred_logits": torch.randn(num_images, q, NUM_CLASSES, generator=g),
-                "pred_boxes": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3}
+        return {
+            "pred_logits": torch.randn(num_images, q, NUM_CLASSES, generator=g),
+            "pred_boxes": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3,
+        }
 
     def stream():
         layers = [layer() for _ in range(num_layers)]
@@ -317,9 +396,17 @@ def _synthetic_ms_detr_outputs(num_layers: int, num_images: int, q=30, seed=0):
 
     out = stream()
     out["o2m_outputs"] = stream()
-    out["enc_outputs"] = {**layer(), "anchors": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3}
-    targets = [{"labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
-                "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.35} for n in (4, 0, 6)[:num_images]]
+    out["enc_outputs"] = {
+        **layer(),
+        "anchors": torch.rand(num_images, q, 4, generator=g) * 0.4 + 0.3,
+    }
+    targets = [
+        {
+            "labels": torch.randint(0, NUM_CLASSES, (n,), generator=g),
+            "boxes": torch.rand(n, 4, generator=g) * 0.3 + 0.35,
+        }
+        for n in (4, 0, 6)[:num_images]
+    ]
     return out, targets
 
 
@@ -342,12 +429,20 @@ def test_the_counter_sees_syncs():
         h = x.cpu()
         h.tolist()  # a host copy: reading it is free
         torch.randperm(4)[:2].tolist()  # a host draw: free as well
-    assert counter.counts == {"aten._local_scalar_dense": 1, "tolist": 1, "aten.nonzero": 1, "boolean index": 1,
-                              "copy to host": 1}
+    assert counter.counts == {
+        "aten._local_scalar_dense": 1,
+        "tolist": 1,
+        "aten.nonzero": 1,
+        "boolean index": 1,
+        "copy to host": 1,
+    }
 
 
 def test_criterion_syncs_are_constant_in_layers_and_images():
-    counts = {(layers, images): criterion_syncs(layers, images) for layers, images in [(2, 1), (6, 2), (6, 3), (2, 3)]}
+    counts = {
+        (layers, images): criterion_syncs(layers, images)
+        for layers, images in [(2, 1), (6, 2), (6, 3), (2, 3)]
+    }
     reference = counts[(6, 2)]
     assert all(c == reference for c in counts.values()), counts
     # One host copy per step each: the Hungarian costs, the one-to-many positives, the merge sizes.
@@ -417,11 +512,15 @@ def test_batched_nms_postprocess_matches_the_per_image_loop(trial, whole_batch):
         logits = torch.round(logits * 2) / 2  # many equal scores
     boxes = torch.rand(b, q, 4, generator=g) * 0.5 + 0.25
     if trial % 3 == 1:
-        boxes[:, q // 2:] = boxes[:, : q - q // 2]  # duplicate boxes (IoU exactly 1)
+        boxes[:, q // 2 :] = boxes[:, : q - q // 2]  # duplicate boxes (IoU exactly 1)
     sizes = torch.randint(100, 900, (b, 2), generator=g)
-    # pre_topk below q * c in some trials; q * c above 1000 in others (torchvision's class-by-class regime)
-    pp = NMSPostProcess(num_select=(5, 50, 300)[trial % 3], pre_topk=(60, 10000, 500)[trial % 3],
-                        whole_batch=whole_batch)
+    # pre_topk below q * c in some trials; q * c above 1000 in others (torchvision's class-by-class
+    # regime)
+    pp = NMSPostProcess(
+        num_select=(5, 50, 300)[trial % 3],
+        pre_topk=(60, 10000, 500)[trial % 3],
+        whole_batch=whole_batch,
+    )
     outputs = {"pred_logits": logits, "pred_boxes": boxes}
     for got, want in zip(pp(outputs, sizes), _greedy_nms(pp, outputs, sizes), strict=True):
         for key in ("scores", "labels", "boxes"):
@@ -431,7 +530,9 @@ def test_batched_nms_postprocess_matches_the_per_image_loop(trial, whole_batch):
 def test_batched_nms_postprocess_on_empty_inputs():
     outputs = {"pred_logits": torch.zeros(2, 0, 3), "pred_boxes": torch.zeros(2, 0, 4)}
     for whole_batch in (True, False):
-        results = NMSPostProcess(whole_batch=whole_batch)(outputs, torch.tensor([[10, 10], [20, 20]]))
+        results = NMSPostProcess(whole_batch=whole_batch)(
+            outputs, torch.tensor([[10, 10], [20, 20]])
+        )
         assert len(results) == 2 and all(r["boxes"].shape == (0, 4) for r in results)
 
 
@@ -449,7 +550,9 @@ def test_ms_deform_attn_takes_python_shapes():
     loc = torch.rand(2, 3, 2, 2, 2, 2)
     weights = torch.rand(2, 3, 2, 2, 2)
     expected = ms_deform_attn(value, spatial_shapes, starts, loc, weights, backend="reference")
-    got = ms_deform_attn(value, spatial_shapes, starts, loc, weights, backend="reference", shapes=shapes)
+    got = ms_deform_attn(
+        value, spatial_shapes, starts, loc, weights, backend="reference", shapes=shapes
+    )
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="shapes=.*tokens"):
         ms_deform_attn(value, spatial_shapes, starts, loc, weights, shapes=[(4, 5), (2, 2)])
@@ -462,7 +565,9 @@ def test_proposal_nms_selection_with_python_shapes_matches_level_ids():
     enc_class = torch.round(torch.randn(2, tokens, 2, generator=g))  # ties
     coord = torch.randn(2, tokens, 4, generator=g) * 0.3
     level_ids = torch.cat([torch.full((h * w,), lvl) for lvl, (h, w) in enumerate(shapes)])
-    selection = NMSTwoStageQueries(num_queries=30, d_model=8, pre_nms_per_level=20, iou_threshold=0.5)
+    selection = NMSTwoStageQueries(
+        num_queries=30, d_model=8, pre_nms_per_level=20, iou_threshold=0.5
+    )
     with SyncCounter() as counter:
         picks = selection.select(enc_class, coord, level_ids, 30, shapes)
     assert torch.equal(picks, selection.select(enc_class, coord, level_ids, 30))

@@ -1,11 +1,13 @@
 """The Triton MSDA kernels compiled ahead of time for sm_80 and sm_90 (no GPU needed) with every
 autotune config the autotuner may pick on each: none may spill registers.
 
-Runs bench/aot.py in a subprocess with TRITON_INTERPRET unset (under the interpreter, which this test
-session uses, triton.jit gives no compilable functions) and a cold Triton cache, so that every kernel
+Runs bench/aot.py in a subprocess with TRITON_INTERPRET unset (under the interpreter, which this
+test session uses, triton.jit gives no compilable functions) and a cold Triton cache, so that every
+kernel
 really goes through ptxas. Shapes: D=32, 4 points, 5 levels (DETA; 4 levels, Deformable-DETR /
 MS-DETR, uses fewer registers in every config: bench/RESULTS.md lists both), fp32 and bf16.
 """
+
 import json
 import os
 import subprocess
@@ -21,8 +23,25 @@ AOT = Path(__file__).resolve().parents[1] / "bench" / "aot.py"
 def test_every_autotune_config_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    cmd = [sys.executable, str(AOT), "--json", "--jobs", "2", "--archs", "80", "90", "--dtypes", "fp32", "bf16",
-           "--levels", "5", "--head-dim", "32", "--points", "4"]
+    cmd = [
+        sys.executable,
+        str(AOT),
+        "--json",
+        "--jobs",
+        "2",
+        "--archs",
+        "80",
+        "90",
+        "--dtypes",
+        "fp32",
+        "bf16",
+        "--levels",
+        "5",
+        "--head-dim",
+        "32",
+        "--points",
+        "4",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     header, *rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

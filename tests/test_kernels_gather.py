@@ -1,6 +1,8 @@
 """The embedding_bag formulation of ms_deform_attn (msdetr.kernels.gather) against the grid_sample
-reference: forward, the three gradients, gradcheck, NaN / inf locations, empty inputs, half precision
+reference: forward, the three gradients, gradcheck, NaN / inf locations, empty inputs, half
+    precision
 and run-to-run determinism."""
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from msdetr.kernels.gather import ms_deform_attn_gather
 STRATEGIES = ["merged", "keyed"]  # the two value-gradient scatters; the default picks one by size
 
 
-def make(n=2, lq=7, m=3, d=5, shapes=((6, 7), (3, 4), (1, 1), (4, 8)), p=3, dtype=torch.float64, seed=0):
+def make(
+    n=2, lq=7, m=3, d=5, shapes=((6, 7), (3, 4), (1, 1), (4, 8)), p=3, dtype=torch.float64, seed=0
+):
     g = torch.Generator().manual_seed(seed)
     shapes_t = torch.tensor(shapes, dtype=torch.long)
     starts = torch.cat([shapes_t.new_zeros(1), shapes_t.prod(1).cumsum(0)[:-1]])
@@ -22,9 +26,15 @@ def make(n=2, lq=7, m=3, d=5, shapes=((6, 7), (3, 4), (1, 1), (4, 8)), p=3, dtyp
     if lq and len(shapes) == 4 and p >= 3:
         # On the map's border, on pixel edges of level 0 (6 x 7) and on pixel centres of level 3
         # (4 x 8; exact in binary, so both ops take the same side of the location gradient's jump).
-        loc[0, 0, 0, 0, :3] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1 / 7, 2 / 6]], dtype=torch.float64)
-        loc[0, 0, 1, 0, :3] = torch.tensor([[1.0, 0.5], [0.0, 1.0], [3 / 7, 1.0]], dtype=torch.float64)
-        loc[0, 0, 0, 3, :3] = torch.tensor([[0.5 / 8, 0.5 / 4], [7.5 / 8, 3.5 / 4], [3.5 / 8, 0.0]], dtype=torch.float64)
+        loc[0, 0, 0, 0, :3] = torch.tensor(
+            [[0.0, 0.0], [1.0, 1.0], [1 / 7, 2 / 6]], dtype=torch.float64
+        )
+        loc[0, 0, 1, 0, :3] = torch.tensor(
+            [[1.0, 0.5], [0.0, 1.0], [3 / 7, 1.0]], dtype=torch.float64
+        )
+        loc[0, 0, 0, 3, :3] = torch.tensor(
+            [[0.5 / 8, 0.5 / 4], [7.5 / 8, 3.5 / 4], [3.5 / 8, 0.0]], dtype=torch.float64
+        )
     weights = torch.rand(n, lq, m, len(shapes), p, generator=g, dtype=torch.float64).to(dtype)
     return value, shapes_t, starts, loc, weights
 
@@ -39,7 +49,9 @@ def both(value, shapes, starts, loc, weights, grad=None):
         else:
             out = ms_deform_attn_gather(ins[0], shapes, ins[1], ins[2])
         if grad is None:
-            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            grad = torch.randn(
+                out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+            )
         grads = torch.autograd.grad(out, ins, grad.to(out.dtype))
         results.append((out, grads))
     return results
@@ -51,17 +63,22 @@ def strategy(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("case", [
-    {},
-    {"n": 1, "lq": 13, "m": 1, "d": 1, "shapes": ((1, 1),), "p": 1},
-    {"n": 3, "lq": 5, "m": 2, "d": 4, "shapes": ((9, 2), (1, 7), (4, 4)), "p": 4, "seed": 3},
-    {"n": 2, "lq": 40, "m": 8, "d": 8, "shapes": ((12, 17), (6, 9), (3, 5)), "p": 4, "seed": 7},
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        {},
+        {"n": 1, "lq": 13, "m": 1, "d": 1, "shapes": ((1, 1),), "p": 1},
+        {"n": 3, "lq": 5, "m": 2, "d": 4, "shapes": ((9, 2), (1, 7), (4, 4)), "p": 4, "seed": 3},
+        {"n": 2, "lq": 40, "m": 8, "d": 8, "shapes": ((12, 17), (6, 9), (3, 5)), "p": 4, "seed": 7},
+    ],
+)
 def test_forward_and_gradients_match_reference(case, strategy):
     (ref, ref_grads), (out, grads) = both(*make(**case))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for name, got, want in zip(("value", "loc", "weights"), grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            got, want, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}"
+        )
 
 
 def test_float32_matches_reference(strategy):
@@ -79,7 +96,9 @@ def test_gradcheck_float64(strategy):
     # Away from pixel centres, where the location gradient jumps.
     loc = loc + 0.013
     inputs = [t.requires_grad_(True) for t in (value, loc, weights)]
-    assert torch.autograd.gradcheck(lambda v, l, w: ms_deform_attn_gather(v, shapes, l, w), inputs)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn_gather(v, shapes, loc, w), inputs
+    )
 
 
 def test_nan_and_inf_locations_contribute_nothing(strategy):
@@ -117,7 +136,9 @@ def test_far_outside_locations_are_zero():
     assert all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("n, lq, m, d, p", [(2, 0, 3, 5, 2), (0, 4, 3, 5, 2), (2, 4, 3, 0, 2), (2, 4, 3, 5, 0)])
+@pytest.mark.parametrize(
+    "n, lq, m, d, p", [(2, 0, 3, 5, 2), (0, 4, 3, 5, 2), (2, 4, 3, 0, 2), (2, 4, 3, 5, 0)]
+)
 def test_empty_inputs(n, lq, m, d, p):
     shapes = ((3, 4), (1, 2))
     value = torch.randn(n, 14, m, d, requires_grad=True)
@@ -130,7 +151,9 @@ def test_empty_inputs(n, lq, m, d, p):
     assert loc.grad.shape == loc.shape and weights.grad.shape == weights.shape
 
 
-@pytest.mark.parametrize("shapes, keep", [(((4, 5), (0, 3), (2, 2)), [0, 2]), (((0, 3), (4, 5), (2, 0)), [1])])
+@pytest.mark.parametrize(
+    "shapes, keep", [(((4, 5), (0, 3), (2, 2)), [0, 2]), (((0, 3), (4, 5), (2, 0)), [1])]
+)
 def test_empty_level(shapes, keep):
     """An empty level samples nothing: the same as the reference without that level (grid_sample
     refuses empty maps)."""
@@ -160,7 +183,9 @@ def test_half_precision(dtype):
     torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
     grads = torch.autograd.grad(out, ins, torch.ones_like(out))
     assert [g.dtype for g in grads] == [dtype, torch.float32, dtype]
-    _, ref_grads = both(value.double(), shapes, starts, loc, weights.double(), grad=torch.ones(out.shape))[0]
+    _, ref_grads = both(
+        value.double(), shapes, starts, loc, weights.double(), grad=torch.ones(out.shape)
+    )[0]
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
 

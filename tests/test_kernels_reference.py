@@ -1,4 +1,5 @@
 """The PyTorch reference of ms_deform_attn against a direct bilinear loop, and the op's dispatch."""
+
 import math
 
 import pytest
@@ -49,7 +50,9 @@ def make(n=2, lq=5, m=2, d=3, shapes=((4, 5), (2, 3), (1, 1)), p=2, dtype=torch.
 def test_reference_matches_direct_bilinear():
     value, shapes, starts, loc, weights = make()
     ref = ms_deform_attn_reference(value, shapes, starts, loc, weights)
-    torch.testing.assert_close(ref, naive(value, shapes, starts, loc, weights), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ref, naive(value, shapes, starts, loc, weights), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_reference_empty_queries_and_half_precision():
@@ -77,9 +80,12 @@ def test_auto_backend_is_gather_on_cpu_and_under_deterministic_algorithms_on_cud
 
     value, shapes, starts, loc, weights = make()
     assert _auto_backend(value) == "gather"
-    torch.testing.assert_close(ms_deform_attn(value, shapes, starts, loc, weights),
-                               ms_deform_attn(value, shapes, starts, loc, weights, backend="reference"),
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ms_deform_attn(value, shapes, starts, loc, weights),
+        ms_deform_attn(value, shapes, starts, loc, weights, backend="reference"),
+        rtol=1e-10,
+        atol=1e-10,
+    )
     with FakeTensorMode():
         on_cuda = torch.empty(1, 4, 1, 2, device="cuda")  # a fake CUDA tensor: no GPU needed
     assert _auto_backend(on_cuda) == "triton"

@@ -1,19 +1,19 @@
-"""The Triton MSDA kernels, run by Triton's CPU interpreter, against the PyTorch reference; the custom
-op's registration, input validation, determinism check and autotune warm-up. The real compile for
-sm_80 / sm_90 of every autotune config is in tests/test_kernels_aot.py."""
+"""The Triton MSDA kernels, run by Triton's CPU interpreter, against the PyTorch reference; the
+custom op's registration, input validation, determinism check and autotune warm-up. The real compile
+for sm_80 / sm_90 of every autotune config is in tests/test_kernels_aot.py."""
+
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from msdetr.kernels import ms_deform_attn, ms_deform_attn_reference
-from msdetr.kernels import triton_msda
+from msdetr.kernels import ms_deform_attn, ms_deform_attn_reference, triton_msda
 from msdetr.kernels.triton_msda import ms_deform_attn_triton
 
-# Pinned positions must be exact in binary both for the kernel's `loc * W - 0.5` and for grid_sample's
-# `((2 * loc - 1 + 1) * W - 1) / 2`: at pixel centres the location gradient jumps, so both sides have to
-# take the same floor. These are exact whatever the map size.
+# Pinned positions must be exact in binary both for the kernel's `loc * W - 0.5` and for
+# grid_sample's `((2 * loc - 1 + 1) * W - 1) / 2`: at pixel centres the location gradient jumps, so
+# both sides have to take the same floor. These are exact whatever the map size.
 ANYWHERE = (0.0, 0.5, 1.0, -3.0, 5.0, -0.25, 1.25)
 
 
@@ -38,12 +38,20 @@ def make_inputs(n, lq, m, d, shapes, p, dtype=torch.float64):
             if r < rows.shape[0]:
                 rows[r, lvl, pt] = torch.tensor([x, ys[(3 * i) % len(ys)]])
     weights = torch.rand(n, lq, m, len(shapes), p, dtype=dtype)
-    return value, shapes_t, starts, loc.to(torch.float64 if dtype == torch.float64 else torch.float32), weights
+    return (
+        value,
+        shapes_t,
+        starts,
+        loc.to(torch.float64 if dtype == torch.float64 else torch.float32),
+        weights,
+    )
 
 
 CASES = {
     "3_levels_d3": dict(n=2, lq=9, m=2, d=3, shapes=((4, 5), (2, 3), (1, 1)), p=2),
-    "5_levels_pow2": dict(n=1, lq=7, m=3, d=5, shapes=((8, 4), (4, 8), (2, 2), (1, 2), (1, 1)), p=3),
+    "5_levels_pow2": dict(
+        n=1, lq=7, m=3, d=5, shapes=((8, 4), (4, 8), (2, 2), (1, 2), (1, 1)), p=3
+    ),
     "batch_3_query_blocks": dict(n=3, lq=37, m=1, d=8, shapes=((8, 8), (4, 4)), p=4),
     "d17_1_level": dict(n=1, lq=4, m=2, d=17, shapes=((3, 7),), p=1),
 }
@@ -66,12 +74,18 @@ def test_float64_matches_reference(case):
     (out, grads), (ref, ref_grads) = run_both(*make_inputs(**case))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-9)
-    for name, got, want, rtol in zip(("value", "location", "weight"), grads, ref_grads, (1e-5, 1e-4, 1e-5)):
-        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-9, msg=lambda m: f"{name} grad: {m}")
+    for name, got, want, rtol in zip(
+        ("value", "location", "weight"), grads, ref_grads, (1e-5, 1e-4, 1e-5)
+    ):
+        torch.testing.assert_close(
+            got, want, rtol=rtol, atol=1e-9, msg=lambda m, name=name: f"{name} grad: {m}"
+        )
 
 
 def test_float32_matches_reference():
-    (out, grads), (ref, ref_grads) = run_both(*make_inputs(**CASES["5_levels_pow2"], dtype=torch.float32))
+    (out, grads), (ref, ref_grads) = run_both(
+        *make_inputs(**CASES["5_levels_pow2"], dtype=torch.float32)
+    )
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
@@ -85,8 +99,9 @@ def test_half_precision_against_float64(dtype):
     upstream = torch.randn(2, 9, 6, dtype=torch.float64).to(dtype)
     (out, grads), _ = run_both(value, shapes, starts, loc, weights, upstream)
     # The exact answer for the same (rounded) inputs: only the kernel's own rounding is measured.
-    (exact, exact_grads), _ = run_both(value.double(), shapes, starts, loc.double(), weights.double(),
-                                       upstream.double())
+    (exact, exact_grads), _ = run_both(
+        value.double(), shapes, starts, loc.double(), weights.double(), upstream.double()
+    )
     assert out.dtype == dtype and [g.dtype for g in grads] == [dtype, torch.float32, dtype]
     torch.testing.assert_close(out.double(), exact, rtol=2e-2, atol=2e-2)
     for got, want in zip(grads, exact_grads):
@@ -141,11 +156,21 @@ def test_public_function_dispatches_to_the_custom_op():
 
 
 def test_opcheck():
-    value, shapes, starts, loc, weights = make_inputs(n=1, lq=3, m=2, d=4, shapes=((3, 4), (1, 2)), p=2)
-    inputs = (value.requires_grad_(True), shapes, starts, loc.requires_grad_(True), weights.requires_grad_(True))
+    value, shapes, starts, loc, weights = make_inputs(
+        n=1, lq=3, m=2, d=4, shapes=((3, 4), (1, 2)), p=2
+    )
+    inputs = (
+        value.requires_grad_(True),
+        shapes,
+        starts,
+        loc.requires_grad_(True),
+        weights.requires_grad_(True),
+    )
     torch.library.opcheck(torch.ops.msdetr.ms_deform_attn_fwd.default, inputs)
     upstream = torch.randn(1, 3, 8, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.msdetr.ms_deform_attn_bwd.default, (upstream, *(t.detach() for t in inputs)))
+    torch.library.opcheck(
+        torch.ops.msdetr.ms_deform_attn_bwd.default, (upstream, *(t.detach() for t in inputs))
+    )
 
 
 def test_torch_compile_fullgraph_with_backward():
@@ -168,7 +193,10 @@ def test_attention_module_with_triton_backend_matches_reference():
 
     shapes, starts = make_inputs(**CASES["5_levels_pow2"])[1:3]
     n, s = 2, int(shapes.prod(1).sum())
-    query, memory = torch.randn(n, 6, 8, dtype=torch.float64), torch.randn(n, s, 8, dtype=torch.float64)
+    query, memory = (
+        torch.randn(n, 6, 8, dtype=torch.float64),
+        torch.randn(n, s, 8, dtype=torch.float64),
+    )
     ref_points = torch.rand(n, 6, len(shapes), 4, dtype=torch.float64)
     module = MSDeformAttn(d_model=8, n_levels=len(shapes), n_heads=2, n_points=3).double()
     torch.nn.init.normal_(module.sampling_offsets.weight, std=0.5)
@@ -194,10 +222,13 @@ def test_nan_and_inf_locations_contribute_zero():
         point[k % 2] = specials[k % 3]
         if k % 5 == 0:
             point[1 - k % 2] = specials[(k + 1) % 3]
-    # grid_sample (zeros padding) gives exact zeros, with zero gradients, to points far outside the map.
+    # grid_sample (zeros padding) gives exact zeros, with zero gradients, to points far outside the
+    # map.
     outside = loc.clone()
     outside[bad] = 5.0
-    upstream = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64)
+    upstream = torch.randn(
+        value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64
+    )
     (out, grads), _ = run_both(value, shapes, starts, poisoned, weights, upstream)
     _, (ref, ref_grads) = run_both(value, shapes, starts, outside, weights, upstream)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
@@ -217,18 +248,25 @@ def _replace(index, fn):
         inputs = list(inputs)
         inputs[index] = fn(inputs[index])
         return inputs
+
     return mutate
 
 
 INVALID = {
     "value_rank": (_replace(0, lambda v: v[0]), r"value must be \(N, S, M, D\)"),
-    "shapes_columns": (_replace(1, lambda s: torch.cat([s, s[:, :1]], 1)), r"spatial_shapes must be \(L, 2\)"),
+    "shapes_columns": (
+        _replace(1, lambda s: torch.cat([s, s[:, :1]], 1)),
+        r"spatial_shapes must be \(L, 2\)",
+    ),
     "starts_length": (_replace(2, lambda s: s[:1]), r"level_start_index must be \(L,\)"),
     "locations_levels": (_replace(3, lambda lc: lc[:, :, :, :1]), "sampling_locations must be"),
     "locations_heads": (_replace(3, lambda lc: lc[:, :, :1]), "sampling_locations must be"),
     "weights_points": (_replace(4, lambda w: w[..., :1]), "attention_weights must be"),
     "value_dtype": (_replace(0, lambda v: v.to(torch.int32)), "value must be one of"),
-    "locations_dtype": (_replace(3, lambda lc: lc.to(torch.int32)), "sampling_locations must be one of"),
+    "locations_dtype": (
+        _replace(3, lambda lc: lc.to(torch.int32)),
+        "sampling_locations must be one of",
+    ),
     "weights_device": (_replace(4, lambda w: w.to("meta")), "must be on one device"),
 }
 
@@ -264,7 +302,9 @@ def test_atomic_backward_refuses_deterministic_algorithms(restore_determinism):
     triton_msda.check_deterministic()  # off: nothing to say
     torch.use_deterministic_algorithms(True)
     out = ms_deform_attn_triton(value, shapes, starts, loc, weights)  # the forward is deterministic
-    with pytest.raises(RuntimeError, match=r"msdetr::ms_deform_attn_bwd .*not deterministic.*warn_only=True"):
+    with pytest.raises(
+        RuntimeError, match=r"msdetr::ms_deform_attn_bwd .*not deterministic.*warn_only=True"
+    ):
         out.sum().backward()
     with pytest.raises(RuntimeError, match="msdetr::ms_deform_attn_bwd"):
         triton_msda.check_deterministic()
@@ -272,10 +312,14 @@ def test_atomic_backward_refuses_deterministic_algorithms(restore_determinism):
 
 def test_atomic_backward_warns_under_warn_only(restore_determinism):
     value, shapes, starts, loc, weights = make_inputs(**CASES["3_levels_d3"])
-    (_, expected), _ = run_both(value, shapes, starts, loc, weights, torch.ones(2, 9, 6, dtype=torch.float64))
+    (_, expected), _ = run_both(
+        value, shapes, starts, loc, weights, torch.ones(2, 9, 6, dtype=torch.float64)
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     with pytest.warns(UserWarning, match="msdetr::ms_deform_attn_bwd .*not deterministic"):
-        (_, grads), _ = run_both(value, shapes, starts, loc, weights, torch.ones(2, 9, 6, dtype=torch.float64))
+        (_, grads), _ = run_both(
+            value, shapes, starts, loc, weights, torch.ones(2, 9, 6, dtype=torch.float64)
+        )
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -284,6 +328,7 @@ def test_warm_up_runs_forward_and_backward_once_per_tune_key(monkeypatch):
     launches = []
     kernels = {"fwd": triton_msda._msda_fwd_kernel, "bwd": triton_msda._msda_bwd_kernel}
     for name, kernel in kernels.items():
+
         def run(*args, _name=name, _run=kernel.run, **kwargs):
             launches.append((_name, kwargs["LQ_CLASS"], kwargs["L"], kwargs["NUM_POINTS"]))
             return _run(*args, **kwargs)
@@ -294,8 +339,16 @@ def test_warm_up_runs_forward_and_backward_once_per_tune_key(monkeypatch):
         monkeypatch.setattr(kernel, "configs", kernel.configs * 2)
         monkeypatch.setattr(kernel, "cache", {})
         monkeypatch.setattr(kernel, "_bench", lambda *args, config, **kwargs: [1.0, 1.0, 1.0])
-    keys = triton_msda.warm_up([(4, 5), (2, 3)], num_heads=2, head_dim=4, num_points=2, query_counts=(3, 4, 7, 9, 0),
-                               dtype=torch.float64, device="cpu", batch_size=2)
+    keys = triton_msda.warm_up(
+        [(4, 5), (2, 3)],
+        num_heads=2,
+        head_dim=4,
+        num_points=2,
+        query_counts=(3, 4, 7, 9, 0),
+        dtype=torch.float64,
+        device="cpu",
+        batch_size=2,
+    )
     assert [k["LQ_CLASS"] for k in keys] == [4, 8, 16]
     assert sorted(launches) == sorted((k, q, 2, 2) for k in ("fwd", "bwd") for q in (4, 8, 16))
     for kernel in kernels.values():

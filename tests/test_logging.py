@@ -2,6 +2,7 @@
 parameter counts as every logger's hyperparameters, W&B runs grouped by sweep and named by their
 overrides, the optimised metric as a config key, the optimizer and LR scheduler as `_partial_`
 configs, and the one guarded use of a private Lightning function (DDP ranks under Hydra)."""
+
 import csv
 import inspect
 import json
@@ -19,18 +20,19 @@ from omegaconf import OmegaConf, open_dict
 from helpers import ROOT
 from helpers.config import compose
 from helpers.runs import E2E, clean_env, config
-from msdetr.run import build, launch, train
-from msdetr.run.summary import optimized_value
 from msdetr.config_schema import ConfigValidationError, validate
 from msdetr.lit import loggers as msdetr_loggers
-
+from msdetr.run import build, launch, train
+from msdetr.run.summary import optimized_value
 
 # -- logger configs --------------------------------------------------------------------------
+
 
 def test_logger_configs_combine():
     cfg = compose("logger=[csv,tensorboard,wandb]")
     assert list(cfg.logger) == ["csv", "tensorboard", "wandb"]
-    assert cfg.logger.csv.version == cfg.logger.tensorboard.version == 0  # a resume appends to the same history
+    # a resume appends to the same history
+    assert cfg.logger.csv.version == cfg.logger.tensorboard.version == 0
     assert cfg.logger.wandb._target_ == "msdetr.lit.loggers.wandb_logger"
     assert list(compose("logger=none").logger) == []
     assert list(compose("logger=[none,csv]").logger) == ["csv"]
@@ -49,20 +51,35 @@ def test_build_loggers_skips_null_and_keeps_order(tmp_path):
 
 def test_missing_tensorboard_is_one_sentence(tmp_path, monkeypatch):
     real = msdetr_loggers.importlib.util.find_spec
-    monkeypatch.setattr(msdetr_loggers.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    monkeypatch.setattr(
+        msdetr_loggers.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a),
+    )
     cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none")
-    with pytest.raises(ImportError, match=r"^logger=tensorboard needs the tensorboard package; install it with "
-                                          r"pip install 'msdetr\[tensorboard\]'"):
+    with pytest.raises(
+        ImportError,
+        match=r"^logger=tensorboard needs the tensorboard package; install it with "
+        r"pip install 'msdetr\[tensorboard\]'",
+    ):
         build.build_trainer(cfg)
 
 
 # -- the run described in its loggers --------------------------------------------------------
 
+
 def test_every_logger_gets_the_whole_config_and_parameter_counts(tmp_path):
-    cfg = config(tmp_path, "logger=[csv,tensorboard]", "callbacks=none", "+trainer.limit_train_batches=1",
-                 "+trainer.limit_val_batches=1", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1")
-    datamodule = build.build_datamodule(cfg)  # first: the model's class count may come from the data
+    cfg = config(
+        tmp_path,
+        "logger=[csv,tensorboard]",
+        "callbacks=none",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+        "schedule.epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+    )
+    # first: the model's class count may come from the data
+    datamodule = build.build_datamodule(cfg)
     module = build.build_module(cfg)
     module.run_config = build.plain_config(cfg)
     trainer = build.build_trainer(cfg)
@@ -71,12 +88,16 @@ def test_every_logger_gets_the_whole_config_and_parameter_counts(tmp_path):
     assert module.run_config["trainer"]["max_epochs"] == 1
     (hparams,) = (tmp_path / "run" / "csv").rglob("hparams.yaml")
     logged = yaml.safe_load(hparams.read_text())
-    assert logged["matcher"] == module.run_config["matcher"] and logged["model"] == module.run_config["model"]
+    assert (
+        logged["matcher"] == module.run_config["matcher"]
+        and logged["model"] == module.run_config["model"]
+    )
     assert logged["schedule"]["optim"]["lr"] == cfg.schedule.optim.lr
     counts = logged["num_params"]
     assert counts["total"] == sum(p.numel() for p in module.parameters()) >= counts["trainable"] > 0
     assert counts["parts"]["backbone"] > 0 and sum(counts["parts"].values()) == counts["total"]
-    assert "lr_backbone" not in logged  # the module's own hyperparameters are not logged a second time
+    # the module's own hyperparameters are not logged a second time
+    assert "lr_backbone" not in logged
     tensorboard = trainer.loggers[1]
     assert tensorboard.hparams["schedule"]["optim"]["lr"] == cfg.schedule.optim.lr
     assert list((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
@@ -94,8 +115,8 @@ def _wandb_records(path):
         if block - pos % block < 7:  # too little room for a header: the block is padded
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:  # zero padding to the end of the block
             pos += (block - pos % block) % block
             continue
@@ -122,19 +143,35 @@ def _wandb_run(job_dir):
 
 @pytest.mark.slow
 def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
-    """One 2-job sweep (the suite's only end-to-end sweep of the loggers and the report): every job's
-    CSV hparams.yaml and offline W&B run hold the whole config and the parameter counts, the W&B runs
-    share the sweep's group and are named by their overrides, and report=true writes the sweep's
-    table and figures at the end."""
+    """One 2-job sweep (the suite's only end-to-end sweep of the loggers and the report): every
+    job's CSV hparams.yaml and offline W&B run hold the whole config and the parameter counts, the
+    W&B runs share the sweep's group and are named by their overrides, and report=true writes the
+    sweep's table and figures at the end."""
     pytest.importorskip("wandb")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", *E2E,
-           "logger=[csv,wandb]", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
-           "trainer.log_every_n_steps=1",
-           "callbacks.predictions=null", "report=true", f"paths.data_root={tmp_path / 'data'}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "matcher=hungarian,ms_detr",
+        *E2E,
+        "logger=[csv,wandb]",
+        "schedule.epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=1",
+        "callbacks.predictions=null",
+        "report=true",
+        f"paths.data_root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     clean = clean_env()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                            env={**clean, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env={**clean, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     groups, names = set(), []
     for job, matcher in (("0", "hungarian"), ("1", "ms_detr")):
@@ -151,7 +188,10 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
         groups.add(group)
         names.append(name)
     assert groups == {str(tmp_path / "sweep")}  # one group: the sweep
-    assert "matcher=hungarian" in names[0] and names[0].replace("matcher=hungarian", "matcher=ms_detr") == names[1]
+    assert (
+        "matcher=hungarian" in names[0]
+        and names[0].replace("matcher=hungarian", "matcher=ms_detr") == names[1]
+    )
 
     # The report (python -m msdetr.report, here through report=true at the end of the sweep).
     out = tmp_path / "sweep" / "report"
@@ -159,10 +199,16 @@ def test_sweep_jobs_describe_themselves_in_csv_and_wandb_and_report(tmp_path):
     with open(out / "report.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["job"], r["overrides"], r["status"], r["epochs"]) for r in rows] == [
-        ("0", "matcher=hungarian", "completed", "1"), ("1", "matcher=ms_detr", "completed", "1")]
+        ("0", "matcher=hungarian", "completed", "1"),
+        ("1", "matcher=ms_detr", "completed", "1"),
+    ]
     for row in rows:
         assert 0.0 <= float(row["AP"]) <= 1.0 and row["AP50"] != "" and row["AR100"] != ""
-        assert float(row["wall_time_s"]) > 0 and float(row["images_per_s"]) > 0 and float(row["peak_mem_gib"]) > 0
+        assert (
+            float(row["wall_time_s"]) > 0
+            and float(row["images_per_s"]) > 0
+            and float(row["peak_mem_gib"]) > 0
+        )
         summary = json.loads((tmp_path / "sweep" / row["job"] / "run_summary.json").read_text())
         assert summary["metrics"]["AP"] == pytest.approx(float(row["AP"]), abs=1e-6)
     for png in (out / "train_loss.png", out / "val_AP.png"):
@@ -184,7 +230,8 @@ def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypat
     cfg = compose("logger=wandb", hydra=True)
     with _hydra_config(cfg, tmp_path, multirun=False):
         msdetr_loggers.wandb_logger(str(tmp_path), name="")
-        assert seen["name"] == "train" and seen["group"] is None  # a plain run: its job name, no group
+        # a plain run: its job name, no group
+        assert seen["name"] == "train" and seen["group"] is None
     with _hydra_config(cfg, tmp_path, multirun=True):
         msdetr_loggers.wandb_logger(str(tmp_path), name="seed=1")
         assert seen["name"] == "seed=1" and seen["group"] == str(tmp_path / "sweep")
@@ -194,19 +241,24 @@ def test_wandb_run_name_and_group_outside_and_inside_a_sweep(tmp_path, monkeypat
 
 # -- the optimised metric --------------------------------------------------------------------
 
+
 def test_optimized_metric_is_a_config_key():
     cfg = compose()
     assert cfg.optimized_metric == "val/AP"
     final = {"AP": 0.25, "AP50": 0.5}
     assert optimized_value(cfg, final) == 0.25
     assert optimized_value(compose("optimized_metric=val/AP50"), final) == 0.5
-    with pytest.raises(ConfigValidationError, match=r"^optimized_metric=val/ap is not a metric of this run; "
-                                                    r"its final validation gave val/AP, val/AP50\.$"):
+    with pytest.raises(
+        ConfigValidationError,
+        match=r"^optimized_metric=val/ap is not a metric of this run; "
+        r"its final validation gave val/AP, val/AP50\.$",
+    ):
         optimized_value(compose("optimized_metric=val/ap"), final)
     assert optimized_value(cfg, {}) is None  # a single run that never validated: a warning
 
 
 # -- optimizer and LR scheduler as _partial_ configs -----------------------------------------
+
 
 def _module(cfg):
     build.build_datamodule(cfg)  # first: the model's class count may come from the data
@@ -220,12 +272,19 @@ def _optimizers(cfg):
 
 
 def test_default_optimizer_config_is_the_built_in_one(tmp_path):
-    cfg = config(tmp_path, "schedule=12ep", "schedule.optim.lr=2e-4", "schedule.optim.lr_backbone=1e-5",
-                 "schedule.optim.lr_drop_epochs=[11]")
+    cfg = config(
+        tmp_path,
+        "schedule=12ep",
+        "schedule.optim.lr=2e-4",
+        "schedule.optim.lr_backbone=1e-5",
+        "schedule.optim.lr_drop_epochs=[11]",
+    )
     module, optimizer, scheduler = _optimizers(cfg)
-    assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams  # plain hyperparameters
+    # plain hyperparameters
+    assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams
     bare = _module(cfg)
-    bare._optimizer_factory = bare._scheduler_factory = None  # what build_from_args gets: no callables
+    # what build_from_args gets: no callables
+    bare._optimizer_factory = bare._scheduler_factory = None
     built_in = bare.configure_optimizers()
     assert type(optimizer) is type(built_in["optimizer"]) is torch.optim.AdamW
     strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
@@ -234,41 +293,75 @@ def test_default_optimizer_config_is_the_built_in_one(tmp_path):
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-4, 1e-5, 2e-5])
     assert optimizer.defaults["weight_decay"] == 1e-4
     assert scheduler == built_in["lr_scheduler"] | {"scheduler": scheduler["scheduler"]}
-    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.MultiStepLR and scheduler["interval"] == "epoch"
+    assert (
+        type(scheduler["scheduler"]) is torch.optim.lr_scheduler.MultiStepLR
+        and scheduler["interval"] == "epoch"
+    )
     assert scheduler["scheduler"].state_dict() == built_in["lr_scheduler"]["scheduler"].state_dict()
     assert dict(scheduler["scheduler"].milestones) == {11: 1}
 
 
 def test_another_optimizer_and_scheduler_from_the_config(tmp_path):
-    cfg = config(tmp_path, "schedule.optimizer._target_=torch.optim.SGD", "+schedule.optimizer.momentum=0.9",
-                 "schedule.lr_scheduler._target_=torch.optim.lr_scheduler.StepLR",
-                 "~schedule.lr_scheduler.milestones", "+schedule.lr_scheduler.step_size=3", "schedule.lr_interval=step")
+    cfg = config(
+        tmp_path,
+        "schedule.optimizer._target_=torch.optim.SGD",
+        "+schedule.optimizer.momentum=0.9",
+        "schedule.lr_scheduler._target_=torch.optim.lr_scheduler.StepLR",
+        "~schedule.lr_scheduler.milestones",
+        "+schedule.lr_scheduler.step_size=3",
+        "schedule.lr_interval=step",
+    )
     validate(cfg)  # the schema lets another optimizer's keys through
     _, optimizer, scheduler = _optimizers(cfg)
     assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
     assert [g["name"] for g in optimizer.param_groups] == ["default", "backbone", "linear_proj"]
-    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR and scheduler["interval"] == "step"
+    assert (
+        type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR
+        and scheduler["interval"] == "step"
+    )
     # schedule.lr_scheduler=null: the built-in StepLR of the official --lr_drop
-    cfg = config(tmp_path, "schedule.lr_scheduler=null", "schedule.optim.lr_drop_epochs=null",
-                 "+schedule.optim.lr_drop_every=4")
+    cfg = config(
+        tmp_path,
+        "schedule.lr_scheduler=null",
+        "schedule.optim.lr_drop_epochs=null",
+        "+schedule.optim.lr_drop_every=4",
+    )
     _, _, scheduler = _optimizers(cfg)
-    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR and scheduler["scheduler"].step_size == 4
-    with pytest.raises(ValueError, match=r"schedule.optim.lr_drop_every=4 sets the built-in StepLR schedule"):
-        _module(config(tmp_path, "schedule.optim.lr_drop_epochs=null", "+schedule.optim.lr_drop_every=4"))
+    assert (
+        type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR
+        and scheduler["scheduler"].step_size == 4
+    )
+    with pytest.raises(
+        ValueError, match=r"schedule.optim.lr_drop_every=4 sets the built-in StepLR schedule"
+    ):
+        _module(
+            config(
+                tmp_path, "schedule.optim.lr_drop_epochs=null", "+schedule.optim.lr_drop_every=4"
+            )
+        )
 
 
 def test_checkpoint_hyperparameters_stay_plain(tmp_path):
-    cfg = config(tmp_path, "schedule.epochs=1", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
-                 "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null", "callbacks.throughput=null",
-                 "schedule.optimizer._target_=torch.optim.SGD")
+    cfg = config(
+        tmp_path,
+        "schedule.epochs=1",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.predictions=null",
+        "callbacks.throughput=null",
+        "schedule.optimizer._target_=torch.optim.SGD",
+    )
     train(cfg)
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled callables
+    # no pickled callables
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["optimizer_states"][0]["param_groups"][0]["name"] == "default"
     assert "optimizer" not in saved["hyper_parameters"]
     assert saved["msdetr_config"]["schedule"]["optimizer"]["_target_"] == "torch.optim.SGD"
 
 
 # -- DDP ranks under Hydra: the one private Lightning function, guarded ----------------------
+
 
 class _hydra_config:
     """HydraConfig set as inside a job of a Hydra app (single run or multirun), then restored."""
@@ -301,12 +394,16 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
     module_name, attribute = launch._LIGHTNING_RANK_COMMAND
     assert module_name == subprocess_script.__name__
     original = getattr(subprocess_script, attribute)
-    assert list(inspect.signature(original).parameters) == ["local_rank"]  # what the patch relies on
+    # what the patch relies on
+    assert list(inspect.signature(original).parameters) == ["local_rank"]
     assert L.__version__.startswith(launch._LIGHTNING_TESTED + ".")  # pyproject pins this minor
 
     started = []
-    monkeypatch.setattr(subprocess_script.subprocess, "Popen",
-                        lambda command, env, cwd: started.append((command, env["LOCAL_RANK"], cwd)))
+    monkeypatch.setattr(
+        subprocess_script.subprocess,
+        "Popen",
+        lambda command, env, cwd: started.append((command, env["LOCAL_RANK"], cwd)),
+    )
     # The launcher writes its variables into os.environ: into a copy, dropped after the test.
     monkeypatch.setattr(os, "environ", clean_env())
     cfg = compose("trainer=ddp", hydra=True)
@@ -314,13 +411,18 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
     with _hydra_config(cfg, tmp_path, multirun=True):
         job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         with launch._rank_launch_patch(job_cfg):
-            launcher = subprocess_script._SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+            launcher = subprocess_script._SubprocessScriptLauncher(
+                LightningEnvironment(), num_processes=2, num_nodes=1
+            )
             launcher._call_children_scripts()
         expected = launch._rank_command(job_cfg)(1)
     assert getattr(subprocess_script, attribute) is original  # put back
     ((command, local_rank, cwd),) = started
     assert (command, cwd) == (expected[0], expected[1]) and local_rank == "1"
-    assert f"hydra.run.dir={tmp_path / 'run'}" in command and "hydra.job.name=train_ddp_rank1" in command
+    assert (
+        f"hydra.run.dir={tmp_path / 'run'}" in command
+        and "hydra.job.name=train_ddp_rank1" in command
+    )
     assert command[command.index("--config-path") + 1] == str(tmp_path / "run" / ".ddp")
     assert OmegaConf.load(tmp_path / "run" / ".ddp" / "config.yaml").trainer.strategy == "ddp"
 
@@ -328,9 +430,14 @@ def test_lightning_starts_ddp_ranks_with_this_jobs_command(tmp_path, monkeypatch
 def test_a_changed_lightning_launcher_is_one_sentence(monkeypatch):
     from lightning.pytorch.strategies.launchers import subprocess_script
 
-    monkeypatch.setattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None)
-    with pytest.raises(RuntimeError, match=r"this Lightning version .* changed how it starts DDP ranks under Hydra.*"
-                                           r"pin lightning==2\.6\.\* or start the ranks with torchrun"):
+    monkeypatch.setattr(
+        subprocess_script, launch._LIGHTNING_RANK_COMMAND[1], lambda rank, cwd: None
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=r"this Lightning version .* changed how it starts DDP ranks under Hydra.*"
+        r"pin lightning==2\.6\.\* or start the ranks with torchrun",
+    ):
         with launch._rank_launch_patch(compose()):
             pass
     monkeypatch.delattr(subprocess_script, launch._LIGHTNING_RANK_COMMAND[1])
@@ -342,6 +449,14 @@ def test_a_changed_lightning_launcher_is_one_sentence(monkeypatch):
 def test_only_a_ddp_launch_patches_lightning(tmp_path):
     single = build.build_trainer(config(tmp_path, "logger=none", "callbacks=none"))
     assert not launch._launches_rank_processes(single)
-    ddp = build.build_trainer(config(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                      "logger=none", "callbacks=none"))
+    ddp = build.build_trainer(
+        config(
+            tmp_path,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "logger=none",
+            "callbacks=none",
+        )
+    )
     assert launch._launches_rank_processes(ddp)

@@ -320,8 +320,8 @@ def test_paste_puts_a_known_mask_at_the_original_size():
     # Original 24 x 36, resized to 16 x 24, padded to a 20 x 28 canvas: a 5 x 7 map at stride 4,
     # valid (24 / 28, 16 / 20). Map rows 1-2 are the transformed image's rows 4-11, i.e.
     # [0.25, 0.75) of it: the original's rows 6-17; map columns 2-4 its columns 8-19, [1/3, 5/6):
-    # the original's columns 12-29. Bands across the whole map (a rectangle's corners are rounded by the bilinear
-    # resampling of the logits).
+    # the original's columns 12-29. Bands across the whole map (a rectangle's corners are rounded by
+    # the bilinear resampling of the logits).
     logits = torch.full((3, 5, 7), -10.0)
     logits[0, 1:3, :] = 10.0
     logits[1, :, 2:5] = 10.0

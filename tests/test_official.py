@@ -1,4 +1,5 @@
 """Official checkpoint interop: manifests round trip, safe checkpoint files, clear refusals."""
+
 import argparse
 import json
 from pathlib import Path
@@ -41,13 +42,17 @@ def test_manifest_round_trip(path):
         if not torch.equal(tensor, src):
             # Only aliases of a shared head may differ: they take the value of the winning name
             # (DINO: one class head and one box head under every decoder layer's names).
-            assert name.startswith(("transformer.decoder.", "bbox_embed_o2m.", "bbox_embed.", "class_embed.")), name
+            assert name.startswith(
+                ("transformer.decoder.", "bbox_embed_o2m.", "bbox_embed.", "class_embed.")
+            ), name
     # The manifest's count is over the whole official state dict (aliases and buffers included).
     assert sum(v.numel() for v in official.values()) == manifest["params"]
 
 
 def test_flags_parse_types():
-    args = parse_flags(["--two_stage", "--num_queries", "900", "--dropout", "0.0", "--cls_loss_coef", "1"])
+    args = parse_flags(
+        ["--two_stage", "--num_queries", "900", "--dropout", "0.0", "--cls_loss_coef", "1"]
+    )
     assert args["two_stage"] is True and args["num_queries"] == 900
     assert args["dropout"] == 0.0 and args["cls_loss_coef"] == 1.0
     with pytest.raises(ValueError, match="takes no value"):
@@ -55,8 +60,20 @@ def test_flags_parse_types():
 
 
 def _small_flags():
-    return ["--with_box_refine", "--two_stage", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
-            "--dim_feedforward", "64", "--backbone", "resnet18"]
+    return [
+        "--with_box_refine",
+        "--two_stage",
+        "--enc_layers",
+        "1",
+        "--dec_layers",
+        "2",
+        "--num_queries",
+        "10",
+        "--dim_feedforward",
+        "64",
+        "--backbone",
+        "resnet18",
+    ]
 
 
 def test_checkpoint_file_round_trip(tmp_path):
@@ -77,21 +94,29 @@ class Evil:
 def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "args": Evil()}, path)
-    with pytest.raises(ValueError, match="could not be read as an official checkpoint safely") as info:
+    with pytest.raises(
+        ValueError, match="could not be read as an official checkpoint safely"
+    ) as info:
         from_official(path)
     # one sentence naming what it holds, never torch's advice to load it unsafely
     assert "test_official.Evil" in str(info.value) and "weights_only" not in str(info.value)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("content, reason", [(b"", "it is empty (0 bytes)"), (b"PK\x03\x04trunc", "could not be read")])
+@pytest.mark.parametrize(
+    "content, reason", [(b"", "it is empty (0 bytes)"), (b"PK\x03\x04trunc", "could not be read")]
+)
 def test_empty_or_truncated_checkpoint_is_one_sentence(tmp_path, content, reason):
     """Issue 20: a zero-byte file gave IndexError inside the error path."""
     path = tmp_path / "last.ckpt"
     path.write_bytes(content)
     with pytest.raises(ValueError, match="could not be read as an official checkpoint") as info:
         from_official(path)
-    assert reason in str(info.value) and "weights_only" not in str(info.value) and "\n" not in str(info.value)
+    assert (
+        reason in str(info.value)
+        and "weights_only" not in str(info.value)
+        and "\n" not in str(info.value)
+    )
 
 
 @pytest.mark.slow
@@ -107,12 +132,28 @@ def test_zero_byte_checkpoint_through_the_scripts(tmp_path, script):
 
     (tmp_path / "empty.ckpt").write_bytes(b"")
     (tmp_path / "images").mkdir()
-    torchvision.io.write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "images" / "a.png"))
-    args = ["experiment=synthetic_cpu", f"paths.data_root={tmp_path / 'data'}"] if script == "evaluate.py" else \
-        [f"input={tmp_path / 'images'}"]
-    result = subprocess.run([sys.executable, str(ROOT / script), f"ckpt_path={tmp_path / 'empty.ckpt'}", *args,
-                             f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    torchvision.io.write_png(
+        torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "images" / "a.png")
+    )
+    args = (
+        ["experiment=synthetic_cpu", f"paths.data_root={tmp_path / 'data'}"]
+        if script == "evaluate.py"
+        else [f"input={tmp_path / 'images'}"]
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / script),
+            f"ckpt_path={tmp_path / 'empty.ckpt'}",
+            *args,
+            f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+    )
     assert result.returncode != 0
     assert "it is empty (0 bytes)" in result.stderr
     assert "Traceback" not in result.stderr and "IndexError" not in result.stderr

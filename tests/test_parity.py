@@ -1,10 +1,19 @@
-"""The parity fixtures (official code run on CPU): outputs, every loss, gradient norms, detections."""
+"""The parity fixtures (official code run on CPU): outputs, every loss, gradient norms,
+detections."""
+
 import pytest
 import torch
-from helpers import load_fixture
-from helpers.parity import (dn_detr_loss_name, feed_dn_detr_denoising, feed_fixture_denoising,
-                            fixture_batch, fixture_state_dict, flatten_outputs, rel_err)
 
+from helpers import load_fixture
+from helpers.parity import (
+    dn_detr_loss_name,
+    feed_dn_detr_denoising,
+    feed_fixture_denoising,
+    fixture_batch,
+    fixture_state_dict,
+    flatten_outputs,
+    rel_err,
+)
 from msdetr.official import from_official, official_names
 
 TOL_OUT = 2e-5
@@ -12,17 +21,27 @@ TOL_GRAD = 1e-4
 
 
 # deformable_detr: two-stage + refine; ms_detr_c / ms_detr_c_pp: MS-DETR root code (Figure 4 c + aux
-# FFN, without / with mixed selection and look-forward-twice); ms_detr_a: MS-DETR impl_a (Figure 4 a);
+# FFN, without / with mixed selection and look-forward-twice); ms_detr_a: MS-DETR impl_a (Figure 4
+# a);
 # deta: 5 levels, NMS proposal selection, pix_trans, stage-1/2 IoU assigners, NMS post-processing.
 # The dense ones (100 queries, 12-22 GTs an image) put queries in the top-k of two GTs of different
 # classes, where each assigner's own pair order decides the class (matching/quality.py).
-FIXTURES = ["deformable_detr", "ms_detr_c", "ms_detr_c_pp", "ms_detr_a", "deta", "deta_dense", "ms_detr_pp_dense"]
+FIXTURES = [
+    "deformable_detr",
+    "ms_detr_c",
+    "ms_detr_c_pp",
+    "ms_detr_a",
+    "deta",
+    "deta_dense",
+    "ms_detr_pp_dense",
+]
 
 # Fixtures that also carry the official code's float64 gradients (`grad_norms_fp64`). There the fp32
 # gradients are limited by rounding, not by the code: DETA's backbone has ReLU inputs within fp32
 # rounding of zero (layer4), and across 9 seeds the official fp32 gradient norms sat 5e-5 to 2.5e-4
 # from its own float64 ones, as two fp32 runs on different CPUs differ from each other. So these are
-# held both ways: a float64 run to the official float64 norms at 1e-7 (the code is the same), and the
+# held both ways: a float64 run to the official float64 norms at 1e-7 (the code is the same), and
+#     the
 # fp32 run to the official fp32 norms at 3e-4 (the rounding noise).
 FLOAT64_FIXTURES = ["deta", "deta_dense", "ms_detr_pp_dense"]
 TOL_GRAD_FP64 = 1e-7
@@ -66,14 +85,18 @@ def test_losses_and_weights(run):
     for name, value in fx["losses"].items():
         assert rel_err(losses[name], value) < TOL_OUT, name
     # The official MS-DETR weight_dict also names encoder aux terms that are never computed.
-    assert module.criterion.weight_dict == {k: v for k, v in fx["weight_dict"].items() if k in fx["losses"]}
+    assert module.criterion.weight_dict == {
+        k: v for k, v in fx["weight_dict"].items() if k in fx["losses"]
+    }
     assert rel_err(total, fx["total_loss"]) < TOL_OUT
 
 
 def _float64_grads(fx):
     module = from_official(fixture_state_dict(fx), fx["flags"]).double()
     images, mask = fixture_batch(fx)
-    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in fx["targets"]]
+    targets = [
+        {k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in fx["targets"]
+    ]
     module.train()
     losses = module.criterion(module.model(images.double(), mask), targets)
     module.criterion.total(losses).backward()
@@ -98,7 +121,8 @@ def test_gradient_norms(run):
 
 @pytest.mark.parametrize("name", FLOAT64_FIXTURES)
 def test_float64_gradient_norms(name):
-    """The same step in float64 against the official code's float64 run: equal up to float64 rounding."""
+    """The same step in float64 against the official code's float64 run: equal up to float64
+    rounding."""
     fx = load_fixture(f"{name}.pt")
     _check_grads(_float64_grads(fx), fx["grad_norms_fp64"], {}, TOL_GRAD_FP64)
 
@@ -115,7 +139,8 @@ def test_detections(run):
 
 def test_triton_backend_matches_on_reduced_input():
     """The same fixture model through the Triton kernels (CPU interpreter) on cropped images: every
-    output, loss and gradient equals the reference path that the tests above hold to the official code."""
+    output, loss and gradient equals the reference path that the tests above hold to the official
+    code."""
     fx = load_fixture("deformable_detr.pt")
     images, mask = fixture_batch(fx)
     images, mask = images[:, :, :64, :96].contiguous(), mask[:, :64, :96].contiguous()
@@ -136,11 +161,14 @@ def test_triton_backend_matches_on_reduced_input():
         assert rel_err(tri_loss[name], value) < TOL_OUT, name
     assert set(tri_grad) == set(ref_grad)
     for name, g in ref_grad.items():
-        assert abs(tri_grad[name].double().norm() - g.double().norm()) <= TOL_GRAD * g.double().norm(), name
+        assert (
+            abs(tri_grad[name].double().norm() - g.double().norm()) <= TOL_GRAD * g.double().norm()
+        ), name
 
 
-# DINO (IDEA-Research/DINO, config/DINO/DINO_4scale.py with the fixture's overrides): without and with
-# contrastive denoising. The denoising block draws the fixture's own noise (`feed_fixture_denoising`).
+# DINO (IDEA-Research/DINO, config/DINO/DINO_4scale.py with the fixture's overrides): without and
+# with contrastive denoising. The denoising block draws the fixture's own noise
+# (`feed_fixture_denoising`).
 # DINO's outputs are its own dict: `interm_outputs` is this model's `enc_outputs` (the selected
 # proposals; `interm_outputs_for_matching_pre` their unregressed `anchors`), `dn_meta`'s
 # `output_known_lbs_bboxes` its `dn_outputs`.
@@ -150,13 +178,22 @@ DINO_LOGGED_ONLY = ("loss_xy", "loss_hw")
 
 
 def _dino_as_official(out) -> dict:
-    ours = {k: v for k, v in out.items() if k not in ("enc_outputs", "dn_outputs", "init_reference")}
+    ours = {
+        k: v for k, v in out.items() if k not in ("enc_outputs", "dn_outputs", "init_reference")
+    }
     enc = out["enc_outputs"]
     ours["interm_outputs"] = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["pred_boxes"]}
-    ours["interm_outputs_for_matching_pre"] = {"pred_logits": enc["pred_logits"], "pred_boxes": enc["anchors"]}
+    ours["interm_outputs_for_matching_pre"] = {
+        "pred_logits": enc["pred_logits"],
+        "pred_boxes": enc["anchors"],
+    }
     if "dn_outputs" in out:
         dn = out["dn_outputs"]
-        ours["dn_meta"] = {"output_known_lbs_bboxes": {k: dn[k] for k in ("pred_logits", "pred_boxes", "aux_outputs")}}
+        ours["dn_meta"] = {
+            "output_known_lbs_bboxes": {
+                k: dn[k] for k in ("pred_logits", "pred_boxes", "aux_outputs")
+            }
+        }
     return ours
 
 
@@ -184,8 +221,13 @@ def test_dino_denoising_queries_and_mask(dino_run):
         assert "dn_outputs" not in outputs and not module.model.training_queries
         return
     dn, q = fx["dn"], module.model.num_queries
-    assert module.model.training_queries["dn"].sizes(q, fx["targets"]) == [2 * dn["single_pad"]] * dn["num_dn_group"]
-    torch.testing.assert_close(outputs["dn_outputs"]["init_reference"], torch.sigmoid(dn["input_query_bbox"]))
+    assert (
+        module.model.training_queries["dn"].sizes(q, fx["targets"])
+        == [2 * dn["single_pad"]] * dn["num_dn_group"]
+    )
+    torch.testing.assert_close(
+        outputs["dn_outputs"]["init_reference"], torch.sigmoid(dn["input_query_bbox"])
+    )
     # DINO puts the denoising queries first; this model after the one-to-one queries.
     block = module.model.training_queries["dn"]
     mask = module.model.self_attn_mask([block], [[q], block.sizes(q, fx["targets"])], "cpu")
@@ -211,9 +253,10 @@ def test_dino_gradient_norms(dino_run):
     fx, module, *_ = dino_run
     names = official_names(module)
     grads = {names[n]: p.grad for n, p in module.named_parameters() if p.grad is not None}
-    for name, (norm, total) in fx["grad_norms"].items():
+    for name, (norm, _) in fx["grad_norms"].items():
         if name not in grads:
-            # DINO keeps label_enc with use_dn=False, and gives it a zero gradient; this model has none.
+            # DINO keeps label_enc with use_dn=False, and gives it a zero gradient; this model has
+            # none.
             assert name == "label_enc.weight" and norm == 0, name
             continue
         assert abs(grads[name].double().norm() - norm) <= TOL_GRAD * abs(norm), name
@@ -225,7 +268,9 @@ def test_dino_gradient_norms(dino_run):
 
 def test_dino_detections(dino_run):
     fx, _, _, _, _, eval_out, detections = dino_run
-    for name, value in flatten_outputs({k: fx["eval_outputs"][k] for k in ("pred_logits", "pred_boxes")}).items():
+    for name, value in flatten_outputs(
+        {k: fx["eval_outputs"][k] for k in ("pred_logits", "pred_boxes")}
+    ).items():
         assert rel_err(flatten_outputs(eval_out)[name], value) < TOL_OUT, name
     assert "enc_outputs" in eval_out and "dn_outputs" not in eval_out
     for det, ref in zip(detections, fx["detections"]):
@@ -235,12 +280,13 @@ def test_dino_detections(dino_run):
         assert rel_err(det["boxes"], ref["boxes"]) < TOL_OUT
 
 
-# DN-Deformable-DETR (IDEA-Research/DN-DETR @ ff3902a, `main.py -m dn_dab_deformable_detr --use_dn`):
-# DN-DETR's own code run on CPU (its PyTorch attention fallback, no .cuda(), ResNet-18 in the ResNet-50
-# code path), 2 encoder / 3 decoder layers, FFN 256, 30 queries, dropout 0, two images with 3 and 2 GTs,
-# 5 denoising groups; tests/fixtures/generators/dn_deformable_detr.py made it and says how. The block
-# draws DN-DETR's own noise (`feed_dn_detr_denoising`). DN-DETR's `mask_dict['output_known_lbs_bboxes']`
-# is this model's `dn_outputs`, its `tgt_loss_*[_i]` this criterion's `loss_*[_i]_dn`.
+# DN-Deformable-DETR (IDEA-Research/DN-DETR @ ff3902a, `main.py -m dn_dab_deformable_detr
+# --use_dn`): DN-DETR's own code run on CPU (its PyTorch attention fallback, no .cuda(), ResNet-18
+# in the ResNet-50 code path), 2 encoder / 3 decoder layers, FFN 256, 30 queries, dropout 0, two
+# images with 3 and 2 GTs, 5 denoising groups; tests/fixtures/generators/dn_deformable_detr.py made
+# it and says how. The block draws DN-DETR's own noise (`feed_dn_detr_denoising`). DN-DETR's
+# `mask_dict['output_known_lbs_bboxes']` is this model's `dn_outputs`, its `tgt_loss_*[_i]` this
+# criterion's `loss_*[_i]_dn`.
 @pytest.fixture(scope="module")
 def dn_detr_run():
     fx = load_fixture("dn_deformable_detr.pt")
@@ -267,9 +313,11 @@ def test_dn_detr_denoising_queries_and_mask(dn_detr_run):
     sizes = block.sizes(q, fx["targets"])
     assert sizes == [dn["single_pad"]] * dn["scalar"] and sum(sizes) == dn["pad_size"]
     # DN-DETR hands the decoder its noised boxes as logits clamped at 1e-3, and puts them first.
-    expected = torch.sigmoid(dn["input_query_bbox"][:, :dn["pad_size"]])
+    expected = torch.sigmoid(dn["input_query_bbox"][:, : dn["pad_size"]])
     torch.testing.assert_close(outputs["dn_outputs"]["init_reference"], expected)
-    torch.testing.assert_close(outputs["init_reference"], torch.sigmoid(dn["input_query_bbox"][:, dn["pad_size"]:]))
+    torch.testing.assert_close(
+        outputs["init_reference"], torch.sigmoid(dn["input_query_bbox"][:, dn["pad_size"] :])
+    )
     mask = module.model.self_attn_mask([block], [[q], sizes], "cpu")
     order = torch.cat([torch.arange(q, mask.shape[0]), torch.arange(q)])
     assert torch.equal(mask[order][:, order], dn["attn_mask"])

@@ -1,6 +1,8 @@
-"""predict.py: COCO results written as it goes, unreadable files named and skipped, a.jpg and a.png kept
+"""predict.py: COCO results written as it goes, unreadable files named and skipped, a.jpg and a.png
+    kept
 apart, boxes inside their image, the checkpoint's resolution, and checkpoints from train.py,
 `python -m msdetr fit` (LightningCLI) and one whose hyper_parameters hold the model config."""
+
 import json
 import logging
 import shutil
@@ -14,14 +16,13 @@ import yaml
 from PIL import Image
 
 import msdetr.predict as predict_module
+from helpers import ROOT
+from helpers.config import compose
+from helpers.runs import LAUNCHER_VARS, config
 from msdetr.__main__ import main as cli_main
 from msdetr.predict import predict
 from msdetr.run import train
 from msdetr.run.build import build_module, plain_config
-
-from helpers import ROOT
-from helpers.config import compose
-from helpers.runs import LAUNCHER_VARS, config
 
 NAMES = {1: "rectangle", 2: "ellipse", 3: "triangle", 4: "cross"}
 
@@ -38,8 +39,14 @@ def _save_untrained(cfg, path):
                 p.zero_()
             elif name.startswith("bbox_embed.") and name.endswith("layers.2.bias"):
                 p.copy_(torch.tensor([0.0, 0.0, 8.0, 8.0]))
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", devices=1,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(path)
     return path
@@ -66,9 +73,16 @@ def folder(tmp_path):
 
 
 def run_predict(ckpt, inp, out, *overrides, threshold=0.0):
-    cfg = compose(f"ckpt_path='{ckpt}'", f"input='{inp}'", f"output_dir='{out}'",
-                  f"score_threshold={threshold}", "paths.output_dir=unused", "batch_size=2",
-                  *overrides, name="predict")
+    cfg = compose(
+        f"ckpt_path='{ckpt}'",
+        f"input='{inp}'",
+        f"output_dir='{out}'",
+        f"score_threshold={threshold}",
+        "paths.output_dir=unused",
+        "batch_size=2",
+        *overrides,
+        name="predict",
+    )
     return predict(cfg)
 
 
@@ -86,7 +100,9 @@ def resolutions(monkeypatch):
     return seen
 
 
-def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(ckpt, folder, tmp_path, caplog, resolutions):
+def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(
+    ckpt, folder, tmp_path, caplog, resolutions
+):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO, logger="msdetr"):
         target = run_predict(ckpt, folder, out)
@@ -100,7 +116,9 @@ def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(ckpt, fold
     for d in dets:
         w, h = sizes[d["file_name"]]
         x, y, bw, bh = d["bbox"]
-        assert x >= 0 and y >= 0 and bw >= 0 and bh >= 0 and x + bw <= w + 0.01 and y + bh <= h + 0.01
+        assert (
+            x >= 0 and y >= 0 and bw >= 0 and bh >= 0 and x + bw <= w + 0.01 and y + bh <= h + 0.01
+        )
         touching += x == 0 or y == 0 or abs(x + bw - w) < 0.01 or abs(y + bh - h) < 0.01
     assert touching == len(dets) == 20  # every box was clipped (10 per image)
     # One line per file, in order, written as it went: skipped files carry the reason.
@@ -109,12 +127,23 @@ def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(ckpt, fold
     assert [len(line.get("detections", [])) for line in lines] == [10, 10, 0, 0]
     assert (lines[0]["width"], lines[0]["height"]) == (60, 40)
     assert [d for line in lines for d in line.get("detections", [])] == dets
-    assert lines[2]["error"] == f"image '{folder / 'broken.jpg'}' cannot be read (not an image file PIL can read)"
-    assert lines[3]["error"].startswith(f"image '{folder / 'deep.png'}' cannot be read (pixel mode 'I;16'")
+    assert (
+        lines[2]["error"]
+        == f"image '{folder / 'broken.jpg'}' cannot be read (not an image file PIL can read)"
+    )
+    assert lines[3]["error"].startswith(
+        f"image '{folder / 'deep.png'}' cannot be read (pixel mode 'I;16'"
+    )
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned[0] == f"image '{folder / 'broken.jpg'}' cannot be read (not an image file PIL can read); skipped"
+    assert (
+        warned[0]
+        == f"image '{folder / 'broken.jpg'}' cannot be read (not an image file PIL can read); "
+        "skipped"
+    )
     assert warned[1].startswith(f"image '{folder / 'deep.png'}' cannot be read (pixel mode 'I;16'")
-    assert warned[2].startswith(f"2 of 4 file(s) could not be read and were skipped: image '{folder / 'broken.jpg'}'")
+    assert warned[2].startswith(
+        f"2 of 4 file(s) could not be read and were skipped: image '{folder / 'broken.jpg'}'"
+    )
     # The resolution the checkpoint's run evaluated at, unless given.
     assert resolutions == [(48, 72)]
     assert f"short side 48, long side at most 72 (the data config saved in '{ckpt}')" in caplog.text
@@ -145,27 +174,48 @@ def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monk
 def test_predict_fails_when_nothing_is_readable(ckpt, folder, tmp_path):
     for name in ("a.jpg", "a.png"):
         (folder / name).unlink()
-    with pytest.raises(ValueError, match=r"none of the 2 file\(s\) of input .* could be read as an image "
-                                         r"\(image '.*broken\.jpg' cannot be read \(not an image file PIL can read\); "
-                                         r"image '.*deep\.png'"):
+    with pytest.raises(
+        ValueError,
+        match=r"none of the 2 file\(s\) of input .* could be read as an image "
+        r"\(image '.*broken\.jpg' cannot be read \(not an image file PIL can read\); "
+        r"image '.*deep\.png'",
+    ):
         run_predict(ckpt, folder, tmp_path / "out")
 
 
 def test_predict_reads_a_lightning_cli_checkpoint(folder, tmp_path, resolutions, monkeypatch):
     root = tmp_path / "cli"
-    monkeypatch.setattr(sys, "argv", ["msdetr"])  # the arguments are LightningCLI's `args`, not pytest's
+    # the arguments are LightningCLI's `args`, not pytest's
+    monkeypatch.setattr(sys, "argv", ["msdetr"])
     for name in LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
     # One training step, checkpointed at the end of the epoch (as `python -m msdetr fit` does).
-    cli_main(["fit", "--config", str(ROOT / "configs" / "cli" / "synthetic.yaml"), "--trainer.max_epochs=1",
-              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--trainer.check_val_every_n_epoch=1",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              f"--trainer.default_root_dir={root}", f"--data.root={tmp_path / 'synthetic'}",
-              "--data.synthetic_train=4", "--data.synthetic_val=2", "--data.eval_size=40", "--data.max_size=64",
-              "--data.train_scales=[48]", "--data.crop_resize=[48]", "--data.crop_size=[32,48]",
-              "--model.model.init_args.decoder.init_args.num_layers=1"])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "cli" / "synthetic.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.check_val_every_n_epoch=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={root}",
+            f"--data.root={tmp_path / 'synthetic'}",
+            "--data.synthetic_train=4",
+            "--data.synthetic_val=2",
+            "--data.eval_size=40",
+            "--data.max_size=64",
+            "--data.train_scales=[48]",
+            "--data.crop_resize=[48]",
+            "--data.crop_size=[32,48]",
+            "--model.model.init_args.decoder.init_args.num_layers=1",
+        ]
+    )
     (ckpt,) = root.rglob("*.ckpt")
-    assert (ckpt.parent.parent / "config.yaml").is_file()  # where LightningCLI saved the run's config
+    # where LightningCLI saved the run's config
+    assert (ckpt.parent.parent / "config.yaml").is_file()
     dets = json.loads(run_predict(ckpt, folder, tmp_path / "out").read_text())
     assert {d["file_name"] for d in dets} == {"a.jpg", "a.png"}
     assert resolutions == [(40, 64)]
@@ -174,16 +224,27 @@ def test_predict_reads_a_lightning_cli_checkpoint(folder, tmp_path, resolutions,
     moved = tmp_path / "moved" / "model.ckpt"
     moved.parent.mkdir()
     shutil.copy(ckpt, moved)
-    with pytest.raises(FileNotFoundError, match=r"is a Lightning checkpoint without this project's run config, "
-                                                r"and no LightningCLI config.yaml is beside it .* set cli_config="):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"is a Lightning checkpoint without this project's run config, "
+        r"and no LightningCLI config.yaml is beside it .* set cli_config=",
+    ):
         run_predict(moved, folder, tmp_path / "x")
-    run_predict(moved, folder / "a.jpg", tmp_path / "given", f"cli_config='{ckpt.parent.parent / 'config.yaml'}'")
+    run_predict(
+        moved,
+        folder / "a.jpg",
+        tmp_path / "given",
+        f"cli_config='{ckpt.parent.parent / 'config.yaml'}'",
+    )
     assert resolutions[-1] == (40, 64)
 
     # A checkpoint whose hyper_parameters carry the module's class_path / init_args config.
     saved = yaml.safe_load((ckpt.parent.parent / "config.yaml").read_text())
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-    raw["hyper_parameters"] = {"_instantiator": "lightning.pytorch.cli.instantiate_module", **saved["model"]}
+    raw["hyper_parameters"] = {
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+        **saved["model"],
+    }
     raw["datamodule_hyper_parameters"] = dict(saved["data"], eval_size=36)
     torch.save(raw, moved)
     run_predict(moved, folder / "a.jpg", tmp_path / "hparams")
@@ -199,16 +260,26 @@ def test_predict_after_training_writes_coco_json_and_pictures(tmp_path):
     names = sorted(p.name for p in images.iterdir())
 
     def run(inp, threshold, out):
-        pcfg = compose(f"ckpt_path={ckpt}", f"input={inp}", f"score_threshold={threshold}",
-                       f"output_dir={out}", "eval_size=64", "max_size=96",
-                       "paths.output_dir=unused", name="predict")
+        pcfg = compose(
+            f"ckpt_path={ckpt}",
+            f"input={inp}",
+            f"score_threshold={threshold}",
+            f"output_dir={out}",
+            "eval_size=64",
+            "max_size=96",
+            "paths.output_dir=unused",
+            name="predict",
+        )
         return json.loads(predict(pcfg).read_text())
 
     dets = run(images, 0.0, tmp_path / "pred")
     assert {d["file_name"] for d in dets} == set(names)
     assert all(set(d) == {"image_id", "file_name", "category_id", "bbox", "score"} for d in dets)
     assert all(len(d["bbox"]) == 4 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0 for d in dets)
-    assert sorted(p.name for p in (tmp_path / "pred" / "images").iterdir()) == sorted(n + ".png" for n in names)
-    assert run(images / names[0], 1.01, tmp_path / "none") == []  # one image, nothing above the threshold
+    assert sorted(p.name for p in (tmp_path / "pred" / "images").iterdir()) == sorted(
+        n + ".png" for n in names
+    )
+    # one image, nothing above the threshold
+    assert run(images / names[0], 1.01, tmp_path / "none") == []
     with pytest.raises(FileNotFoundError, match="neither an image nor a folder"):
         run(tmp_path / "nowhere", 0.3, tmp_path / "x")

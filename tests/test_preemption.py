@@ -1,6 +1,7 @@
 """Preemption and exact resume, through train.py in a subprocess with real signals: a run stopped
 mid-epoch saves its state and exits non-zero; resumed, it logs exactly the losses of the run that
 was never stopped."""
+
 import signal
 
 import pytest
@@ -24,11 +25,14 @@ def test_sigterm_mid_epoch_then_resume_continues_bit_for_bit(tmp_path, matcher):
     kill = ["+callbacks.kill._target_=helpers.signals.SignalAtStep", "+callbacks.kill.step=1"]
     stopped = _train(tmp_path, stopped_dir, f"matcher={matcher}", *kill, base=SMALL)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    saved = torch.load(stopped_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved = torch.load(
+        stopped_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert saved["epoch"] == 0 and 1 <= saved["global_step"] < 4  # mid-epoch
     assert not list((stopped_dir / "checkpoints").glob(".*.tmp"))
 
-    resumed = _train(tmp_path, stopped_dir, f"matcher={matcher}", base=SMALL)  # the requeued job: same directory
+    # the requeued job: same directory
+    resumed = _train(tmp_path, stopped_dir, f"matcher={matcher}", base=SMALL)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming this run" in resumed.stdout + resumed.stderr
     assert _losses(stopped_dir) == expected  # one continuous history, every step equal
@@ -39,12 +43,20 @@ def test_resume_with_another_matcher_is_refused_in_one_sentence(tmp_path):
     run_dir = tmp_path / "run"
     first = _train(tmp_path, run_dir, "matcher=hungarian", "schedule.epochs=1", base=SMALL)
     assert first.returncode == 0, first.stderr[-3000:]
-    again = _train(tmp_path, tmp_path / "other", "matcher=ms_detr", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                   base=SMALL)
+    again = _train(
+        tmp_path,
+        tmp_path / "other",
+        "matcher=ms_detr",
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+        base=SMALL,
+    )
     assert again.returncode != 0
     assert "cannot resume from" in again.stderr and "Traceback" not in again.stderr
     # the group choice first, then the first key that differs
-    assert "it was made with another matcher config (matcher: hungarian -> ms_detr, first at matcher." in again.stderr
+    assert (
+        "it was made with another matcher config (matcher: hungarian -> ms_detr, first at matcher."
+        in again.stderr
+    )
 
 
 class _Strategy:
@@ -68,7 +80,10 @@ def test_ranks_agree_on_stopping_every_n_steps_not_every_step(tmp_path, world_si
     epoch's last step (steps 10, 20 and 23 of 23), every step for one process."""
     from msdetr.lit.callbacks import Preemption
 
-    callback, trainer = Preemption(str(tmp_path), check_every_n_steps=10), _Trainer(world_size, batches=23)
+    callback, trainer = (
+        Preemption(str(tmp_path), check_every_n_steps=10),
+        _Trainer(world_size, batches=23),
+    )
     for batch_idx in range(23):
         callback.on_train_batch_end(trainer, None, None, None, batch_idx)
     assert trainer.strategy.calls == expected

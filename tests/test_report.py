@@ -1,4 +1,6 @@
-"""The sweep report (python -m msdetr.report, report=true): table, labels, figures, W&B table, bad directories."""
+"""The sweep report (python -m msdetr.report, report=true): table, labels, figures, W&B table, bad
+directories."""
+
 import csv
 import json
 import subprocess
@@ -7,22 +9,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from helpers.config import compose
 from msdetr.report import Job, SweepReport, label_jobs, main, write_report
 
-from helpers.config import compose
 
-
-def _job(sweep: Path, name: str, overrides: list[str], rows: list[dict] | None = None, summary: dict | None = None,
-         config: dict | None = None) -> Path:
-    """A hand-made job directory of a multirun: .hydra/, csv/version_0/metrics.csv, run_summary.json."""
+def _job(
+    sweep: Path,
+    name: str,
+    overrides: list[str],
+    rows: list[dict] | None = None,
+    summary: dict | None = None,
+    config: dict | None = None,
+) -> Path:
+    """A hand-made job directory of a multirun: .hydra/, csv/version_0/metrics.csv,
+    run_summary.json."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {"logger": {"csv": {"version": 0}}}))
+    (job / ".hydra" / "config.yaml").write_text(
+        yaml.safe_dump(config or {"logger": {"csv": {"version": 0}}})
+    )
     if rows is not None:
         header = sorted({k for row in rows for k in row})
         (job / "csv" / "version_0").mkdir(parents=True)
@@ -37,11 +46,21 @@ def _job(sweep: Path, name: str, overrides: list[str], rows: list[dict] | None =
 
 def _val(epoch: int, step: int, ap: float) -> dict:
     # APl is absent, as when the validation set has no large objects (NaN is not logged)
-    return {"epoch": epoch, "step": step, "val/AP": ap, "val/AP50": 2 * ap, "val/AP75": ap / 2, "val/APs": ap,
-            "val/APm": ap, "val/AR100": 0.5}
+    return {
+        "epoch": epoch,
+        "step": step,
+        "val/AP": ap,
+        "val/AP50": 2 * ap,
+        "val/AP75": ap / 2,
+        "val/APs": ap,
+        "val/APm": ap,
+        "val/AR100": 0.5,
+    }
 
 
-def _rows(ap_per_epoch: list[float], speeds=(10.0, 30.0, 20.0), peaks=(1.0, 1.5, 1.25)) -> list[dict]:
+def _rows(
+    ap_per_epoch: list[float], speeds=(10.0, 30.0, 20.0), peaks=(1.0, 1.5, 1.25)
+) -> list[dict]:
     rows, step = [], 0
     for epoch, ap in enumerate(ap_per_epoch):
         for _ in range(2):
@@ -55,10 +74,17 @@ def _rows(ap_per_epoch: list[float], speeds=(10.0, 30.0, 20.0), peaks=(1.0, 1.5,
 
 def _sweep(tmp_path: Path) -> Path:
     sweep = tmp_path / "sweep"
-    _job(sweep, "0", ["data.batch_size=4", "matcher=hungarian", "seed=1"], _rows([0.125, 0.25]),
-         summary={"status": "completed", "wall_time_s": 65.0, "epochs": 2, "metrics": {"AP": 0.25}})
-    _job(sweep, "1", ["data.batch_size=4", "matcher=ms_detr", "seed=1"], _rows([0.5]))  # no summary: killed
-    _job(sweep, "2", ["data.batch_size=4", "matcher=ms_detr", "seed=2"])  # failed before logging anything
+    _job(
+        sweep,
+        "0",
+        ["data.batch_size=4", "matcher=hungarian", "seed=1"],
+        _rows([0.125, 0.25]),
+        summary={"status": "completed", "wall_time_s": 65.0, "epochs": 2, "metrics": {"AP": 0.25}},
+    )
+    # no summary: killed
+    _job(sweep, "1", ["data.batch_size=4", "matcher=ms_detr", "seed=1"], _rows([0.5]))
+    # failed before logging anything
+    _job(sweep, "2", ["data.batch_size=4", "matcher=ms_detr", "seed=2"])
     (sweep / "multirun.yaml").write_text("{}\n")
     return sweep
 
@@ -72,8 +98,11 @@ def test_table_of_hand_made_jobs(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["job"] for r in rows] == ["0", "1", "2"]
     # labelled by the overrides that differ; the common one is left out of the label
-    assert [r["overrides"] for r in rows] == ["matcher=hungarian, seed=1", "matcher=ms_detr, seed=1",
-                                              "matcher=ms_detr, seed=2"]
+    assert [r["overrides"] for r in rows] == [
+        "matcher=hungarian, seed=1",
+        "matcher=ms_detr, seed=1",
+        "matcher=ms_detr, seed=2",
+    ]
     assert rows[0]["all_overrides"] == "data.batch_size=4 matcher=hungarian seed=1"
     assert [r["status"] for r in rows] == ["completed", "no summary", "no metrics"]
     done, killed, failed = rows
@@ -82,15 +111,25 @@ def test_table_of_hand_made_jobs(tmp_path):
     assert done["APl"] == ""
     assert done["epochs"] == "2" and float(done["wall_time_s"]) == 65.0
     assert float(done["images_per_s"]) == 20.0 and float(done["peak_mem_gib"]) == 1.5  # median, max
-    assert float(killed["AP"]) == 0.5 and killed["epochs"] == "1"  # epochs from the metrics themselves
+    # epochs from the metrics themselves
+    assert float(killed["AP"]) == 0.5 and killed["epochs"] == "1"
     assert float(killed["wall_time_s"]) >= 0.0  # from the file times
-    assert all(failed[c] == "" for c in ("AP", "epochs", "wall_time_s", "images_per_s", "peak_mem_gib"))
+    assert all(
+        failed[c] == "" for c in ("AP", "epochs", "wall_time_s", "images_per_s", "peak_mem_gib")
+    )
 
     md = (out / "report.md").read_text()
-    assert "| job | overrides | status | AP | AP50 | AP75 | APs | APm | APl | AR100 | epochs | wall time |" in md
+    assert (
+        "| job | overrides | status | AP | AP50 | AP75 | APs | APm | APl | AR100 | epochs | wall "
+        "time |" in md
+    )
     assert "| 0 | matcher=hungarian, seed=1 | completed | 25.0 |" in md  # in %
-    # the best AP is a job that did not finish: never in bold (one completed job: nothing to compare)
-    assert "| 1 | matcher=ms_detr, seed=1 | no summary | 50.0 |" in md and "**" not in md.split("Overrides")[0]
+    # the best AP is a job that did not finish: never in bold (one completed job: nothing to
+    #     compare)
+    assert (
+        "| 1 | matcher=ms_detr, seed=1 | no summary | 50.0 |" in md
+        and "**" not in md.split("Overrides")[0]
+    )
     assert "1m 05s" in md
     assert "Overrides common to every job: `data.batch_size=4`." in md
     assert "![train_loss](train_loss.png)" in md and "![val_AP](val_AP.png)" in md
@@ -101,21 +140,35 @@ def test_table_of_hand_made_jobs(tmp_path):
 def test_diverged_failed_and_stopped_jobs_are_marked_and_never_bold(tmp_path):
     """Issue 20: a diverged job validated a broken model to the sweep's best AP and was bolded."""
     sweep = tmp_path / "sweep"
-    for name, status, ap in [("0", "completed", 0.25), ("1", "diverged", 0.43), ("2", "completed", 0.125),
-                             ("3", "failed", 0.5), ("4", "stopped", 0.75)]:
+    for name, status, ap in [
+        ("0", "completed", 0.25),
+        ("1", "diverged", 0.43),
+        ("2", "completed", 0.125),
+        ("3", "failed", 0.5),
+        ("4", "stopped", 0.75),
+    ]:
         _job(sweep, name, [f"seed={name}"], _rows([ap]), summary={"status": status, "epochs": 1})
     (sweep / "multirun.yaml").write_text("{}\n")
     write_report(sweep)
     md = (sweep / "report" / "report.md").read_text()
     assert "| 0 | seed=0 | completed | **25.0** |" in md  # the best of the completed jobs
-    for line in ("| 1 | seed=1 | diverged | 43.0 |", "| 3 | seed=3 | failed | 50.0 |", "| 4 | seed=4 | stopped | 75.0 |"):
+    for line in (
+        "| 1 | seed=1 | diverged | 43.0 |",
+        "| 3 | seed=3 | failed | 50.0 |",
+        "| 4 | seed=4 | stopped | 75.0 |",
+    ):
         assert line in md
     assert "*diverged*: training stopped on steps that were not finite" in md
 
 
 def test_other_metric_and_out_dir(tmp_path):
     sweep = _sweep(tmp_path)
-    assert main([str(sweep), "--out", str(tmp_path / "elsewhere"), "--metric", "val/AP50", "--no-wandb"]) == 0
+    assert (
+        main(
+            [str(sweep), "--out", str(tmp_path / "elsewhere"), "--metric", "val/AP50", "--no-wandb"]
+        )
+        == 0
+    )
     assert (tmp_path / "elsewhere" / "val_AP50.png").stat().st_size > 5000
     assert not (sweep / "report").exists()
 
@@ -125,7 +178,11 @@ def _bare(name: str, overrides: list[str]) -> Job:
 
 
 def test_labels_name_only_what_differs():
-    jobs = [_bare("0", ["a=1", "b=x"]), _bare("1", ["a=2", "b=x"]), _bare("2", ["a=2", "b=x", "+c=3"])]
+    jobs = [
+        _bare("0", ["a=1", "b=x"]),
+        _bare("1", ["a=2", "b=x"]),
+        _bare("2", ["a=2", "b=x", "+c=3"]),
+    ]
     label_jobs(jobs)
     # a key that only some jobs have differs too
     assert [j.label for j in jobs] == ["a=1", "a=2", "a=2, +c=3"]
@@ -140,8 +197,13 @@ def test_labels_name_only_what_differs():
 def test_many_jobs_stay_readable(tmp_path):
     sweep = tmp_path / "sweep"
     for i in range(14):
-        _job(sweep, str(i), [f"seed={i}"], _rows([0.01 * i, 0.02 * i]),
-             summary={"status": "completed", "wall_time_s": 1.0, "epochs": 2})
+        _job(
+            sweep,
+            str(i),
+            [f"seed={i}"],
+            _rows([0.01 * i, 0.02 * i]),
+            summary={"status": "completed", "wall_time_s": 1.0, "epochs": 2},
+        )
     written = write_report(sweep)
     with open(written["csv"], newline="") as f:
         assert [r["job"] for r in csv.DictReader(f)] == [str(i) for i in range(14)]  # numeric order
@@ -160,9 +222,16 @@ def test_not_a_sweep_directory_in_one_sentence(tmp_path, capsys):
     assert main([str(single)]) == 2
     assert "is a single run" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    cli = subprocess.run([sys.executable, "-m", "msdetr.report", str(tmp_path / "empty")], capture_output=True,
-                         text=True)
-    assert cli.returncode == 2 and cli.stderr.startswith("msdetr.report: ") and cli.stderr.count("\n") == 1
+    cli = subprocess.run(
+        [sys.executable, "-m", "msdetr.report", str(tmp_path / "empty")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        cli.returncode == 2
+        and cli.stderr.startswith("msdetr.report: ")
+        and cli.stderr.count("\n") == 1
+    )
 
 
 def test_report_true_configures_the_hydra_callback(tmp_path):
@@ -171,11 +240,15 @@ def test_report_true_configures_the_hydra_callback(tmp_path):
     assert not instantiate(off.hydra.callbacks.sweep_report).enabled  # listed, idle by default
     assert instantiate(on.hydra.callbacks.sweep_report).enabled
     sweep = _sweep(tmp_path)
-    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/AP50"})
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep)}}, "optimized_metric": "val/AP50"}
+    )
     SweepReport(enabled=False).on_multirun_end(config=config)
     assert not (sweep / "report").exists()
     SweepReport(enabled=True).on_multirun_end(config=config)
-    assert (sweep / "report" / "report.csv").is_file() and (sweep / "report" / "val_AP50.png").is_file()
+    assert (sweep / "report" / "report.csv").is_file() and (
+        sweep / "report" / "val_AP50.png"
+    ).is_file()
 
 
 def test_wandb_table_in_the_sweeps_group(tmp_path, monkeypatch):
@@ -185,15 +258,29 @@ def test_wandb_table_in_the_sweeps_group(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     config = {"logger": {"wandb": {"project": "msdetr-test", "group": None}}}
     for i in range(2):
-        _job(sweep, str(i), [f"seed={i}", "logger=[csv,wandb]"], _rows([0.1 * (i + 1)]), config=config,
-             summary={"status": "completed", "wall_time_s": 3.0, "epochs": 1, "wandb_group": str(sweep)})
+        _job(
+            sweep,
+            str(i),
+            [f"seed={i}", "logger=[csv,wandb]"],
+            _rows([0.1 * (i + 1)]),
+            config=config,
+            summary={
+                "status": "completed",
+                "wall_time_s": 3.0,
+                "epochs": 1,
+                "wandb_group": str(sweep),
+            },
+        )
     written = write_report(sweep)
     run_dir = Path(written["wandb"])
     assert run_dir.is_relative_to(sweep / "report" / "wandb")
     (table,) = run_dir.glob("media/table/sweep_report_*.table.json")
     logged = json.loads(table.read_text())
     assert logged["columns"][:4] == ["job", "overrides", "status", "AP"]
-    assert [row[:3] for row in logged["data"]] == [["0", "seed=0", "completed"], ["1", "seed=1", "completed"]]
+    assert [row[:3] for row in logged["data"]] == [
+        ["0", "seed=0", "completed"],
+        ["1", "seed=1", "completed"],
+    ]
     assert logged["data"][1][3] == pytest.approx(0.2)
 
 

@@ -183,7 +183,7 @@ def test_segm_ap_equals_pycocotools(coco_gt, capsys):
 
 def test_perfect_masks_score_one(coco_gt):
     metric = CocoMetric(coco_gt, verbose=False)
-    for image_id, (h, w) in SIZES.items():
+    for image_id in SIZES:
         anns = [a for a in coco_gt.imgToAnns[image_id] if not a["iscrowd"]]
         masks = torch.stack([torch.from_numpy(coco_gt.annToMask(a)) for a in anns]).bool()
         metric.update(

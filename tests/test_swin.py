@@ -1,4 +1,6 @@
-"""The timm Swin backbone: any image size, local weights in Microsoft's format, DETA's checkpoint names."""
+"""The timm Swin backbone: any image size, local weights in Microsoft's format, DETA's checkpoint
+names."""
+
 import pytest
 import torch
 
@@ -15,9 +17,13 @@ from msdetr.official import load_official_state_dict, to_official  # noqa: E402
 TINY = "swin_tiny_patch4_window7_224"
 # DETA's detector on this Swin (the backbone group's config: random init, no drop path, no
 # activation checkpointing).
-DETA_SWIN = ("model=deta", "backbone=swin_large", f"model.detector.backbone.name={TINY}",
-             "model.detector.backbone.drop_path_rate=0.0",
-             "model.detector.backbone.checkpointing=false")
+DETA_SWIN = (
+    "model=deta",
+    "backbone=swin_large",
+    f"model.detector.backbone.name={TINY}",
+    "model.detector.backbone.drop_path_rate=0.0",
+    "model.detector.backbone.checkpointing=false",
+)
 
 
 def test_swin_maps_any_image_size():
@@ -32,9 +38,11 @@ def test_swin_maps_any_image_size():
 
 
 def _microsoft_checkpoint(tmp_path):
-    """A Swin checkpoint as Microsoft releases them: {'model': ...}, merges at the end of each stage,
+    """A Swin checkpoint as Microsoft releases them: {'model': ...}, merges at the end of each
+        stage,
     attention buffers included, a classifier head."""
     import timm
+
     reference = timm.create_model(TINY, pretrained=False, num_classes=1000)
     state = {swin_timm_to_official(k): v for k, v in reference.state_dict().items()}
     state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
@@ -69,7 +77,8 @@ def test_swin_detector_trains_and_round_trips_deta_names():
     assert "backbone.0.body.layers.0.downsample.reduction.weight" in official
     assert "backbone.0.body.layers.3.downsample.reduction.weight" not in official
     assert {f"backbone.0.body.norm{i}.weight" for i in (1, 2, 3)} <= set(official)
-    official["backbone.0.body.layers.1.blocks.0.attn.relative_position_index"] = torch.zeros(1)  # saved by DETA
+    # saved by DETA
+    official["backbone.0.body.layers.1.blocks.0.attn.relative_position_index"] = torch.zeros(1)
     fresh = DetectionModule(tiny_detector(*DETA_SWIN), criterion)
     load_official_state_dict(fresh, official)
     for name, tensor in module.state_dict().items():

@@ -1,4 +1,5 @@
 """End to end through the Hydra configs: train, predictions picture, resume, config errors, DDP."""
+
 import math
 import random
 import socket
@@ -30,11 +31,21 @@ def test_train_writes_checkpoint_metrics_and_picture(tmp_path):
     assert list((run / "csv").rglob("metrics.csv"))
     # The same checkpoint evaluates through evaluate.py's code path.
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
-    again = evaluate(config(tmp_path, ckpt, "experiment=synthetic_cpu", "callbacks=none", name="evaluate"))
+    again = evaluate(
+        config(tmp_path, ckpt, "experiment=synthetic_cpu", "callbacks=none", name="evaluate")
+    )
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
     with pytest.raises(ValueError, match="trained with another architecture"):
-        evaluate(config(tmp_path, ckpt, "experiment=synthetic_cpu", "model.dim_feedforward=32",
-                        "callbacks=none", name="evaluate"))
+        evaluate(
+            config(
+                tmp_path,
+                ckpt,
+                "experiment=synthetic_cpu",
+                "model.dim_feedforward=32",
+                "callbacks=none",
+                name="evaluate",
+            )
+        )
 
 
 class _Kill(L.Callback):
@@ -60,8 +71,14 @@ class _Capture(L.Callback):
 
 
 def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
-    cfg = config(tmp_path, "schedule.epochs=3", "schedule.optim.lr_drop_epochs=[1]", "callbacks.predictions=null",
-                 "trainer.check_val_every_n_epoch=1", "matcher=ms_detr")
+    cfg = config(
+        tmp_path,
+        "schedule.epochs=3",
+        "schedule.optim.lr_drop_epochs=[1]",
+        "callbacks.predictions=null",
+        "trainer.check_val_every_n_epoch=1",
+        "matcher=ms_detr",
+    )
     L.seed_everything(0)
     dm, module = build_datamodule(cfg), build_module(cfg)
     trainer = build_trainer(cfg)
@@ -90,10 +107,13 @@ def test_resume_restores_optimizer_scheduler_and_epoch(tmp_path):
     assert trainer.current_epoch == 3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.detector.not_an_option=1", "Key 'not_an_option' is not in struct"),
-    ("matcher=not_a_matcher", "Could not find 'matcher/not_a_matcher'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.detector.not_an_option=1", "Key 'not_an_option' is not in struct"),
+        ("matcher=not_a_matcher", "Could not find 'matcher/not_a_matcher'"),
+    ],
+)
 def test_unknown_config_option_is_one_clear_error(tmp_path, override, message):
     result = train_e2e(tmp_path, override)
     assert result.returncode != 0
@@ -109,11 +129,19 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ddp_two_processes_cpu(tmp_path):
-    for _attempt in range(3):  # a port taken between choosing and binding it is retried, nothing else
-        result = train_e2e(tmp_path, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                           "matcher=ms_detr", "schedule.epochs=1",
-                           "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
-                           env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    # a port taken between choosing and binding it is retried, nothing else
+    for _attempt in range(3):
+        result = train_e2e(
+            tmp_path,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "matcher=ms_detr",
+            "schedule.epochs=1",
+            "trainer.check_val_every_n_epoch=1",
+            "callbacks.predictions=null",
+            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())},
+        )
         if "EADDRINUSE" not in result.stderr:
             break
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,14 +158,31 @@ def test_ddp_two_processes_cpu(tmp_path):
 @pytest.mark.slow
 def test_ddp_jobs_of_a_sweep_do_not_reenter_the_sweep(tmp_path):
     # Lightning starts rank 1 by rerunning the job's saved config in the job's absolute directory.
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=hungarian,ms_detr", "trainer=ddp",
-           "trainer.accelerator=cpu", "trainer.devices=2", "schedule.epochs=1", "trainer.check_val_every_n_epoch=1",
-           "callbacks.predictions=null", *E2E, f"paths.data_root={tmp_path / 'data'}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "matcher=hungarian,ms_detr",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "schedule.epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.predictions=null",
+        *E2E,
+        f"paths.data_root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     clean = clean_env()
     for _attempt in range(3):
-        result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
-                                env={**clean, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=900,
+            env={**clean, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())},
+        )
         if "EADDRINUSE" not in result.stderr:
             break
     assert result.returncode == 0, result.stderr[-3000:]
@@ -145,26 +190,47 @@ def test_ddp_jobs_of_a_sweep_do_not_reenter_the_sweep(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no nested sweeps
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
-        assert (sweep / job / "train_ddp_rank1.log").is_file()  # rank 1 ran this job, in this directory
+        # rank 1 ran this job, in this directory
+        assert (sweep / job / "train_ddp_rank1.log").is_file()
         assert not list((sweep / job).glob("*/multirun.yaml"))
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_matcher_sweep_fast_dev_run(tmp_path):
-    matchers = ["hungarian", "ms_detr", "deta", "h_detr", "group_detr", "ms_detr_h_detr", "ms_detr_deta", "dn_detr",
-                "ms_detr_dino"]
+    matchers = [
+        "hungarian",
+        "ms_detr",
+        "deta",
+        "h_detr",
+        "group_detr",
+        "ms_detr_h_detr",
+        "ms_detr_deta",
+        "dn_detr",
+        "ms_detr_dino",
+    ]
     # Mixed query selection for all: Group DETR's groups need learned content on a two-stage model.
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "matcher=" + ",".join(matchers),
-           "model.detector.queries.mixed_selection=true", "trainer.fast_dev_run=true", *E2E,
-           f"paths.data_root={tmp_path / 'data'}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "matcher=" + ",".join(matchers),
+        "model.detector.queries.mixed_selection=true",
+        "trainer.fast_dev_run=true",
+        *E2E,
+        f"paths.data_root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "callbacks.predictions=null",
+    ]
     clean = clean_env()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900, env=clean
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert jobs == [str(i) for i in range(len(matchers))]
     for i, matcher in enumerate(matchers):  # every job really ran its matcher to the end
         overrides = (tmp_path / "sweep" / str(i) / ".hydra" / "overrides.yaml").read_text()
         assert f"matcher={matcher}" in overrides
-        assert not list((tmp_path / "sweep" / str(i)).rglob("*.ckpt"))  # a smoke test writes no checkpoint
+        # a smoke test writes no checkpoint
+        assert not list((tmp_path / "sweep" / str(i)).rglob("*.ckpt"))
     assert result.stderr.count("`Trainer.fit` stopped: `max_steps=1` reached") == len(matchers)

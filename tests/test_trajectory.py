@@ -2,15 +2,17 @@
 epochs of S steps) trained through this project's own path: `from_official`, the module's
 `configure_optimizers`, a `lightning.Trainer` with the official gradient clipping, one fixture batch
 per step. Per step the weighted loss, the pre-clip gradient norm and every parameter's lr and weight
-decay; at the end every parameter's norm and sum. Format and tolerances: ../shared/parity/README.md."""
+decay; at the end every parameter's norm and sum. Format and tolerances:
+../shared/parity/README.md."""
+
 import math
 
 import lightning as L
 import pytest
 import torch
+
 from helpers import load_fixture
 from helpers.parity import fixture_batch, fixture_state_dict
-
 from msdetr.naming import official_names
 from msdetr.official import build_from_args, from_official, official_trainer_args, parse_flags
 
@@ -30,7 +32,7 @@ class FixtureBatches:
 
     def __iter__(self):
         first, self.epoch = self.epoch * self.steps, self.epoch + 1
-        for batch in self.batches[first:first + self.steps]:
+        for batch in self.batches[first : first + self.steps]:
             images, mask = fixture_batch(batch)
             yield images, mask, batch["targets"]
 
@@ -45,8 +47,13 @@ class Recorder(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         by_id = {id(p): n for n, p in pl_module.named_parameters()}
-        self.hyper.append({self.names[by_id[id(p)]]: (g["lr"], g["weight_decay"])
-                           for g in optimizer.param_groups for p in g["params"]})
+        self.hyper.append(
+            {
+                self.names[by_id[id(p)]]: (g["lr"], g["weight_decay"])
+                for g in optimizer.param_groups
+                for p in g["params"]
+            }
+        )
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.grad_norms.append(torch.nn.utils.get_total_norm(grads).item())
 
@@ -61,8 +68,16 @@ def trained(request):
     names = official_names(module)
     recorder = Recorder(names)
     trainer_args = official_trainer_args(fx["flags"])
-    trainer = L.Trainer(**trainer_args, accelerator="cpu", devices=1, logger=False, callbacks=[recorder],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        **trainer_args,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[recorder],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=FixtureBatches(fx))
     return fx, module, names, recorder, trainer_args
 
@@ -78,7 +93,11 @@ def test_the_official_flags_set_the_loop(trained):
     assert trainer_args["gradient_clip_val"] == train["clip_max_norm"]
     hp = module.hparams
     assert (hp.lr, hp.lr_backbone, hp.weight_decay, hp.lr_drop_every) == (
-        train["lr"], train["lr_backbone"], train["weight_decay"], train["lr_drop"])
+        train["lr"],
+        train["lr_backbone"],
+        train["weight_decay"],
+        train["lr_drop"],
+    )
     # Each parameter is in the group its official name selects; every other one is frozen.
     model_names = official_names(module.model)
     groups = {model_names[n]: g for n, g in module.param_group_names().items()}
@@ -108,7 +127,9 @@ def test_learning_rates_and_weight_decay_per_step(trained):
     for step, (hyper, s) in enumerate(zip(recorder.hyper, fx["steps"])):
         assert set(hyper) == set(group_of), f"step {step}"
         for name, (lr, wd) in hyper.items():
-            assert _rel(lr, s["lrs"][group_of[name]]) < fx["tolerances"]["lr"], f"step {step}: {name}"
+            assert _rel(lr, s["lrs"][group_of[name]]) < fx["tolerances"]["lr"], (
+                f"step {step}: {name}"
+            )
             assert wd == fx["train"]["weight_decay"]
 
 
@@ -120,15 +141,35 @@ def test_final_parameter_norms(trained):
     for name, (norm, total) in fx["param_norms"].items():
         p = params[name]
         assert _rel(p.norm().item(), norm.item()) < tol_norm, name
-        assert abs(p.sum().item() - total.item()) / (math.sqrt(p.numel()) * norm.item()) < tol_sum, name
+        assert (
+            abs(p.sum().item() - total.item()) / (math.sqrt(p.numel()) * norm.item()) < tol_sum
+        ), name
 
 
 def test_lr_drop_is_the_official_step_lr_and_list_flags_parse():
     """`--lr_drop d` drops every d epochs (StepLR), not only at epoch d; nargs='+' flags take all
     their values."""
-    args = parse_flags(["--backbone", "resnet18", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "10",
-                        "--lr_drop", "2", "--lr_backbone_names", "backbone.0", "input_proj",
-                        "--lr_linear_proj_names", "sampling_offsets", "--clip_max_norm", "0"])
+    args = parse_flags(
+        [
+            "--backbone",
+            "resnet18",
+            "--enc_layers",
+            "1",
+            "--dec_layers",
+            "1",
+            "--num_queries",
+            "10",
+            "--lr_drop",
+            "2",
+            "--lr_backbone_names",
+            "backbone.0",
+            "input_proj",
+            "--lr_linear_proj_names",
+            "sampling_offsets",
+            "--clip_max_norm",
+            "0",
+        ]
+    )
     assert args["lr_backbone_names"] == ["backbone.0", "input_proj"]
     assert args["lr_linear_proj_names"] == ["sampling_offsets"]
     assert official_trainer_args(args)["gradient_clip_val"] is None  # 0: no clipping, as officially

@@ -1,5 +1,7 @@
-"""Research workflow: W&B offline runs and resumes, requeue auto-resume, LightningCLI (predict.py: test_predict.py),
+"""Research workflow: W&B offline runs and resumes, requeue auto-resume, LightningCLI (predict.py:
+    test_predict.py),
 bf16-mixed with gradient accumulation and throughput logging, the Optuna and SLURM configs."""
+
 import csv
 import subprocess
 import sys
@@ -26,9 +28,14 @@ def _metrics_rows(run_dir: Path) -> list[dict]:
 def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
     pytest.importorskip("wandb")
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    first = train_e2e(tmp_path, "logger=wandb", "schedule.epochs=1",
-                      "trainer.check_val_every_n_epoch=1", "callbacks.predictions.every_n_epochs=1",
-                      env=env)
+    first = train_e2e(
+        tmp_path,
+        "logger=wandb",
+        "schedule.epochs=1",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.predictions.every_n_epochs=1",
+        env=env,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "run"
     run_id = (run / "wandb_id.txt").read_text().strip()
@@ -37,12 +44,24 @@ def test_wandb_offline_run_keeps_its_id_for_resume(tmp_path):
     assert b"val/AP" in log and b"train/loss" in log and b"val/predictions" in log
 
     resumed = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *E2E, f"paths.data_root={tmp_path / 'data'}",
-         f"hydra.run.dir={tmp_path / 'resumed'}", "logger=wandb", "schedule.epochs=2",
-         "trainer.check_val_every_n_epoch=1", "callbacks.predictions=null",
-         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-        env={**clean_env(), **env})
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *E2E,
+            f"paths.data_root={tmp_path / 'data'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+            "logger=wandb",
+            "schedule.epochs=2",
+            "trainer.check_val_every_n_epoch=1",
+            "callbacks.predictions=null",
+            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env={**clean_env(), **env},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The resume writes into the run it continues: same directory, same W&B run.
     assert (run / "wandb_id.txt").read_text().strip() == run_id
@@ -63,11 +82,23 @@ def test_requeued_run_resumes_from_its_own_last_checkpoint(tmp_path):
 
 
 def test_lightning_cli_fit_fast_dev_run(tmp_path):
-    cmd = [sys.executable, "-m", "msdetr", "fit", "--config", str(ROOT / "configs" / "cli" / "synthetic.yaml"),
-           "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path / 'cli'}",
-           f"--data.root={tmp_path / 'synthetic'}", "--data.synthetic_train=8", "--data.synthetic_val=4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "msdetr",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "cli" / "synthetic.yaml"),
+        "--trainer.fast_dev_run=true",
+        f"--trainer.default_root_dir={tmp_path / 'cli'}",
+        f"--data.root={tmp_path / 'synthetic'}",
+        "--data.synthetic_train=8",
+        "--data.synthetic_val=4",
+    ]
     clean = clean_env()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stderr
 
@@ -75,10 +106,20 @@ def test_lightning_cli_fit_fast_dev_run(tmp_path):
 def test_bf16_forward_backward_keeps_costs_and_losses_fp32():
     torch.manual_seed(0)
     model = tiny_detector("model=deformable_detr_two_stage_refine")
-    crit = SetCriterion(5, [Branch("main", HungarianMatcher()),
-                            Branch("enc_outputs", HungarianMatcher(), suffix="_enc", aux=False, binary=True)])
-    targets = [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])},
-               {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])}]
+    crit = SetCriterion(
+        5,
+        [
+            Branch("main", HungarianMatcher()),
+            Branch("enc_outputs", HungarianMatcher(), suffix="_enc", aux=False, binary=True),
+        ],
+    )
+    targets = [
+        {
+            "labels": torch.tensor([1, 3]),
+            "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]]),
+        },
+        {"labels": torch.tensor([2]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.2]])},
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*batch())
         losses = crit(out, targets)
@@ -93,9 +134,17 @@ def test_bf16_forward_backward_keeps_costs_and_losses_fp32():
 
 
 def test_bf16_mixed_training_with_accumulation_logs_throughput(tmp_path):
-    cfg = config(tmp_path, "schedule.epochs=1", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
-                 "data.synthetic_train=16", "trainer.log_every_n_steps=1", "callbacks.throughput.log_every_n_steps=1",
-                 "callbacks.predictions=null", "trainer.check_val_every_n_epoch=1")
+    cfg = config(
+        tmp_path,
+        "schedule.epochs=1",
+        "trainer.precision=bf16-mixed",
+        "trainer.accumulate_grad_batches=2",
+        "data.synthetic_train=16",
+        "trainer.log_every_n_steps=1",
+        "callbacks.throughput.log_every_n_steps=1",
+        "callbacks.predictions=null",
+        "trainer.check_val_every_n_epoch=1",
+    )
     metrics = train(cfg)
     assert 0.0 <= metrics["AP"] <= 1.0
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
@@ -110,11 +159,22 @@ def test_bf16_mixed_training_with_accumulation_logs_throughput(tmp_path):
 
 def test_optuna_sweep_maximizes_validation_ap(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-           "trainer.fast_dev_run=true", *E2E, f"paths.data_root={tmp_path / 'data'}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}", "callbacks.predictions=null"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "trainer.fast_dev_run=true",
+        *E2E,
+        f"paths.data_root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "callbacks.predictions=null",
+    ]
     clean = clean_env()
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=clean
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best = (tmp_path / "sweep" / "optimization_results.yaml").read_text()
     assert "best_params" in best and "schedule.optim.lr" in best and "best_value" in best
@@ -122,8 +182,9 @@ def test_optuna_sweep_maximizes_validation_ap(tmp_path):
 
 def test_slurm_config_runs_one_task_per_gpu():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose("cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu",
-                  hydra=True)
+    cfg = compose(
+        "cluster=slurm", "experiment=ms_detr_300", "hydra.launcher.partition=gpu", hydra=True
+    )
     launcher = cfg.hydra.launcher
     assert "SlurmLauncher" in launcher._target_
     assert launcher.tasks_per_node == launcher.gpus_per_node == cfg.trainer.devices == 8

@@ -1,9 +1,11 @@
-"""LightningCLI for users who prefer it to Hydra: python -m msdetr fit --config configs/cli/synthetic.yaml
+"""LightningCLI for users who prefer it to Hydra: python -m msdetr fit --config
+    configs/cli/synthetic.yaml
 
 The same DetectionModule and CocoDataModule classes as train.py; the model, criterion and
 post-processing are given as class_path / init_args (see configs/cli/). `fit`, `validate`, `test`
 and `predict` are Lightning's subcommands; `--print_config` shows everything that can be set.
 """
+
 from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
@@ -15,7 +17,11 @@ from .lit.callbacks import AtomicCheckpointIO
 
 def _run_seed(seed_everything):
     """model.seed follows seed_everything (an int; True/False/None leave per-rank reseeding off)."""
-    return seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else None
+    return (
+        seed_everything
+        if isinstance(seed_everything, int) and not isinstance(seed_everything, bool)
+        else None
+    )
 
 
 class MsdetrCLI(LightningCLI):
@@ -25,7 +31,9 @@ class MsdetrCLI(LightningCLI):
 
 def main(args=None) -> LightningCLI:
     return MsdetrCLI(
-        DetectionModule, CocoDataModule, args=args,
+        DetectionModule,
+        CocoDataModule,
+        args=args,
         trainer_defaults={"plugins": [AtomicCheckpointIO()], "gradient_clip_val": 0.1},
         save_config_kwargs={"overwrite": True},
     )

@@ -16,12 +16,14 @@ composed.
 Only omegaconf and hydra are imported here (and `msdetr/__init__.py`, which imports nothing): the
 entry scripts import Lightning and torch only after `validate` has passed.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -32,12 +34,14 @@ __all__ = ["ConfigValidationError", "RunConfig", "validate"]
 
 class ConfigValidationError(CompactHydraException, ValueError):
     """A config value of the wrong type or out of range. Hydra prints a CompactHydraException
-    raised by the task function as its message alone, without a traceback (unless HYDRA_FULL_ERROR=1)."""
+    raised by the task function as its message alone, without a traceback (unless
+    HYDRA_FULL_ERROR=1)."""
 
 
 @dataclass(frozen=True)
 class Rule:
     """What a value must be: `ok(value)` says whether it is, `allowed` says it in words ("> 0")."""
+
     allowed: str
     ok: Callable[[Any], bool]
 
@@ -51,8 +55,10 @@ def above(low: float) -> Rule:
 
 
 def in_range(low: float, high: float, *, high_open: bool = False) -> Rule:
-    return Rule(f"in [{low}, {high}{')' if high_open else ']'}",
-                lambda v: low <= v < high if high_open else low <= v <= high)
+    return Rule(
+        f"in [{low}, {high}{')' if high_open else ']'}",
+        lambda v: low <= v < high if high_open else low <= v <= high,
+    )
 
 
 def _is_int(v: Any) -> bool:
@@ -60,7 +66,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _devices_ok(v: Any) -> bool:
-    """Lightning's `devices`: a count, -1 (all), a list of indices, or a string it parses ("auto", "0,1")."""
+    """Lightning's `devices`: a count, -1 (all), a list of indices, or a string it parses ("auto",
+    "0,1")."""
     if _is_int(v):
         return v >= 1 or v == -1
     if isinstance(v, ListConfig):
@@ -70,11 +77,13 @@ def _devices_ok(v: Any) -> bool:
 
 DEVICES = Rule("a count >= 1, -1 (all devices), 'auto' or a list of device indices", _devices_ok)
 # Lightning's `fast_dev_run`: a bool, or a number of batches.
-BOOL_OR_BATCHES = Rule("true, false or a number of batches >= 0",
-                       lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0))
+BOOL_OR_BATCHES = Rule(
+    "true, false or a number of batches >= 0",
+    lambda v: isinstance(v, bool) or (_is_int(v) and v >= 0),
+)
 
 
-def spec(rule: Optional[Rule] = None) -> Any:
+def spec(rule: Rule | None = None) -> Any:
     """A schema field: no default (a key the config leaves out is not checked), its range `rule`
     (applied to each element of a list field; null passes where the type is Optional)."""
     return field(default=MISSING, metadata={"rule": rule})
@@ -83,21 +92,22 @@ def spec(rule: Optional[Rule] = None) -> Any:
 # The schema. Field order is check order: the schedule comes before the trainer, whose max_epochs
 # and gradient_clip_val interpolate it, so an error names the key that was set.
 
+
 @dataclass
 class OptimConfig:
     lr: float = spec(above(0))
     lr_backbone: float = spec(at_least(0))
     lr_linear_proj_mult: float = spec(at_least(0))
     weight_decay: float = spec(at_least(0))
-    lr_drop_epochs: Optional[List[int]] = spec(at_least(1))
-    lr_drop_every: Optional[int] = spec(at_least(1))
+    lr_drop_epochs: list[int] | None = spec(at_least(1))
+    lr_drop_every: int | None = spec(at_least(1))
     lr_gamma: float = spec(above(0))
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = spec(at_least(1))
-    clip_max_norm: Optional[float] = spec(at_least(0))
+    clip_max_norm: float | None = spec(at_least(0))
     optim: OptimConfig = field(default_factory=OptimConfig)
     # `optimizer` and `lr_scheduler` (Hydra `_partial_` configs) pass through unchecked.
     lr_interval: str = spec(Rule("'epoch' or 'step'", lambda v: v in ("epoch", "step")))
@@ -144,7 +154,7 @@ class QueriesConfig:
 
 @dataclass
 class DetectorConfig:
-    num_classes: Optional[int] = spec(at_least(1))
+    num_classes: int | None = spec(at_least(1))
     box_refine: bool = spec()
     o2m_class_heads: bool = spec()
     share_heads: bool = spec()
@@ -163,7 +173,8 @@ class PostprocessConfig:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-ATTN_BACKENDS = ("auto", "triton", "reference", "gather")  # msdetr.kernels.BACKENDS (not imported here: torch)
+# msdetr.kernels.BACKENDS (not imported here: torch)
+ATTN_BACKENDS = ("auto", "triton", "reference", "gather")
 
 
 @dataclass
@@ -175,61 +186,81 @@ class ModelConfig:
     dim_feedforward: int = spec(at_least(1))
     dropout: float = spec(in_range(0, 1, high_open=True))
     num_queries: int = spec(at_least(1))
-    attn_backend: str = spec(Rule(", ".join(repr(b) for b in ATTN_BACKENDS), lambda v: v in ATTN_BACKENDS))
+    attn_backend: str = spec(
+        Rule(", ".join(repr(b) for b in ATTN_BACKENDS), lambda v: v in ATTN_BACKENDS)
+    )
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     # torch.compile of the detector (DetectionModule's compile_* arguments)
     compile: bool = spec()
-    compile_mode: Optional[str] = spec(Rule(", ".join(repr(m) for m in COMPILE_MODES), lambda v: v in COMPILE_MODES))
-    compile_dynamic: Optional[bool] = spec()
-    compile_backend: str = spec(Rule("a torch.compile backend name ('inductor', 'aot_eager', 'eager')",
-                                     lambda v: v.strip() != ""))
+    compile_mode: str | None = spec(
+        Rule(", ".join(repr(m) for m in COMPILE_MODES), lambda v: v in COMPILE_MODES)
+    )
+    compile_dynamic: bool | None = spec()
+    compile_backend: str = spec(
+        Rule(
+            "a torch.compile backend name ('inductor', 'aot_eager', 'eager')",
+            lambda v: v.strip() != "",
+        )
+    )
 
     @staticmethod
-    def check(node: DictConfig, path: str) -> Optional[str]:
-        """Across fields: the attention splits hidden_dim into nheads equal heads; a compile mode is an
+    def check(node: DictConfig, path: str) -> str | None:
+        """Across fields: the attention splits hidden_dim into nheads equal heads; a compile mode is
+            an
         inductor setting."""
-        if not (OmegaConf.is_missing(node, "hidden_dim") or OmegaConf.is_missing(node, "nheads")) \
-                and node.hidden_dim % node.nheads:
-            return (f"{path}hidden_dim={node.hidden_dim} is not allowed: use a multiple of "
-                    f"{path}nheads={node.nheads}.")
-        if OmegaConf.is_missing(node, "compile_mode") or OmegaConf.is_missing(node, "compile_backend"):
+        if (
+            not (OmegaConf.is_missing(node, "hidden_dim") or OmegaConf.is_missing(node, "nheads"))
+            and node.hidden_dim % node.nheads
+        ):
+            return (
+                f"{path}hidden_dim={node.hidden_dim} is not allowed: use a multiple of "
+                f"{path}nheads={node.nheads}."
+            )
+        if OmegaConf.is_missing(node, "compile_mode") or OmegaConf.is_missing(
+            node, "compile_backend"
+        ):
             return None
         if node.compile_mode is not None and node.compile_backend != "inductor":
-            return (f"{path}compile_mode={node.compile_mode} is not allowed with {path}compile_backend="
-                    f"{node.compile_backend}: a mode is an inductor setting, so set {path}compile_mode=null.")
+            return (
+                f"{path}compile_mode={node.compile_mode} is not allowed with {path}compile_backend="
+                f"{node.compile_backend}: a mode is an inductor setting, so set "
+                f"{path}compile_mode=null."
+            )
         return None
 
 
 @dataclass
 class DataConfig:
-    num_classes: Optional[int] = spec(at_least(1))
+    num_classes: int | None = spec(at_least(1))
     batch_size: int = spec(at_least(1))
-    val_batch_size: Optional[int] = spec(at_least(1))
+    val_batch_size: int | None = spec(at_least(1))
     num_workers: int = spec(at_least(0))
     pin_memory: bool = spec()
     persistent_workers: bool = spec()
-    train_scales: List[int] = spec(at_least(1))
+    train_scales: list[int] = spec(at_least(1))
     max_size: int = spec(at_least(1))
-    crop_resize: List[int] = spec(at_least(1))
-    crop_size: List[int] = spec(at_least(1))
+    crop_resize: list[int] = spec(at_least(1))
+    crop_size: list[int] = spec(at_least(1))
     eval_size: int = spec(at_least(1))
     synthetic: bool = spec()
     synthetic_train: int = spec(at_least(1))
     synthetic_val: int = spec(at_least(1))
-    verify_images: str = spec(Rule("'header', 'full' or 'none'", lambda v: v in ("header", "full", "none")))
+    verify_images: str = spec(
+        Rule("'header', 'full' or 'none'", lambda v: v in ("header", "full", "none"))
+    )
     skip_bad_images: bool = spec()
     masks: bool = spec()
-    seed: Optional[int] = spec()
+    seed: int | None = spec()
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: Optional[int] = spec(Rule(">= 1 or -1 (no limit)", lambda v: v >= 1 or v == -1))
+    max_epochs: int | None = spec(Rule(">= 1 or -1 (no limit)", lambda v: v >= 1 or v == -1))
     devices: Any = spec(DEVICES)
     num_nodes: int = spec(at_least(1))
-    gradient_clip_val: Optional[float] = spec(at_least(0))
-    check_val_every_n_epoch: Optional[int] = spec(at_least(1))
+    gradient_clip_val: float | None = spec(at_least(0))
+    check_val_every_n_epoch: int | None = spec(at_least(1))
     log_every_n_steps: int = spec(at_least(1))
     accumulate_grad_batches: int = spec(at_least(1))
     fast_dev_run: Any = spec(BOOL_OR_BATCHES)
@@ -239,8 +270,11 @@ class TrainerConfig:
 @dataclass
 class RunConfig:
     """The checked part of train.yaml, evaluate.yaml and predict.yaml (each key where it has it)."""
-    seed: Optional[int] = spec()
-    optimized_metric: Optional[str] = spec(Rule("a logged metric name such as 'val/AP'", lambda v: v.strip() != ""))
+
+    seed: int | None = spec()
+    optimized_metric: str | None = spec(
+        Rule("a logged metric name such as 'val/AP'", lambda v: v.strip() != "")
+    )
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,25 +285,29 @@ class RunConfig:
     report: bool = spec()
     # predict.yaml
     score_threshold: float = spec(in_range(0, 1))
-    eval_size: Optional[int] = spec(at_least(1))
-    max_size: Optional[int] = spec(at_least(1))
+    eval_size: int | None = spec(at_least(1))
+    max_size: int | None = spec(at_least(1))
     batch_size: int = spec(at_least(1))
 
 
 def validate(cfg: DictConfig, schema: type = RunConfig) -> None:
     """Raises ConfigValidationError, in one sentence naming the key, its value and what is
-    allowed, for the first value of `cfg` of the wrong type or out of range. `cfg` is not changed."""
+    allowed, for the first value of `cfg` of the wrong type or out of range. `cfg` is not
+    changed."""
     typed = OmegaConf.structured(schema)
     _open(typed, schema)
     try:
         merged = OmegaConf.merge(typed, cfg)  # OmegaConf's type check of every literal value
         assert isinstance(merged, DictConfig), "a structured schema merges into a DictConfig"
-        _check(merged, schema, "", cfg)       # ranges, and the types of interpolated values
+        _check(merged, schema, "", cfg)  # ranges, and the types of interpolated values
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
-        reason = str(err).splitlines()[0].rstrip(".")  # OmegaConf's message, without its location lines
+        # OmegaConf's message, without its location lines
+        reason = str(err).splitlines()[0].rstrip(".")
         shown = _shown(cfg, key) if key else None
-        where = f"{key}={shown} is not allowed: " if shown is not None else f"{key}: " if key else ""
+        where = (
+            f"{key}={shown} is not allowed: " if shown is not None else f"{key}: " if key else ""
+        )
         raise ConfigValidationError(f"{where}{reason}.") from None
 
 
@@ -295,22 +333,26 @@ def _check(node: DictConfig, schema: type, path: str, source: DictConfig) -> Non
         if OmegaConf.is_missing(node, f.name):
             continue  # not in this config: the code's default
         value = node[f.name]  # resolves an interpolation and checks the result against the type
-        rule: Optional[Rule] = f.metadata["rule"]
+        rule: Rule | None = f.metadata["rule"]
         if rule is None or value is None:
             continue
-        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if _base(hint)[1] else [(key, value)]
+        items = (
+            [(f"{key}[{i}]", v) for i, v in enumerate(value)] if _base(hint)[1] else [(key, value)]
+        )
         for item_key, item in items:
             if item is not None and not rule.ok(item):
                 shown = _shown(source, item_key) or str(item)
-                raise ConfigValidationError(f"{item_key}={shown} is not allowed: "
-                                            f"use {_allowed(hint, rule)}.")
+                raise ConfigValidationError(
+                    f"{item_key}={shown} is not allowed: use {_allowed(hint, rule)}."
+                )
     check = getattr(schema, "check", None)
     if check is not None and (message := check(node, path)):
         raise ConfigValidationError(message)
 
 
 def _base(hint: Any) -> tuple[Any, bool, bool]:
-    """(element type, is a list, is Optional) of a field's type hint: Optional[List[int]] -> int, True, True."""
+    """(element type, is a list, is Optional) of a field's type hint: Optional[List[int]] -> int,
+    True, True."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional:
@@ -325,7 +367,7 @@ def _allowed(hint: Any, rule: Rule) -> str:
     return f"{kind}{rule.allowed}{' or null' if optional else ''}"
 
 
-def _shown(source: DictConfig, key: str) -> Optional[str]:
+def _shown(source: DictConfig, key: str) -> str | None:
     """The value as the config has it (-1, not the merged -1.0), interpolations resolved; None
     where it does not resolve (the error says why)."""
     try:

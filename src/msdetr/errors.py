@@ -2,6 +2,7 @@
 turns the errors msdetr raises about data, configs, checkpoints, disks and diverged training into a
 Hydra CompactHydraException, printed as its message alone (HYDRA_FULL_ERROR=1 still shows the
 traceback). Imports nothing heavy: the exception classes are looked up when one is raised."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +19,14 @@ def _known() -> tuple[type[BaseException], ...]:
     from .files import DiskFullError
     from .run.resume import IncompleteRunError
 
-    return ValueError, FileNotFoundError, FloatingPointError, UnreadableImageError, DiskFullError, IncompleteRunError
+    return (
+        ValueError,
+        FileNotFoundError,
+        FloatingPointError,
+        UnreadableImageError,
+        DiskFullError,
+        IncompleteRunError,
+    )
 
 
 def _sentence(text: str) -> str:

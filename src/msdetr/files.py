@@ -1,11 +1,12 @@
 """File writes that never leave half a file behind."""
+
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # What a full disk or a file-size limit makes a write raise.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -19,7 +20,9 @@ def _megabytes(n: float) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size_hint: int | None = None) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Path], object], size_hint: int | None = None
+) -> None:
     """`write(tmp)` to a private temporary next to `path`, then rename it over `path`: a killed job
     or a concurrent writer (DDP ranks) never sees a torn file. If the write fails, the temporary is
     removed at once and the file already at `path` stays as it was; a full disk (or quota, or file
@@ -35,10 +38,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], size_
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             free = shutil.disk_usage(path.parent).free
-            needed = f"about {_megabytes(size_hint)}" if size_hint else f"more than the {_megabytes(written)} written"
-            what = "the file size limit (ulimit -f) was reached" if exc.errno == errno.EFBIG else "the disk is full"
+            needed = (
+                f"about {_megabytes(size_hint)}"
+                if size_hint
+                else f"more than the {_megabytes(written)} written"
+            )
+            what = (
+                "the file size limit (ulimit -f) was reached"
+                if exc.errno == errno.EFBIG
+                else "the disk is full"
+            )
             raise DiskFullError(
-                exc.errno, f"could not write '{path}': {what} (it needed {needed}, {_megabytes(free)} are free "
-                f"there); the partial file was removed and the previous '{path.name}' is intact, so free space "
-                "(or point paths.output_dir elsewhere) and rerun the command to resume.") from None
+                exc.errno,
+                f"could not write '{path}': {what} (it needed {needed}, {_megabytes(free)} are "
+                f"free there); the partial file was removed and the previous '{path.name}' is "
+                "intact, so free space (or point paths.output_dir elsewhere) and rerun the "
+                "command to resume.",
+            ) from None
         raise

@@ -4,11 +4,13 @@ names are class heads (what fine-tuning may leave out).
 Kept apart from `msdetr.official` (checkpoint conversion) so that the training module can group
 parameters by official name, as the official optimiser does, without importing the converters.
 """
+
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -16,9 +18,11 @@ from .models import DeformableDETR
 from .models.swin import swin_official_to_timm, swin_timm_to_official
 
 _FFN = re.compile(r"(transformer\.(?:encoder|decoder)\.layers\.\d+\.)(?:ffn|aux_ffn)\.")
-_FFN_BACK = re.compile(r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|norm2)\.|"
-                       r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.|"
-                       r"(transformer\.decoder\.layers\.\d+\.)(linear3|linear4|norm4)\.")
+_FFN_BACK = re.compile(
+    r"(transformer\.encoder\.layers\.\d+\.)(linear1|linear2|norm2)\.|"
+    r"(transformer\.decoder\.layers\.\d+\.)(linear1|linear2|norm3)\.|"
+    r"(transformer\.decoder\.layers\.\d+\.)(linear3|linear4|norm4)\."
+)
 
 
 # Where the detector's parts keep what the official model keeps under `transformer` (and its
@@ -52,7 +56,7 @@ def _move(name: str, to_official: bool) -> str:
     for official, ours in _MOVED:
         src, dst = (ours, official) if to_official else (official, ours)
         if name.startswith(src):
-            return dst + name[len(src):]
+            return dst + name[len(src) :]
     return name
 
 
@@ -62,10 +66,10 @@ def to_official_name(name: str, selection=None) -> str:
     name = name.removeprefix("model.")
     for ours, official in getattr(selection, "official_prefixes", {}).items():
         if name.startswith("queries." + ours):
-            return official + name[len("queries." + ours):]
+            return official + name[len("queries." + ours) :]
     name = _move(name, to_official=True)
     if name.startswith("backbone.body."):
-        name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body."):])
+        name = swin_timm_to_official("backbone.0.body." + name[len("backbone.body.") :])
     return _FFN.sub(r"\1", name)
 
 
@@ -73,7 +77,8 @@ def from_official_name(name: str) -> str:
     """This project's name of an official parameter name. Names this project used before the
     detector was composed of parts (the official `transformer.*` layout) convert the same way."""
     if name.startswith("backbone.0.body."):
-        name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body."):])
+        name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body.") :])
+
     def repl(m: re.Match) -> str:
         if m.group(5):
             return f"{m.group(5)}aux_ffn.{m.group(6)}."
@@ -82,12 +87,20 @@ def from_official_name(name: str) -> str:
     return _move(_FFN_BACK.sub(repl, name), to_official=False)
 
 
-def upgrade_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+def upgrade_state_dict(
+    state: Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """A state dict saved before the detector was composed of parts (`transformer.*` names) under
     today's names; today's state dicts come back unchanged. `prefix`: "model." for a module's."""
-    if not any(k.startswith(prefix + "transformer.") or k.startswith(prefix + "query_embed.") for k in state):
+    if not any(
+        k.startswith(prefix + "transformer.") or k.startswith(prefix + "query_embed.")
+        for k in state
+    ):
         return dict(state)
-    return {(prefix + from_official_name(k[len(prefix):]) if k.startswith(prefix) else k): v for k, v in state.items()}
+    return {
+        (prefix + from_official_name(k[len(prefix) :]) if k.startswith(prefix) else k): v
+        for k, v in state.items()
+    }
 
 
 def head_aliases(model: DeformableDETR) -> list[tuple[str, str, bool]]:
@@ -121,16 +134,18 @@ def official_names(module) -> dict[str, str]:
     out = {}
     for name, _ in model.named_parameters():
         official = to_official_name(name, model.queries)
-        # named_parameters() names a shared tensor by its first registration: the transformer's alias.
+        # named_parameters() names a shared tensor by its first registration: the transformer's
+        # alias.
         for head, alias, after in aliases:
             if official.startswith(head) and not after:
-                official = alias + official[len(head):]
+                official = alias + official[len(head) :]
         out[prefix + name] = official
     return out
 
 
 def to_official(module) -> dict[str, torch.Tensor]:
-    """The module's state dict under the official names, aliases included (as in official checkpoints)."""
+    """The module's state dict under the official names, aliases included (as in official
+    checkpoints)."""
     model = _unwrap(module)
     sd = {}
     for name, tensor in model.state_dict().items():
@@ -138,7 +153,7 @@ def to_official(module) -> dict[str, torch.Tensor]:
     for head, alias, _ in head_aliases(model):
         count = _alias_indices(model, alias)
         for name in [k for k in sd if k.startswith(head)]:
-            rest = name[len(head):]
+            rest = name[len(head) :]
             if int(rest.split(".")[0]) < count:
                 sd[alias + rest] = sd[name]
     return sd
@@ -164,7 +179,7 @@ def _heads(keys: set[str]) -> str:
         parts = key.removeprefix("model.").split(".")
         i = next(i for i, part in enumerate(parts) if part in _CLASS_HEADS)
         index = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].isdigit() else None
-        groups.setdefault(".".join(parts[:i + 1]), set()).update([int(index)] if index else [])
+        groups.setdefault(".".join(parts[: i + 1]), set()).update([int(index)] if index else [])
     out = []
     for head, indices in sorted(groups.items()):
         if not indices:
@@ -177,32 +192,43 @@ def _heads(keys: set[str]) -> str:
 
 
 class SkippedHeads(NamedTuple):
-    """The class-head keys a fine-tune leaves out (empty: load them all) and the warning saying so."""
+    """The class-head keys a fine-tune leaves out (empty: load them all) and the warning saying
+    so."""
 
     keys: frozenset[str]
     message: str = ""
 
     def warn(self) -> None:
-        """Warn once, after the rest of the checkpoint was found to fit (a refusal says only why)."""
+        """Warn once, after the rest of the checkpoint was found to fit (a refusal says only
+        why)."""
         if self.keys:
-            warnings.warn(self.message)
+            warnings.warn(self.message, stacklevel=2)
 
 
-def class_heads_to_skip(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
-                        fine_tune: bool = False, reset_class_heads: bool = False,
-                        source: str = "the checkpoint") -> SkippedHeads:
-    """The class-head keys of the model's `expected` state dict and of the checkpoint's `state` (both
-    under this project's names) that a fine-tune leaves out: all of them with `reset_class_heads`,
-    all of them with `fine_tune` when some checkpoint head has another shape than the model's (another
-    class count), none otherwise. The one rule for .ckpt and official .pth alike."""
+def class_heads_to_skip(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    *,
+    fine_tune: bool = False,
+    reset_class_heads: bool = False,
+    source: str = "the checkpoint",
+) -> SkippedHeads:
+    """The class-head keys of the model's `expected` state dict and of the checkpoint's `state`
+    (both under this project's names) that a fine-tune leaves out: all of them with
+    `reset_class_heads`, all of them with `fine_tune` when some checkpoint head has another shape
+    than the model's (another class count), none otherwise. The one rule for .ckpt and official .pth
+    alike."""
     if not (fine_tune or reset_class_heads):
         return SkippedHeads(frozenset())
     heads = frozenset(k for k in (*expected, *state) if is_class_head(k))
     if reset_class_heads:
         reason = "init_reset_class_heads asks for fresh class heads, as the official --finetune"
     else:
-        wrong = sorted(k for k in heads if k in expected and k in state
-                       and tuple(state[k].shape) != tuple(expected[k].shape))
+        wrong = sorted(
+            k
+            for k in heads
+            if k in expected and k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        )
         if not wrong:
             return SkippedHeads(frozenset())
         k = min(wrong, key=lambda name: not name.endswith(".weight"))  # a weight says the most
@@ -210,10 +236,15 @@ def class_heads_to_skip(expected: Mapping[str, torch.Tensor], state: Mapping[str
         if ours[1:] == theirs[1:]:
             reason = f"the checkpoint's heads predict {theirs[0]} classes, the model's {ours[0]}"
         else:
-            reason = (f"the checkpoint's heads do not fit the model's ({k.removeprefix('model.')}: "
-                      f"checkpoint {theirs} vs model {ours})")
-    return SkippedHeads(heads, f"{source}: the class heads {_heads(heads)} are not loaded and keep their "
-                               f"fresh initialisation: {reason}.")
+            reason = (
+                f"the checkpoint's heads do not fit the model's ({k.removeprefix('model.')}: "
+                f"checkpoint {theirs} vs model {ours})"
+            )
+    return SkippedHeads(
+        heads,
+        f"{source}: the class heads {_heads(heads)} are not loaded and keep their "
+        f"fresh initialisation: {reason}.",
+    )
 
 
 class StateDiff(NamedTuple):
@@ -226,8 +257,9 @@ class StateDiff(NamedTuple):
     wrong: list[str]  # present in both with another shape
 
 
-def compare_state_dicts(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-                        skip: SkippedHeads) -> StateDiff:
+def compare_state_dicts(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], skip: SkippedHeads
+) -> StateDiff:
     """The one comparison behind loading a .ckpt and an official .pth."""
     state = {k: v for k, v in state.items() if k not in skip.keys}
     expected = {k: v for k, v in expected.items() if k not in skip.keys}
@@ -235,5 +267,9 @@ def compare_state_dicts(expected: Mapping[str, torch.Tensor], state: Mapping[str
         state,
         sorted(set(expected) - set(state)),
         sorted(set(state) - set(expected)),
-        sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape)),
+        sorted(
+            k
+            for k in set(state) & set(expected)
+            if tuple(state[k].shape) != tuple(expected[k].shape)
+        ),
     )

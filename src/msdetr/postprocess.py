@@ -1,16 +1,17 @@
 """Turning raw outputs into detections: top-k over (query, class) pairs."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 from torchvision.ops import batched_nms, nms
 
 from .box_ops import cxcywh_to_xyxy
 
 
 class TopKPostProcess(nn.Module):
-    """sigmoid, flatten (query, class), keep the top-k; boxes in absolute xyxy of the original image."""
+    """sigmoid, flatten (query, class), keep the top-k; boxes in absolute xyxy of the original
+    image."""
 
     def __init__(self, num_select: int = 100):
         super().__init__()
@@ -24,14 +25,17 @@ class TopKPostProcess(nn.Module):
         scores, idx = torch.topk(prob, min(self.num_select, q * c), dim=1)
         query = torch.div(idx, c, rounding_mode="floor")
         labels = idx % c
-        boxes = torch.gather(cxcywh_to_xyxy(boxes.float()), 1, query.unsqueeze(-1).expand(-1, -1, 4))
+        boxes = torch.gather(
+            cxcywh_to_xyxy(boxes.float()), 1, query.unsqueeze(-1).expand(-1, -1, 4)
+        )
         h, w = orig_sizes.to(boxes.dtype).unbind(1)
         boxes = boxes * torch.stack([w, h, w, h], 1)[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": bx} for s, l, bx in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": bx} for s, c, bx in zip(scores, labels, boxes)]
 
 
 class NMSPostProcess(nn.Module):
-    """DETA's class-aware NMS: every (query, class) pair, at most `pre_topk` by score, batched NMS by
+    """DETA's class-aware NMS: every (query, class) pair, at most `pre_topk` by score, batched NMS
+        by
     label at `iou_threshold`, the best `num_select` kept; no score threshold.
 
     `whole_batch`: one NMS over the whole batch (every (image, class) its own group) and one read
@@ -43,8 +47,13 @@ class NMSPostProcess(nn.Module):
     algorithm nor the offsets that keep the groups apart can change which box suppresses which.
     """
 
-    def __init__(self, num_select: int = 100, iou_threshold: float = 0.7, pre_topk: int = 10000,
-                 whole_batch: bool | None = None):
+    def __init__(
+        self,
+        num_select: int = 100,
+        iou_threshold: float = 0.7,
+        pre_topk: int = 10000,
+        whole_batch: bool | None = None,
+    ):
         super().__init__()
         self.num_select, self.iou_threshold, self.pre_topk = num_select, iou_threshold, pre_topk
         self.whole_batch = whole_batch
@@ -62,24 +71,35 @@ class NMSPostProcess(nn.Module):
         else:
             idx = torch.arange(q * c, device=scores.device).expand(b, -1)
         label = idx % c
-        box = torch.gather(boxes, 1, torch.div(idx, c, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4))
+        box = torch.gather(
+            boxes, 1, torch.div(idx, c, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4)
+        )
         score = torch.gather(scores, 1, idx)
         if b * n == 0:
             return [{"scores": score[i], "labels": label[i], "boxes": box[i]} for i in range(b)]
         # NMS only uses the order of the scores: a strict one, highest first, ties by position.
         order = score.sort(dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, -1))
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(n, device=order.device).expand(b, -1)
+        )
         key = (n - rank).double()
         whole_batch = self.whole_batch if self.whole_batch is not None else box.device.type != "cpu"
         if whole_batch:
             kept = self._split_by_image(self.batch_nms(box, key, label, c), n, b)
         else:
-            kept = [batched_nms(box[i].double(), key[i], label[i], self.iou_threshold) for i in range(b)]
-        return [{"scores": score[i, k], "labels": label[i, k], "boxes": box[i, k]}
-                for i, k in enumerate(k[: self.num_select] for k in kept)]
+            kept = [
+                batched_nms(box[i].double(), key[i], label[i], self.iou_threshold) for i in range(b)
+            ]
+        return [
+            {"scores": score[i, k], "labels": label[i, k], "boxes": box[i, k]}
+            for i, k in enumerate(k[: self.num_select] for k in kept)
+        ]
 
-    def batch_nms(self, box: torch.Tensor, key: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """One class-aware NMS over the whole batch: (B, n, 4) boxes -> kept positions in the flattened
+    def batch_nms(
+        self, box: torch.Tensor, key: torch.Tensor, label: torch.Tensor, num_classes: int
+    ) -> torch.Tensor:
+        """One class-aware NMS over the whole batch: (B, n, 4) boxes -> kept positions in the
+            flattened
         (B * n) candidates, by decreasing key. Every (image, class) is its own group, shifted by an
         integer offset wider than all boxes; in float64 the shifted float32 coordinates stay exact,
         so each group sees exactly the IoUs of its own boxes."""
@@ -96,6 +116,7 @@ class NMSPostProcess(nn.Module):
         image = torch.div(keep, n, rounding_mode="floor")
         sorted_image, perm = image.sort(stable=True)
         grouped = keep[perm] - sorted_image * n
-        # bincount would read the largest id from the device to size its output; scatter_add does not.
+        # bincount would read the largest id from the device to size its output; scatter_add does
+        # not.
         counts = image.new_zeros(b).scatter_add_(0, image, torch.ones_like(image)).cpu().tolist()
         return list(grouped.split(counts))

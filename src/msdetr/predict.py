@@ -1,10 +1,11 @@
-"""Detections on a folder of images (or one image): COCO-style results, written as they are made, and
-annotated PNGs.
+"""Detections on a folder of images (or one image): COCO-style results, written as they are made,
+and annotated PNGs.
 
 Checkpoints: this project's .ckpt from train.py (it carries its Hydra config and class names), a
 .ckpt from `python -m msdetr fit` (LightningCLI: the model is rebuilt from the class_path /
 init_args config that run saved), or an official .pth with its experiment on the command line.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,16 +39,21 @@ def list_images(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"input '{path}' is neither an image nor a folder; pass input=<image or folder>.")
+        raise FileNotFoundError(
+            f"input '{path}' is neither an image nor a folder; pass input=<image or folder>."
+        )
     images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"the folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise FileNotFoundError(
+            f"the folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)})."
+        )
     return images
 
 
 def _readable_batches(paths: list[Path], batch_size: int, skipped: list[str], record):
     """Batches of (image id, path, RGB image), read as they are needed. A file that cannot be read
-    gets one warning naming it, a line in the JSONL (`record`), an entry in `skipped`, and is left out."""
+    gets one warning naming it, a line in the JSONL (`record`), an entry in `skipped`, and is left
+    out."""
     batch = []
     for image_id, path in enumerate(paths):
         try:
@@ -82,8 +88,11 @@ def _plain_args(section: Any) -> dict:
     return {k: v for k, v in section.items() if k != "_instantiator"}
 
 
-def _lightning_cli_config(ckpt: dict, ckpt_path: Path, cli_config: str | None) -> tuple[dict, dict, str]:
-    """(model section, data section, where they were found) of a checkpoint from `python -m msdetr fit`.
+def _lightning_cli_config(
+    ckpt: dict, ckpt_path: Path, cli_config: str | None
+) -> tuple[dict, dict, str]:
+    """(model section, data section, where they were found) of a checkpoint from `python -m msdetr
+    fit`.
 
     The checkpoint's hyper_parameters hold the model's class_path / init_args config when the module
     saved it; otherwise the config.yaml LightningCLI saved in the run's log dir (the checkpoint's
@@ -91,24 +100,31 @@ def _lightning_cli_config(ckpt: dict, ckpt_path: Path, cli_config: str | None) -
     hparams = _plain_args(ckpt.get("hyper_parameters"))
     if not cli_config and isinstance(hparams.get("model"), dict):
         return hparams, _plain_args(ckpt.get("datamodule_hyper_parameters")), f"'{ckpt_path}'"
-    candidates = [Path(cli_config)] if cli_config else [ckpt_path.parent.parent / "config.yaml",
-                                                        ckpt_path.parent / "config.yaml"]
+    candidates = (
+        [Path(cli_config)]
+        if cli_config
+        else [ckpt_path.parent.parent / "config.yaml", ckpt_path.parent / "config.yaml"]
+    )
     for path in candidates:
         if not path.is_file():
             continue
         with path.open() as f:
             config = yaml.safe_load(f)
         if not (isinstance(config, dict) and isinstance(config.get("model"), dict)):
-            raise ValueError(f"'{path}' holds no 'model' section; set cli_config= to the config.yaml that "
-                             "`python -m msdetr fit` saved for the run of this checkpoint.")
+            raise ValueError(
+                f"'{path}' holds no 'model' section; set cli_config= to the config.yaml that "
+                "`python -m msdetr fit` saved for the run of this checkpoint."
+            )
         return _plain_args(config["model"]), _plain_args(config.get("data")), f"'{path}'"
     if cli_config:
-        raise FileNotFoundError(f"cli_config '{cli_config}' does not exist; point it at the config.yaml that "
-                                "`python -m msdetr fit` saved for the run of this checkpoint.")
+        raise FileNotFoundError(
+            f"cli_config '{cli_config}' does not exist; point it at the config.yaml that "
+            "`python -m msdetr fit` saved for the run of this checkpoint."
+        )
     raise FileNotFoundError(
-        f"'{ckpt_path}' is a Lightning checkpoint without this project's run config, and no LightningCLI "
-        f"config.yaml is beside it ({candidates[0]}); set cli_config=<the run's config.yaml> (LightningCLI "
-        "saves it in lightning_logs/version_N/)."
+        f"'{ckpt_path}' is a Lightning checkpoint without this project's run config, and no "
+        f"LightningCLI config.yaml is beside it ({candidates[0]}); set cli_config=<the run's "
+        "config.yaml> (LightningCLI saves it in lightning_logs/version_N/)."
     )
 
 
@@ -120,7 +136,9 @@ def _build_from_lightning_cli(model_args: dict, source: str):
 
     config = copy.deepcopy(model_args)
     detector = config.get("model")
-    backbone = (detector.get("init_args") or {}).get("backbone") if isinstance(detector, dict) else None
+    backbone = (
+        (detector.get("init_args") or {}).get("backbone") if isinstance(detector, dict) else None
+    )
     backbone_args = backbone.get("init_args") if isinstance(backbone, dict) else None
     if isinstance(backbone_args, dict) and "pretrained" in backbone_args:
         backbone_args["pretrained"] = False  # the checkpoint brings every weight
@@ -128,14 +146,18 @@ def _build_from_lightning_cli(model_args: dict, source: str):
         return instantiate_module(DetectionModule, config)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"the model config in {source} does not build a DetectionModule ({first}); it should be "
-                         "the `model:` section `python -m msdetr fit` saved.") from exc
+        raise ValueError(
+            f"the model config in {source} does not build a DetectionModule ({first}); it should "
+            "be the `model:` section `python -m msdetr fit` saved."
+        ) from exc
 
 
 def _names_from_annotations(data_args: dict) -> dict[int, str]:
     """Category names from the run's validation annotation file, if it is still there."""
-    ann = data_args.get("val_ann") or (data_args.get("root") and
-                                       str(Path(data_args["root"]) / "annotations" / "instances_val.json"))
+    ann = data_args.get("val_ann") or (
+        data_args.get("root")
+        and str(Path(data_args["root"]) / "annotations" / "instances_val.json")
+    )
     if not ann or not Path(ann).is_file():
         return {}
     try:
@@ -177,12 +199,18 @@ def build_predictor(cfg: DictConfig) -> Predictor:
     resolution = {}
     for key in ("eval_size", "max_size"):
         given, trained = cfg.get(key), data_args.get(key)
-        resolution[key] = int(given if given is not None else trained if trained is not None
-                              else defaults[key].default)
+        resolution[key] = int(
+            given
+            if given is not None
+            else trained
+            if trained is not None
+            else defaults[key].default
+        )
     if cfg.get("eval_size") is not None and cfg.get("max_size") is not None:
         origin = "eval_size= and max_size= given"
     elif cfg.get("eval_size") is not None or cfg.get("max_size") is not None:
-        origin = f"{'eval_size' if cfg.get('eval_size') is not None else 'max_size'}= given, the other from {origin}"
+        given = "eval_size" if cfg.get("eval_size") is not None else "max_size"
+        origin = f"{given}= given, the other from {origin}"
     return Predictor(module.eval(), names, resolution["eval_size"], resolution["max_size"], origin)
 
 
@@ -197,19 +225,28 @@ def predict(cfg: DictConfig) -> Path:
     to their image. A file that cannot be read is named, skipped and listed at the end; an input
     with no readable image at all is an error."""
     if not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path '{cfg.ckpt_path}' does not exist; point it at a .ckpt or official .pth.")
+        raise FileNotFoundError(
+            f"ckpt_path '{cfg.ckpt_path}' does not exist; point it at a .ckpt or official .pth."
+        )
     paths = list_images(cfg.input)
     predictor = build_predictor(cfg)
     module, names = predictor.module, predictor.names
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     module.to(device)
-    log.info("images resized to short side %d, long side at most %d (%s)", predictor.eval_size,
-             predictor.max_size, predictor.resolution_from)
+    log.info(
+        "images resized to short side %d, long side at most %d (%s)",
+        predictor.eval_size,
+        predictor.max_size,
+        predictor.resolution_from,
+    )
     transform = eval_transforms(predictor.eval_size, predictor.max_size)
     out_dir = Path(cfg.output_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     results, done, skipped = [], 0, []
     with (out_dir / "detections.jsonl").open("w") as lines:
+
         def record(entry: dict) -> None:
             lines.write(json.dumps(entry) + "\n")
             lines.flush()
@@ -219,32 +256,58 @@ def predict(cfg: DictConfig) -> Path:
             images, mask, _ = collate([(transform(im), {}) for im in originals])
             outputs = module.model(images.to(device), mask.to(device))
             sizes = torch.tensor([im.shape[-2:] for im in originals], device=device)
-            for (image_id, path, _), image, det in zip(batch, originals, module.postprocess(outputs, sizes)):
+            for (image_id, path, _), image, det in zip(
+                batch, originals, module.postprocess(outputs, sizes)
+            ):
                 h, w = image.shape[-2:]
                 det = {k: v.float().cpu() if k != "labels" else v.cpu() for k, v in det.items()}
                 det["boxes"][:, 0::2] = det["boxes"][:, 0::2].clamp(0, w)
                 det["boxes"][:, 1::2] = det["boxes"][:, 1::2].clamp(0, h)
                 keep = det["scores"] >= cfg.score_threshold
                 found = []
-                for box, score, label in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep]):
+                for box, score, label in zip(
+                    det["boxes"][keep], det["scores"][keep], det["labels"][keep]
+                ):
                     x0, y0, x1, y1 = box.tolist()
-                    found.append({"image_id": image_id, "file_name": path.name, "category_id": int(label),
-                                  "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
-                                  "score": round(float(score), 4)})
+                    found.append(
+                        {
+                            "image_id": image_id,
+                            "file_name": path.name,
+                            "category_id": int(label),
+                            "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
+                            "score": round(float(score), 4),
+                        }
+                    )
                 picture = draw_detections(image, det, names, cfg.score_threshold)
-                atomic_write(out_dir / "images" / f"{path.name}.png", lambda tmp: write_png(picture, str(tmp)))
-                record({"image_id": image_id, "file_name": path.name, "width": int(w), "height": int(h),
-                        "detections": found})
+                atomic_write(
+                    out_dir / "images" / f"{path.name}.png",
+                    lambda tmp, picture=picture: write_png(picture, str(tmp)),
+                )
+                record(
+                    {
+                        "image_id": image_id,
+                        "file_name": path.name,
+                        "width": int(w),
+                        "height": int(h),
+                        "detections": found,
+                    }
+                )
                 results.extend(found)
                 done += 1
     if not done:
-        raise ValueError(f"none of the {len(paths)} file(s) of input '{cfg.input}' could be read as an image "
-                         f"({'; '.join(skipped[:5])}{' and more' if len(skipped) > 5 else ''}); pass images "
-                         f"({', '.join(IMAGE_SUFFIXES)}) that PIL can open.")
+        raise ValueError(
+            f"none of the {len(paths)} file(s) of input '{cfg.input}' could be read as an image "
+            f"({'; '.join(skipped[:5])}{' and more' if len(skipped) > 5 else ''}); pass images "
+            f"({', '.join(IMAGE_SUFFIXES)}) that PIL can open."
+        )
     target = out_dir / "detections.json"
     atomic_write(target, lambda tmp: tmp.write_text(json.dumps(results)))
     log.info("%d detections on %d images -> %s", len(results), done, target)
     if skipped:
-        log.warning("%d of %d file(s) could not be read and were skipped: %s", len(skipped), len(paths),
-                    "; ".join(skipped))
+        log.warning(
+            "%d of %d file(s) could not be read and were skipped: %s",
+            len(skipped),
+            len(paths),
+            "; ".join(skipped),
+        )
     return target

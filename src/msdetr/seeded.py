@@ -1,4 +1,5 @@
 """`Seeded`: what draws random numbers from a generator of its own (assigners, denoising blocks)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ these are plain functions and constants:
 - `parity`: the parity fixtures' weights and batches, and tensor comparisons,
 - `official_keys`, `dino_manifest`, `dn_detr_manifest`: the official checkpoints' key sets.
 """
+
 from pathlib import Path
 
 import torch

@@ -1,5 +1,6 @@
 """Test helpers for the assigners: a fixed assignment, and the one-to-many assigners' random cap and
 per-GT top-k written image by image (the form `QualityTopKAssigner.assign_many` batches)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,12 @@ class FixedAssigner(Assigner):
         return self.indices
 
 
-def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.Generator | None,
-                  num_negatives: int = 0) -> torch.Tensor:
+def cap_positives(
+    positive: torch.Tensor,
+    max_positives: int,
+    generator: torch.Generator | None,
+    num_negatives: int = 0,
+) -> torch.Tensor:
     """Keep at most `max_positives` of the positives, a uniformly random subset (no effect below).
 
     Draws as the official `subsample_labels` does, whether or not the cap binds: a permutation of
@@ -33,8 +38,13 @@ def cap_positives(positive: torch.Tensor, max_positives: int, generator: torch.G
     return capped
 
 
-def topk_per_gt(quality: torch.Tensor, best_gt: torch.Tensor, positive: torch.Tensor, k: int,
-                pair_order: str = "quality") -> tuple[torch.Tensor, torch.Tensor]:
+def topk_per_gt(
+    quality: torch.Tensor,
+    best_gt: torch.Tensor,
+    positive: torch.Tensor,
+    k: int,
+    pair_order: str = "quality",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each GT with c positives its top-min(c, k) candidates over all candidates, listed in
     `pair_order` (see msdetr/matching/quality.py)."""
     num_gt, num_cand = quality.shape

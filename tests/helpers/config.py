@@ -1,5 +1,6 @@
 """The Hydra configs of conf/, composed for a test as train.py, evaluate.py and predict.py compose
 them."""
+
 from __future__ import annotations
 
 from hydra import compose as hydra_compose

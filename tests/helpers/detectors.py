@@ -1,6 +1,7 @@
 """Tiny detectors for tests, built as a run builds its detector: conf/ composed with a command line
 (a model, a matcher or an experiment, then overrides of their parts), `model.detector` instantiated
 (runner.build_module), at the sizes of TINY."""
+
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,19 @@ from .config import compose
 # queries, width 64 in 4 heads, FFN 64, no dropout, 1 encoder and 2 decoder layers, a random
 # ResNet-18; the training query blocks' random generators seeded with 0. The levels and sampling
 # points are the model config's.
-TINY = ("data.num_classes=5", "model.num_queries=7", "model.hidden_dim=64", "model.nheads=4",
-        "model.dim_feedforward=64", "model.dropout=0.0", "model.detector.encoder.num_layers=1",
-        "model.detector.decoder.num_layers=2", "model.detector.backbone.name=resnet18",
-        "model.detector.backbone.pretrained=false", "seed=0")
+TINY = (
+    "data.num_classes=5",
+    "model.num_queries=7",
+    "model.hidden_dim=64",
+    "model.nheads=4",
+    "model.dim_feedforward=64",
+    "model.dropout=0.0",
+    "model.detector.encoder.num_layers=1",
+    "model.detector.decoder.num_layers=2",
+    "model.detector.backbone.name=resnet18",
+    "model.detector.backbone.pretrained=false",
+    "seed=0",
+)
 
 
 def tiny_detector(*overrides: str) -> DeformableDETR:
@@ -47,6 +57,6 @@ def batch(h: int = 64, w: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
     """Two random images of h x w, the second padded on its bottom and right halves."""
     images = torch.randn(2, 3, h, w)
     mask = torch.zeros(2, h, w, dtype=torch.bool)
-    mask[1, h // 2:, :] = True
-    mask[1, :, w // 2:] = True
+    mask[1, h // 2 :, :] = True
+    mask[1, :, w // 2 :] = True
     return images, mask

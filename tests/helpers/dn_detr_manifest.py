@@ -18,14 +18,36 @@ Where each key comes from (files under models/dn_dab_deformable_detr/):
   Embedding(num_queries, d - 1) (one feature left for the indicator), `refpoint_embed` =
   Embedding(num_queries, 4).
 """
+
 from __future__ import annotations
 
 from helpers.official_keys import StateDictKeys
 
-FLAGS = ["-m", "dn_dab_deformable_detr", "--batch_size", "2", "--epochs", "50", "--lr_drop", "40",
-         "--transformer_activation", "relu", "--use_dn"]
-CONFIG = dict(num_classes=91, hidden_dim=256, dim_feedforward=2048, enc_layers=6, dec_layers=6,
-              num_feature_levels=4, nheads=8, enc_n_points=4, dec_n_points=4, num_queries=300)
+FLAGS = [
+    "-m",
+    "dn_dab_deformable_detr",
+    "--batch_size",
+    "2",
+    "--epochs",
+    "50",
+    "--lr_drop",
+    "40",
+    "--transformer_activation",
+    "relu",
+    "--use_dn",
+]
+CONFIG = dict(
+    num_classes=91,
+    hidden_dim=256,
+    dim_feedforward=2048,
+    enc_layers=6,
+    dec_layers=6,
+    num_feature_levels=4,
+    nheads=8,
+    enc_n_points=4,
+    dec_n_points=4,
+    num_queries=300,
+)
 
 
 def dn_deformable_detr_r50_keys(c: dict = CONFIG) -> StateDictKeys:
@@ -48,9 +70,11 @@ def dn_deformable_detr_r50_keys(c: dict = CONFIG) -> StateDictKeys:
 
 def manifest() -> dict:
     return dn_deformable_detr_r50_keys().manifest(
-        "dn_deformable_detr_r50", FLAGS,
+        "dn_deformable_detr_r50",
+        FLAGS,
         "derived from IDEA-Research/DN-DETR @ ff3902a, main.py -m dn_dab_deformable_detr "
-        "(tests/helpers/dn_detr_manifest.py)")
+        "(tests/helpers/dn_detr_manifest.py)",
+    )
 
 
 # Writes the stored manifest (from tests/: python -m helpers.dn_detr_manifest).

@@ -1,6 +1,8 @@
-"""The state-dict keys (and shapes) that the official Deformable-DETR family's code registers, written
+"""The state-dict keys (and shapes) that the official Deformable-DETR family's code registers,
+written
 out by hand from that code, not from this project's model: the building blocks of the released key
 sets derived in dino_manifest.py and dn_detr_manifest.py."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +26,8 @@ class StateDictKeys(dict):
         for buffer in ("weight", "bias", "running_mean", "running_var"):
             self[f"{name}.{buffer}"] = [n]
 
-    def mlp(self, name: str, sizes: list[int]) -> None:  # the official MLP: Linear layers in `layers`
+    # the official MLP: Linear layers in `layers`
+    def mlp(self, name: str, sizes: list[int]) -> None:
         for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
             self.linear(f"{name}.layers.{i}", n_in, n_out)
 
@@ -79,7 +82,10 @@ class StateDictKeys(dict):
             p = f"transformer.decoder.layers.{i}"
             self.ms_deform_attn(f"{p}.cross_attn", points=c["dec_n_points"], **attn)
             self.layer_norm(f"{p}.norm1", d)
-            self[f"{p}.self_attn.in_proj_weight"], self[f"{p}.self_attn.in_proj_bias"] = [3 * d, d], [3 * d]
+            self[f"{p}.self_attn.in_proj_weight"], self[f"{p}.self_attn.in_proj_bias"] = (
+                [3 * d, d],
+                [3 * d],
+            )
             self.linear(f"{p}.self_attn.out_proj", d, d)
             self.layer_norm(f"{p}.norm2", d)
             self.linear(f"{p}.linear1", d, ffn)
@@ -88,5 +94,10 @@ class StateDictKeys(dict):
 
     def manifest(self, name: str, flags: list[str], source: str) -> dict:
         """The manifest format of tests/fixtures/manifests/."""
-        return {"name": name, "flags": flags, "source": source,
-                "params": sum(math.prod(shape) for shape in self.values()), "state_dict": dict(self)}
+        return {
+            "name": name,
+            "flags": flags,
+            "source": source,
+            "params": sum(math.prod(shape) for shape in self.values()),
+            "state_dict": dict(self),
+        }

@@ -1,4 +1,5 @@
 """Helpers for the parity fixtures: rebuild their weights, batch their images, compare tensors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def synth_tensor(name: str, shape, mean: float, std: float) -> torch.Tensor:
-    """The fixture generator: uniform from a per-name counter hash, scaled to the stored mean/std."""
+    """The fixture generator: uniform from a per-name counter hash, scaled to the stored
+    mean/std."""
     numel = int(np.prod(shape)) if len(shape) else 1
     with np.errstate(over="ignore"):
         counters = np.arange(numel, dtype=np.uint64) + np.uint64(_fnv1a64(name))
@@ -33,7 +35,9 @@ def synth_tensor(name: str, shape, mean: float, std: float) -> torch.Tensor:
 
 
 def fixture_state_dict(fx: dict) -> dict[str, torch.Tensor]:
-    sd = {name: synth_tensor(name, s["shape"], s["mean"], s["std"]) for name, s in fx["synth"].items()}
+    sd = {
+        name: synth_tensor(name, s["shape"], s["mean"], s["std"]) for name, s in fx["synth"].items()
+    }
     sd.update(fx["explicit"])
     return {k: sd[k] for k in fx["order"]}
 
@@ -74,7 +78,8 @@ def flatten_outputs(out: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def feed_fixture_denoising(block, fx: dict) -> None:
-    """Make a contrastive denoising block draw the very noise of a DINO fixture (`fx['dn']`) instead of
+    """Make a contrastive denoising block draw the very noise of a DINO fixture (`fx['dn']`) instead
+    of
     its own: its two random draws (`noised_labels`, `noised_boxes`) are replaced, on this instance
     only, by the fixture's noised labels and boxes, image after image, in the block's layout (copy c
     of GT j at row c * n + j; DINO pads every copy to the largest GT count, `single_pad`)."""
@@ -86,7 +91,9 @@ def feed_fixture_denoising(block, fx: dict) -> None:
     def labels(given: torch.Tensor) -> torch.Tensor:
         b = current["b"] = next(image)
         n = len(fx["targets"][b]["labels"])
-        assert given.numel() == copies * n, "the block made another number of denoising groups than DINO"
+        assert given.numel() == copies * n, (
+            "the block made another number of denoising groups than DINO"
+        )
         return dn["labels"][b].view(copies, largest)[:, :n].reshape(-1).to(given.device)
 
     def boxes(given: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -112,11 +119,15 @@ def feed_dn_detr_denoising(block, fx: dict) -> None:
 
     def rows(b: int) -> torch.Tensor:
         start = sum(counts[:b])
-        return (torch.arange(groups)[:, None] * total + start + torch.arange(counts[b])[None]).reshape(-1)
+        return (
+            torch.arange(groups)[:, None] * total + start + torch.arange(counts[b])[None]
+        ).reshape(-1)
 
     def labels(given: torch.Tensor) -> torch.Tensor:
         b = current["b"] = next(image)
-        assert given.numel() == groups * counts[b], "the block made another number of denoising groups than DN-DETR"
+        assert given.numel() == groups * counts[b], (
+            "the block made another number of denoising groups than DN-DETR"
+        )
         return dn["labels"][rows(b)].to(given.device)
 
     def boxes(given: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Callbacks the preemption and fault tests inject into train.py (tests/ is on its PYTHONPATH there).
-SignalAtStep sends the training process a real signal at a chosen moment, once `step` optimizer
-steps have finished:
+"""Callbacks the preemption and fault tests inject into train.py (tests/ is on its PYTHONPATH
+there). SignalAtStep sends the training process a real signal at a chosen moment, once `step`
+optimizer steps have finished:
 - when=batch_end: at the end of a training step (after the callbacks listed before it ran),
 - when=batch_start: at the start of a training step, so it lands during that step,
 - when=validation: at the start of a validation batch,
 - when=save: while a checkpoint is being written."""
+
 import os
 import signal
 
@@ -19,7 +20,12 @@ class SignalAtStep(L.Callback):
         self.sent = False
 
     def _send(self, trainer, when: str) -> None:
-        if when == self.when and trainer.global_step >= self.step and not self.sent and not trainer.sanity_checking:
+        if (
+            when == self.when
+            and trainer.global_step >= self.step
+            and not self.sent
+            and not trainer.sanity_checking
+        ):
             self.sent = True
             os.kill(os.getpid(), self.signum)
 

@@ -1,4 +1,6 @@
-"""COCO-format data: the dataset, DETR transforms, the LightningDataModule and the synthetic shapes set."""
+"""COCO-format data: the dataset, DETR transforms, the LightningDataModule and the synthetic shapes
+set."""
+
 from typing import Any
 
 from .coco import CocoDetection, read_coco_json
@@ -8,7 +10,8 @@ __all__ = ["CocoDataModule", "CocoDetection", "collate", "read_coco_json", "writ
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use so that `python -m msdetr.data.synthetic` does not load the module twice.
+    # Imported on first use so that `python -m msdetr.data.synthetic` does not load the module
+    # twice.
     if name == "write_synthetic_coco":
         from .synthetic import write_synthetic_coco
 

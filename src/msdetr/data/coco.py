@@ -1,5 +1,6 @@
 """COCO-format detection (and instance segmentation) dataset, checked when built so that bad input
 fails in one clear sentence."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,27 +37,33 @@ def read_coco_json(ann_file: str | Path) -> dict[str, Any]:
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(
-            f"annotation file '{path}' does not exist; check data.train_ann / data.val_ann (or data.root, "
-            "which expects root/annotations/instances_{train,val}.json)."
+            f"annotation file '{path}' does not exist; check data.train_ann / data.val_ann (or "
+            "data.root, which expects root/annotations/instances_{train,val}.json)."
         )
     try:
         with path.open("rb") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"annotation file '{path}' is not valid JSON ({exc}); re-export it as a COCO instances "
-                         "JSON file.") from None
-    lists = [key for key in _REQUIRED_KEYS if isinstance(data, dict) and isinstance(data.get(key), list)]
+        raise ValueError(
+            f"annotation file '{path}' is not valid JSON ({exc}); re-export it as a COCO instances "
+            "JSON file."
+        ) from None
+    lists = [
+        key for key in _REQUIRED_KEYS if isinstance(data, dict) and isinstance(data.get(key), list)
+    ]
     if len(lists) != len(_REQUIRED_KEYS):
         raise ValueError(
-            f"annotation file '{path}' is not in COCO format: it needs top-level lists 'images', 'annotations' "
-            f"and 'categories' (found {lists or 'none'})."
+            f"annotation file '{path}' is not in COCO format: it needs top-level lists 'images', "
+            f"'annotations' and 'categories' (found {lists or 'none'})."
         )
     for section, keys in _REQUIRED_KEYS.items():
         for i, entry in enumerate(data[section]):
             lacking = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if lacking:
-                raise ValueError(f"annotation file '{path}': {section}[{i}] lacks {lacking}; every entry of "
-                                 f"'{section}' needs {list(keys)}.")
+                raise ValueError(
+                    f"annotation file '{path}': {section}[{i}] lacks {lacking}; every entry of "
+                    f"'{section}' needs {list(keys)}."
+                )
     _check_references(path, data)
     return data
 
@@ -66,29 +73,47 @@ def _check_references(path: Path, data: dict[str, Any]) -> None:
     for section in _REQUIRED_KEYS:
         ids = [entry["id"] for entry in data[section]]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"annotation file '{path}' repeats an id in '{section}'; every {section[:-1]} needs a "
-                             "unique id.")
+            raise ValueError(
+                f"annotation file '{path}' repeats an id in '{section}'; every {section[:-1]} "
+                "needs a unique id."
+            )
     category_ids = {c["id"] for c in data["categories"]}
     bad = [c for c in category_ids if not isinstance(c, int) or c < 0]
     if bad:
-        raise ValueError(f"annotation file '{path}' has category id {bad[0]!r}; category ids must be non-negative "
-                         "integers (they are the class indices).")
+        raise ValueError(
+            f"annotation file '{path}' has category id {bad[0]!r}; category ids must be "
+            "non-negative integers (they are the class indices)."
+        )
     for i, img in enumerate(data["images"]):
         if not all(isinstance(img[k], (int, float)) and img[k] > 0 for k in ("width", "height")):
-            raise ValueError(f"annotation file '{path}': images[{i}] has width {img['width']!r} and height "
-                             f"{img['height']!r}; both must be the image's positive size in pixels.")
+            raise ValueError(
+                f"annotation file '{path}': images[{i}] has width {img['width']!r} and height "
+                f"{img['height']!r}; both must be the image's positive size in pixels."
+            )
     image_ids = {img["id"] for img in data["images"]}
     for i, ann in enumerate(data["annotations"]):
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"annotation file '{path}': annotations[{i}].bbox is {bbox!r}; it must be four numbers "
-                             "[x, y, width, height].")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
+            raise ValueError(
+                f"annotation file '{path}': annotations[{i}].bbox is {bbox!r}; it must be four "
+                "numbers [x, y, width, height]."
+            )
         if ann["image_id"] not in image_ids:
-            raise ValueError(f"annotation file '{path}': annotations[{i}] refers to image_id {ann['image_id']!r}, "
-                             "which is not in 'images'; add the image or remove the annotation.")
+            raise ValueError(
+                f"annotation file '{path}': annotations[{i}] refers to image_id "
+                f"{ann['image_id']!r}, which is not in 'images'; add the image or remove the "
+                "annotation."
+            )
         if ann["category_id"] not in category_ids:
-            raise ValueError(f"annotation file '{path}': annotations[{i}] has category_id {ann['category_id']!r}, "
-                             "which is not in 'categories'; add the category or remove the annotation.")
+            raise ValueError(
+                f"annotation file '{path}': annotations[{i}] has category_id "
+                f"{ann['category_id']!r}, which is not in 'categories'; add the category or "
+                "remove the annotation."
+            )
 
 
 def build_coco(data: dict[str, Any]) -> COCO:
@@ -129,8 +154,10 @@ def _segmentation_blob(segm: Any, height: int, width: int) -> tuple[int, bytes, 
         if isinstance(counts, list):
             valid = all(isinstance(v, int) and v >= 0 for v in counts)
             if not valid or sum(counts) != height * width:
-                return (f"its uncompressed RLE counts do not add up to the image's "
-                        f"{height * width} pixels")
+                return (
+                    f"its uncompressed RLE counts do not add up to the image's "
+                    f"{height * width} pixels"
+                )
             return _RLE, mask_utils.frPyObjects(segm, height, width)["counts"], 0
         if isinstance(counts, str):
             return _RLE, counts.encode("ascii"), 0
@@ -141,8 +168,10 @@ def _segmentation_blob(segm: Any, height: int, width: int) -> tuple[int, bytes, 
         polygons = []
         for poly in segm:
             if not isinstance(poly, list) or len(poly) % 2:
-                return ("it is a list but not of polygons [x1, y1, x2, y2, ...] (an even count of "
-                        "numbers)")
+                return (
+                    "it is a list but not of polygons [x1, y1, x2, y2, ...] (an even count of "
+                    "numbers)"
+                )
             try:
                 polygons.append(np.asarray(poly, dtype=np.float64))
             except (TypeError, ValueError):
@@ -161,7 +190,7 @@ def _blob_rle(kind: int, blob: bytes, height: int, width: int) -> dict[str, Any]
     k = int(values[0])
     if k == 0:
         return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
-    bounds = np.cumsum([1 + k, *values[1:1 + k].astype(np.int64)])
+    bounds = np.cumsum([1 + k, *values[1 : 1 + k].astype(np.int64)])
     polygons = [values[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
     return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
 
@@ -174,27 +203,31 @@ def fit_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
     if (h, w) == (height, width):
         return masks
     out = np.zeros((n, height, width), dtype=masks.dtype)
-    out[:, :min(h, height), :min(w, width)] = masks[:, :height, :width]
+    out[:, : min(h, height), : min(w, width)] = masks[:, :height, :width]
     return out
 
 
 VERIFY_IMAGES = ("header", "full", "none")
 # Pixel modes that PIL's convert("RGB") maps faithfully. 16- and 32-bit integer and float modes
 # ('I;16', 'I', 'F') would come out clipped to 0..255, mostly white: refused rather than trained on.
-_RGB_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
-                        "HSV"})
+_RGB_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
 _SHOWN = 10  # files named in one message; the rest are counted
 
 
 class UnreadableImageError(OSError):
-    """An image file that is missing, not an image, in an unsupported pixel mode, or that fails to decode."""
+    """An image file that is missing, not an image, in an unsupported pixel mode, or that fails to
+    decode."""
 
 
 def _mode_problem(mode: str) -> str | None:
     if mode in _RGB_MODES:
         return None
-    return (f"pixel mode '{mode}' (16/32-bit or float) is not supported; save it as an 8-bit RGB or grayscale "
-            "image")
+    return (
+        f"pixel mode '{mode}' (16/32-bit or float) is not supported; save it as an 8-bit RGB or "
+        "grayscale image"
+    )
 
 
 def _why(exc: BaseException) -> str:
@@ -208,7 +241,9 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str | None, tuple[int, int] | None]:
+def probe_image(
+    path: str | os.PathLike, decode: bool = False
+) -> tuple[str | None, tuple[int, int] | None]:
     """(why `path` cannot be used as an image or None, its (width, height) or None).
 
     The header (PIL `Image.open`: format, mode, size) is always read; `decode=True` also decodes
@@ -222,7 +257,8 @@ def probe_image(path: str | os.PathLike, decode: bool = False) -> tuple[str | No
                 im.load()
             width, height = im.size
             return problem, (width, height)
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    except Exception as exc:
         return _why(exc), None
 
 
@@ -231,7 +267,9 @@ def verdict_cache_file(img_folder: str | os.PathLike) -> Path:
     its size and modification time: $MSDETR_CACHE_DIR, else $XDG_CACHE_HOME/msdetr, else
     ~/.cache/msdetr, under verified_images/ (one file per image folder)."""
     base = os.environ.get("MSDETR_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "msdetr")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "msdetr",
+    )
     key = hashlib.sha1(str(Path(img_folder).resolve()).encode()).hexdigest()[:16]
     return Path(base) / "verified_images" / f"{key}.json"
 
@@ -302,11 +340,20 @@ class CocoDetection(Dataset):
     `skip_bad_images=True`, is replaced by the next readable image with a warning naming it.
     """
 
-    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None,
-                 verify_images: str = "header", skip_bad_images: bool = False, masks: bool = False):
+    def __init__(
+        self,
+        img_folder: str | Path,
+        ann_file: str | Path,
+        transforms: Callable | None = None,
+        verify_images: str = "header",
+        skip_bad_images: bool = False,
+        masks: bool = False,
+    ):
         if verify_images not in VERIFY_IMAGES:
-            raise ValueError(f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
-                             "file's header), 'full' (decode every image) or 'none'.")
+            raise ValueError(
+                f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
+                "file's header), 'full' (decode every image) or 'none'."
+            )
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -318,9 +365,11 @@ class CocoDetection(Dataset):
         self.ids = [int(img["id"]) for img in data["images"]]
         self._files = [str(img["file_name"]) for img in data["images"]]
         # The annotated (height, width) of each image: segmentations are rasterized at this size.
-        self._image_sizes = np.array([[img["height"], img["width"]] for img in data["images"]],
-                                     dtype=np.int64).reshape(-1, 2)
-        self._unreadable: set[int] = set()  # indices found undecodable while loading (skip_bad_images)
+        self._image_sizes = np.array(
+            [[img["height"], img["width"]] for img in data["images"]], dtype=np.int64
+        ).reshape(-1, 2)
+        # indices found undecodable while loading (skip_bad_images)
+        self._unreadable: set[int] = set()
         self.category_names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
         if self.masks:
             self._segm_kinds, self._segm_bytes, self._segm_starts = self._index_segmentations(data)
@@ -340,8 +389,10 @@ class CocoDetection(Dataset):
                 counts = rle["counts"]
                 if isinstance(counts, bytes):
                     counts = counts.decode("ascii")
-                ann["segmentation"] = {"size": [int(image["height"]), int(image["width"])],
-                                       "counts": counts}
+                ann["segmentation"] = {
+                    "size": [int(image["height"]), int(image["width"])],
+                    "counts": counts,
+                }
             self._segm_pending = False
         return self._coco
 
@@ -351,25 +402,31 @@ class CocoDetection(Dataset):
         return max(self.category_names, default=-1) + 1
 
     def _check_images(self, data: dict[str, Any]) -> dict[str, Any]:
-        """`data` without the images that cannot be used (skip_bad_images), or an error naming them."""
+        """`data` without the images that cannot be used (skip_bad_images), or an error naming
+        them."""
         files = [str(img["file_name"]) for img in data["images"]]
-        bad = {i: "the file does not exist" for i, f in enumerate(files) if not os.path.isfile(self.img_folder / f)}
+        bad = {
+            i: "the file does not exist"
+            for i, f in enumerate(files)
+            if not os.path.isfile(self.img_folder / f)
+        }
         if bad and not self.skip_bad_images:
             missing = [files[i] for i in bad]
             shown = ", ".join(f"'{f}'" for f in missing[:3])
             if len(missing) > 3:
                 shown += f" and {len(missing) - 3} more"
             raise FileNotFoundError(
-                f"{len(missing)} image file(s) listed in '{self.ann_file}' are missing from '{self.img_folder}' "
-                f"({shown}); point data.train_images / data.val_images (or data.root) at this annotation file's "
-                "images, or remove those images from it (data.skip_bad_images=true leaves them out)."
+                f"{len(missing)} image file(s) listed in '{self.ann_file}' are missing from "
+                f"'{self.img_folder}' ({shown}); point data.train_images / data.val_images (or "
+                "data.root) at this annotation file's images, or remove those images from it "
+                "(data.skip_bad_images=true leaves them out)."
             )
         if self.verify_images != "none":
             todo = [i for i in range(len(files)) if i not in bad]
             decode = self.verify_images == "full"
-            # Full decoding is the slow check (COCO: 118k JPEGs): the threads decode in parallel (PIL
-            # releases the GIL while decoding), and a file that decoded before, with the same size and
-            # modification time, is not decoded again.
+            # Full decoding is the slow check (COCO: 118k JPEGs): the threads decode in parallel
+            # (PIL releases the GIL while decoding), and a file that decoded before, with the same
+            # size and modification time, is not decoded again.
             cache = verdict_cache_file(self.img_folder) if decode else None
             known = _read_verdicts(cache) if cache else {}
 
@@ -392,42 +449,58 @@ class CocoDetection(Dataset):
                     if stamp:
                         verified[files[i]] = [*stamp, *size]
                     if size != (data["images"][i]["width"], data["images"][i]["height"]):
-                        mismatched.append(f"'{self.img_folder / files[i]}' is {size[0]}x{size[1]}, the annotation "
-                                          f"file says {data['images'][i]['width']}x{data['images'][i]['height']}")
+                        mismatched.append(
+                            f"'{self.img_folder / files[i]}' is {size[0]}x{size[1]}, the "
+                            "annotation file says "
+                            f"{data['images'][i]['width']}x{data['images'][i]['height']}"
+                        )
             if cache and verified and verified != {k: known.get(k) for k in verified}:
-                with contextlib.suppress(OSError):  # a read-only cache only costs the next run the decoding
+                # a read-only cache only costs the next run the decoding
+                with contextlib.suppress(OSError):
                     cache.parent.mkdir(parents=True, exist_ok=True)
                     merged = {**known, **verified}
                     atomic_write(cache, lambda tmp: tmp.write_text(json.dumps(merged)))
             if mismatched:
                 warnings.warn(
-                    f"'{self.ann_file}': {len(mismatched)} image(s) differ in size from their width/height there "
-                    f"({_name_files(mismatched)}); their boxes are clipped to the image file's size.",
-                    UserWarning, stacklevel=3,
+                    f"'{self.ann_file}': {len(mismatched)} image(s) differ in size from their "
+                    f"width/height there ({_name_files(mismatched)}); their boxes are clipped to "
+                    "the image file's size.",
+                    UserWarning,
+                    stacklevel=3,
                 )
         if not bad:
             return data
         listed = [f"'{self.img_folder / files[i]}' ({why})" for i, why in sorted(bad.items())]
         if not self.skip_bad_images:
             raise ValueError(
-                f"{len(bad)} image file(s) listed in '{self.ann_file}' cannot be used: {_name_files(listed)}; fix "
-                "or remove these files (or their entries in the annotation file), or set data.skip_bad_images=true "
-                "to leave them out with a warning."
+                f"{len(bad)} image file(s) listed in '{self.ann_file}' cannot be used: "
+                f"{_name_files(listed)}; fix or remove these files (or their entries in the "
+                "annotation file), or set data.skip_bad_images=true to leave them out with a "
+                "warning."
             )
         if len(bad) == len(files):
-            raise ValueError(f"none of the {len(files)} image file(s) listed in '{self.ann_file}' can be used "
-                             f"({_name_files(listed)}); check data.train_images / data.val_images (or data.root).")
+            raise ValueError(
+                f"none of the {len(files)} image file(s) listed in '{self.ann_file}' can be used "
+                f"({_name_files(listed)}); check data.train_images / data.val_images (or "
+                "data.root)."
+            )
         warnings.warn(
-            f"data.skip_bad_images=true: leaving out {len(bad)} of the {len(files)} image(s) listed in "
-            f"'{self.ann_file}', and their annotations, because they cannot be used: {_name_files(listed)}.",
-            UserWarning, stacklevel=3,
+            f"data.skip_bad_images=true: leaving out {len(bad)} of the {len(files)} image(s) "
+            f"listed in '{self.ann_file}', and their annotations, because they cannot be used: "
+            f"{_name_files(listed)}.",
+            UserWarning,
+            stacklevel=3,
         )
         dropped = {data["images"][i]["id"] for i in bad}
-        return {**data, "images": [img for img in data["images"] if img["id"] not in dropped],
-                "annotations": [a for a in data["annotations"] if a["image_id"] not in dropped]}
+        return {
+            **data,
+            "images": [img for img in data["images"] if img["id"] not in dropped],
+            "annotations": [a for a in data["annotations"] if a["image_id"] not in dropped],
+        }
 
-    def _index_segmentations(self, data: dict[str, Any]
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _index_segmentations(
+        self, data: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every annotation's segmentation (crowd ones too: the evaluation needs them) as one flat
         byte buffer: (kinds (n,) int8, bytes (total,) uint8, starts (n + 1,) int64), in the order
         of data["annotations"]. Refuses a file in which an annotation has none or an unreadable
@@ -437,8 +510,11 @@ class CocoDetection(Dataset):
         lacking = [i for i, a in enumerate(annotations) if not a.get("segmentation")]
         if lacking:
             first = lacking[0]
-            more = (f" (and {len(lacking) - 1} more of the {len(annotations)})"
-                    if len(lacking) > 1 else "")
+            more = (
+                f" (and {len(lacking) - 1} more of the {len(annotations)})"
+                if len(lacking) > 1
+                else ""
+            )
             raise ValueError(
                 f"data.masks=true needs a segmentation on every annotation, but in "
                 f"'{self.ann_file}' annotations[{first}] (id {annotations[first]['id']}){more} has "
@@ -450,52 +526,65 @@ class CocoDetection(Dataset):
         for i, ann in enumerate(annotations):
             found = _segmentation_blob(ann["segmentation"], *sizes[ann["image_id"]])
             if isinstance(found, str):
-                raise ValueError(f"annotation file '{self.ann_file}': annotations[{i}] (id "
-                                 f"{ann['id']}) has a segmentation that cannot be read ({found}); "
-                                 "fix it, or set data.masks=false to train boxes only.")
+                raise ValueError(
+                    f"annotation file '{self.ann_file}': annotations[{i}] (id "
+                    f"{ann['id']}) has a segmentation that cannot be read ({found}); "
+                    "fix it, or set data.masks=false to train boxes only."
+                )
             kinds[i], blob, lost = found
             blobs.append(blob)
             dropped += lost
             # all of its polygons dropped: the blob's polygon count (its first float64) is 0
             emptied += lost > 0 and np.frombuffer(blob[:8], np.float64)[0] == 0
         if dropped:
-            warnings.warn(f"'{self.ann_file}': {dropped} polygon(s) with fewer than 3 points were "
-                          f"dropped from their segmentation; {emptied} annotation(s) are left with "
-                          "an empty mask.", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"'{self.ann_file}': {dropped} polygon(s) with fewer than 3 points were "
+                f"dropped from their segmentation; {emptied} annotation(s) are left with "
+                "an empty mask.",
+                UserWarning,
+                stacklevel=3,
+            )
         starts = np.zeros(len(blobs) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in blobs], out=starts[1:])
         return kinds, np.frombuffer(b"".join(blobs), dtype=np.uint8), starts
 
     def _rle(self, row: int, height: int, width: int) -> dict[str, Any]:
         """Compressed RLE of annotation `row` (of the file's kept images) at `height` x `width`."""
-        blob = self._segm_bytes[self._segm_starts[row]:self._segm_starts[row + 1]].tobytes()
+        blob = self._segm_bytes[self._segm_starts[row] : self._segm_starts[row + 1]].tobytes()
         return _blob_rle(int(self._segm_kinds[row]), blob, height, width)
 
-    def _index_boxes(self, data: dict[str, Any]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _index_boxes(
+        self, data: dict[str, Any]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Clean boxes into flat arrays with per-image offsets, and the annotation row of each box.
 
         Flat numpy arrays rather than per-image Python lists: DataLoader workers then share the
         pages instead of copying them as reference counts change.
         """
         row = {image_id: i for i, image_id in enumerate(self.ids)}
-        rows = np.array([i for i, a in enumerate(data["annotations"]) if not a.get("iscrowd", 0)],
-                        dtype=np.int64)
+        rows = np.array(
+            [i for i, a in enumerate(data["annotations"]) if not a.get("iscrowd", 0)],
+            dtype=np.int64,
+        )
         anns = [data["annotations"][i] for i in rows]
         image_index = np.array([row[a["image_id"]] for a in anns], dtype=np.int64)
         labels = np.array([a["category_id"] for a in anns], dtype=np.int64)
         xywh = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         raw = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        sizes = np.array([[img["width"], img["height"]] for img in data["images"]], dtype=np.float64).reshape(-1, 2)
+        sizes = np.array(
+            [[img["width"], img["height"]] for img in data["images"]], dtype=np.float64
+        ).reshape(-1, 2)
         boxes = np.clip(raw, 0.0, np.tile(sizes[image_index], 2))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         dropped = int((~keep).sum())
         clipped = int((keep & (boxes != raw).any(axis=1)).sum())
         if dropped or clipped:
             warnings.warn(
-                f"'{self.ann_file}': {clipped} box(es) extend outside their image and were clipped to it, and "
-                f"{dropped} box(es) are empty (zero or negative area after clipping) and were dropped.",
-                UserWarning, stacklevel=3,
+                f"'{self.ann_file}': {clipped} box(es) extend outside their image and were "
+                f"clipped to it, and {dropped} box(es) are empty (zero or negative area after "
+                "clipping) and were dropped.",
+                UserWarning,
+                stacklevel=3,
             )
         image_index, boxes, labels, rows = image_index[keep], boxes[keep], labels[keep], rows[keep]
         order = np.argsort(image_index, kind="stable")
@@ -516,7 +605,8 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def _read(self, index: int) -> tuple[int, Image.Image]:
-        """(index, RGB image) of `index`, or, with skip_bad_images, of the next readable image after it."""
+        """(index, RGB image) of `index`, or, with skip_bad_images, of the next readable image after
+        it."""
         for step in range(len(self.ids)):
             i = (index + step) % len(self.ids)
             if i in self._unreadable:
@@ -525,28 +615,42 @@ class CocoDetection(Dataset):
                 return i, load_rgb(self.img_folder / self._files[i])
             except UnreadableImageError as exc:
                 if not self.skip_bad_images:
-                    found = ("" if self.verify_images == "full" else
-                             f" (data.verify_images={self.verify_images} did not decode it when the dataset was "
-                             "built; data.verify_images=full finds every such file before training)")
+                    found = (
+                        ""
+                        if self.verify_images == "full"
+                        else f" (data.verify_images={self.verify_images} did not decode it when "
+                        "the dataset was built; data.verify_images=full finds every such file "
+                        "before training)"
+                    )
                     raise UnreadableImageError(
-                        f"{exc}{found}; fix or remove it, or set data.skip_bad_images=true to skip unreadable "
-                        "images with a warning."
+                        f"{exc}{found}; fix or remove it, or set data.skip_bad_images=true to "
+                        "skip unreadable images with a warning."
                     ) from None
                 self._unreadable.add(i)
-                warnings.warn(f"{exc}; data.skip_bad_images=true: skipping it, the next readable image of "
-                              f"'{self.ann_file}' takes its place.", UserWarning, stacklevel=3)
-        raise UnreadableImageError(f"none of the {len(self.ids)} image(s) listed in '{self.ann_file}' can be read; "
-                                   "see the warnings above for each file.")
+                warnings.warn(
+                    f"{exc}; data.skip_bad_images=true: skipping it, the next readable image of "
+                    f"'{self.ann_file}' takes its place.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        raise UnreadableImageError(
+            f"none of the {len(self.ids)} image(s) listed in '{self.ann_file}' can be read; "
+            "see the warnings above for each file."
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         asked = index
         index, image = self._read(index)
         w, h = image.size
         lo, hi = int(self._starts[index]), int(self._starts[index + 1])
-        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(self._boxes[lo:hi].copy()), format="XYXY",
-                                         canvas_size=(h, w))
+        boxes = tv_tensors.BoundingBoxes(
+            torch.from_numpy(self._boxes[lo:hi].copy()), format="XYXY", canvas_size=(h, w)
+        )
         # The file, not the JSON, says how big the image is: clip again in case they disagree.
-        target = {"boxes": TF.clamp_bounding_boxes(boxes), "labels": torch.from_numpy(self._labels[lo:hi].copy())}
+        target = {
+            "boxes": TF.clamp_bounding_boxes(boxes),
+            "labels": torch.from_numpy(self._labels[lo:hi].copy()),
+        }
         if self.masks:
             target["masks"] = tv_tensors.Mask(torch.from_numpy(self._masks(index, h, w)))
         if self.transforms is not None:
@@ -554,8 +658,9 @@ class CocoDetection(Dataset):
         else:
             image = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
         size = tuple(int(v) for v in image.shape[-2:])
-        boxes, labels, masks = finalize_target(target["boxes"], target["labels"], size,
-                                               target.get("masks"))
+        boxes, labels, masks = finalize_target(
+            target["boxes"], target["labels"], size, target.get("masks")
+        )
         return image, {
             "labels": labels,
             "boxes": boxes,

@@ -1,4 +1,6 @@
-"""LightningDataModule over COCO-format folders: COCO itself, a custom dataset, or the synthetic shapes."""
+"""LightningDataModule over COCO-format folders: COCO itself, a custom dataset, or the synthetic
+shapes."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +16,9 @@ from .seeding import EpochSeededDataset, epoch_generator
 from .transforms import COCO_TRAIN_SCALES, eval_transforms, train_transforms
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def collate(
+    batch: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """(images, padding mask, targets): images zero-padded bottom/right to the batch's largest H and
     W, the (B, H, W) bool mask True on the padding, the targets as the dataset gives them.
 
@@ -41,12 +45,12 @@ class CocoDataModule(L.LightningDataModule):
 
     `root` stands for root/{train,val}/ and root/annotations/instances_{train,val}.json; explicit
     paths override it. `num_classes` is the model's: None reads max category id + 1 from the files,
-    a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to `root`.
-    `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and val
-    images are checked when the datasets are built, and what happens to bad ones (see CocoDetection).
-    `masks=True` gives each target the instance masks of its boxes (see CocoDetection for the
-    target dict) and the validation ground truth its segmentations; a file without them is refused.
-    The validation loader doubles as the test and predict loader.
+    a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to
+    `root`. `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and
+    val images are checked when the datasets are built, and what happens to bad ones (see
+    CocoDetection). `masks=True` gives each target the instance masks of its boxes (see
+    CocoDetection for the target dict) and the validation ground truth its segmentations; a file
+    without them is refused. The validation loader doubles as the test and predict loader.
     """
 
     def __init__(
@@ -77,13 +81,16 @@ class CocoDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if verify_images not in VERIFY_IMAGES:
-            raise ValueError(f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
-                             "file's header), 'full' (decode every image) or 'none'.")
+            raise ValueError(
+                f"data.verify_images={verify_images!r} is not a check; use 'header' (default: each "
+                "file's header), 'full' (decode every image) or 'none'."
+            )
         # Seed of the training augmentations (the run's seed); None: torch's initial seed.
         self.seed = seed
         self._seeded_train: EpochSeededDataset | None = None
-        # The loaders draw their order and base seed from these, never from torch's global generator:
-        # a resumed run then gets the same order, and the random state it puts back is not consumed
+        # The loaders draw their order and base seed from these, never from torch's global
+        # generator: a resumed run then gets the same order, and the random state it puts back is
+        #     not consumed
         # by loaders the interrupted run never created (issue 20, item 2).
         self._train_generator: torch.Generator | None = None
         self._val_generator: torch.Generator | None = None
@@ -94,10 +101,14 @@ class CocoDataModule(L.LightningDataModule):
             val_images = val_images or str(base / "val")
             val_ann = val_ann or str(base / "annotations" / "instances_val.json")
         elif synthetic:
-            raise ValueError("synthetic=true needs data.root, the folder the shapes dataset is written to.")
+            raise ValueError(
+                "synthetic=true needs data.root, the folder the shapes dataset is written to."
+            )
         if not (val_images and val_ann):
-            raise ValueError("the data config needs data.root, or data.val_images and data.val_ann "
-                             "(plus data.train_images and data.train_ann to train).")
+            raise ValueError(
+                "the data config needs data.root, or data.val_images and data.val_ann "
+                "(plus data.train_images and data.train_ann to train)."
+            )
         self.root = root
         self.train_images, self.train_ann = train_images, train_ann
         self.val_images, self.val_ann = val_images, val_ann
@@ -137,14 +148,20 @@ class CocoDataModule(L.LightningDataModule):
         return {int(c["id"]): str(c["name"]) for c in read_coco_json(self.val_ann)["categories"]}
 
     def infer_num_classes(self) -> int:
-        """max category id + 1 over the train and val annotation files (class index = category id)."""
+        """max category id + 1 over the train and val annotation files (class index = category
+        id)."""
         self.prepare_data()
-        ids = [int(c["id"]) for ann in (self.train_ann, self.val_ann) if ann
-               for c in read_coco_json(ann)["categories"]]
+        ids = [
+            int(c["id"])
+            for ann in (self.train_ann, self.val_ann)
+            if ann
+            for c in read_coco_json(ann)["categories"]
+        ]
         return max(ids, default=-1) + 1
 
     def prepare_data(self) -> None:
-        if self.synthetic and self.root is not None:  # the constructor refuses synthetic without root
+        # the constructor refuses synthetic without root
+        if self.synthetic and self.root is not None:
             from .synthetic import write_synthetic_coco
 
             num_train, num_val = self.synthetic_sizes
@@ -153,28 +170,43 @@ class CocoDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
             if not (self.train_images and self.train_ann):
-                raise ValueError("training needs data.train_images and data.train_ann (or data.root).")
+                raise ValueError(
+                    "training needs data.train_images and data.train_ann (or data.root)."
+                )
             self.train_dataset = self._dataset(self.train_images, self.train_ann, self.train_tf)
             if len(self.train_dataset) < self.batch_size:
                 # The training loader drops the last incomplete batch (as the official recipe does).
-                raise ValueError(f"'{self.train_ann}' has {len(self.train_dataset)} image(s), fewer than "
-                                 f"data.batch_size={self.batch_size}; lower the batch size.")
+                raise ValueError(
+                    f"'{self.train_ann}' has {len(self.train_dataset)} image(s), fewer than "
+                    f"data.batch_size={self.batch_size}; lower the batch size."
+                )
         if self.val_dataset is None:
             self.val_dataset = self._dataset(self.val_images, self.val_ann, self.eval_tf)
 
     def _dataset(self, images: str, ann: str, transforms: Callable) -> CocoDetection:
-        dataset = CocoDetection(images, ann, transforms, verify_images=self.verify_images,
-                                skip_bad_images=self.skip_bad_images, masks=self.masks)
+        dataset = CocoDetection(
+            images,
+            ann,
+            transforms,
+            verify_images=self.verify_images,
+            skip_bad_images=self.skip_bad_images,
+            masks=self.masks,
+        )
         if self._num_classes is not None and dataset.num_classes > self._num_classes:
             raise ValueError(
                 f"'{ann}' has category id {dataset.num_classes - 1}, but the model has num_classes="
-                f"{self._num_classes} and class index = category id; set data.num_classes to at least "
-                f"{dataset.num_classes} (or to null to read it from the annotation files)."
+                f"{self._num_classes} and class index = category id; set data.num_classes to at "
+                f"least {dataset.num_classes} (or to null to read it from the annotation files)."
             )
         return dataset
 
-    def _loader(self, dataset: Dataset | None, batch_size: int, train: bool,
-                generator: torch.Generator | None = None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset | None,
+        batch_size: int,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
         # Lightning swaps in a DistributedSampler under DDP (it pads with repeated images; the
@@ -183,9 +215,15 @@ class CocoDataModule(L.LightningDataModule):
         # continues mid-epoch with the batches the interrupted one had not seen.
         loader = StatefulDataLoader if train else DataLoader
         return loader(
-            dataset, batch_size=batch_size, shuffle=train, drop_last=train, collate_fn=collate,
-            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0, generator=generator,
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            generator=generator,
         )
 
     def set_epoch(self, epoch: int) -> None:
@@ -199,7 +237,8 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise RuntimeError("call setup() before asking the datamodule for a dataloader.")
-        # Augmentations are a function of (seed, epoch, index): exact on resume, independent of workers.
+        # Augmentations are a function of (seed, epoch, index): exact on resume, independent of
+        # workers.
         seed = self.seed if self.seed is not None else torch.initial_seed()
         trainer = getattr(self, "trainer", None)
         # The epoch this loader starts with: a run resumed after an epoch's end has not counted the
@@ -207,13 +246,17 @@ class CocoDataModule(L.LightningDataModule):
         epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
         self._seeded_train = EpochSeededDataset(self.train_dataset, seed, epoch)
         self._train_generator = epoch_generator(seed, epoch)
-        return self._loader(self._seeded_train, self.batch_size, train=True, generator=self._train_generator)
+        return self._loader(
+            self._seeded_train, self.batch_size, train=True, generator=self._train_generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         seed = self.seed if self.seed is not None else torch.initial_seed()
         if self._val_generator is None:
             self._val_generator = epoch_generator(seed, -1)
-        return self._loader(self.val_dataset, self.val_batch_size, train=False, generator=self._val_generator)
+        return self._loader(
+            self.val_dataset, self.val_batch_size, train=False, generator=self._val_generator
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -5,6 +5,7 @@ seeded by (seed, epoch, index) instead, so the augmentations of a run do not dep
 workers load it, on which rank, or on whether it was interrupted and resumed mid-epoch: a resumed
 run sees exactly the images the uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -26,7 +27,9 @@ def order_seed(seed: int, epoch: int) -> int:
     return sample_seed(seed, epoch, _MASK)
 
 
-def epoch_generator(seed: int, epoch: int, generator: torch.Generator | None = None) -> torch.Generator:
+def epoch_generator(
+    seed: int, epoch: int, generator: torch.Generator | None = None
+) -> torch.Generator:
     """`generator` (or a new one) seeded for epoch `epoch`: a loader that draws from it, not from
     torch's global generator, gives every epoch the same order whether the process ran the epochs
     before it or resumed from a checkpoint."""

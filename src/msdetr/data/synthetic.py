@@ -1,8 +1,11 @@
-"""A small COCO-format dataset of coloured shapes on textured backgrounds, learnable on a CPU in minutes.
+"""A small COCO-format dataset of coloured shapes on textured backgrounds, learnable on a CPU in
+minutes.
 
-python -m msdetr.data.synthetic <root> writes root/{train,val}/*.png and root/annotations/instances_{train,val}.json.
+python -m msdetr.data.synthetic <root> writes root/{train,val}/*.png and
+root/annotations/instances_{train,val}.json.
 Every annotation has an exact instance mask: the pixels its shape was drawn on, as compressed RLE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,21 +22,41 @@ from ..files import atomic_write
 
 
 def _fit_unit_box(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Stretch a polygon so that it touches all four sides of the unit box (tight ground-truth boxes)."""
+    """Stretch a polygon so that it touches all four sides of the unit box (tight ground-truth
+    boxes)."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
-    return [((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys))) for x, y in points]
+    return [
+        ((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys)))
+        for x, y in points
+    ]
 
 
-_STAR = _fit_unit_box([(r * math.sin(k * math.pi / 5), -r * math.cos(k * math.pi / 5))
-                       for k, r in zip(range(10), [1.0, 0.42] * 5)])
+_STAR = _fit_unit_box(
+    [
+        (r * math.sin(k * math.pi / 5), -r * math.cos(k * math.pi / 5))
+        for k, r in zip(range(10), [1.0, 0.42] * 5)
+    ]
+)
 # Shape outlines in a unit box, (x, y) from the top-left; None = drawn by a PIL primitive.
 # Category id k is the k-th shape, and a dataset with num_classes uses the first num_classes.
 SHAPES: dict[str, list[tuple[float, float]] | None] = {
     "rectangle": None,
     "ellipse": None,
     "triangle": [(0.5, 0.0), (1.0, 1.0), (0.0, 1.0)],
-    "cross": [(0.33, 0.0), (0.67, 0.0), (0.67, 0.33), (1.0, 0.33), (1.0, 0.67), (0.67, 0.67), (0.67, 1.0),
-              (0.33, 1.0), (0.33, 0.67), (0.0, 0.67), (0.0, 0.33), (0.33, 0.33)],
+    "cross": [
+        (0.33, 0.0),
+        (0.67, 0.0),
+        (0.67, 0.33),
+        (1.0, 0.33),
+        (1.0, 0.67),
+        (0.67, 0.67),
+        (0.67, 1.0),
+        (0.33, 1.0),
+        (0.33, 0.67),
+        (0.0, 0.67),
+        (0.0, 0.33),
+        (0.33, 0.33),
+    ],
     "ring": None,
     "diamond": [(0.5, 0.0), (1.0, 0.5), (0.5, 1.0), (0.0, 0.5)],
     "star": _STAR,
@@ -47,7 +70,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Colour gradient plus oriented stripes: texture the detector must learn to ignore."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     ramp = rng.uniform(-50, 50, size=(2, 3))
-    img = rng.uniform(50, 200, size=3) + (yy / h)[..., None] * ramp[0] + (xx / w)[..., None] * ramp[1]
+    img = (
+        rng.uniform(50, 200, size=3) + (yy / h)[..., None] * ramp[0] + (xx / w)[..., None] * ramp[1]
+    )
     angle, period = rng.uniform(0, math.pi), rng.uniform(5, 24)
     phase = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
     img += np.sin(phase)[..., None] * rng.uniform(4, 24, size=3)
@@ -76,7 +101,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box: Box, colour: int | tu
     elif name == "ellipse":
         draw.ellipse((x0, y0, x1, y1), fill=colour)
     elif name == "ring":
-        draw.ellipse((x0, y0, x1, y1), outline=colour, width=max(2, round(0.2 * min(x1 - x0, y1 - y0))))
+        draw.ellipse(
+            (x0, y0, x1, y1), outline=colour, width=max(2, round(0.2 * min(x1 - x0, y1 - y0)))
+        )
     else:
         corners = SHAPES[name]
         assert corners is not None, f"{name} is drawn by PIL, not as a polygon"
@@ -97,8 +124,13 @@ def mask_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: int, max_objects: int,
-            noise: float = 6.0) -> tuple[Image.Image, list[tuple[int, Box, tuple[int, int, int]]]]:
+def _render(
+    rng: np.random.Generator,
+    size_range: Sequence[int],
+    num_classes: int,
+    max_objects: int,
+    noise: float = 6.0,
+) -> tuple[Image.Image, list[tuple[int, Box, tuple[int, int, int]]]]:
     """(image, [(category, xyxy box, colour)]); every shape is filled with its one colour before the
     Gaussian pixel noise of standard deviation `noise` is added."""
     h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, size=2))
@@ -114,13 +146,15 @@ def _render(rng: np.random.Generator, size_range: Sequence[int], num_classes: in
             x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
             box = (x0, y0, x0 + bw, y0 + bh)
             # Disjoint boxes with a small gap: every object stays fully visible.
-            if all(box[0] >= o[2] + 2 or o[0] >= box[2] + 2 or box[1] >= o[3] + 2 or o[1] >= box[3] + 2
-                   for _, o, _ in objects):
+            if all(
+                box[0] >= o[2] + 2 or o[0] >= box[2] + 2 or box[1] >= o[3] + 2 or o[1] >= box[3] + 2
+                for _, o, _ in objects
+            ):
                 break
         else:
             continue
         category = int(rng.integers(1, num_classes + 1))
-        colour = _contrasting_colour(rng, background[y0:y0 + bh, x0:x0 + bw].mean(axis=(0, 1)))
+        colour = _contrasting_colour(rng, background[y0 : y0 + bh, x0 : x0 + bw].mean(axis=(0, 1)))
         _draw_shape(draw, names[category - 1], box, colour)
         objects.append((category, box, colour))
     noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, noise, size=(h, w, 3))
@@ -136,7 +170,8 @@ def write_synthetic_coco(
     num_classes: int = 4,
     max_objects: int = 3,
 ) -> Path:
-    """Write the shapes dataset under `root`; a no-op if `root` already holds it with these settings.
+    """Write the shapes dataset under `root`; a no-op if `root` already holds it with these
+    settings.
 
     Each image side is uniform in `image_size` (min, max); category ids are 1..num_classes (at most
     len(SHAPES)); images have 1..max_objects non-overlapping shapes, each 20-60% of the image side.
@@ -145,17 +180,27 @@ def write_synthetic_coco(
     `shape_mask`); its area stays the box's, as before masks, so box metrics stay comparable.
     """
     if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes={num_classes}: the synthetic set has 1 to {len(SHAPES)} shape classes.")
+        raise ValueError(
+            f"num_classes={num_classes}: the synthetic set has 1 to {len(SHAPES)} shape classes."
+        )
     root = Path(root)
     size = [int(v) for v in image_size]
-    settings = {"format": _FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
-                "image_size": size, "seed": seed, "num_classes": num_classes,
-                "max_objects": max_objects}
+    settings = {
+        "format": _FORMAT_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "image_size": size,
+        "seed": seed,
+        "num_classes": num_classes,
+        "max_objects": max_objects,
+    }
     manifest = root / "synthetic.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == settings:
         return root
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
-                  for i, name in enumerate(list(SHAPES)[:num_classes])]
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"}
+        for i, name in enumerate(list(SHAPES)[:num_classes])
+    ]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split_index, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         (root / split).mkdir(parents=True, exist_ok=True)
@@ -166,15 +211,28 @@ def write_synthetic_coco(
             img, objects = _render(rng, size, num_classes, max_objects)
             file_name = f"{image_id:06d}.png"
             atomic_write(root / split / file_name, lambda p: img.save(p, format="PNG"))
-            images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
+            images.append(
+                {"id": image_id, "file_name": file_name, "width": img.width, "height": img.height}
+            )
             for category, (x0, y0, x1, y1), _ in objects:
                 name = categories[category - 1]["name"]
                 mask = shape_mask(name, (x0, y0, x1, y1), img.height, img.width)
-                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                    "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                    "segmentation": mask_rle(mask), "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": category,
+                        "bbox": [x0, y0, x1 - x0, y1 - y0],
+                        "area": (x1 - x0) * (y1 - y0),
+                        "segmentation": mask_rle(mask),
+                        "iscrowd": 0,
+                    }
+                )
         coco = {"images": images, "annotations": annotations, "categories": categories}
-        atomic_write(root / "annotations" / f"instances_{split}.json", lambda p: p.write_text(json.dumps(coco)))
+        atomic_write(
+            root / "annotations" / f"instances_{split}.json",
+            lambda p: p.write_text(json.dumps(coco)),
+        )
     # Last, so an interrupted write is redone on the next call.
     atomic_write(manifest, lambda p: p.write_text(json.dumps(settings)))
     return root
@@ -185,14 +243,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("root", help="output folder (gets train/, val/ and annotations/)")
     parser.add_argument("--num-train", type=int, default=256)
     parser.add_argument("--num-val", type=int, default=32)
-    parser.add_argument("--image-size", type=int, nargs=2, default=(96, 192), metavar=("MIN", "MAX"),
-                        help="range of each image side in pixels")
-    parser.add_argument("--num-classes", type=int, default=4, help=f"shape classes, 1 to {len(SHAPES)}")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=(96, 192),
+        metavar=("MIN", "MAX"),
+        help="range of each image side in pixels",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=4, help=f"shape classes, 1 to {len(SHAPES)}"
+    )
     parser.add_argument("--max-objects", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = write_synthetic_coco(args.root, args.num_train, args.num_val, args.image_size, args.seed,
-                                args.num_classes, args.max_objects)
+    root = write_synthetic_coco(
+        args.root,
+        args.num_train,
+        args.num_val,
+        args.image_size,
+        args.seed,
+        args.num_classes,
+        args.max_objects,
+    )
     print(f"synthetic COCO dataset in {root}")
 
 

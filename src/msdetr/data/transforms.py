@@ -1,6 +1,7 @@
 """The DETR augmentation recipe on torchvision.transforms.v2; boxes and masks follow the image as
 tv_tensors (BoundingBoxes, Mask): flips, crops and resizes move them with it, the dtype conversion
 and normalization touch only the image."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -25,7 +26,9 @@ class RandomSizeCrop(v2.Transform):
     def __init__(self, min_size: int, max_size: int):
         super().__init__()
         if not 0 < min_size <= max_size:
-            raise ValueError(f"crop_size must be (min, max) with 0 < min <= max, got ({min_size}, {max_size}).")
+            raise ValueError(
+                f"crop_size must be (min, max) with 0 < min <= max, got ({min_size}, {max_size})."
+            )
         self.min_size = int(min_size)
         self.max_size = int(max_size)
 
@@ -44,8 +47,11 @@ class RandomSizeCrop(v2.Transform):
         return self._call_kernel(v2.functional.crop, inpt, **params)
 
 
-def detr_resize_size(height: int, width: int, size: int, max_size: int | None = None) -> tuple[int, int]:
-    """The (h, w) that the official DETR `resize` gives an image of (`height`, `width`) for short side `size`.
+def detr_resize_size(
+    height: int, width: int, size: int, max_size: int | None = None
+) -> tuple[int, int]:
+    """The (h, w) that the official DETR `resize` gives an image of (`height`, `width`) for short
+    side `size`.
 
     If the long side would exceed `max_size`, the short side becomes round(max_size * short / long)
     (Python's round: halves go to even). The long side is then int(size * long / short), truncated,
@@ -76,7 +82,9 @@ class DetrResize(v2.Transform):
         super().__init__()
         self.sizes = [int(s) for s in sizes]
         if not self.sizes or min(self.sizes) < 1:
-            raise ValueError(f"resize sizes must be a non-empty list of positive ints, got {list(sizes)}.")
+            raise ValueError(
+                f"resize sizes must be a non-empty list of positive ints, got {list(sizes)}."
+            )
         if max_size is not None and max_size < 1:
             raise ValueError(f"max_size must be a positive int or None, got {max_size}.")
         self.max_size = None if max_size is None else int(max_size)
@@ -94,13 +102,17 @@ class DetrResize(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, tv_tensors.Mask):
-            return v2.functional.resize(inpt, params["size"],
-                                        interpolation=v2.InterpolationMode.NEAREST_EXACT)
-        return v2.functional.resize(inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            return v2.functional.resize(
+                inpt, params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT
+            )
+        return v2.functional.resize(
+            inpt, params["size"], interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+        )
 
 
 def multi_scale_resize(scales: Sequence[int], max_size: int | None = None) -> v2.Transform:
-    """Short side to a random one of `scales`, capped by `max_size` exactly as the official `resize`.
+    """Short side to a random one of `scales`, capped by `max_size` exactly as the official
+    `resize`.
 
     See `detr_resize_size`. Neither v2.Resize(max_size=...) nor v2.RandomShortestSize gives the
     official sizes: both differ by a pixel or two in some cases.
@@ -122,31 +134,42 @@ def train_transforms(
     crop_resize: Sequence[int] = (400, 500, 600),
     crop_size: Sequence[int] = (384, 600),
 ) -> v2.Compose:
-    """Flip (p 0.5); then, with p 0.5 each, multi-scale resize or resize -> random crop -> multi-scale resize."""
+    """Flip (p 0.5); then, with p 0.5 each, multi-scale resize or resize -> random crop ->
+    multi-scale resize."""
     crop_min, crop_max = (int(s) for s in crop_size)
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomChoice([
-            multi_scale_resize(scales, max_size),
-            v2.Compose([
-                # The official recipe caps only the final resize's long side, not this one.
-                multi_scale_resize(crop_resize),
-                RandomSizeCrop(crop_min, crop_max),
-                multi_scale_resize(scales, max_size),
-            ]),
-        ]),
-        *_to_model_input(),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomChoice(
+                [
+                    multi_scale_resize(scales, max_size),
+                    v2.Compose(
+                        [
+                            # The official recipe caps only the final resize's long side, not this
+                            # one.
+                            multi_scale_resize(crop_resize),
+                            RandomSizeCrop(crop_min, crop_max),
+                            multi_scale_resize(scales, max_size),
+                        ]
+                    ),
+                ]
+            ),
+            *_to_model_input(),
+        ]
+    )
 
 
 def eval_transforms(size: int = 800, max_size: int = 1333) -> v2.Compose:
-    """Short side to `size`, capped by `max_size` as the official `resize` does (see `detr_resize_size`)."""
+    """Short side to `size`, capped by `max_size` as the official `resize` does (see
+    `detr_resize_size`)."""
     return v2.Compose([v2.ToImage(), DetrResize([size], max_size), *_to_model_input()])
 
 
 def finalize_target(
-    boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int],
+    boxes: torch.Tensor,
+    labels: torch.Tensor,
+    size: Sequence[int],
     masks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Drop empty xyxy boxes with their labels and masks; return (boxes as cxcywh divided by the
@@ -163,14 +186,17 @@ def finalize_target(
     if masks is not None:
         masks = masks.as_subclass(torch.Tensor)
         if masks.shape != (len(xyxy), h, w):
-            raise ValueError(f"masks of shape {tuple(masks.shape)} do not match {len(xyxy)} boxes "
-                             f"on a {h}x{w} image; a transform moved the image without its masks.")
+            raise ValueError(
+                f"masks of shape {tuple(masks.shape)} do not match {len(xyxy)} boxes "
+                f"on a {h}x{w} image; a transform moved the image without its masks."
+            )
         masks = masks[keep].bool()
     return box_convert(xyxy[keep], "xyxy", "cxcywh") / scale, labels[keep], masks
 
 
-def finalize_boxes(boxes: torch.Tensor, labels: torch.Tensor,
-                   size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def finalize_boxes(
+    boxes: torch.Tensor, labels: torch.Tensor, size: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`finalize_target` without masks: (boxes as normalized cxcywh, labels) of the non-empty
     boxes."""
     boxes, labels, _ = finalize_target(boxes, labels, size)

@@ -1,13 +1,15 @@
 """COCO box (and instance mask) evaluation as a torchmetrics Metric: torchmetrics gathers the
 detections of every rank, pycocotools (or faster-coco-eval) scores them against the original
 annotations, each image once."""
+
 from __future__ import annotations
 
 import contextlib
 import io
 import math
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,20 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 # The order of COCOeval.stats for boxes.
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 # The same statistics for instance masks (COCOeval iouType='segm'), logged as val/mask_AP, ...
 MASK_STAT_NAMES = tuple(f"mask_{name}" for name in STAT_NAMES)
 BACKENDS = ("pycocotools", "faster_coco_eval")
@@ -34,11 +49,15 @@ def _backend_classes(backend: str) -> tuple[type, type, dict[str, Any]]:
         try:
             import faster_coco_eval
         except ImportError:
-            raise ImportError("eval backend 'faster_coco_eval' is not installed; pip install msdetr[fast-eval] "
-                              "or use the 'pycocotools' backend.") from None
+            raise ImportError(
+                "eval backend 'faster_coco_eval' is not installed; pip install msdetr[fast-eval] "
+                "or use the 'pycocotools' backend."
+            ) from None
         # Its summary goes to a logger by default; print() puts the table where pycocotools puts it.
         return faster_coco_eval.COCO, faster_coco_eval.COCOeval_faster, {"print_function": print}
-    raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {list(BACKENDS)}.")
+    raise ValueError(
+        f"unknown COCO evaluation backend {backend!r}; choose one of {list(BACKENDS)}."
+    )
 
 
 def _is_rank_zero() -> bool:
@@ -88,11 +107,19 @@ class CocoMetric(Metric):
     mask_lengths: list[torch.Tensor]
     mask_bytes: list[torch.Tensor]
 
-    def __init__(self, coco_gt: COCO | None = None, backend: str = "pycocotools", source: str | None = None,
-                 verbose: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        coco_gt: COCO | None = None,
+        backend: str = "pycocotools",
+        source: str | None = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if backend not in BACKENDS:
-            raise ValueError(f"unknown COCO evaluation backend {backend!r}; choose one of {list(BACKENDS)}.")
+            raise ValueError(
+                f"unknown COCO evaluation backend {backend!r}; choose one of {list(BACKENDS)}."
+            )
         # The backend is imported with the ground truth: a module that only predicts never needs it.
         self.backend = backend
         self.verbose = verbose
@@ -114,7 +141,8 @@ class CocoMetric(Metric):
             self.set_ground_truth(coco_gt, source)
 
     def set_ground_truth(self, coco_gt: COCO, source: str | None = None) -> None:
-        """Score against `coco_gt` from now on (a no-op when it already is); warns once if it has no annotations."""
+        """Score against `coco_gt` from now on (a no-op when it already is); warns once if it has no
+        annotations."""
         if coco_gt is self.coco_gt:
             return
         self._coco_class, self._cocoeval, self._eval_kwargs = _backend_classes(self.backend)
@@ -128,9 +156,12 @@ class CocoMetric(Metric):
         self._known_ids = set(coco_gt.getImgIds())
         self._gt_has_masks = all(ann.get("segmentation") for ann in coco_gt.anns.values())
         if not coco_gt.getAnnIds() and _is_rank_zero():
-            warnings.warn(f"'{self.source}' has no annotations, so COCO AP and AR are undefined: they are NaN and "
-                          "not logged, and a checkpoint callback that monitors val/AP stops the run once validation "
-                          "has run; leave such a callback out.", stacklevel=2)
+            warnings.warn(
+                f"'{self.source}' has no annotations, so COCO AP and AR are undefined: they are "
+                "NaN and not logged, and a checkpoint callback that monitors val/AP stops the run "
+                "once validation has run; leave such a callback out.",
+                stacklevel=2,
+            )
 
     def reset(self) -> None:
         super().reset()
@@ -138,19 +169,26 @@ class CocoMetric(Metric):
 
     def update(self, predictions: Mapping[int, Mapping[str, Any]]) -> None:
         if self.coco_gt is None:
-            raise RuntimeError("CocoMetric has no ground truth; pass coco_gt or call set_ground_truth first.")
+            raise RuntimeError(
+                "CocoMetric has no ground truth; pass coco_gt or call set_ground_truth first."
+            )
         ids, counts, rows, given, rles = [], [], [], [], []
         for image_id, det in predictions.items():
             image_id = int(image_id)
             if image_id not in self._known_ids:
-                raise ValueError(f"image id {image_id} is not in the ground-truth annotations ({self.source}); "
-                                 "evaluate against the annotation file of the images being predicted (data.val_ann).")
+                raise ValueError(
+                    f"image id {image_id} is not in the ground-truth annotations ({self.source}); "
+                    "evaluate against the annotation file of the images being predicted "
+                    "(data.val_ann)."
+                )
             boxes = det["boxes"].detach().to(self.device, torch.float64).reshape(-1, 4)
             scores = det["scores"].detach().to(self.device, torch.float64).reshape(-1, 1)
             labels = det["labels"].detach().to(self.device, torch.float64).reshape(-1, 1)
             ids.append(image_id)
             counts.append(len(boxes))
-            rows.append(torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2], scores, labels], dim=1))
+            rows.append(
+                torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2], scores, labels], dim=1)
+            )
             masks = det.get("masks")
             self._check_mask_mode(masks is not None)
             given.append(int(masks is not None))
@@ -158,25 +196,34 @@ class CocoMetric(Metric):
                 rles.extend(self._encode_masks(image_id, masks, len(boxes)))
         self.image_ids.append(torch.tensor(ids, dtype=torch.int64, device=self.device))
         self.num_detections.append(torch.tensor(counts, dtype=torch.int64, device=self.device))
-        self.detections.append(torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64, device=self.device))
+        self.detections.append(
+            torch.cat(rows) if rows else torch.zeros(0, 6, dtype=torch.float64, device=self.device)
+        )
         device = self.device
         self.mask_given.append(torch.tensor(given, dtype=torch.int64, device=device))
         lengths = [len(r) for r in rles]
         self.mask_lengths.append(torch.tensor(lengths, dtype=torch.int64, device=device))
         packed = torch.frombuffer(bytearray(b"".join(rles)), dtype=torch.uint8) if rles else None
-        self.mask_bytes.append(packed.to(device) if packed is not None
-                               else torch.zeros(0, dtype=torch.uint8, device=device))
+        self.mask_bytes.append(
+            packed.to(device)
+            if packed is not None
+            else torch.zeros(0, dtype=torch.uint8, device=device)
+        )
 
     def _check_mask_mode(self, given: bool) -> None:
         if given and not self._gt_has_masks:
-            raise ValueError(f"the detections carry masks, but the ground truth ({self.source}) "
-                             "has annotations without a segmentation; set data.masks=true (which "
-                             "refuses a file lacking them) so that its segmentations are read, or "
-                             "predict boxes only.")
+            raise ValueError(
+                f"the detections carry masks, but the ground truth ({self.source}) "
+                "has annotations without a segmentation; set data.masks=true (which "
+                "refuses a file lacking them) so that its segmentations are read, or "
+                "predict boxes only."
+            )
         if self._masks_given is not None and self._masks_given != given:
-            raise ValueError("some detections given to CocoMetric.update carry 'masks' and some do "
-                             "not; give masks for every image (an image without detections: an "
-                             "empty (0, H, W) tensor) or none.")
+            raise ValueError(
+                "some detections given to CocoMetric.update carry 'masks' and some do "
+                "not; give masks for every image (an image without detections: an "
+                "empty (0, H, W) tensor) or none."
+            )
         self._masks_given = given
 
     def _encode_masks(self, image_id: int, masks: Any, count: int) -> list[bytes]:
@@ -186,16 +233,22 @@ class CocoMetric(Metric):
         height, width = int(image["height"]), int(image["width"])
         if isinstance(masks, (list, tuple)):
             if len(masks) != count or any(list(r["size"]) != [height, width] for r in masks):
-                raise ValueError(f"image {image_id}: 'masks' as RLE must be {count} dicts of "
-                                 f"size [{height}, {width}] (one per box, at the ground truth's "
-                                 "height and width).")
-            return [r["counts"].encode("ascii") if isinstance(r["counts"], str)
-                    else bytes(r["counts"]) for r in masks]
+                raise ValueError(
+                    f"image {image_id}: 'masks' as RLE must be {count} dicts of "
+                    f"size [{height}, {width}] (one per box, at the ground truth's "
+                    "height and width)."
+                )
+            return [
+                r["counts"].encode("ascii") if isinstance(r["counts"], str) else bytes(r["counts"])
+                for r in masks
+            ]
         masks = masks.detach()
         if masks.dim() != 3 or len(masks) != count:
-            raise ValueError(f"image {image_id}: 'masks' has shape {tuple(masks.shape)}; it must "
-                             f"be ({count}, height, width), one mask per box at the original "
-                             "image size.")
+            raise ValueError(
+                f"image {image_id}: 'masks' has shape {tuple(masks.shape)}; it must "
+                f"be ({count}, height, width), one mask per box at the original "
+                "image size."
+            )
         inside = masks > 0.5 if masks.is_floating_point() else masks != 0
         fitted = torch.zeros(count, height, width, dtype=torch.bool, device=inside.device)
         h, w = min(height, inside.shape[1]), min(width, inside.shape[2])
@@ -221,6 +274,7 @@ class CocoMetric(Metric):
     def _per_image(self) -> dict[int, tuple[np.ndarray, list[bytes] | None]]:
         """{image id: (its (n, 6) detection rows, its n RLE counts or None without masks)}, the
         first occurrence of each image id."""
+
         # a list before the sync (or in one process), a tensor after
         def cat(state, dtype=torch.int64):
             return dim_zero_cat(state).cpu() if len(state) else torch.zeros(0, dtype=dtype)
@@ -234,27 +288,34 @@ class CocoMetric(Metric):
         # concatenating it promotes the bytes to float (the values stay exact).
         data = cat(self.mask_bytes, torch.uint8).to(torch.uint8).numpy().tobytes()
         ends = lengths.cumsum(0).tolist()
-        rles = [data[end - n:end] for end, n in zip(ends, lengths.tolist())]
+        rles = [data[end - n : end] for end, n in zip(ends, lengths.tolist())]
         per_image: dict[int, tuple[np.ndarray, list[bytes] | None]] = {}
         taken = 0
         chunks = np.split(rows, counts.cumsum(0)[:-1].numpy())
         for image_id, chunk, has_masks in zip(ids, chunks, given):
-            masks = rles[taken:taken + len(chunk)] if has_masks else None
+            masks = rles[taken : taken + len(chunk)] if has_masks else None
             taken += len(chunk) if has_masks else 0
             per_image.setdefault(int(image_id), (chunk, masks))
         return per_image
 
     def _evaluate(self) -> dict[str, float]:
         if self.coco_gt is None:
-            raise RuntimeError("CocoMetric has no ground truth; pass coco_gt or call set_ground_truth first.")
+            raise RuntimeError(
+                "CocoMetric has no ground truth; pass coco_gt or call set_ground_truth first."
+            )
         per_image = self._per_image()
         image_ids = sorted(per_image)
-        rows = [np.concatenate([np.full((len(r), 1), image_id, dtype=np.float64), r], axis=1)
-                for image_id, (r, _) in per_image.items() if len(r)]
+        rows = [
+            np.concatenate([np.full((len(r), 1), image_id, dtype=np.float64), r], axis=1)
+            for image_id, (r, _) in per_image.items()
+            if len(r)
+        ]
         with_masks = [m is not None for _, m in per_image.values()]
         if any(with_masks) and not all(with_masks):
-            raise ValueError("some images were given to CocoMetric with masks and some without; "
-                             "give masks for every image or none.")
+            raise ValueError(
+                "some images were given to CocoMetric with masks and some without; "
+                "give masks for every image or none."
+            )
         boxes = np.concatenate(rows) if rows else np.zeros((0, 7))
         result = self._run("bbox", boxes, image_ids, STAT_NAMES)
         if with_masks and all(with_masks):
@@ -262,15 +323,25 @@ class CocoMetric(Metric):
             for image_id, (r, masks) in per_image.items():
                 image = self._gt.imgs[image_id]
                 size = [int(image["height"]), int(image["width"])]
-                segments += [{"image_id": image_id, "category_id": int(row[5]),
-                              "score": float(row[4]),
-                              "segmentation": {"size": size, "counts": counts}}
-                             for row, counts in zip(r, masks or [])]
+                segments += [
+                    {
+                        "image_id": image_id,
+                        "category_id": int(row[5]),
+                        "score": float(row[4]),
+                        "segmentation": {"size": size, "counts": counts},
+                    }
+                    for row, counts in zip(r, masks or [])
+                ]
             result.update(self._run("segm", segments, image_ids, MASK_STAT_NAMES))
         return result
 
-    def _run(self, iou_type: str, results: np.ndarray | list[dict], image_ids: Sequence[int],
-             names: Sequence[str]) -> dict[str, float]:
+    def _run(
+        self,
+        iou_type: str,
+        results: np.ndarray | list[dict],
+        image_ids: Sequence[int],
+        names: Sequence[str],
+    ) -> dict[str, float]:
         """COCOeval of one kind ("bbox": rows, "segm": result dicts) on `image_ids`, as
         {name: value}."""
         log = io.StringIO()
@@ -282,8 +353,9 @@ class CocoMetric(Metric):
             evaluator.accumulate()
             evaluator.summarize()
         if self.verbose:
-            lines = [line for line in log.getvalue().splitlines()
-                     if line.lstrip().startswith("Average")]
+            lines = [
+                line for line in log.getvalue().splitlines() if line.lstrip().startswith("Average")
+            ]
             print("\n".join(([f"COCO {iou_type}:"] if iou_type != "bbox" else []) + lines))
         # COCO writes -1 where a size range has no ground truth: undefined, not zero.
         return {name: float(v) if v >= 0 else math.nan for name, v in zip(names, evaluator.stats)}
@@ -293,9 +365,13 @@ class CocoMetric(Metric):
         category_id], or result dicts with a 'segmentation'."""
         if len(rows):
             return self._gt.loadRes(rows)
-        # pycocotools' loadRes fails on no detections: build the empty result set the way loadRes does.
+        # pycocotools' loadRes fails on no detections: build the empty result set the way loadRes
+        #     does.
         empty = self._coco_class()
-        empty.dataset = {"images": list(self._gt.dataset["images"]),
-                         "categories": list(self._gt.dataset["categories"]), "annotations": []}
+        empty.dataset = {
+            "images": list(self._gt.dataset["images"]),
+            "categories": list(self._gt.dataset["categories"]),
+            "annotations": [],
+        }
         empty.createIndex()
         return empty

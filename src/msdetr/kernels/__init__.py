@@ -1,7 +1,8 @@
 """The multi-scale deformable attention op: one public function, several backends."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -27,31 +28,47 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _run_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
+def _run_triton(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
+):
     # The kernels read the level geometry from the int64 device tensors; `shapes` is not needed.
     if not value.is_cuda and not _triton_interpreted():
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton is "
             "imported, for CPU testing); use backend='auto' or 'gather' on CPU."
         )
-    return _triton_op()(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _triton_op()(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
 
 
-def _run_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
-    return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                                    shapes=shapes)
+def _run_reference(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
+):
+    return ms_deform_attn_reference(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        shapes=shapes,
+    )
 
 
-def _run_gather(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes):
+def _run_gather(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
+):
     from .gather import ms_deform_attn_gather
 
-    return ms_deform_attn_gather(value, spatial_shapes if shapes is None else shapes, sampling_locations,
-                                 attention_weights)
+    return ms_deform_attn_gather(
+        value, spatial_shapes if shapes is None else shapes, sampling_locations, attention_weights
+    )
 
 
 # Backend name -> implementation(value, spatial_shapes, level_start_index, sampling_locations,
 # attention_weights, shapes); `shapes` is the levels' (H, W) as Python ints or None (then an
-# implementation that needs them on the host reads `spatial_shapes`). A new backend is one entry here.
+# implementation that needs them on the host reads `spatial_shapes`). A new backend is one entry
+# here.
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "triton": _run_triton,
     "reference": _run_reference,
@@ -70,15 +87,18 @@ def _auto_backend(value: torch.Tensor) -> str:
     return "gather"
 
 
-def _checked_shapes(shapes: Shapes, value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[tuple[int, int], ...]:
-    """`shapes` as a tuple of (H, W) Python ints, checked against the tensors' shapes (no device read)."""
+def _checked_shapes(
+    shapes: Shapes, value: torch.Tensor, sampling_locations: torch.Tensor
+) -> tuple[tuple[int, int], ...]:
+    """`shapes` as a tuple of (H, W) Python ints, checked against the tensors' shapes (no device
+    read)."""
     shapes = level_shapes(shapes)
     tokens = sum(h * w for h, w in shapes)
     if value.shape[1] != tokens or sampling_locations.shape[3] != len(shapes):
         raise ValueError(
-            f"ms_deform_attn: shapes={list(shapes)} give {len(shapes)} levels and {tokens} tokens, but value has "
-            f"{value.shape[1]} tokens and sampling_locations {sampling_locations.shape[3]} levels; pass the (H, W) "
-            "of every level, in order."
+            f"ms_deform_attn: shapes={list(shapes)} give {len(shapes)} levels and {tokens} "
+            f"tokens, but value has {value.shape[1]} tokens and sampling_locations "
+            f"{sampling_locations.shape[3]} levels; pass the (H, W) of every level, in order."
         )
     return shapes
 
@@ -111,5 +131,6 @@ def ms_deform_attn(
         shapes = _checked_shapes(shapes, value, sampling_locations)
     if backend == "auto":
         backend = _auto_backend(value)
-    return _IMPLEMENTATIONS[backend](value, spatial_shapes, level_start_index, sampling_locations,
-                                     attention_weights, shapes)
+    return _IMPLEMENTATIONS[backend](
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, shapes
+    )

@@ -18,15 +18,17 @@ reference returns NaN.
   scatter is itself an ``embedding_bag`` over the output gradient with one bag per table row, its
   entries grouped by row by a stable sort: of the in-map corner rows themselves when they are few
   ("merged"), else ("keyed") of only the top-left corners' positions in a virtual table with a
-  one-pixel border around every level, an order in which the in-map corners of each of the four kinds
-  are sorted by row too, so one sort of a quarter of the indices serves four ``embedding_bag`` calls.
+  one-pixel border around every level, an order in which the in-map corners of each of the four
+  kinds are sorted by row too, so one sort of a quarter of the indices serves four ``embedding_bag``
+  calls.
 
 Every reduction sums in a fixed order (stable sort, one bag at a time): results are bit-identical
 from run to run (for a given thread count).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,31 +59,50 @@ def ms_deform_attn_gather(
     n, s, m, d = value.shape
     total = sum(h * w for h, w in levels)
     if s != total:
-        raise ValueError(f"value has {s} tokens per image (dim 1) but the level shapes {list(levels)} "
-                         f"hold sum(h * w) = {total}.")
-    expected = (n, sampling_locations.shape[1] if sampling_locations.dim() == 6 else -1, m, len(levels))
-    if sampling_locations.dim() != 6 or tuple(sampling_locations.shape[:4]) != expected \
-            or sampling_locations.shape[-1] != 2:
-        raise ValueError(f"sampling_locations must be (N, Lq, M, L, P, 2) = ({n}, Lq, {m}, {len(levels)}, P, 2), "
-                         f"got {tuple(sampling_locations.shape)}.")
+        raise ValueError(
+            f"value has {s} tokens per image (dim 1) but the level shapes {list(levels)} "
+            f"hold sum(h * w) = {total}."
+        )
+    expected = (
+        n,
+        sampling_locations.shape[1] if sampling_locations.dim() == 6 else -1,
+        m,
+        len(levels),
+    )
+    if (
+        sampling_locations.dim() != 6
+        or tuple(sampling_locations.shape[:4]) != expected
+        or sampling_locations.shape[-1] != 2
+    ):
+        raise ValueError(
+            f"sampling_locations must be (N, Lq, M, L, P, 2) = ({n}, Lq, {m}, {len(levels)}, P, "
+            f"2), got {tuple(sampling_locations.shape)}."
+        )
     if tuple(attention_weights.shape) != tuple(sampling_locations.shape[:-1]):
-        raise ValueError(f"attention_weights must be (N, Lq, M, L, P) = {tuple(sampling_locations.shape[:-1])}, "
-                         f"got {tuple(attention_weights.shape)}.")
+        raise ValueError(
+            f"attention_weights must be (N, Lq, M, L, P) = {tuple(sampling_locations.shape[:-1])}, "
+            f"got {tuple(attention_weights.shape)}."
+        )
     out_dtype = value.dtype
     compute = torch.float64 if value.dtype == torch.float64 else torch.float32
-    out = _GatherMSDA.apply(value.to(compute).contiguous(), levels, sampling_locations.to(compute),
-                            attention_weights.to(compute))
+    out = _GatherMSDA.apply(
+        value.to(compute).contiguous(),
+        levels,
+        sampling_locations.to(compute),
+        attention_weights.to(compute),
+    )
     return out.to(out_dtype)
 
 
 class _Layout:
-    """Row arithmetic. value (N, S, M, D) is the table, viewed as (N * S * M, D) rows: pixel (y, x) of
-    level l of image n, head m is row ((n * S + start_l + y * w_l + x) * M + m)."""
+    """Row arithmetic. value (N, S, M, D) is the table, viewed as (N * S * M, D) rows: pixel (y, x)
+    of level l of image n, head m is row ((n * S + start_l + y * w_l + x) * M + m)."""
 
     def __init__(self, levels, n, s, m, device, dtype):
         self.levels, self.n, self.s, self.m = levels, n, s, m
         self.rows = n * s * m
-        # A sort key on a virtual table with a one-pixel border around every level, (h + 2) x (w + 2).
+        # A sort key on a virtual table with a one-pixel border around every level, (h + 2) x (w +
+        # 2).
         padded = [(h + 2) * (w + 2) for h, w in levels]
         self.key_dtype = torch.int32 if n * sum(padded) * m < 2**31 - 1 else torch.int64
         self.index_dtype = torch.int32 if self.rows < 2**31 - 1 else torch.int64
@@ -105,10 +126,10 @@ class _Layout:
         return image, head
 
     def geometry(self, loc: torch.Tensor):
-        """Per sample (N, Lq, M, L, P): fractional offsets fx, fy, the border-table key of its top-left
-        corner; per corner (N, Lq, M, L, P, 4): table rows and in-map masks."""
-        # align_corners=False: continuous pixel coordinate x = loc * W - 0.5, pixel centres at integers.
-        # NaN / inf go far outside, where no corner is in the map.
+        """Per sample (N, Lq, M, L, P): fractional offsets fx, fy, the border-table key of its
+        top-left corner; per corner (N, Lq, M, L, P, 4): table rows and in-map masks."""
+        # align_corners=False: continuous pixel coordinate x = loc * W - 0.5, pixel centres at
+        # integers. NaN / inf go far outside, where no corner is in the map.
         x = torch.nan_to_num(loc[..., 0] * self.width - 0.5, nan=-2.0, posinf=-2.0, neginf=-2.0)
         y = torch.nan_to_num(loc[..., 1] * self.height - 0.5, nan=-2.0, posinf=-2.0, neginf=-2.0)
         x0, y0 = x.floor(), y.floor()
@@ -119,12 +140,20 @@ class _Layout:
         # Table rows of the corners, clamped into the map (those outside get weight zero).
         it = self.index_dtype
         # (Clamped at 0 last: an empty level has w - 1 = -1.)
-        xs = [torch.minimum(x0, w1).clamp_(min=0).to(it), torch.minimum(x0 + 1, w1).clamp_(min=0).to(it)]
-        ys = [torch.minimum(y0, h1).clamp_(min=0).to(it), torch.minimum(y0 + 1, h1).clamp_(min=0).to(it)]
+        xs = [
+            torch.minimum(x0, w1).clamp_(min=0).to(it),
+            torch.minimum(x0 + 1, w1).clamp_(min=0).to(it),
+        ]
+        ys = [
+            torch.minimum(y0, h1).clamp_(min=0).to(it),
+            torch.minimum(y0 + 1, h1).clamp_(min=0).to(it),
+        ]
         image, head = self._heads(it, loc.device)
         base = image * self.s + self.start
         lines = [base + yy * self.iwidth for yy in ys]
-        corner_rows = torch.stack([(lines[dy] + xs[dx]) * self.m + head for dy in (0, 1) for dx in (0, 1)], -1)
+        corner_rows = torch.stack(
+            [(lines[dy] + xs[dx]) * self.m + head for dy in (0, 1) for dx in (0, 1)], -1
+        )
         corner_in = torch.stack([in_x[dx] & in_y[dy] for dy in (0, 1) for dx in (0, 1)], -1)
         # Sort key for the backward: the top-left corner's index in a virtual table with a one-pixel
         # border around every level, (h + 2) x (w + 2), rows ordered like the table's (image, level,
@@ -134,7 +163,7 @@ class _Layout:
         bx = torch.minimum((x0 + 1).clamp(min=0), self.width).to(kt)
         by = torch.minimum((y0 + 1).clamp(min=0), self.height).to(kt)
         kimage, khead = self._heads(kt, loc.device)
-        key = ((kimage * self.pimage + self.pstart + by * self.pwidth + bx) * self.m + khead)
+        key = (kimage * self.pimage + self.pstart + by * self.pwidth + bx) * self.m + khead
         return fx, fy, key, corner_rows, corner_in
 
 
@@ -151,18 +180,26 @@ def _corner_dots(grad, table, indices, bags, per_bag):
     offsets = torch.arange(0, bags * per_bag, per_bag, dtype=flat.dtype, device=flat.device)
     offset2bag = torch.arange(bags, dtype=flat.dtype, device=flat.device).repeat_interleave(per_bag)
     try:
-        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, offsets, offset2bag, 0)
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            grad, table, flat, offsets, offset2bag, 0
+        )
     except (AttributeError, RuntimeError, NotImplementedError):  # a torch without the private op
-        weights = torch.zeros(bags, per_bag, dtype=table.dtype, device=table.device, requires_grad=True)
+        weights = torch.zeros(
+            bags, per_bag, dtype=table.dtype, device=table.device, requires_grad=True
+        )
         with torch.enable_grad():
-            out = F.embedding_bag(indices.reshape(bags, per_bag), table, per_sample_weights=weights, mode="sum")
+            out = F.embedding_bag(
+                indices.reshape(bags, per_bag), table, per_sample_weights=weights, mode="sum"
+            )
             (dots,) = torch.autograd.grad(out, weights, grad)
     return dots.view(bags, per_bag)
 
 
 def _scatter(grad, rows, weights, corner_in, key, samples, num_rows, strategy):
-    """The value gradient: sum over (bag b, corner e) of weights[b, e] * grad[b] into row rows[b, e], as
-    embedding_bag over grad with one bag per table row (entries grouped by row, in a fixed order)."""
+    """The value gradient: sum over (bag b, corner e) of weights[b, e] * grad[b] into row rows[b,
+        e], as
+    embedding_bag over grad with one bag per table row (entries grouped by row, in a fixed
+    order)."""
     if strategy == "merged":
         # Few entries: sort the in-map corner rows themselves, one bag list for all corners.
         entries = corner_in.view(-1).nonzero().squeeze(1)
@@ -170,12 +207,18 @@ def _scatter(grad, rows, weights, corner_in, key, samples, num_rows, strategy):
         entries = entries.index_select(0, perm)
         counts = torch.bincount(sorted_rows, minlength=num_rows)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return F.embedding_bag(entries // (4 * samples), grad, offsets, mode="sum",
-                               per_sample_weights=weights.view(-1).index_select(0, entries), include_last_offset=True)
+        return F.embedding_bag(
+            entries // (4 * samples),
+            grad,
+            offsets,
+            mode="sum",
+            per_sample_weights=weights.view(-1).index_select(0, entries),
+            include_last_offset=True,
+        )
     # Many entries: in the order of the border-table key, the in-map corners of each kind are in row
-    # order too (a corner is a fixed key offset from its top-left one, and border positions inside the
-    # map map one-to-one to rows), so one stable sort of a quarter of the indices groups the entries
-    # of all four corners; corners outside the map (weight zero) are dropped.
+    # order too (a corner is a fixed key offset from its top-left one, and border positions inside
+    # the map map one-to-one to rows), so one stable sort of a quarter of the indices groups the
+    # entries of all four corners; corners outside the map (weight zero) are dropped.
     order = torch.sort(key, stable=True).indices
     bags = order // samples
     rows, weights = rows.index_select(0, order), weights.index_select(0, order)
@@ -185,8 +228,14 @@ def _scatter(grad, rows, weights, corner_in, key, samples, num_rows, strategy):
         keep = corner_in[:, j].nonzero().squeeze(1)
         counts = torch.bincount(rows[:, j].index_select(0, keep), minlength=num_rows)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        part = F.embedding_bag(bags.index_select(0, keep), grad, offsets, mode="sum",
-                               per_sample_weights=weights[:, j].index_select(0, keep), include_last_offset=True)
+        part = F.embedding_bag(
+            bags.index_select(0, keep),
+            grad,
+            offsets,
+            mode="sum",
+            per_sample_weights=weights[:, j].index_select(0, keep),
+            include_last_offset=True,
+        )
         grad_table = part if grad_table is None else grad_table.add_(part)
     return grad_table
 
@@ -204,8 +253,12 @@ class _GatherMSDA(torch.autograd.Function):
         layout = _Layout(levels, n, s, m, value.device, value.dtype)
         fx, fy, key, rows, corner_in = layout.geometry(loc)
         weights = _corner_weights(fx, fy, attn) * corner_in
-        out = F.embedding_bag(rows.view(bags, -1), value.view(-1, d), per_sample_weights=weights.view(bags, -1),
-                              mode="sum")
+        out = F.embedding_bag(
+            rows.view(bags, -1),
+            value.view(-1, d),
+            per_sample_weights=weights.view(bags, -1),
+            mode="sum",
+        )
         ctx.save_for_backward(value, attn, fx, fy, key, rows, corner_in, weights)
         ctx.layout = layout
         # Sorting all corner rows costs more than 4 row-sized passes once there are many per row.
@@ -235,13 +288,22 @@ class _GatherMSDA(torch.autograd.Function):
             if need_attn:
                 grad_attn = gy * (gx * c0 + fx * c1) + fy * (gx * c2 + fx * c3)
             if need_loc:
-                # d/dfx and d/dfy of attn * bilinear; dx/dloc_x = W, dy/dloc_y = H (floor has no gradient).
+                # d/dfx and d/dfy of attn * bilinear; dx/dloc_x = W, dy/dloc_y = H (floor has no
+                # gradient).
                 dfx = attn * (gy * (c1 - c0) + fy * (c3 - c2))
                 dfy = attn * (gx * (c2 - c0) + fx * (c3 - c1))
                 grad_loc = torch.stack([dfx * layout.width, dfy * layout.height], -1)
 
         if need_value:
-            grad_table = _scatter(grad, rows.view(-1, 4), weights.view(-1, 4), corner_in.view(-1, 4), key.reshape(-1),
-                                  samples, layout.rows, ctx.strategy)
+            grad_table = _scatter(
+                grad,
+                rows.view(-1, 4),
+                weights.view(-1, 4),
+                corner_in.view(-1, 4),
+                key.reshape(-1),
+                samples,
+                layout.rows,
+                ctx.strategy,
+            )
             grad_value = grad_table.view(value.shape)
         return grad_value, None, grad_loc, grad_attn

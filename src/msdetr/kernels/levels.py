@@ -1,7 +1,8 @@
 """The levels' (H, W) as Python ints: what every backend and the model split and size things by."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,7 +1,8 @@
 """PyTorch reference of multi-scale deformable attention (bilinear sampling via grid_sample)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,13 @@ def ms_deform_attn_reference(
     for lvl, (h, w) in enumerate(shapes):
         v = value_list[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+        sampled.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
     # (N*M, D, Lq, L, P) weighted over (L, P)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
-    weights = attention_weights.to(compute).transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
+    weights = (
+        attention_weights.to(compute).transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
+    )
     out = (stacked * weights).sum(-1).view(n, m * d, lq)
     return out.transpose(1, 2).contiguous().to(out_dtype)

@@ -2,13 +2,15 @@
 differentiable custom op ``msdetr::ms_deform_attn_fwd`` (backward: ``msdetr::ms_deform_attn_bwd``).
 
 Kernel v2: the number of levels and points are compile-time constants (levels unrolled with
-``tl.static_range``); each program reads its rows of locations and weights once, as contiguous tiles;
-the backward keeps the location / weight gradients of all levels in registers and stores them once.
+``tl.static_range``); each program reads its rows of locations and weights once, as contiguous
+tiles; the backward keeps the location / weight gradients of all levels in registers and stores them
+once.
 Besides the op: ``check_deterministic`` (the backward's atomics under
 ``torch.use_deterministic_algorithms``), ``warm_up`` (autotune before CUDA-graph capture),
 ``candidate_configs`` and ``aot_compile`` (per-architecture configs, checked for register spills
 without a GPU by ``bench/aot.py`` and ``tests/test_kernels_aot.py``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,23 +19,32 @@ import re
 import subprocess
 import tempfile
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["ms_deform_attn_triton", "check_deterministic", "warm_up", "candidate_configs", "aot_compile", "AotResult"]
+__all__ = [
+    "ms_deform_attn_triton",
+    "check_deterministic",
+    "warm_up",
+    "candidate_configs",
+    "aot_compile",
+    "AotResult",
+]
 
 # Read once, like triton itself: the interpreter flag must be set before triton is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Autotune candidates per GPU architecture, as (BLOCK_Q, num_warps), and the most elements per thread
-# that one (BLOCK_Q, points, channels) corner gather may hold there (4 such tiles are in flight;
-# one (BLOCK_Q, 4, points, channels) gather instead needed ~255 registers in the backward on sm_80).
-# tests/test_kernels_aot.py compiles every candidate for its architecture (D=32, 4 points, 4 and 5
-# levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses the
-# table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
+
+# Autotune candidates per GPU architecture, as (BLOCK_Q, num_warps), and the most elements per
+# thread that one (BLOCK_Q, points, channels) corner gather may hold there (4 such tiles are in
+# flight; one (BLOCK_Q, 4, points, channels) gather instead needed ~255 registers in the backward on
+# sm_80). tests/test_kernels_aot.py compiles every candidate for its architecture (D=32, 4 points, 4
+# and 5 levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses
+# the table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
 # never compiled here: sm_90's).
 class _ArchConfigs(NamedTuple):
     pairs: tuple[tuple[int, int], ...]  # (BLOCK_Q, num_warps) candidates
@@ -86,7 +97,7 @@ def candidate_configs(arch: int, head_dim: int, num_points: int) -> list[triton.
     return kept or [min(configs, key=per_thread)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _capability(device: torch.device) -> int:
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
@@ -97,14 +108,16 @@ def _prune(configs, named_args, **kwargs):
     value = args["value_ptr"]
     if not value.is_cuda:  # only reached under the interpreter: nothing to choose
         return configs[:1]
-    keep = {id(c) for c in candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"])}
+    keep = {
+        id(c) for c in candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"])
+    }
     return [c for c in configs if id(c) in keep]
 
 
-# Lq changes with every image size; keying the tuner on its power-of-two class (LQ_CLASS, an argument
-# the kernels never read) tunes once per class instead of once per shape. D is a constexpr so that
-# the compiler knows how far channel rows are aligned and vectorizes the gathers; L and NUM_POINTS
-# are constexprs so that the level loop unrolls and the point tiles have a fixed size.
+# Lq changes with every image size; keying the tuner on its power-of-two class (LQ_CLASS, an
+# argument the kernels never read) tunes once per class instead of once per shape. D is a constexpr
+# so that the compiler knows how far channel rows are aligned and vectorizes the gathers; L and
+# NUM_POINTS are constexprs so that the level loop unrolls and the point tiles have a fixed size.
 _TUNE_KEY = ["M", "D", "L", "LQ_CLASS", "NUM_POINTS"]
 
 
@@ -126,10 +139,20 @@ def _program_coords(Lq, M, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _row_tiles(loc_ptr, attn_ptr, row, q_mask, L: tl.constexpr, NUM_POINTS: tl.constexpr,
-               L_PAD: tl.constexpr, POINTS_PAD: tl.constexpr, ACC: tl.constexpr):
+def _row_tiles(
+    loc_ptr,
+    attn_ptr,
+    row,
+    q_mask,
+    L: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    L_PAD: tl.constexpr,
+    POINTS_PAD: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """All locations and weights of this program's (query, head) rows, each element read once:
-    (BLOCK_Q, L_PAD, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and mask."""
+    (BLOCK_Q, L_PAD, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and
+    mask."""
     lvl = tl.arange(0, L_PAD)[None, :, None]
     pt = tl.arange(0, POINTS_PAD)[None, None, :]
     # A row's L * NUM_POINTS weights (and 2x as many coordinates) are contiguous in memory.
@@ -138,7 +161,9 @@ def _row_tiles(loc_ptr, attn_ptr, row, q_mask, L: tl.constexpr, NUM_POINTS: tl.c
     xy = tl.arange(0, 2)[None, None, None, :]
     # The interleaved (x, y) pairs in one load, split in registers. Padding reads NaN: it then takes
     # the out-of-map path of _bilinear (zero contribution) and needs no mask of its own later.
-    loc = tl.load(loc_ptr + 2 * lp[:, :, :, None] + xy, mask=mask[:, :, :, None], other=float("nan"))
+    loc = tl.load(
+        loc_ptr + 2 * lp[:, :, :, None] + xy, mask=mask[:, :, :, None], other=float("nan")
+    )
     x, y = tl.split(loc.to(ACC))
     a = tl.load(attn_ptr + lp, mask=mask, other=0.0).to(ACC)
     return lvl, lp, mask, x, y, a
@@ -186,14 +211,30 @@ def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
 @triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _msda_fwd_kernel(
-    value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
-    Lq, S, M, LQ_CLASS,
-    D: tl.constexpr, L: tl.constexpr, NUM_POINTS: tl.constexpr, L_PAD: tl.constexpr,
-    POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    out_ptr,
+    Lq,
+    S,
+    M,
+    LQ_CLASS,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    L_PAD: tl.constexpr,
+    POINTS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, _, _, x, y, a = _row_tiles(loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC)
+    lvl, _, _, x, y, a = _row_tiles(
+        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
+    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     value_nm = value_ptr + n * S * MD + m * D
@@ -201,7 +242,8 @@ def _msda_fwd_kernel(
     for level in tl.static_range(L):
         a_l = _pick(a, lvl, level)
         w, _, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD)
+            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+        )
         ptr = value_nm + corner[:, :, None] + c3
         # All 4 * points gathers of the level are independent loads in flight together.
         v00 = tl.load(ptr, mask=in00[:, :, None] & c_mask, other=0.0).to(ACC)
@@ -217,26 +259,51 @@ def _msda_fwd_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask[:, None] & c_in[None, :])
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
-                 reset_to_zero=["grad_value_ptr"])  # benchmarking replays the atomic scatter
+@triton.autotune(
+    configs=_CONFIGS,
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["grad_value_ptr"],
+)  # benchmarking replays the atomic scatter
 @triton.jit
 def _msda_bwd_kernel(
-    grad_out_ptr, value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr,
-    grad_value_ptr, grad_loc_ptr, grad_attn_ptr,
-    Lq, S, M, LQ_CLASS,
-    D: tl.constexpr, L: tl.constexpr, NUM_POINTS: tl.constexpr, L_PAD: tl.constexpr,
-    POINTS_PAD: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    grad_out_ptr,
+    value_ptr,
+    shapes_ptr,
+    starts_ptr,
+    loc_ptr,
+    attn_ptr,
+    grad_value_ptr,
+    grad_loc_ptr,
+    grad_attn_ptr,
+    Lq,
+    S,
+    M,
+    LQ_CLASS,
+    D: tl.constexpr,
+    L: tl.constexpr,
+    NUM_POINTS: tl.constexpr,
+    L_PAD: tl.constexpr,
+    POINTS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, lp, lp_mask, x, y, a = _row_tiles(loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC)
+    lvl, lp, lp_mask, x, y, a = _row_tiles(
+        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
+    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     nm_offset = n * S * MD + m * D
     value_nm = value_ptr + nm_offset
     grad_value_nm = grad_value_ptr + nm_offset
-    g = tl.load(grad_out_ptr + row[:, None] * D + c[None, :], mask=q_mask[:, None] & c_in[None, :],
-                other=0.0).to(ACC)
+    g = tl.load(
+        grad_out_ptr + row[:, None] * D + c[None, :],
+        mask=q_mask[:, None] & c_in[None, :],
+        other=0.0,
+    ).to(ACC)
     g3 = g[:, None, :]
     # Location / weight gradients of every level, kept in registers and stored once at the end.
     grad_x_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
@@ -245,7 +312,8 @@ def _msda_bwd_kernel(
     for level in tl.static_range(L):
         a_l = _pick(a, lvl, level)
         w, h, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD)
+            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+        )
         offs = corner[:, :, None] + c3
         m00 = in00[:, :, None] & c_mask
         m01 = in01[:, :, None] & c_mask
@@ -255,13 +323,17 @@ def _msda_bwd_kernel(
         s00 = tl.sum(tl.load(value_nm + offs, mask=m00, other=0.0).to(ACC) * g3, axis=2)
         s01 = tl.sum(tl.load(value_nm + offs + MD, mask=m01, other=0.0).to(ACC) * g3, axis=2)
         s10 = tl.sum(tl.load(value_nm + offs + w * MD, mask=m10, other=0.0).to(ACC) * g3, axis=2)
-        s11 = tl.sum(tl.load(value_nm + offs + (w + 1) * MD, mask=m11, other=0.0).to(ACC) * g3, axis=2)
+        s11 = tl.sum(
+            tl.load(value_nm + offs + (w + 1) * MD, mask=m11, other=0.0).to(ACC) * g3, axis=2
+        )
         b00 = (1 - fx) * (1 - fy)
         b01 = fx * (1 - fy)
         b10 = (1 - fx) * fy
         b11 = fx * fy
         at = lvl == level
-        grad_a_all = tl.where(at, (b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11)[:, None, :], grad_a_all)
+        grad_a_all = tl.where(
+            at, (b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11)[:, None, :], grad_a_all
+        )
         # d sample / d loc = (d sample / d pixel) * (map size); out-of-map corners count as zeros.
         grad_x = a_l * w.to(ACC) * ((1 - fy) * (s01 - s00) + fy * (s11 - s10))
         grad_y = a_l * h.to(ACC) * ((1 - fx) * (s10 - s00) + fx * (s11 - s01))
@@ -272,12 +344,17 @@ def _msda_bwd_kernel(
         tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
         tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
         tl.atomic_add(grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed")
-        tl.atomic_add(grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed")
+        tl.atomic_add(
+            grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed"
+        )
     # This program alone owns these (query, head) rows: plain stores, one per tensor, contiguous.
     tl.store(grad_attn_ptr + lp, grad_a_all.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
     xy = tl.arange(0, 2)[None, None, None, :]
-    tl.store(grad_loc_ptr + 2 * lp[:, :, :, None] + xy,
-             tl.join(grad_x_all, grad_y_all).to(grad_loc_ptr.dtype.element_ty), mask=lp_mask[:, :, :, None])
+    tl.store(
+        grad_loc_ptr + 2 * lp[:, :, :, None] + xy,
+        tl.join(grad_x_all, grad_y_all).to(grad_loc_ptr.dtype.element_ty),
+        mask=lp_mask[:, :, :, None],
+    )
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -287,56 +364,89 @@ def _shape(t: torch.Tensor) -> tuple:
     return tuple(t.shape)
 
 
-def _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-              grad_output=None) -> None:
+def _validate(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    grad_output=None,
+) -> None:
     """Shapes, dtypes and devices only: nothing is read from the device (no host-device sync)."""
     op = "ms_deform_attn (triton)"
     if value.dim() != 4:
         raise ValueError(f"{op}: value must be (N, S, M, D), got shape {_shape(value)}.")
     if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-        raise ValueError(f"{op}: spatial_shapes must be (L, 2) rows of (H, W), got shape {_shape(spatial_shapes)}.")
+        raise ValueError(
+            f"{op}: spatial_shapes must be (L, 2) rows of (H, W), got shape "
+            f"{_shape(spatial_shapes)}."
+        )
     n, _, m, d = value.shape
     num_levels = spatial_shapes.shape[0]
     if _shape(level_start_index) != (num_levels,):
-        raise ValueError(f"{op}: level_start_index must be (L,) = ({num_levels},) like spatial_shapes, "
-                         f"got shape {_shape(level_start_index)}.")
+        raise ValueError(
+            f"{op}: level_start_index must be (L,) = ({num_levels},) like spatial_shapes, "
+            f"got shape {_shape(level_start_index)}."
+        )
     loc = sampling_locations
-    if loc.dim() != 6 or (loc.shape[0], loc.shape[2], loc.shape[3], loc.shape[5]) != (n, m, num_levels, 2):
-        raise ValueError(f"{op}: sampling_locations must be (N, Lq, M, L, P, 2) = ({n}, Lq, {m}, {num_levels}, "
-                         f"P, 2) for value {_shape(value)} and {num_levels} levels, got shape {_shape(loc)}.")
+    if loc.dim() != 6 or (loc.shape[0], loc.shape[2], loc.shape[3], loc.shape[5]) != (
+        n,
+        m,
+        num_levels,
+        2,
+    ):
+        raise ValueError(
+            f"{op}: sampling_locations must be (N, Lq, M, L, P, 2) = ({n}, Lq, {m}, {num_levels}, "
+            f"P, 2) for value {_shape(value)} and {num_levels} levels, got shape {_shape(loc)}."
+        )
     if _shape(attention_weights) != _shape(loc)[:-1]:
-        raise ValueError(f"{op}: attention_weights must be (N, Lq, M, L, P) = {_shape(loc)[:-1]} like "
-                         f"sampling_locations, got shape {_shape(attention_weights)}.")
+        raise ValueError(
+            f"{op}: attention_weights must be (N, Lq, M, L, P) = {_shape(loc)[:-1]} like "
+            f"sampling_locations, got shape {_shape(attention_weights)}."
+        )
     if grad_output is not None and _shape(grad_output) != (n, loc.shape[1], m * d):
-        raise ValueError(f"{op}: grad_output must be (N, Lq, M * D) = {(n, loc.shape[1], m * d)}, "
-                         f"got shape {_shape(grad_output)}.")
-    named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
-                 sampling_locations=loc, attention_weights=attention_weights)
+        raise ValueError(
+            f"{op}: grad_output must be (N, Lq, M * D) = {(n, loc.shape[1], m * d)}, "
+            f"got shape {_shape(grad_output)}."
+        )
+    named = dict(
+        value=value,
+        spatial_shapes=spatial_shapes,
+        level_start_index=level_start_index,
+        sampling_locations=loc,
+        attention_weights=attention_weights,
+    )
     if grad_output is not None:
         named["grad_output"] = grad_output
     for name, t in named.items():
         if t.device != value.device:
-            raise ValueError(f"{op}: all inputs must be on one device, but value is on {value.device} "
-                             f"and {name} on {t.device}.")
+            raise ValueError(
+                f"{op}: all inputs must be on one device, but value is on {value.device} "
+                f"and {name} on {t.device}."
+            )
     for name in ("spatial_shapes", "level_start_index"):
         if named[name].dtype != torch.int64:
             raise ValueError(f"{op}: {name} must be int64, got {named[name].dtype}.")
     for name in ("value", "sampling_locations", "attention_weights", "grad_output"):
         if name in named and named[name].dtype not in _SUPPORTED:
-            raise ValueError(f"{op}: {name} must be one of {', '.join(map(str, _SUPPORTED))}, "
-                             f"got {named[name].dtype}.")
+            raise ValueError(
+                f"{op}: {name} must be one of {', '.join(map(str, _SUPPORTED))}, "
+                f"got {named[name].dtype}."
+            )
 
 
 def check_deterministic(op: str = "msdetr::ms_deform_attn_bwd") -> None:
     """Refuse, like PyTorch's own non-deterministic ops, when ``torch.use_deterministic_algorithms``
-    is on (warn instead under ``warn_only=True``): the backward adds the value gradient with atomics,
-    whose order, and so the rounding of the sum, changes from run to run."""
+    is on (warn instead under ``warn_only=True``): the backward adds the value gradient with
+    atomics, whose order, and so the rounding of the sum, changes from run to run."""
     if not torch.are_deterministic_algorithms_enabled():
         return
-    message = (f"{op} (Triton) adds the value gradient with atomics, which is not deterministic, but "
-               "torch.use_deterministic_algorithms(True) is set; use attn_backend='auto' (which then "
-               "picks the deterministic 'gather' backend) or 'gather', or pass warn_only=True to it to "
-               "run Triton anyway with this warning.")
+    message = (
+        f"{op} (Triton) adds the value gradient with atomics, which is not deterministic, but "
+        "torch.use_deterministic_algorithms(True) is set; use attn_backend='auto' (which then "
+        "picks the deterministic 'gather' backend) or 'gather', or pass warn_only=True to it to "
+        "run Triton anyway with this warning."
+    )
     if torch.is_deterministic_algorithms_warn_only_enabled():
         warnings.warn(message, UserWarning, stacklevel=2)
         return
@@ -345,11 +455,21 @@ def check_deterministic(op: str = "msdetr::ms_deform_attn_bwd") -> None:
 
 def _meta(value: torch.Tensor, sampling_locations: torch.Tensor) -> dict:
     n, s, m, d = value.shape
-    lq, num_levels, num_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    lq, num_levels, num_points = (
+        sampling_locations.shape[1],
+        sampling_locations.shape[3],
+        sampling_locations.shape[4],
+    )
     return dict(
-        Lq=lq, S=s, M=m, LQ_CLASS=triton.next_power_of_2(lq),
-        D=d, L=num_levels, NUM_POINTS=num_points,
-        L_PAD=triton.next_power_of_2(num_levels), POINTS_PAD=triton.next_power_of_2(num_points),
+        Lq=lq,
+        S=s,
+        M=m,
+        LQ_CLASS=triton.next_power_of_2(lq),
+        D=d,
+        L=num_levels,
+        NUM_POINTS=num_points,
+        L_PAD=triton.next_power_of_2(num_levels),
+        POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(d),
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
     )
@@ -380,8 +500,13 @@ def ms_deform_attn_fwd(
     meta = _meta(value, sampling_locations)
     out = value.new_empty(n, lq, m * d)
     _msda_fwd_kernel[_grid(n, m, lq)](
-        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
-        sampling_locations.contiguous(), attention_weights.contiguous(), out, **meta,
+        value.contiguous(),
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+        out,
+        **meta,
     )
     return out
 
@@ -402,32 +527,50 @@ def ms_deform_attn_bwd(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
+    _validate(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     # fp32 (fp64) buffer: half-precision atomics lose the small contributions, bf16 ones are slow.
     grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
     launch = not _nothing_to_do(value, sampling_locations)
     # The kernel stores every location / weight gradient once, so they need no clearing.
     alloc = torch.empty if launch else torch.zeros
-    grad_loc = alloc(sampling_locations.shape, dtype=sampling_locations.dtype, device=sampling_locations.device)
-    grad_attn = alloc(attention_weights.shape, dtype=attention_weights.dtype, device=attention_weights.device)
+    grad_loc = alloc(
+        sampling_locations.shape, dtype=sampling_locations.dtype, device=sampling_locations.device
+    )
+    grad_attn = alloc(
+        attention_weights.shape, dtype=attention_weights.dtype, device=attention_weights.device
+    )
     if launch:
         check_deterministic()
         n, _, m, _ = value.shape
         lq = sampling_locations.shape[1]
         _msda_bwd_kernel[_grid(n, m, lq)](
-            grad_output.contiguous(), value.contiguous(), spatial_shapes.contiguous(),
-            level_start_index.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous(),
-            grad_value, grad_loc, grad_attn, **_meta(value, sampling_locations),
+            grad_output.contiguous(),
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+            grad_value,
+            grad_loc,
+            grad_attn,
+            **_meta(value, sampling_locations),
         )
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
 @ms_deform_attn_bwd.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    _validate(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
-    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
-            attention_weights.new_empty(attention_weights.shape))
+    _validate(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    return (
+        value.new_empty(value.shape),
+        sampling_locations.new_empty(sampling_locations.shape),
+        attention_weights.new_empty(attention_weights.shape),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -435,9 +578,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+        ctx.saved_tensors
+    )
     grad_value, grad_loc, grad_attn = ms_deform_attn_bwd(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     return grad_value, None, None, grad_loc, grad_attn
 
 
@@ -455,12 +601,17 @@ def ms_deform_attn_triton(
     fp64 values) whatever dtype they come in, and their gradient flows back through the cast.
     NaN / inf locations contribute zero and get zero gradients (as grid_sample's zeros padding)."""
     if sampling_locations.dtype not in _SUPPORTED:
-        raise ValueError(f"ms_deform_attn (triton): sampling_locations must be one of "
-                         f"{', '.join(map(str, _SUPPORTED))}, got {sampling_locations.dtype}.")
+        raise ValueError(
+            f"ms_deform_attn (triton): sampling_locations must be one of "
+            f"{', '.join(map(str, _SUPPORTED))}, got {sampling_locations.dtype}."
+        )
     loc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     return ms_deform_attn_fwd(
-        value, spatial_shapes.to(value.device, torch.int64), level_start_index.to(value.device, torch.int64),
-        sampling_locations.to(loc_dtype), attention_weights,
+        value,
+        spatial_shapes.to(value.device, torch.int64),
+        level_start_index.to(value.device, torch.int64),
+        sampling_locations.to(loc_dtype),
+        attention_weights,
     )
 
 
@@ -493,25 +644,45 @@ def warm_up(
         spatial_shapes = spatial_shapes.tolist()  # one sync, outside any capture
     hw = [(int(h), int(w)) for h, w in spatial_shapes]
     shapes = torch.tensor(hw, dtype=torch.int64, device=device)
-    starts = torch.tensor([0] + [h * w for h, w in hw][:-1], dtype=torch.int64, device=device).cumsum(0)
+    starts = torch.tensor(
+        [0] + [h * w for h, w in hw][:-1], dtype=torch.int64, device=device
+    ).cumsum(0)
     loc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     # A few pixels around one reference point per query, like trained models sample.
     pixel = torch.tensor([[1.0 / w, 1.0 / h] for h, w in hw], dtype=loc_dtype, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
-    value = torch.randn(batch_size, sum(h * w for h, w in hw), num_heads, head_dim, dtype=dtype, device=device,
-                        generator=generator)
+    value = torch.randn(
+        batch_size,
+        sum(h * w for h, w in hw),
+        num_heads,
+        head_dim,
+        dtype=dtype,
+        device=device,
+        generator=generator,
+    )
     warmed, seen = [], set()
     for lq in query_counts:
-        key = dict(M=num_heads, D=head_dim, L=len(hw), LQ_CLASS=triton.next_power_of_2(lq), NUM_POINTS=num_points,
-                   dtype=dtype, weight_dtype=weight_dtype)
+        key = dict(
+            M=num_heads,
+            D=head_dim,
+            L=len(hw),
+            LQ_CLASS=triton.next_power_of_2(lq),
+            NUM_POINTS=num_points,
+            dtype=dtype,
+            weight_dtype=weight_dtype,
+        )
         if lq <= 0 or tuple(key.values()) in seen:
             continue
         seen.add(tuple(key.values()))
         size = (batch_size, lq, num_heads, len(hw), num_points)
-        reference = torch.rand(batch_size, lq, 1, 1, 1, 2, dtype=loc_dtype, device=device, generator=generator)
+        reference = torch.rand(
+            batch_size, lq, 1, 1, 1, 2, dtype=loc_dtype, device=device, generator=generator
+        )
         offsets = torch.randn(*size, 2, dtype=loc_dtype, device=device, generator=generator) * 2
         loc = (reference + offsets * pixel[:, None, :]).requires_grad_(True)
-        weights = torch.rand(size, dtype=weight_dtype, device=device, generator=generator).requires_grad_(True)
+        weights = torch.rand(
+            size, dtype=weight_dtype, device=device, generator=generator
+        ).requires_grad_(True)
         val = value.detach().requires_grad_(True)
         out = ms_deform_attn_triton(val, shapes, starts, loc, weights)
         torch.autograd.grad(out, (val, loc, weights), torch.ones_like(out))
@@ -522,6 +693,7 @@ def warm_up(
 
 
 # Ahead-of-time compilation (no GPU needed): registers, spills and shared memory of each config.
+
 
 class AotResult(NamedTuple):
     kernel: str  # "fwd" or "bwd"
@@ -541,11 +713,22 @@ _AOT_ACC = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": 
 def _aot_signature(fn, dtype: str) -> dict:
     loc = "fp64" if dtype == "fp64" else "fp32"
     grad_value = "fp64" if dtype == "fp64" else "fp32"
-    pointers = {"shapes_ptr": "*i64", "starts_ptr": "*i64", "loc_ptr": f"*{loc}", "grad_loc_ptr": f"*{loc}",
-                "grad_value_ptr": f"*{grad_value}"}
+    pointers = {
+        "shapes_ptr": "*i64",
+        "starts_ptr": "*i64",
+        "loc_ptr": f"*{loc}",
+        "grad_loc_ptr": f"*{loc}",
+        "grad_value_ptr": f"*{grad_value}",
+    }
     constexprs = {p.name for p in fn.params if p.is_constexpr}
-    return {name: "constexpr" if name in constexprs else pointers.get(name, f"*{dtype}")
-            if name.endswith("_ptr") else "i32" for name in fn.arg_names}
+    return {
+        name: "constexpr"
+        if name in constexprs
+        else pointers.get(name, f"*{dtype}")
+        if name.endswith("_ptr")
+        else "i32"
+        for name in fn.arg_names
+    }
 
 
 def _resource_usage(cubin: bytes) -> dict:
@@ -555,31 +738,65 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+        text = subprocess.run(
+            [tool, "-res-usage", f.name], check=True, capture_output=True, text=True
+        ).stdout
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def aot_compile(kernel: str, dtype: str, arch: int, config: triton.Config, head_dim: int = 32,
-                num_levels: int = 4, num_points: int = 4) -> AotResult:
+def aot_compile(
+    kernel: str,
+    dtype: str,
+    arch: int,
+    config: triton.Config,
+    head_dim: int = 32,
+    num_levels: int = 4,
+    num_points: int = 4,
+) -> AotResult:
     """Compile the "fwd" or "bwd" kernel for compute capability ``arch`` (80, 90, ...) with one
-    autotune ``config`` and value ``dtype`` ("fp32", "bf16", "fp16", "fp64"), without a GPU: what the
-    autotuner would build on that GPU (16-byte aligned pointers, as torch allocates), and its
+    autotune ``config`` and value ``dtype`` ("fp32", "bf16", "fp16", "fp64"), without a GPU: what
+    the autotuner would build on that GPU (16-byte aligned pointers, as torch allocates), and its
     resources. Needs TRITON_INTERPRET unset when this module was imported."""
     if _INTERPRET:
-        raise RuntimeError("aot_compile needs the real Triton compiler: unset TRITON_INTERPRET before importing "
-                           "triton.")
+        raise RuntimeError(
+            "aot_compile needs the real Triton compiler: unset TRITON_INTERPRET before importing "
+            "triton."
+        )
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = {"fwd": _msda_fwd_kernel, "bwd": _msda_bwd_kernel}[kernel].fn
     acc = _AOT_ACC[dtype]
-    constexprs = dict(D=head_dim, L=num_levels, NUM_POINTS=num_points, L_PAD=triton.next_power_of_2(num_levels),
-                      POINTS_PAD=triton.next_power_of_2(num_points), BLOCK_D=triton.next_power_of_2(head_dim),
-                      ACC=acc, **config.kwargs)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")}
+    constexprs = dict(
+        D=head_dim,
+        L=num_levels,
+        NUM_POINTS=num_points,
+        L_PAD=triton.next_power_of_2(num_levels),
+        POINTS_PAD=triton.next_power_of_2(num_points),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        ACC=acc,
+        **config.kwargs,
+    )
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if name.endswith("_ptr")
+    }
     source = ASTSource(fn, _aot_signature(fn, dtype), constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+    )
     usage = _resource_usage(compiled.asm["cubin"])
-    return AotResult(kernel, arch, dtype, config.kwargs["BLOCK_Q"], config.num_warps, usage["REG"],
-                     usage["LOCAL"] // 4, compiled.metadata.shared, compiled)
+    return AotResult(
+        kernel,
+        arch,
+        dtype,
+        config.kwargs["BLOCK_Q"],
+        config.num_warps,
+        usage["REG"],
+        usage["LOCAL"] // 4,
+        compiled.metadata.shared,
+        compiled,
+    )

@@ -1,4 +1,5 @@
 """Lightning glue: the DetectionModule and callbacks."""
+
 from .module import DetectionModule
 
 __all__ = ["DetectionModule"]

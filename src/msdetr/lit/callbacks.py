@@ -1,12 +1,14 @@
-"""Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes, preemption."""
+"""Callbacks and plugins: prediction pictures, training throughput, atomic checkpoint writes,
+preemption."""
+
 from __future__ import annotations
 
 import os
 import resource
-import warnings
 import signal
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -43,16 +45,20 @@ def _tensors(value):
 
 
 def check_finite_weights(state_dict: dict, path) -> None:
-    """Refuse, in one sentence, weights with a NaN or inf in them (one host read for all tensors)."""
-    names = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    """Refuse, in one sentence, weights with a NaN or inf in them (one host read for all
+    tensors)."""
+    names = [
+        k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
     if not names:
         return
     finite = torch.stack([torch.isfinite(state_dict[k]).all().cpu() for k in names]).tolist()
     bad = [k for k, ok in zip(names, finite) if not ok]
     if bad:
         raise NonFiniteCheckpointError(
-            f"refusing to write '{path}': {len(bad)} of {len(names)} weight tensors are not finite (first: {bad[0]}); "
-            "the checkpoint there before stays as it was.")
+            f"refusing to write '{path}': {len(bad)} of {len(names)} weight tensors are not "
+            f"finite (first: {bad[0]}); the checkpoint there before stays as it was."
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,13 +69,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         check_finite_weights(checkpoint.get("state_dict", {}), path)
         size = sum(t.numel() * t.element_size() for t in _tensors(checkpoint))
-        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp,
-                                                                                       storage_options),
-                     size_hint=size)
+        atomic_write(
+            path,
+            lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(
+                checkpoint, tmp, storage_options
+            ),
+            size_hint=size,
+        )
 
 
 class LatestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint of the run's latest state (no monitor) that also writes it at the end of every
+    """ModelCheckpoint of the run's latest state (no monitor) that also writes it at the end of
+    every
     epoch when `every_n_train_steps` is set: Lightning's triggers exclude each other, so with the
     step trigger alone an epoch's end was saved only when N divided the epoch, and a hard kill lost
     up to N - 1 steps plus the epoch-end validation. `save_last="link"` links last.ckpt to it."""
@@ -101,9 +112,13 @@ class BestCheckpoint(ModelCheckpoint):
             return False
         if not getattr(self, "_warned_missing", False) and not trainer.sanity_checking:
             self._warned_missing = True
-            warnings.warn(f"no '{self.monitor}' this validation (its annotations have no boxes, so every COCO metric "
-                          f"is undefined): the best checkpoint ({self.dirpath}) is not written until there is one; "
-                          "checkpoints/latest.ckpt is written as usual.", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"no '{self.monitor}' this validation (its annotations have no boxes, so every "
+                f"COCO metric is undefined): the best checkpoint ({self.dirpath}) is not written "
+                "until there is one; checkpoints/latest.ckpt is written as usual.",
+                UserWarning,
+                stacklevel=2,
+            )
         return True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -121,27 +136,35 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | None, score_threshold: float,
-                    gt_boxes: torch.Tensor | None = None) -> torch.Tensor:
-    """Boxes (xyxy, pixels of image_u8) with 'label score' captions; GT boxes, if given, in white."""
+def draw_detections(
+    image_u8: torch.Tensor,
+    det: dict,
+    names: dict[int, str] | None,
+    score_threshold: float,
+    gt_boxes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boxes (xyxy, pixels of image_u8) with 'label score' captions; GT boxes, if given, in
+    white."""
     if gt_boxes is not None and len(gt_boxes):
         image_u8 = draw_bounding_boxes(image_u8, gt_boxes, colors="white", width=1)
     keep = det["scores"] >= score_threshold
     boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
     if len(boxes) == 0:
         return image_u8
-    captions = [f"{(names or {}).get(int(l), int(l))} {float(s):.2f}" for l, s in zip(labels, scores)]
+    captions = [
+        f"{(names or {}).get(int(c), int(c))} {float(s):.2f}" for c, s in zip(labels, scores)
+    ]
     palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
-    colors = [palette[int(l) % len(palette)] for l in labels]
+    colors = [palette[int(c) % len(palette)] for c in labels]
     return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
 
 
 class Throughput(L.Callback):
-    """Logs training speed every `log_every_n_steps` optimizer steps: `perf/images_per_sec` (all ranks),
-    `perf/peak_mem_gb` (CUDA: peak allocated; CPU: peak resident set) and `perf/criterion_share`,
-    the fraction of the step spent in the criterion (matching + losses). On CUDA it synchronizes
-    around the step and the criterion, which costs a little speed; leave it out of production runs
-    if that matters (callbacks.throughput=null)."""
+    """Logs training speed every `log_every_n_steps` optimizer steps: `perf/images_per_sec` (all
+    ranks), `perf/peak_mem_gb` (CUDA: peak allocated; CPU: peak resident set) and
+    `perf/criterion_share`, the fraction of the step spent in the criterion (matching + losses). On
+    CUDA it synchronizes around the step and the criterion, which costs a little speed; leave it out
+    of production runs if that matters (callbacks.throughput=null)."""
 
     def __init__(self, log_every_n_steps: int = 50):
         self.log_every_n_steps = log_every_n_steps
@@ -164,27 +187,41 @@ class Throughput(L.Callback):
         w["seconds"] += pl_module._clock() - self._start
         w["criterion"] += pl_module.criterion_seconds
         w["images"] += batch[0].shape[0] * trainer.world_size
-        step = trainer.global_step  # optimizer steps: with gradient accumulation, several batches each
-        if step == self._logged_step or (step % self.log_every_n_steps and not trainer.fast_dev_run):
+        # optimizer steps: with gradient accumulation, several batches each
+        step = trainer.global_step
+        if step == self._logged_step or (
+            step % self.log_every_n_steps and not trainer.fast_dev_run
+        ):
             return
         self._logged_step = step
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-        pl_module.log_dict({
-            "perf/images_per_sec": w["images"] / max(w["seconds"], 1e-9),
-            "perf/peak_mem_gb": float(peak),
-            "perf/criterion_share": w["criterion"] / max(w["seconds"], 1e-9),
-        }, on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log_dict(
+            {
+                "perf/images_per_sec": w["images"] / max(w["seconds"], 1e-9),
+                "perf/peak_mem_gb": float(peak),
+                "perf/criterion_share": w["criterion"] / max(w["seconds"], 1e-9),
+            },
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+        )
         self._window = self._empty_window()
 
 
 class PredictionImages(L.Callback):
     """Saves a PNG grid of predictions on the first validation images (GT in white)."""
 
-    def __init__(self, dirpath: str, num_images: int = 4, score_threshold: float = 0.3, every_n_epochs: int = 0,
-                 min_side: int = 320):
+    def __init__(
+        self,
+        dirpath: str,
+        num_images: int = 4,
+        score_threshold: float = 0.3,
+        every_n_epochs: int = 0,
+        min_side: int = 320,
+    ):
         self.dirpath = Path(dirpath)
         self.min_side = min_side
         self.num_images = num_images
@@ -232,7 +269,9 @@ class PredictionImages(L.Callback):
             tiles.append(draw_detections(tile, det, names, self.score_threshold, gt))
         # Tiles differ in size: pad each to the largest before the grid.
         th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
-        tiles = [torch.nn.functional.pad(t, (0, tw - t.shape[2], 0, th - t.shape[1])) for t in tiles]
+        tiles = [
+            torch.nn.functional.pad(t, (0, tw - t.shape[2], 0, th - t.shape[1])) for t in tiles
+        ]
         grid = make_grid(tiles, nrow=min(len(tiles), 4), padding=4)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"predictions_{tag}.png"
@@ -245,8 +284,12 @@ class PredictionImages(L.Callback):
         """The picture also goes to loggers that take images (W&B, TensorBoard)."""
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger
-                logger.log_image(key="val/predictions", images=[grid.permute(1, 2, 0).numpy()], caption=[tag],
-                                 step=trainer.global_step)
+                logger.log_image(
+                    key="val/predictions",
+                    images=[grid.permute(1, 2, 0).numpy()],
+                    caption=[tag],
+                    step=trainer.global_step,
+                )
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
                 logger.experiment.add_image("val/predictions", grid, trainer.global_step)
 
@@ -277,7 +320,9 @@ class Preemption(L.Callback):
 
     def __init__(self, dirpath: str, requeue: bool = True, check_every_n_steps: int = 10):
         if check_every_n_steps < 1:
-            raise ValueError(f"Preemption: check_every_n_steps={check_every_n_steps}; use 1 or more.")
+            raise ValueError(
+                f"Preemption: check_every_n_steps={check_every_n_steps}; use 1 or more."
+            )
         self.dirpath = Path(dirpath)
         self.requeue = requeue
         self.check_every_n_steps = check_every_n_steps
@@ -330,15 +375,22 @@ class Preemption(L.Callback):
         # Under DDP only the rank that read the file knows; a save there would wait for the others.
         # (With gradient accumulation the failure may come mid-step, whose gradients no checkpoint
         # holds: the last checkpoint stands.)
-        if (isinstance(exception, UnreadableImageError) and trainer.training and not trainer.fast_dev_run
-                and trainer.world_size == 1 and trainer.accumulate_grad_batches == 1
-                and self._loader_states is not None):
+        if (
+            isinstance(exception, UnreadableImageError)
+            and trainer.training
+            and not trainer.fast_dev_run
+            and trainer.world_size == 1
+            and trainer.accumulate_grad_batches == 1
+            and self._loader_states is not None
+        ):
             # The loader has already drawn the failed batch's indices: its position is put back to
             # the last step's end (on_save_checkpoint), so a resume reads that batch again.
             self._after_data_error = True
             trainer.save_checkpoint(self.ckpt_path)
-            rank_zero_info(f"saved the run's state after step {trainer.global_step} to {self.ckpt_path}; fix or "
-                           "remove the image named below, then rerun the command to resume")
+            rank_zero_info(
+                f"saved the run's state after step {trainer.global_step} to {self.ckpt_path}; fix "
+                "or remove the image named below, then rerun the command to resume"
+            )
 
     # The decision and the save happen where Lightning's own step checkpoints are taken (the end of
     # a step, the end of validation); the exit comes at the next hook, once the step's metrics are
@@ -351,15 +403,27 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
-        # Only where an optimizer step ends: the gradients accumulated so far are not in a checkpoint.
+        # Only where an optimizer step ends: the gradients accumulated so far are not in a
+        #     checkpoint.
         accumulated = (batch_idx + 1) % getattr(trainer, "accumulate_grad_batches", 1) == 0
         if not (accumulated or last_of_epoch):
             return
-        if trainer.world_size == 1:  # the training loader's position at this step's end (on_exception)
+        # the training loader's position at this step's end (on_exception)
+        if trainer.world_size == 1:
             loaders = getattr(trainer, "train_dataloader", None)
-            loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders] if loaders is not None else []
+            loaders = (
+                loaders
+                if isinstance(loaders, (list, tuple))
+                else [loaders]
+                if loaders is not None
+                else []
+            )
             self._loader_states = [dl.state_dict() for dl in loaders if hasattr(dl, "state_dict")]
-        if trainer.world_size == 1 or last_of_epoch or (batch_idx + 1) % self.check_every_n_steps == 0:
+        if (
+            trainer.world_size == 1
+            or last_of_epoch
+            or (batch_idx + 1) % self.check_every_n_steps == 0
+        ):
             self._save_if_signalled(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -384,7 +448,9 @@ class Preemption(L.Callback):
         self._saved = self.received or signal.SIGTERM
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(self.ckpt_path)
-            rank_zero_info(f"{signal.Signals(self._saved).name}: saved the run's state to {self.ckpt_path}")
+            rank_zero_info(
+                f"{signal.Signals(self._saved).name}: saved the run's state to {self.ckpt_path}"
+            )
 
     def _exit_if_saved(self, trainer) -> None:
         if self._saved is None:
@@ -399,11 +465,16 @@ class Preemption(L.Callback):
             previous(signum, None)  # submitit's handler: it requeues the job (and may exit itself)
             return
         job = SLURMEnvironment.job_id()
-        array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        array_job, array_task = (
+            os.environ.get("SLURM_ARRAY_JOB_ID"),
+            os.environ.get("SLURM_ARRAY_TASK_ID"),
+        )
         job_id = f"{array_job}_{array_task}" if array_job and array_task else str(job)
         result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
         if result.returncode:
-            rank_zero_info(f"scontrol requeue {job_id} failed ({result.stderr.strip()}); resume by hand from "
-                           f"{self.ckpt_path}.")
+            rank_zero_info(
+                f"scontrol requeue {job_id} failed ({result.stderr.strip()}); resume by hand from "
+                f"{self.ckpt_path}."
+            )
         else:
             rank_zero_info(f"requeued SLURM job {job_id}")

@@ -1,5 +1,6 @@
 """Logger factories for the Hydra `logger` group (W&B with a run id that survives resumes, grouped
 by sweep), and the check that a chosen logger's package is installed."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +22,9 @@ def run_id_for(save_dir: str | Path, resume_from: str | None = None) -> str:
     candidates = [save_dir / ID_FILE]
     if resume_from:
         candidates.insert(0, Path(resume_from).resolve().parent.parent / ID_FILE)
-    run_id = next((p.read_text().strip() for p in candidates if p.is_file()), None) or secrets.token_hex(4)
+    run_id = next(
+        (p.read_text().strip() for p in candidates if p.is_file()), None
+    ) or secrets.token_hex(4)
     if rank_zero_only.rank == 0:  # only rank 0 talks to W&B; other ranks must not overwrite its id
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / ID_FILE).write_text(run_id + "\n")
@@ -40,8 +43,10 @@ def check_installed(name: str, target: str) -> None:
     config's `_target_` is `target`) needs a package that is not installed."""
     packages, extra = _NEEDS.get(target, ((), None))
     if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
-        raise ImportError(f"logger={name} needs the {packages[0]} package; install it with "
-                          f"pip install 'msdetr[{extra}]' (or leave {name} out of logger=...).")
+        raise ImportError(
+            f"logger={name} needs the {packages[0]} package; install it with "
+            f"pip install 'msdetr[{extra}]' (or leave {name} out of logger=...)."
+        )
 
 
 def hydra_job() -> tuple[str | None, str | None]:
@@ -59,8 +64,14 @@ def hydra_job() -> tuple[str | None, str | None]:
     return sweep, hydra_cfg.job.name
 
 
-def wandb_logger(save_dir: str, project: str = "msdetr", name: str | None = None, resume_from: str | None = None,
-                 group: str | None = None, **kwargs):
+def wandb_logger(
+    save_dir: str,
+    project: str = "msdetr",
+    name: str | None = None,
+    resume_from: str | None = None,
+    group: str | None = None,
+    **kwargs,
+):
     """Lightning's WandbLogger (online, or offline with WANDB_MODE=offline) continuing the same run
     on resume. An empty `name` is Hydra's job name (or, outside Hydra, W&B's pick); `group` None is
     the sweep directory for the jobs of a Hydra multirun (so a sweep's runs share a group; its last
@@ -70,17 +81,27 @@ def wandb_logger(save_dir: str, project: str = "msdetr", name: str | None = None
         import wandb  # noqa: F401
         from lightning.pytorch.loggers import WandbLogger
     except ImportError as exc:
-        raise ImportError("logger=wandb needs the wandb package; install it with pip install 'msdetr[wandb]' "
-                          "(or pick logger=csv / logger=tensorboard).") from exc
+        raise ImportError(
+            "logger=wandb needs the wandb package; install it with pip install 'msdetr[wandb]' "
+            "(or pick logger=csv / logger=tensorboard)."
+        ) from exc
     run_id = run_id_for(save_dir, resume_from)
     job_name = hydra_job()[1]
-    return WandbLogger(save_dir=save_dir, project=project, name=name or job_name or None, id=run_id, resume="allow",
-                       group=wandb_group(group), **kwargs)
+    return WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        name=name or job_name or None,
+        id=run_id,
+        resume="allow",
+        group=wandb_group(group),
+        **kwargs,
+    )
 
 
 def wandb_group(group: str | None = None) -> str | None:
-    """The W&B group of this run: `group` when set, else the sweep directory (its last 128 characters,
-    W&B's limit) for a job of a Hydra multirun, else None. The sweep report logs into the same group."""
+    """The W&B group of this run: `group` when set, else the sweep directory (its last 128
+    characters, W&B's limit) for a job of a Hydra multirun, else None. The sweep report logs into
+    the same group."""
     sweep = hydra_job()[0]
     if group is None and sweep:
         group = sweep[-WANDB_GROUP_MAX:]

@@ -14,8 +14,10 @@ Lightning resumes correctly:
   and best checkpoints), then the next epoch;
 - no validation this epoch: "epoch processed" (what a checkpoint written in `on_train_epoch_end`
   holds): the resumed run starts the next epoch.
-Every other checkpoint (mid-epoch, or written in `on_train_epoch_end`) is left as Lightning wrote it.
+Every other checkpoint (mid-epoch, or written in `on_train_epoch_end`) is left as Lightning wrote
+it.
 """
+
 from __future__ import annotations
 
 # What `settle_epoch_end` did, stored in the checkpoint under this key.
@@ -37,7 +39,9 @@ def settle_epoch_end(loops: dict, num_training_batches: float, validation_due: b
         return None
     epochs = fit["epoch_progress"]["current"]
     batches = fit["epoch_loop.batch_progress"]
-    inside_epoch = epochs["processed"] == epochs["completed"] and epochs["started"] == epochs["processed"] + 1
+    inside_epoch = (
+        epochs["processed"] == epochs["completed"] and epochs["started"] == epochs["processed"] + 1
+    )
     trained = batches["current"]["processed"]
     if not inside_epoch or trained < num_training_batches:
         return None  # mid-epoch, or outside an epoch's run: Lightning's own state resumes right

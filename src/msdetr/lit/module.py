@@ -1,11 +1,12 @@
 """DetectionModule: the LightningModule that trains and evaluates any detector + criterion pair."""
+
 from __future__ import annotations
 
 import logging
 import math
 import time
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -19,7 +20,6 @@ from ..naming import official_names, upgrade_state_dict
 from ..postprocess import TopKPostProcess
 from ..seeded import Seeded
 from . import loopstate, rng
-
 
 log = logging.getLogger("msdetr")
 
@@ -76,11 +76,11 @@ class DetectionModule(L.LightningModule):
             None: torch's automatic dynamic shapes) and `backend`.
         max_consecutive_skipped_steps: a step whose loss or gradients are not finite (or whose
             matching costs are) is skipped: its gradients are dropped before the optimizer steps, so
-            the weights and the optimizer state stay as they were; it is named in the log and counted
-            (`train/skipped_steps`). This many skips in a row stop the run with `DivergedError`.
-            The decision is one host read per step (the loss and the gradient norm, which the
-            all-reduced gradients make the same on every rank, folded into one flag; under DDP the
-            flag is all-reduced too), made where the gradient norm is computed anyway.
+            the weights and the optimizer state stay as they were; it is named in the log and
+            counted (`train/skipped_steps`). This many skips in a row stop the run with
+            `DivergedError`. The decision is one host read per step (the loss and the gradient norm,
+            which the all-reduced gradients make the same on every rank, folded into one flag; under
+            DDP the flag is all-reduced too), made where the gradient norm is computed anyway.
     """
 
     def __init__(
@@ -104,39 +104,51 @@ class DetectionModule(L.LightningModule):
         compile_dynamic: bool | None = True,
         compile_backend: str = "inductor",
         optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
-        lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+        | None = None,
         lr_interval: str = "epoch",
         max_consecutive_skipped_steps: int = 5,
     ):
         super().__init__()
         if lr_scheduler is not None and lr_drop_every is not None:
-            raise ValueError(f"schedule.optim.lr_drop_every={lr_drop_every} sets the built-in StepLR schedule, but "
-                             "schedule.lr_scheduler is set too; give the step in schedule.lr_scheduler "
-                             "(_target_=torch.optim.lr_scheduler.StepLR, step_size=...) or set schedule.lr_scheduler=null.")
+            raise ValueError(
+                f"schedule.optim.lr_drop_every={lr_drop_every} sets the built-in StepLR schedule, "
+                "but schedule.lr_scheduler is set too; give the step in schedule.lr_scheduler "
+                "(_target_=torch.optim.lr_scheduler.StepLR, step_size=...) or set "
+                "schedule.lr_scheduler=null."
+            )
         if lr_interval not in ("epoch", "step"):
             raise ValueError(f"schedule.lr_interval={lr_interval!r}; use 'epoch' or 'step'.")
         if lr_drop_every is not None and lr_drop_epochs:
-            raise ValueError(f"schedule.optim sets both lr_drop_epochs={list(lr_drop_epochs)} and "
-                             f"lr_drop_every={lr_drop_every}; keep one (set the other to null).")
+            raise ValueError(
+                f"schedule.optim sets both lr_drop_epochs={list(lr_drop_epochs)} and "
+                f"lr_drop_every={lr_drop_every}; keep one (set the other to null)."
+            )
         if lr_drop_every is not None and lr_drop_every < 1:
-            raise ValueError(f"schedule.optim.lr_drop_every={lr_drop_every}; use a positive number of epochs.")
+            raise ValueError(
+                f"schedule.optim.lr_drop_every={lr_drop_every}; use a positive number of epochs."
+            )
         # Plain values only (checkpoints load without unpickling code); the loggers get the whole
         # run config instead (`log_run_description`), so Lightning's own hparams logging is off.
-        self.save_hyperparameters(ignore=["model", "criterion", "postprocess", "optimizer", "lr_scheduler"],
-                                  logger=False)
+        self.save_hyperparameters(
+            ignore=["model", "criterion", "postprocess", "optimizer", "lr_scheduler"], logger=False
+        )
         self._optimizer_factory = optimizer
         self._scheduler_factory = lr_scheduler
         if hasattr(model, "output_streams"):
-            criterion.check_model(model.output_streams)  # a matcher that cannot fit the model fails here
+            # a matcher that cannot fit the model fails here
+            criterion.check_model(model.output_streams)
         self.model = model
         self.criterion = criterion
         self.postprocess = postprocess if postprocess is not None else TopKPostProcess()
-        # COCO AP over the validation set; its states are not persistent, so checkpoints do not carry it.
+        # COCO AP over the validation set; its states are not persistent, so checkpoints do not
+        # carry it.
         self.coco_metric = CocoMetric(backend=eval_backend)
         self.last_metrics: dict[str, float] = {}
         # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
         self.run_config: dict | None = None
-        self.config_choices: dict[str, str] = {}  # the Hydra group choices (matcher, model, ...), set by the runner
+        # the Hydra group choices (matcher, model, ...), set by the runner
+        self.config_choices: dict[str, str] = {}
         self.category_names: dict[int, str] = {}
         self._rng_to_restore: dict | None = None
         self._step_loss: torch.Tensor | None = None
@@ -169,12 +181,15 @@ class DetectionModule(L.LightningModule):
         if not hp.get("compile_model") or self.detector_compiled:
             return
         # In place: `self.model` stays the DeformableDETR (state-dict keys without `_orig_mod.`).
-        # compile_dynamic=True marks the batch and image sizes dynamic (`detect`) rather than passing
-        # dynamic=True, which would also make every float attribute (dropout p, eps) and size symbolic
-        # and makes the first compilation ~2.5x slower for the same graph.
+        # compile_dynamic=True marks the batch and image sizes dynamic (`detect`) rather than
+        # passing dynamic=True, which would also make every float attribute (dropout p, eps) and
+        # size symbolic and makes the first compilation ~2.5x slower for the same graph.
         dynamic = hp.get("compile_dynamic", True)
-        self.model.compile(mode=hp.get("compile_mode"), dynamic=None if dynamic else dynamic,
-                           backend=hp.get("compile_backend", "inductor"))
+        self.model.compile(
+            mode=hp.get("compile_mode"),
+            dynamic=None if dynamic else dynamic,
+            backend=hp.get("compile_backend", "inductor"),
+        )
         self._detector_compiled = True
 
     def detect(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> dict:
@@ -184,17 +199,26 @@ class DetectionModule(L.LightningModule):
         if self.detector_compiled and self.hparams.get("compile_dynamic", True):
             torch._dynamo.maybe_mark_dynamic(images, (0, 2, 3))
             torch._dynamo.maybe_mark_dynamic(padding_mask, (0, 1, 2))
-        if targets is not None and self.model.training and getattr(self.model, "needs_targets", False):
+        if (
+            targets is not None
+            and self.model.training
+            and getattr(self.model, "needs_targets", False)
+        ):
             return self.model(images, padding_mask, targets)
         return self.model(images, padding_mask)
 
     def num_params(self) -> dict:
         """Parameter counts: total, trainable, and per top-level part of the detector (backbone,
         transformer, heads, ...)."""
-        parts = {name: sum(p.numel() for p in child.parameters()) for name, child in self.model.named_children()}
-        return {"total": sum(p.numel() for p in self.parameters()),
-                "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-                "parts": {k: v for k, v in parts.items() if v}}
+        parts = {
+            name: sum(p.numel() for p in child.parameters())
+            for name, child in self.model.named_children()
+        }
+        return {
+            "total": sum(p.numel() for p in self.parameters()),
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "parts": {k: v for k, v in parts.items() if v},
+        }
 
     def log_run_description(self) -> None:
         """Every logger gets the run's whole config (or, without one, this module's
@@ -233,31 +257,38 @@ class DetectionModule(L.LightningModule):
         except RuntimeError:  # saved outside a Trainer
             trainer = None
         if trainer is not None and trainer.state.fn == "fit" and "loops" in checkpoint:
-            # A save between the epoch's last step and its end resumes into the next epoch (loopstate.py).
-            settled = loopstate.settle_epoch_end(checkpoint["loops"], trainer.num_training_batches,
-                                                 loopstate.validation_due(trainer))
+            # A save between the epoch's last step and its end resumes into the next epoch
+            # (loopstate.py).
+            settled = loopstate.settle_epoch_end(
+                checkpoint["loops"], trainer.num_training_batches, loopstate.validation_due(trainer)
+            )
             if settled:
                 checkpoint[loopstate.KEY] = settled
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "state_dict" in checkpoint:  # weights saved before the detector was composed of parts
             checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], "model.")
-        # A resumed run keeps the config it was started with now; a bare module adopts the saved one.
+        # A resumed run keeps the config it was started with now; a bare module adopts the saved
+        # one.
         self.run_config = self.run_config or checkpoint.get("msdetr_config")
         self.category_names = self.category_names or checkpoint.get("category_names") or {}
         self.skipped_steps, self.consecutive_skips = checkpoint.get("msdetr_skipped_steps", (0, 0))
         states = checkpoint.get("msdetr_rng")
         try:
             resuming = self.trainer.training
-        except RuntimeError:  # load_from_checkpoint outside a Trainer: leave the caller's random state alone
+        # load_from_checkpoint outside a Trainer: leave the caller's random state alone
+        except RuntimeError:
             resuming = False
         if states is None or not resuming:
             return
         world = self.trainer.world_size
         if len(states) != world:
-            warnings.warn(f"the checkpoint holds the random state of {len(states)} process(es) but this run has "
-                          f"{world}; the random streams restart from the seed, so the run will not continue "
-                          "bit for bit.", stacklevel=2)
+            warnings.warn(
+                f"the checkpoint holds the random state of {len(states)} process(es) but this run "
+                f"has {world}; the random streams restart from the seed, so the run will not "
+                "continue bit for bit.",
+                stacklevel=2,
+            )
             return
         # Put back just before the first resumed step: what Lightning does in between (a sanity
         # check, new loader iterators) draws from the global generator, the interrupted run did not.
@@ -274,8 +305,12 @@ class DetectionModule(L.LightningModule):
             dist.all_gather_object(found, sorted(self.replaced_images))
         files = sorted({f for rank in found for f in rank})
         if files and self.global_rank == 0:
-            log.warning("data.skip_bad_images=true: %d training image(s) could not be read and were replaced by the next "
-                        "readable image each time: %s", len(files), ", ".join(files))
+            log.warning(
+                "data.skip_bad_images=true: %d training image(s) could not be read and were "
+                "replaced by the next readable image each time: %s",
+                len(files),
+                ", ".join(files),
+            )
 
     def on_train_epoch_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -308,7 +343,8 @@ class DetectionModule(L.LightningModule):
         bs = images.shape[0]
         try:
             losses = self.criterion(outputs, targets)
-        except FloatingPointError as exc:  # non-finite predictions: the matching costs are not finite
+        # non-finite predictions: the matching costs are not finite
+        except FloatingPointError as exc:
             self.criterion_seconds = self._clock() - start
             self._skip_reason = str(exc).split(";")[0]
             # A NaN loss over every trainable weight: backward gives NaN gradients everywhere (under
@@ -324,7 +360,8 @@ class DetectionModule(L.LightningModule):
         self._skip_reason = None
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         weights = self.criterion.weight_dict
-        # Per-term logging of the final layer and of the non-layer metrics keeps the logger readable.
+        # Per-term logging of the final layer and of the non-layer metrics keeps the logger
+        # readable.
         for name, value in losses.items():
             if name in weights and not name.split("_")[-1].isdigit():
                 self.log(f"train/{name}", value.detach(), batch_size=bs)
@@ -335,7 +372,12 @@ class DetectionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Called before the Trainer clips: the total norm official logs show as grad_norm.
         self.optimizer_steps += 1
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads)
@@ -347,7 +389,8 @@ class DetectionModule(L.LightningModule):
             finite = finite & torch.isfinite(self._step_loss).to(finite.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flag = finite.to(torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # one rank's non-finite loss skips the step everywhere
+            # one rank's non-finite loss skips the step everywhere
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             finite = flag.bool()
         if bool(finite):  # the step's one host read for this check
             self.consecutive_skips = 0
@@ -372,13 +415,21 @@ class DetectionModule(L.LightningModule):
         limit = self.hparams.get("max_consecutive_skipped_steps", 5)
         if self.consecutive_skips >= limit:
             raise DivergedError(
-                f"training diverged: {self.consecutive_skips} steps in a row up to step {self.global_step} were not "
-                f"finite ({why}); the last checkpoint written stands. Lower the learning rate (schedule.optim.lr) "
-                "or check the data, then resume from it or start again.")
+                f"training diverged: {self.consecutive_skips} steps in a row up to step "
+                f"{self.global_step} were not finite ({why}); the last checkpoint written stands. "
+                "Lower the learning rate (schedule.optim.lr) or check the data, then resume from "
+                "it or start again."
+            )
         if self.global_rank == 0:
-            log.warning("step %d skipped: %s; the weights and the optimizer state are unchanged (%d in a row, "
-                        "max_consecutive_skipped_steps=%d; %d skipped in all).", self.global_step, why,
-                        self.consecutive_skips, limit, self.skipped_steps)
+            log.warning(
+                "step %d skipped: %s; the weights and the optimizer state are unchanged (%d in a "
+                "row, max_consecutive_skipped_steps=%d; %d skipped in all).",
+                self.global_step,
+                why,
+                self.consecutive_skips,
+                limit,
+                self.skipped_steps,
+            )
 
     def param_group_names(self) -> dict[str, str]:
         """{parameter name: "default" | "backbone" | "linear_proj"} for every trainable parameter,
@@ -404,7 +455,11 @@ class DetectionModule(L.LightningModule):
         params = dict(self.model.named_parameters())
         for name, group in self.param_group_names().items():
             groups[group].append(params[name])
-        lrs = {"default": hp.lr, "backbone": hp.lr_backbone, "linear_proj": hp.lr * hp.lr_linear_proj_mult}
+        lrs = {
+            "default": hp.lr,
+            "backbone": hp.lr_backbone,
+            "linear_proj": hp.lr * hp.lr_linear_proj_mult,
+        }
         param_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
         if self._optimizer_factory is not None:
             optimizer = self._optimizer_factory(param_groups)
@@ -413,11 +468,17 @@ class DetectionModule(L.LightningModule):
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory(optimizer)
         elif hp.lr_drop_every is not None:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_drop_every, gamma=hp.lr_gamma)
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, hp.lr_drop_every, gamma=hp.lr_gamma
+            )
         else:
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(hp.lr_drop_epochs or ()), gamma=hp.lr_gamma)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": hp.get("lr_interval", "epoch")}}
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, list(hp.lr_drop_epochs or ()), gamma=hp.lr_gamma
+            )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": hp.get("lr_interval", "epoch")},
+        }
 
     # -- evaluation -------------------------------------------------------------------------
     def _coco_gt(self):
@@ -425,7 +486,9 @@ class DetectionModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         dataset = getattr(dm, "val_dataset", None)
         if dataset is None or not hasattr(dataset, "coco"):
-            raise RuntimeError("COCO evaluation needs a datamodule with a `val_dataset.coco` (CocoDataModule).")
+            raise RuntimeError(
+                "COCO evaluation needs a datamodule with a `val_dataset.coco` (CocoDataModule)."
+            )
         return dataset.coco, str(getattr(dataset, "ann_file", "the validation annotations"))
 
     def on_validation_epoch_start(self) -> None:
@@ -444,8 +507,15 @@ class DetectionModule(L.LightningModule):
         self.last_metrics = self.coco_metric.compute()
         for name, value in self.last_metrics.items():
             if math.isnan(value):
-                continue  # undefined (no ground truth in that size range): a logged NaN would poison monitors
-            self.log(f"val/{name}", value, prog_bar=name in ("AP", "AP50"), rank_zero_only=False, sync_dist=False)
+                # undefined (no ground truth in that size range): a logged NaN would poison monitors
+                continue
+            self.log(
+                f"val/{name}",
+                value,
+                prog_bar=name in ("AP", "AP50"),
+                rank_zero_only=False,
+                sync_dist=False,
+            )
         self.coco_metric.reset()
 
     test_step = validation_step

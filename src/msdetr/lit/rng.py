@@ -1,5 +1,6 @@
 """Random state of one training process: torch (CPU and CUDA), numpy, python and the assigners'
 generators, as plain tensors and lists so that checkpoints load with `weights_only=True`."""
+
 from __future__ import annotations
 
 import random
@@ -20,8 +21,13 @@ def capture(generators: list[torch.Generator]) -> dict:
     version, internal, gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "generators": [g.get_state() for g in generators],
     }
@@ -33,11 +39,15 @@ def capture(generators: list[torch.Generator]) -> dict:
 def restore(state: dict, generators: list[torch.Generator]) -> None:
     """Put back what `capture` returned; the generators must be the same ones, in the same order."""
     if len(state["generators"]) != len(generators):
-        raise ValueError(f"the checkpoint holds {len(state['generators'])} assigner generator state(s) but this "
-                         f"criterion has {len(generators)}; resume with the matcher config the run started with.")
+        raise ValueError(
+            f"the checkpoint holds {len(state['generators'])} assigner generator state(s) but this "
+            f"criterion has {len(generators)}; resume with the matcher config the run started with."
+        )
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
     for g, s in zip(generators, state["generators"]):

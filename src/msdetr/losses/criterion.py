@@ -1,4 +1,6 @@
-"""The set criterion: a list of supervision branches, each an output stream + an assigner + weights."""
+"""The set criterion: a list of supervision branches, each an output stream + an assigner +
+weights."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,16 +19,16 @@ Targets = list[dict[str, torch.Tensor]]
 
 _STREAM_HINTS = {
     "enc_outputs": "the encoder branch needs two-stage queries (a two-stage model, e.g. "
-                   "model=deformable_detr_two_stage_refine)",
-    "o2m_outputs": "the one-to-many branch needs model.detector.decoder.layer.o2m_tap (set by the ms_detr* matcher "
-                   "configs)",
-    "hybrid_outputs": "this branch needs H-DETR's hybrid queries in model.detector.training_queries (set by the "
-                      "h_detr matcher configs)",
-    "group_outputs": "this branch needs Group DETR's query groups in model.detector.training_queries (set by "
-                     "matcher=group_detr)",
+    "model=deformable_detr_two_stage_refine)",
+    "o2m_outputs": "the one-to-many branch needs model.detector.decoder.layer.o2m_tap (set by the "
+    "ms_detr* matcher configs)",
+    "hybrid_outputs": "this branch needs H-DETR's hybrid queries in "
+    "model.detector.training_queries (set by the h_detr matcher configs)",
+    "group_outputs": "this branch needs Group DETR's query groups in "
+    "model.detector.training_queries (set by matcher=group_detr)",
     "dn_outputs": "the denoising branch needs a denoising block in "
-                  "model.detector.training_queries (set by the dn_detr and dino matcher configs) "
-                  "and a selection with box references",
+    "model.detector.training_queries (set by the dn_detr and dino matcher configs) "
+    "and a selection with box references",
 }
 
 
@@ -62,8 +64,10 @@ class Branch:
     `ia_bce`: IoU-aware, the assigned query's target is the (detached) IoU of its predicted box with
     its GT; see `varifocal_loss` and `ia_bce_loss`. Every one is summed over queries x classes and
     divided by the branch's normalizer, like the focal term, so the `ce` weights stay comparable.
-    cls_alpha, cls_gamma: that loss's alpha and gamma; None takes its default (focal: the criterion's
-    focal_alpha / focal_gamma; varifocal: 0.75 / 2.0 as VarifocalNet; ia_bce: 0.25 / 2.0 as Align-DETR).
+    cls_alpha, cls_gamma: that loss's alpha and gamma; None takes its default (focal: the
+        criterion's
+    focal_alpha / focal_gamma; varifocal: 0.75 / 2.0 as VarifocalNet; ia_bce: 0.25 / 2.0 as
+    Align-DETR).
     suffix_first: the suffix goes before the layer index (`loss_ce_dn_0`, as DN-DETR and DINO name
     their denoising losses) instead of after it (`loss_ce_0_o2m`, as MS-DETR names its branch).
     """
@@ -87,21 +91,33 @@ class Branch:
     def __post_init__(self):
         if not isinstance(self.assigner, Assigner):
             kind = type(self.assigner).__name__
-            raise TypeError(f"branch {self.stream!r}: its assigner is a {kind}, not an "
-                            "msdetr.matching.Assigner; point the branch's assigner at an Assigner "
-                            "subclass.")
+            raise TypeError(
+                f"branch {self.stream!r}: its assigner is a {kind}, not an "
+                "msdetr.matching.Assigner; point the branch's assigner at an Assigner "
+                "subclass."
+            )
         if self.loss_cls not in CLS_LOSSES:
-            raise ValueError(f"branch {self.stream!r}: unknown loss_cls {self.loss_cls!r}; use one of "
-                             f"{', '.join(CLS_LOSSES)}.")
+            raise ValueError(
+                f"branch {self.stream!r}: unknown loss_cls {self.loss_cls!r}; use one of "
+                f"{', '.join(CLS_LOSSES)}."
+            )
         if (self.cls_alpha is not None and not 0 <= self.cls_alpha <= 1) or (
-                self.cls_gamma is not None and self.cls_gamma < 0):
-            raise ValueError(f"branch {self.stream!r}: cls_alpha must be in [0, 1] and cls_gamma >= 0 "
-                             f"(got {self.cls_alpha} and {self.cls_gamma}).")
+            self.cls_gamma is not None and self.cls_gamma < 0
+        ):
+            raise ValueError(
+                f"branch {self.stream!r}: cls_alpha must be in [0, 1] and cls_gamma >= 0 "
+                f"(got {self.cls_alpha} and {self.cls_gamma})."
+            )
         if self.repeat_targets < 1 or self.num_boxes_scale <= 0:
-            raise ValueError(f"branch {self.stream!r}: repeat_targets must be >= 1 and num_boxes_scale > 0.")
+            raise ValueError(
+                f"branch {self.stream!r}: repeat_targets must be >= 1 and num_boxes_scale > 0."
+            )
         unknown = set(self.weights) - {"ce", "bbox", "giou"}
         if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, bbox, giou.")
+            raise ValueError(
+                f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, "
+                "bbox, giou."
+            )
         self.weights = {k: float(v) for k, v in self.weights.items()}
 
 
@@ -121,13 +137,16 @@ def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor
 
 def merge_indices(first, second, num_queries: int):
     """Per image the union of two assignments with one GT per query (official `indices_merge`):
-    `second` wins conflicts and, within one assignment, a query's last pair wins; sorted by query."""
+    `second` wins conflicts and, within one assignment, a query's last pair wins; sorted by
+    query."""
     return SetCriterion.merge_many([(first, second, num_queries)])[0]
 
 
-def query_class_targets(indices, targets: Targets, num_queries: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The class target of a layer's assignment: one class per query, as the official criteria set it.
+def query_class_targets(
+    indices, targets: Targets, num_queries: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The class target of a layer's assignment: one class per query, as the official criteria set
+        it.
 
     Returns (batch, query, label) with each assigned query once. A query in several pairs (a
     one-to-many assigner's top-k of two GTs) takes the label of its last pair in the assigner's
@@ -141,8 +160,9 @@ def query_class_targets(indices, targets: Targets, num_queries: int
     return kept // num_queries, kept % num_queries, labels[last[kept]]
 
 
-def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets,
-                       values: torch.Tensor | None = None) -> torch.Tensor:
+def set_class_targets_(
+    onehot: torch.Tensor, indices, targets: Targets, values: torch.Tensor | None = None
+) -> torch.Tensor:
     """Write 1 into the (B, Q, C) zeros `onehot` at each `query_class_targets` entry, in place and
     without compacting the assigned queries (no data-dependent shape, so no device sync).
 
@@ -156,7 +176,8 @@ def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets,
         return onehot
     labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
     last = last_pair_per_query(flat, b * q)
-    # Every (image, query) row gets one write: 1 at its last pair's label, 0 (a no-op) if unassigned.
+    # Every (image, query) row gets one write: 1 at its last pair's label, 0 (a no-op) if
+    # unassigned.
     written = (last >= 0).to(onehot.dtype)
     if values is not None:
         written = written * values.to(onehot.dtype)[last.clamp(min=0)]
@@ -165,8 +186,8 @@ def set_class_targets_(onehot: torch.Tensor, indices, targets: Targets,
 
 
 def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of each xyxy box of `boxes1` (N, 4) with the box in the same row of `boxes2`: (N,), 0 where
-    both boxes are empty (no N x N matrix, unlike `box_iou`)."""
+    """IoU of each xyxy box of `boxes1` (N, 4) with the box in the same row of `boxes2`: (N,), 0
+    where both boxes are empty (no N x N matrix, unlike `box_iou`)."""
     low = torch.maximum(boxes1[:, :2], boxes2[:, :2])
     high = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
     inter = (high - low).clamp(min=0).prod(1)
@@ -175,8 +196,13 @@ def aligned_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return inter / (area1 + area2 - inter).clamp(min=torch.finfo(inter.dtype).tiny)
 
 
-def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0.75,
-                   gamma: float = 2.0, reduction: str = "sum") -> torch.Tensor:
+def varifocal_loss(
+    logits: torch.Tensor,
+    quality: torch.Tensor,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """Varifocal loss of VarifocalNet (Zhang et al., "VarifocalNet: An IoU-aware Dense Object
     Detector", CVPR 2021, its Varifocal Loss), summed over every (query, class) entry ("sum") or
     per entry ("none").
@@ -185,22 +211,31 @@ def varifocal_loss(logits: torch.Tensor, quality: torch.Tensor, alpha: float = 0
     assigned query's class, 0 elsewhere. With p = sigmoid(logit):
         q > 0:  -q (q log p + (1 - q) log(1 - p))  = q * BCE(p, q)
         q = 0:  -alpha p^gamma log(1 - p)          = alpha p^gamma * BCE(p, 0)
-    As in the paper, an assigned query whose box misses its GT (IoU 0) counts as a negative. `quality`
-    must carry no gradient; the modulating factor p^gamma keeps its gradient, as the focal loss does.
+    As in the paper, an assigned query whose box misses its GT (IoU 0) counts as a negative.
+    `quality` must carry no gradient; the modulating factor p^gamma keeps its gradient, as the focal
+    loss does.
     """
     prob = logits.sigmoid()
     weight = torch.where(quality > 0, quality, alpha * prob.pow(gamma))
-    return _reduce(F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight, reduction)
+    return _reduce(
+        F.binary_cross_entropy_with_logits(logits, quality, reduction="none") * weight, reduction
+    )
 
 
-def ia_bce_loss(logits: torch.Tensor, positive: torch.Tensor, iou: torch.Tensor, alpha: float = 0.25,
-                gamma: float = 2.0, reduction: str = "sum") -> torch.Tensor:
+def ia_bce_loss(
+    logits: torch.Tensor,
+    positive: torch.Tensor,
+    iou: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """IoU-aware BCE (IA-BCE) of Align-DETR (Cai et al., "Align-DETR: Improving DETR with Simple
-    IoU-aware BCE loss", arXiv 2304.07527v1, its IA-BCE loss), summed over every (query, class) entry
-    ("sum") or per entry ("none").
+    IoU-aware BCE loss", arXiv 2304.07527v1, its IA-BCE loss), summed over every (query, class)
+    entry ("sum") or per entry ("none").
 
-    `positive` (bool, the shape of `logits`) marks each assigned query's class, `iou` holds there the
-    IoU u of the query's box with its GT. With p = sigmoid(logit):
+    `positive` (bool, the shape of `logits`) marks each assigned query's class, `iou` holds there
+    the IoU u of the query's box with its GT. With p = sigmoid(logit):
         positive:  BCE(p, t),  t = p^alpha * u^(1 - alpha)  (the target, detached: no gradient)
         otherwise: p^gamma * BCE(p, 0)
     Align-DETR's prime-sample weighting belongs to its many-to-one matching and is not part of this
@@ -209,7 +244,9 @@ def ia_bce_loss(logits: torch.Tensor, positive: torch.Tensor, iou: torch.Tensor,
     prob = logits.sigmoid()
     target = torch.where(positive, prob.detach().pow(alpha) * iou.detach().pow(1 - alpha), 0.0)
     weight = torch.where(positive, 1.0, prob.pow(gamma))
-    return _reduce(F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight, reduction)
+    return _reduce(
+        F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight, reduction
+    )
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -220,7 +257,8 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def world_num_boxes(targets: Targets, device) -> float:
     """GT count of the batch averaged over ranks, at least 1: the normalizer of every loss term.
-    On one process it never touches the device; under DDP the all-reduced count is read back once."""
+    On one process it never touches the device; under DDP the all-reduced count is read back
+    once."""
     num = float(sum(len(t["labels"]) for t in targets))
     if dist.is_available() and dist.is_initialized():
         total = torch.as_tensor([num], device=device)
@@ -230,11 +268,17 @@ def world_num_boxes(targets: Targets, device) -> float:
 
 
 class SetCriterion(nn.Module):
-    """Sums the classification (focal by default) / L1 / GIoU losses of every branch; losses keep the
-    official names."""
+    """Sums the classification (focal by default) / L1 / GIoU losses of every branch; losses keep
+    the official names."""
 
-    def __init__(self, num_classes: int, branches: list[Branch] | dict[str, Branch | None], focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, giou_eps: float = 0.0):
+    def __init__(
+        self,
+        num_classes: int,
+        branches: list[Branch] | dict[str, Branch | None],
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        giou_eps: float = 0.0,
+    ):
         """`branches`: a list, or a dict by name (what configs compose: a later config adds a branch
         by name or removes one with null); evaluated in order. `giou_eps`: of the GIoU loss, see
         `box_ops.generalized_box_iou` (DINO: 1e-6)."""
@@ -243,7 +287,10 @@ class SetCriterion(nn.Module):
         if isinstance(branches, dict):
             branches = [b for b in branches.values() if b is not None]
         if not branches:
-            raise ValueError("the criterion has no branches; the matcher config must supervise at least one stream.")
+            raise ValueError(
+                "the criterion has no branches; the matcher config must supervise at least one "
+                "stream."
+            )
         self.branches = list(branches)
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -260,22 +307,24 @@ class SetCriterion(nn.Module):
     def check_model(self, streams: dict[str, set[str]]) -> None:
         """Raise one sentence when a branch needs a stream or box key the model does not produce.
 
-        `streams`: the model's `output_streams` (stream -> box keys its assigners may match against).
+        `streams`: the model's `output_streams` (stream -> box keys its assigners may match
+            against).
         """
         for branch in self.branches:
             if branch.stream not in streams:
                 if branch.required:
                     raise ValueError(
-                        f"this matcher supervises the {branch.stream!r} stream, which the model does not produce "
-                        f"(it has {sorted(streams)}): {_STREAM_HINTS.get(branch.stream, 'pick a matching model')}."
+                        f"this matcher supervises the {branch.stream!r} stream, which the model "
+                        f"does not produce (it has {sorted(streams)}): "
+                        f"{_STREAM_HINTS.get(branch.stream, 'pick a matching model')}."
                     )
                 continue
             key = branch.assigner.box_key
             if key not in streams[branch.stream]:
                 raise ValueError(
-                    f"the {branch.stream!r} branch assigns against {key!r}, which this model does not have there "
-                    f"(only {sorted(streams[branch.stream])}); the IoU assigners need a two-stage model "
-                    "(e.g. model=deformable_detr_two_stage_refine)."
+                    f"the {branch.stream!r} branch assigns against {key!r}, which this model does "
+                    f"not have there (only {sorted(streams[branch.stream])}); the IoU assigners "
+                    "need a two-stage model (e.g. model=deformable_detr_two_stage_refine)."
                 )
 
     @staticmethod
@@ -288,9 +337,10 @@ class SetCriterion(nn.Module):
             return []
         else:
             raise KeyError(
-                f"the criterion has a branch on {branch.stream!r}, which this model does not output "
-                f"(it has {sorted(k for k in outputs if not k.startswith('pred_'))}); pick a matcher config "
-                "that fits the model (e.g. the encoder branch needs a two-stage model)."
+                f"the criterion has a branch on {branch.stream!r}, which this model does not "
+                f"output (it has {sorted(k for k in outputs if not k.startswith('pred_'))}); pick "
+                "a matcher config that fits the model (e.g. the encoder branch needs a two-stage "
+                "model)."
             )
         layers = []
         if branch.aux:
@@ -305,10 +355,17 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     def _branch_targets(branch: Branch, targets: Targets) -> Targets:
-        targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] if branch.binary else targets
+        targets = (
+            [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            if branch.binary
+            else targets
+        )
         if branch.repeat_targets > 1:
             k = branch.repeat_targets
-            targets = [{**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets]
+            targets = [
+                {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)}
+                for t in targets
+            ]
         return targets
 
     def forward(self, outputs: dict, targets: Targets) -> dict[str, torch.Tensor]:
@@ -321,14 +378,21 @@ class SetCriterion(nn.Module):
         device = outputs["pred_logits"].device
         num_boxes = world_num_boxes(targets, device)
         per_branch = [(branch, self._branch_targets(branch, targets)) for branch in self.branches]
-        jobs = [(branch, layer_suffix, layer_out, tgts)
-                for branch, tgts in per_branch for layer_suffix, layer_out in self._layers(branch, outputs)]
+        jobs = [
+            (branch, layer_suffix, layer_out, tgts)
+            for branch, tgts in per_branch
+            for layer_suffix, layer_out in self._layers(branch, outputs)
+        ]
         assigned = self._assign(jobs)
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
         for branch, layer_suffix, layer_out, tgts in jobs:
             indices = assigned[(branch.stream, layer_suffix)]
-            name = branch.suffix + layer_suffix if branch.suffix_first else layer_suffix + branch.suffix
+            name = (
+                branch.suffix + layer_suffix
+                if branch.suffix_first
+                else layer_suffix + branch.suffix
+            )
             normalizer = num_boxes * branch.repeat_targets * branch.num_boxes_scale
             # e.g. denoising: averaged over its groups; DN-DETR's padding queries left out
             normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
@@ -351,9 +415,12 @@ class SetCriterion(nn.Module):
         once: dict[str, tuple[str, str]] = {}
         groups: dict[type, list] = {}
         aliases = {}
-        # As the official criteria do: per branch the last layer first, then the aux layers in order.
+        # As the official criteria do: per branch the last layer first, then the aux layers in
+        #     order.
         # This is the order of the assigners' random draws, which every group's batch keeps.
-        ordered = sorted(range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i))
+        ordered = sorted(
+            range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i)
+        )
         for branch, layer_suffix, layer_out, tgts in (jobs[i] for i in ordered):
             key = (branch.stream, layer_suffix)
             if branch.assign_once:
@@ -370,15 +437,23 @@ class SetCriterion(nn.Module):
         for key, source in aliases.items():
             assigned[key] = assigned[source]
         merges = []
-        for branch, layer_suffix, layer_out, tgts in jobs:
+        for branch, layer_suffix, layer_out, _ in jobs:
             if branch.merge_with is not None:
                 if (branch.merge_with, layer_suffix) not in assigned:
-                    raise KeyError(f"branch {branch.stream!r} merges with {branch.merge_with!r}, which must be "
-                                   "an earlier branch over the same decoder layers.")
-                merges.append(((branch.stream, layer_suffix), (branch.merge_with, layer_suffix),
-                               layer_out["pred_logits"].shape[1]))
+                    raise KeyError(
+                        f"branch {branch.stream!r} merges with {branch.merge_with!r}, which must "
+                        "be an earlier branch over the same decoder layers."
+                    )
+                merges.append(
+                    (
+                        (branch.stream, layer_suffix),
+                        (branch.merge_with, layer_suffix),
+                        layer_out["pred_logits"].shape[1],
+                    )
+                )
         merged_keys = {key for key, _, _ in merges}
-        if any(source in merged_keys for _, source, _ in merges):  # chained merges: one after the other
+        # chained merges: one after the other
+        if any(source in merged_keys for _, source, _ in merges):
             for key, source, num_queries in merges:
                 assigned[key] = merge_indices(assigned[source], assigned[key], num_queries)
             return assigned
@@ -410,7 +485,7 @@ class SetCriterion(nn.Module):
                 # The kept queries in ascending order, without `nonzero`: queries without a pair
                 # sort last.
                 query = torch.arange(len(last), device=last.device)
-                kept = torch.where(last >= 0, query, len(last)).sort().values[:next(counts)]
+                kept = torch.where(last >= 0, query, len(last)).sort().values[: next(counts)]
                 merged[-1].append((kept, gts[last[kept]]))
         return merged
 
@@ -423,16 +498,26 @@ class SetCriterion(nn.Module):
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
     def cls_loss_params(self, branch: Branch | None) -> tuple[str, float, float]:
-        """(loss_cls, alpha, gamma) of a branch, its None fields filled with that loss's defaults."""
+        """(loss_cls, alpha, gamma) of a branch, its None fields filled with that loss's
+        defaults."""
         kind = "focal" if branch is None else branch.loss_cls
-        alpha, gamma = (self.focal_alpha, self.focal_gamma) if kind == "focal" else _CLS_DEFAULTS[kind]
+        alpha, gamma = (
+            (self.focal_alpha, self.focal_gamma) if kind == "focal" else _CLS_DEFAULTS[kind]
+        )
         if branch is not None:
             alpha = alpha if branch.cls_alpha is None else branch.cls_alpha
             gamma = gamma if branch.cls_gamma is None else branch.cls_gamma
         return kind, alpha, gamma
 
-    def layer_losses(self, out: dict, targets: Targets, indices, num_boxes: float,
-                     branch: Branch | None = None, class_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def layer_losses(
+        self,
+        out: dict,
+        targets: Targets,
+        indices,
+        num_boxes: float,
+        branch: Branch | None = None,
+        class_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The loss terms of one layer; `branch` picks the classification loss (focal without one).
         `class_mask` (B, Q) bool: only these queries enter the classification loss (None: all)."""
         logits = out["pred_logits"]
@@ -440,7 +525,9 @@ class SetCriterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         src_boxes = at_least_float32(out["pred_boxes"][batch_idx, src_idx])
-        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes.dtype)
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(
+            src_boxes.dtype
+        )
 
         # One class per assigned query; unassigned queries are all-negative.
         scores = at_least_float32(logits)
@@ -468,11 +555,16 @@ class SetCriterion(nn.Module):
 
         with torch.no_grad():
             counts = torch.tensor([float(len(t["labels"])) for t in targets], dtype=torch.float32)
-            counts = counts.to(logits.device, non_blocking=True)  # the host does not wait for the copy
+            # the host does not wait for the copy
+            counts = counts.to(logits.device, non_blocking=True)
             card_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
             cardinality = F.l1_loss(card_pred, counts)
-        return {"ce": loss_ce / num_boxes, "bbox": loss_bbox / num_boxes, "giou": loss_giou / num_boxes,
-                "cardinality": cardinality}
+        return {
+            "ce": loss_ce / num_boxes,
+            "bbox": loss_bbox / num_boxes,
+            "giou": loss_giou / num_boxes,
+            "cardinality": cardinality,
+        }
 
     @staticmethod
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """The assigner contract: everything `SetCriterion` and `DetectionModule` use of an assigner."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -37,8 +38,9 @@ class Assigner(Seeded):
         per image, (query index, target index) of every pair, on the outputs' device. A query may be
         in several pairs (one-to-many); the classification loss gives it the class of its last
         pair, so the order of the pairs is part of the assigner's rule."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither assign nor "
-                                  "assign_many.")
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither assign nor assign_many."
+        )
 
     @classmethod
     def assign_many(cls, calls: Sequence[tuple[Assigner, dict, list[dict]]]) -> list[Indices]:

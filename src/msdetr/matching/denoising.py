@@ -1,11 +1,11 @@
 """The known assignment of denoising queries (DN-DETR, DINO): no matching, each noised query is
 supervised by the ground truth it was made from."""
+
 from __future__ import annotations
 
 import torch
 
 from .base import Assigner, Indices
-
 
 PADDING = ("ignore", "background")
 
@@ -32,7 +32,9 @@ class DenoisingAssigner(Assigner):
         self.parts = 2 if contrastive else 1
         padding = padding or ("background" if contrastive else "ignore")
         if padding not in PADDING:
-            raise ValueError(f"unknown padding {padding!r} for the denoising assigner; use one of {PADDING}.")
+            raise ValueError(
+                f"unknown padding {padding!r} for the denoising assigner; use one of {PADDING}."
+            )
         self.padding = padding
 
     def _layout(self, outputs: dict, targets: list[dict]) -> tuple[int, int]:
@@ -42,8 +44,11 @@ class DenoisingAssigner(Assigner):
         if group == 0:
             return 0, 0
         if queries % group:
-            raise ValueError(f"the denoising stream has {queries} queries, not groups of {self.parts} x {largest} "
-                             "(the largest GT count); the assigner's contrastive setting must match the queries'.")
+            raise ValueError(
+                f"the denoising stream has {queries} queries, not groups of {self.parts} x "
+                f"{largest} (the largest GT count); the assigner's contrastive setting must match "
+                "the queries'."
+            )
         return queries // group, group
 
     def assign(self, outputs: dict, targets: list[dict]) -> Indices:
@@ -52,7 +57,9 @@ class DenoisingAssigner(Assigner):
         out = []
         for t in targets:
             n = len(t["labels"])
-            rows = (torch.arange(groups, device=device)[:, None] * size + torch.arange(n, device=device)).reshape(-1)
+            rows = (
+                torch.arange(groups, device=device)[:, None] * size + torch.arange(n, device=device)
+            ).reshape(-1)
             cols = torch.arange(n, device=device).repeat(groups)
             out.append((rows, cols))
         return out
@@ -65,6 +72,8 @@ class DenoisingAssigner(Assigner):
         if self.padding == "background":
             return None
         largest = self._layout(outputs, targets)[1] // self.parts
-        position = torch.arange(outputs["pred_logits"].shape[1], device=outputs["pred_logits"].device) % max(largest, 1)
+        position = torch.arange(
+            outputs["pred_logits"].shape[1], device=outputs["pred_logits"].device
+        ) % max(largest, 1)
         # Built from Python ints on the device: no host sync.
         return torch.stack([position < len(t["labels"]) for t in targets])

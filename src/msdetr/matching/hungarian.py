@@ -1,4 +1,5 @@
 """One-to-one Hungarian assignment with the focal / L1 / GIoU cost of Deformable-DETR."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,9 @@ from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
 from .base import Assigner, Indices
 
 
-def focal_class_cost(prob: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def focal_class_cost(
+    prob: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float
+) -> torch.Tensor:
     """(Q, C) probabilities, (n,) labels -> (Q, n) focal cost of predicting each label."""
     prob = prob[:, labels]
     neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
@@ -28,13 +31,26 @@ class HungarianMatcher(Assigner):
     (DINO: 1e-6).
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, box_key: str = "pred_boxes",
-                 group_size: int | None = None, giou_eps: float = 0.0):
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        box_key: str = "pred_boxes",
+        group_size: int | None = None,
+        giou_eps: float = 0.0,
+    ):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
-            raise ValueError("all Hungarian matcher costs are 0; set at least one of cost_class/cost_bbox/cost_giou.")
+            raise ValueError(
+                "all Hungarian matcher costs are 0; set at least one of "
+                "cost_class/cost_bbox/cost_giou."
+            )
         if group_size is not None and group_size < 1:
-            raise ValueError(f"Hungarian matcher group_size={group_size}; use a positive query count or null.")
+            raise ValueError(
+                f"Hungarian matcher group_size={group_size}; use a positive query count or null."
+            )
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
         self.alpha, self.gamma = focal_alpha, focal_gamma
         self.box_key = box_key
@@ -55,11 +71,13 @@ class HungarianMatcher(Assigner):
                 c = logits.new_zeros(logits.shape[1], 0)
             else:
                 c = self.cost_bbox * torch.cdist(boxes[b], tgt_boxes, p=1)
-                c = c - self.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes),
-                                                                 self.giou_eps)
+                c = c - self.cost_giou * generalized_box_iou(
+                    cxcywh_to_xyxy(boxes[b]), cxcywh_to_xyxy(tgt_boxes), self.giou_eps
+                )
                 if self.cost_class:
-                    c = c + self.cost_class * focal_class_cost(logits[b].sigmoid(), tgt["labels"], self.alpha,
-                                                               self.gamma)
+                    c = c + self.cost_class * focal_class_cost(
+                        logits[b].sigmoid(), tgt["labels"], self.alpha, self.gamma
+                    )
             costs.extend(c.chunk(groups))
         return costs
 
@@ -67,19 +85,22 @@ class HungarianMatcher(Assigner):
         if self.group_size is None:
             return 1
         if num_queries % self.group_size:
-            raise ValueError(f"{num_queries} queries do not split into groups of {self.group_size}; group_size must "
-                             "divide the stream's query count.")
+            raise ValueError(
+                f"{num_queries} queries do not split into groups of {self.group_size}; group_size "
+                "must divide the stream's query count."
+            )
         return num_queries // self.group_size
 
     def indices(self, solved: Indices, num_queries: int) -> Indices:
-        """The solutions of `cost_matrices`' blocks -> per image (query, GT) pairs over all queries."""
+        """The solutions of `cost_matrices`' blocks -> per image (query, GT) pairs over all
+        queries."""
         groups = self._groups(num_queries)
         if groups == 1:
             return list(solved)
         out = []
         for i in range(0, len(solved), groups):
             rows, cols, offset = [], [], 0
-            for block_rows, block_cols in solved[i:i + groups]:
+            for block_rows, block_cols in solved[i : i + groups]:
                 rows.append(block_rows + offset)
                 cols.append(block_cols)
                 offset += self.group_size
@@ -100,20 +121,25 @@ class HungarianMatcher(Assigner):
         flat = torch.cat([c.flatten() for c in flat_costs]).cpu()
         solved = cls.solve_on_host(flat, [(c.shape[0], c.shape[1]) for c in flat_costs])
         sizes = [len(rows) for rows, _ in solved]
-        pairs = np.concatenate([np.stack([np.asarray(rows, dtype=np.int64),
-                                          np.asarray(cols, dtype=np.int64)])
-                                for rows, cols in solved], axis=1)
+        pairs = np.concatenate(
+            [
+                np.stack([np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)])
+                for rows, cols in solved
+            ],
+            axis=1,
+        )
         pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
         blocks = list(zip(pairs[0].split(sizes), pairs[1].split(sizes)))
         out = []
         for (assigner, outputs, _), per_call in zip(calls, costs):
-            out.append(assigner.indices(blocks[:len(per_call)], outputs["pred_logits"].shape[1]))
-            blocks = blocks[len(per_call):]
+            out.append(assigner.indices(blocks[: len(per_call)], outputs["pred_logits"].shape[1]))
+            blocks = blocks[len(per_call) :]
         return out
 
     @staticmethod
-    def solve_on_host(flat: torch.Tensor, shapes: list[tuple[int, int]]
-                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    def solve_on_host(
+        flat: torch.Tensor, shapes: list[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The host part of `assign_many`: the cost matrices, concatenated flat in a CPU tensor,
         -> per matrix the (rows, cols) of its minimum-cost matching."""
         if not torch.isfinite(flat).all():
@@ -125,6 +151,8 @@ class HungarianMatcher(Assigner):
         values = flat.numpy()
         out, start = [], 0
         for rows, cols in shapes:
-            out.append(linear_sum_assignment(values[start:start + rows * cols].reshape(rows, cols)))
+            out.append(
+                linear_sum_assignment(values[start : start + rows * cols].reshape(rows, cols))
+            )
             start += rows * cols
         return out

@@ -14,6 +14,7 @@ its own official order (`pair_order`):
   candidates by descending quality as top-k returns them, so a query claimed twice ends with the GT
   of the larger index, whichever is better.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -23,12 +24,17 @@ import torch
 
 from ..box_ops import at_least_float32, box_iou, cxcywh_to_xyxy
 from .base import Assigner, Indices
+
 LOW_QUALITY = ("none", "best", "ties")
 PAIR_ORDERS = ("quality", "gt")
 
 
-def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "best",
-                   ignore_below: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quality_assign(
+    quality: torch.Tensor,
+    threshold: float,
+    low_quality: str = "best",
+    ignore_below: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(G, N) quality -> per candidate its best GT, a positive mask and a negative mask.
 
     Positive: best quality >= `threshold`; negative: below `ignore_below` (default the threshold),
@@ -47,8 +53,9 @@ def quality_assign(quality: torch.Tensor, threshold: float, low_quality: str = "
     return best_gt, positive, negative & ~positive
 
 
-def order_pairs(values: torch.Tensor, cand: torch.Tensor, gt: torch.Tensor, pair_order: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def order_pairs(
+    values: torch.Tensor, cand: torch.Tensor, gt: torch.Tensor, pair_order: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The kept (candidate, GT) pairs, given GT by GT in top-k order (each GT's candidates by
     descending quality `values`), listed in `pair_order`: as they are ("gt"), or all sorted by
     ascending quality ("quality")."""
@@ -65,9 +72,17 @@ class QualityTopKAssigner(Assigner):
 
     pair_order: str  # one of PAIR_ORDERS, set by each subclass
 
-    def __init__(self, threshold: float, k: int, positive_fraction: float, low_quality: str,
-                 sample_size: int | None = None, ignore_below: float | None = None, seed: int | None = None,
-                 pair_order: str | None = None):
+    def __init__(
+        self,
+        threshold: float,
+        k: int,
+        positive_fraction: float,
+        low_quality: str,
+        sample_size: int | None = None,
+        ignore_below: float | None = None,
+        seed: int | None = None,
+        pair_order: str | None = None,
+    ):
         if k < 1:
             raise ValueError(f"the assigner's k must be >= 1, got {k}.")
         if not 0 < positive_fraction <= 1:
@@ -79,8 +94,13 @@ class QualityTopKAssigner(Assigner):
                 raise ValueError(f"unknown pair_order {pair_order!r}; use one of {PAIR_ORDERS}.")
             self.pair_order = pair_order
         self.threshold, self.k, self.positive_fraction = threshold, k, positive_fraction
-        self.low_quality, self.sample_size, self.ignore_below = low_quality, sample_size, ignore_below
-        # A generator of the run's seed keeps the random cap reproducible; None uses torch's global RNG.
+        self.low_quality, self.sample_size, self.ignore_below = (
+            low_quality,
+            sample_size,
+            ignore_below,
+        )
+        # A generator of the run's seed keeps the random cap reproducible; None uses torch's global
+        # RNG.
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -115,7 +135,8 @@ class QualityTopKAssigner(Assigner):
                     continue
                 q = assigner.quality(outputs, b, tgt)
                 best_gt, positive, negative = quality_assign(
-                    q, assigner.threshold, assigner.low_quality, assigner.ignore_below)
+                    q, assigner.threshold, assigner.low_quality, assigner.ignore_below
+                )
                 jobs.append((c, b, q, best_gt.masked_fill(~positive, -1).masked_fill(negative, -2)))
         if not jobs:
             return out
@@ -127,8 +148,11 @@ class QualityTopKAssigner(Assigner):
         for c, _, q, _ in jobs:
             assigner = calls[c][0]
             cap = assigner.cap(calls[c][1]["pred_logits"].shape[1])
-            specs.append(HostSpec(q.shape[0], q.shape[1], cap, min(assigner.k, q.shape[1]),
-                                  assigner.generator))
+            specs.append(
+                HostSpec(
+                    q.shape[0], q.shape[1], cap, min(assigner.k, q.shape[1]), assigner.generator
+                )
+            )
         positions = cls.select_on_host(host, specs)
         sizes = [len(p) for p in positions]
         # The one host-to-device copy (non-blocking: the host does not wait for it).
@@ -141,8 +165,9 @@ class QualityTopKAssigner(Assigner):
             # `pos` is row-major over the (G, k) top-k: GT ascending, each GT's candidates
             # descending.
             gt = torch.div(pos, max(k, 1), rounding_mode="floor")
-            out[c][b] = order_pairs(values.flatten()[pos], cand.flatten()[pos], gt,
-                                    assigner.pair_order)
+            out[c][b] = order_pairs(
+                values.flatten()[pos], cand.flatten()[pos], gt, assigner.pair_order
+            )
         return out
 
     @staticmethod
@@ -157,20 +182,27 @@ class QualityTopKAssigner(Assigner):
         values = host.numpy()
         positions, start = [], 0
         for spec in specs:
-            enc = values[start:start + spec.num_candidates]
+            enc = values[start : start + spec.num_candidates]
             start += spec.num_candidates
             kept = np.flatnonzero(enc >= 0)  # the positives, ascending (as `nonzero` lists them)
             perm = torch.randperm(kept.size, device="cpu", generator=spec.generator)
             torch.randperm(int((enc == -2).sum()), device="cpu", generator=spec.generator)
-            kept = kept[perm[:spec.cap].numpy()]
+            kept = kept[perm[: spec.cap].numpy()]
             counts = np.minimum(np.bincount(enc[kept], minlength=spec.num_gt), spec.k)
-            positions.append(np.concatenate([np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
-                                             for g, n in enumerate(counts)]))
+            positions.append(
+                np.concatenate(
+                    [
+                        np.arange(spec.k * g, spec.k * g + n, dtype=np.int64)
+                        for g, n in enumerate(counts)
+                    ]
+                )
+            )
         return positions
 
 
 class HostSpec(NamedTuple):
     """One image of one assigner call, as `QualityTopKAssigner.select_on_host` needs it."""
+
     num_gt: int
     num_candidates: int
     cap: int  # the most positives kept
@@ -188,10 +220,20 @@ class MixedScoreTopKAssigner(QualityTopKAssigner):
 
     pair_order = "quality"
 
-    def __init__(self, threshold: float = 0.4, k: int = 6, box_weight: float = 0.7, class_weight: float = 0.3,
-                 positive_fraction: float = 0.25, low_quality: str = "best", seed: int | None = None,
-                 pair_order: str | None = None):
-        super().__init__(threshold, k, positive_fraction, low_quality, seed=seed, pair_order=pair_order)
+    def __init__(
+        self,
+        threshold: float = 0.4,
+        k: int = 6,
+        box_weight: float = 0.7,
+        class_weight: float = 0.3,
+        positive_fraction: float = 0.25,
+        low_quality: str = "best",
+        seed: int | None = None,
+        pair_order: str | None = None,
+    ):
+        super().__init__(
+            threshold, k, positive_fraction, low_quality, seed=seed, pair_order=pair_order
+        )
         self.box_weight, self.class_weight = box_weight, class_weight
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
@@ -213,15 +255,35 @@ class IoUTopKAssigner(QualityTopKAssigner):
 
     pair_order = "gt"
 
-    def __init__(self, box_key: str = "init_reference", threshold: float = 0.6, k: int = 4,
-                 positive_fraction: float = 0.25, sample_size: int | None = None, ignore_below: float | None = None,
-                 low_quality: str = "ties", seed: int | None = None, pair_order: str | None = None):
-        super().__init__(threshold, k, positive_fraction, low_quality, sample_size, ignore_below, seed, pair_order)
+    def __init__(
+        self,
+        box_key: str = "init_reference",
+        threshold: float = 0.6,
+        k: int = 4,
+        positive_fraction: float = 0.25,
+        sample_size: int | None = None,
+        ignore_below: float | None = None,
+        low_quality: str = "ties",
+        seed: int | None = None,
+        pair_order: str | None = None,
+    ):
+        super().__init__(
+            threshold,
+            k,
+            positive_fraction,
+            low_quality,
+            sample_size,
+            ignore_below,
+            seed,
+            pair_order,
+        )
         self.box_key = box_key
 
     def quality(self, outputs: dict, b: int, target: dict) -> torch.Tensor:
         if self.box_key not in outputs:
-            raise KeyError(f"the IoU assigner matches against outputs[{self.box_key!r}], which this stream lacks; "
-                           "use a two-stage model.")
+            raise KeyError(
+                f"the IoU assigner matches against outputs[{self.box_key!r}], which this stream "
+                "lacks; use a two-stage model."
+            )
         boxes = at_least_float32(outputs[self.box_key][b].detach())
         return box_iou(cxcywh_to_xyxy(target["boxes"].to(boxes.dtype)), cxcywh_to_xyxy(boxes))

@@ -1,5 +1,6 @@
 """ResNet backbones (torchvision, frozen BatchNorm) returning the stride-8/16/32 maps with masks
 (and, for a mask head, the stride-4 map of layer1 through `forward_with_stride4`)."""
+
 from __future__ import annotations
 
 import warnings
@@ -51,7 +52,9 @@ class ResNetBody(nn.Module):
         return [c2, c3, c4, c5]
 
 
-def _load_resnet(name: str, pretrained: bool | str, dilation: bool, norm: str) -> torchvision.models.ResNet:
+def _load_resnet(
+    name: str, pretrained: bool | str, dilation: bool, norm: str
+) -> torchvision.models.ResNet:
     builder = getattr(torchvision.models, name)
     norm_layer = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}[norm]
     kwargs = dict(replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
@@ -96,14 +99,19 @@ class FeatureBackbone(nn.Module):
     num_channels: list[int]
     stride4_channels: int | None = None
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
-    def forward_with_stride4(self, images: torch.Tensor, padding_mask: torch.Tensor
-                             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    def forward_with_stride4(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """`forward`'s levels, and the (B, stride4_channels, ceil(H/4), ceil(W/4)) stride-4 map."""
-        raise ValueError(f"the {type(self).__name__} backbone has no stride-4 map; set the mask "
-                         "head's lateral_stride=8 to use its stride-8 map instead.")
+        raise ValueError(
+            f"the {type(self).__name__} backbone has no stride-4 map; set the mask "
+            "head's lateral_stride=8 to use its stride-8 map instead."
+        )
 
 
 class Backbone(FeatureBackbone):
@@ -140,7 +148,10 @@ class Backbone(FeatureBackbone):
         if norm not in ("frozen", "batch"):
             raise ValueError(f"unknown backbone norm {norm!r}; use 'frozen' or 'batch'.")
         if not 0 <= trainable_layers <= 5:
-            raise ValueError(f"trainable_layers must be in 0..5 (stages from layer4 down), got {trainable_layers}.")
+            raise ValueError(
+                "trainable_layers must be in 0..5 (stages from layer4 down), got "
+                f"{trainable_layers}."
+            )
         self.body = ResNetBody(_load_resnet(name, pretrained, dilation, norm))
         trainable = _STAGES[:trainable_layers] if train_backbone else ()
         for pname, p in self.body.named_parameters():
@@ -155,18 +166,22 @@ class Backbone(FeatureBackbone):
         self.strides = list(strides if return_interm_layers else strides[-1:])
         self.stride4_channels = _STRIDE4_CHANNELS[name]
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self._levels(self.body(images), padding_mask)
 
-    def forward_with_stride4(self, images: torch.Tensor, padding_mask: torch.Tensor
-                             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    def forward_with_stride4(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """`forward`'s levels (the same tensors), and layer1's stride-4 map. layer1 trains only with
         trainable_layers >= 4 (Mask DINO trains it; the default leaves it frozen)."""
         c2, *feats = self.body.stages(images)
         return self._levels(feats, padding_mask), c2
 
-    def _levels(self, feats: list[torch.Tensor], padding_mask: torch.Tensor
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _levels(
+        self, feats: list[torch.Tensor], padding_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.return_interm_layers:
             feats = feats[-1:]
         return [(f, resize_mask(padding_mask, f.shape[-2:])) for f in feats]

@@ -1,5 +1,6 @@
 """The deformable decoder, with MS-DETR's one-to-many tap in each layer (Figure 4 of the paper).
 See docs/architecture.md for where it sits in the detector."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -46,9 +47,20 @@ class DecoderLayer(nn.Module):
         aux_ffn: pass the one-to-many stream through an FFN of its own first (MS-DETR as released).
     """
 
-    def __init__(self, *, d_model: int = 256, n_heads: int = 8, n_levels: int = 4, n_points: int = 4,
-                 d_ffn: int = 1024, dropout: float = 0.1, attn_backend: str = "auto",
-                 cross_attn_first: bool = False, o2m_tap: str | None = None, aux_ffn: bool = False):
+    def __init__(
+        self,
+        *,
+        d_model: int = 256,
+        n_heads: int = 8,
+        n_levels: int = 4,
+        n_points: int = 4,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        attn_backend: str = "auto",
+        cross_attn_first: bool = False,
+        o2m_tap: str | None = None,
+        aux_ffn: bool = False,
+    ):
         super().__init__()
         if o2m_tap not in O2M_TAPS:
             raise ValueError(f"unknown o2m_tap {o2m_tap!r}; choose one of {O2M_TAPS}.")
@@ -68,24 +80,39 @@ class DecoderLayer(nn.Module):
 
     def self_attention(self, tgt, query_pos, attn_mask=None):
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=attn_mask)[0]
+        tgt2 = self.self_attn(
+            q.transpose(0, 1), k.transpose(0, 1), tgt.transpose(0, 1), attn_mask=attn_mask
+        )[0]
         return self.norm2(tgt + self.dropout2(tgt2.transpose(0, 1)))
 
     def cross_attention(self, tgt, query_pos, reference_points, memory, levels: Levels):
-        tgt2 = self.cross_attn(tgt + query_pos, reference_points, memory, levels.spatial_shapes,
-                               levels.level_start_index, levels.mask, shapes=levels.shapes)
+        tgt2 = self.cross_attn(
+            tgt + query_pos,
+            reference_points,
+            memory,
+            levels.spatial_shapes,
+            levels.level_start_index,
+            levels.mask,
+            shapes=levels.shapes,
+        )
         return self.norm1(tgt + self.dropout1(tgt2))
 
-    def forward(self, tgt, query_pos, reference_points, memory, levels: Levels, self_attn_mask=None):
+    def forward(
+        self, tgt, query_pos, reference_points, memory, levels: Levels, self_attn_mask=None
+    ):
         """-> (one-to-one features, one-to-many features or None)."""
+
         def cross(x):
             return self.cross_attention(x, query_pos, reference_points, memory, levels)
 
         def self_(x):
             return self.self_attention(x, query_pos, self_attn_mask)
 
-        steps = (("cross_attn", cross), ("self_attn", self_)) if self.cross_attn_first else \
-            (("self_attn", self_), ("cross_attn", cross))
+        steps = (
+            (("cross_attn", cross), ("self_attn", self_))
+            if self.cross_attn_first
+            else (("self_attn", self_), ("cross_attn", cross))
+        )
         tap = self.o2m_tap if self.training else None
         o2m = None
         for name, step in steps:
@@ -134,17 +161,27 @@ class DeformableDecoder(nn.Module):
             the box heads refine them (1e-5 in Deformable-DETR, 1e-3 in DINO).
     """
 
-    def __init__(self, *, layer: DecoderLayer, num_layers: int = 6, look_forward_twice: bool = False,
-                 box_query_pos: bool = False, query_scale: bool = False, norm: bool = False,
-                 logit_eps: float = 1e-5):
+    def __init__(
+        self,
+        *,
+        layer: DecoderLayer,
+        num_layers: int = 6,
+        look_forward_twice: bool = False,
+        box_query_pos: bool = False,
+        query_scale: bool = False,
+        norm: bool = False,
+        logit_eps: float = 1e-5,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the decoder needs num_layers >= 1, got {num_layers}.")
         if not 0 < logit_eps < 0.5:
             raise ValueError(f"the decoder's logit_eps must be in (0, 0.5), got {logit_eps}.")
         if query_scale and not box_query_pos:
-            raise ValueError("query_scale scales the positions the decoder computes from the boxes; set "
-                             "box_query_pos=true as well.")
+            raise ValueError(
+                "query_scale scales the positions the decoder computes from the boxes; set "
+                "box_query_pos=true as well."
+            )
         self.layers = clones(layer, num_layers)
         self.num_layers = num_layers
         self.look_forward_twice = look_forward_twice
@@ -156,24 +193,37 @@ class DeformableDecoder(nn.Module):
         self.logit_eps = logit_eps
         if box_query_pos:
             self.ref_point_head = MLP(2 * self.d_model, self.d_model, self.d_model, 2)
-            for linear in self.ref_point_head.linears():  # Xavier, as DINO initialises its transformer
+            # Xavier, as DINO initialises its transformer
+            for linear in self.ref_point_head.linears():
                 nn.init.xavier_uniform_(linear.weight)
         if query_scale:
             self.query_scale = MLP(self.d_model, self.d_model, self.d_model, 2)
-            for linear in self.query_scale.linears():  # Xavier, as DN-DETR initialises its transformer
+            # Xavier, as DN-DETR initialises its transformer
+            for linear in self.query_scale.linears():
                 nn.init.xavier_uniform_(linear.weight)
         if norm:
             self.norm = nn.LayerNorm(self.d_model)
 
     def query_positions(self, ref_input: torch.Tensor) -> torch.Tensor:
-        """DINO's (and DAB's, before `query_scale`) positions of the queries from their references scaled into level 0's frame (B, T, 4)."""
+        """DINO's (and DAB's, before `query_scale`) positions of the queries from their references
+        scaled into level 0's frame (B, T, 4)."""
         if ref_input.shape[-1] != 4:
-            raise ValueError("box_query_pos embeds reference boxes; the query selection must give (B, T, 4) "
-                             "references (a two-stage selection or AnchorQueries).")
+            raise ValueError(
+                "box_query_pos embeds reference boxes; the query selection must give (B, T, 4) "
+                "references (a two-stage selection or AnchorQueries)."
+            )
         return self.ref_point_head(reference_sine_embedding(ref_input, self.d_model // 2))
 
-    def forward(self, tgt, reference_points, memory, levels: Levels, query_pos,
-                bbox_embed: nn.ModuleList | None = None, self_attn_mask=None) -> DecoderOutput:
+    def forward(
+        self,
+        tgt,
+        reference_points,
+        memory,
+        levels: Levels,
+        query_pos,
+        bbox_embed: nn.ModuleList | None = None,
+        self_attn_mask=None,
+    ) -> DecoderOutput:
         out = DecoderOutput([], [], [], [])
         valid_ratios = levels.valid_ratios
         ref_for_head = reference_points  # what layer l's box head is added to
@@ -181,7 +231,10 @@ class DeformableDecoder(nn.Module):
         query_scale = getattr(self, "query_scale", None)
         for lid, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
-                ref_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+                ref_input = (
+                    reference_points[:, :, None]
+                    * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+                )
             else:
                 ref_input = reference_points[:, :, None] * valid_ratios[:, None]
             if self.box_query_pos:
@@ -198,10 +251,16 @@ class DeformableDecoder(nn.Module):
             if reference_points.shape[-1] == 4:
                 new_ref = (delta + inverse_sigmoid(reference_points, self.logit_eps)).sigmoid()
             else:
-                new_ref = torch.cat([delta[..., :2] + inverse_sigmoid(reference_points, self.logit_eps),
-                                     delta[..., 2:]], -1)
+                new_ref = torch.cat(
+                    [
+                        delta[..., :2] + inverse_sigmoid(reference_points, self.logit_eps),
+                        delta[..., 2:],
+                    ],
+                    -1,
+                )
                 new_ref = new_ref.sigmoid()
-            # With the output norm the heads predict from the normed states instead (see DecoderOutput).
+            # With the output norm the heads predict from the normed states instead (see
+            # DecoderOutput).
             if norm is None and self.look_forward_twice and lid > 0:
                 # Same value as new_ref, but the gradient also reaches the previous layer's box.
                 out.boxes.append((delta + inverse_sigmoid(ref_for_head, self.logit_eps)).sigmoid())

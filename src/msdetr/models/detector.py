@@ -7,11 +7,13 @@
 Each part is built by Hydra from `conf/model/*.yaml` (the matcher configs add what their supervision
 needs, e.g. the decoder's one-to-many tap or a training-only query block) and passed in here.
 """
+
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Mapping, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,42 +56,74 @@ class DeformableDETR(nn.Module):
     a training forward returns.
     """
 
-    def __init__(self, *, backbone: FeatureBackbone, encoder: DeformableEncoder, decoder: DeformableDecoder,
-                 queries: QuerySelection, num_classes: int = 91, box_refine: bool = False,
-                 o2m_class_heads: bool = False, training_queries: Mapping[str, TrainingQueries | None] | None = None,
-                 share_heads: bool = False, position_embedding: PositionEmbeddingSine | None = None):
+    def __init__(
+        self,
+        *,
+        backbone: FeatureBackbone,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
+        queries: QuerySelection,
+        num_classes: int = 91,
+        box_refine: bool = False,
+        o2m_class_heads: bool = False,
+        training_queries: Mapping[str, TrainingQueries | None] | None = None,
+        share_heads: bool = False,
+        position_embedding: PositionEmbeddingSine | None = None,
+    ):
         super().__init__()
         hidden_dim, num_levels = encoder.d_model, encoder.num_levels
-        if (decoder.d_model, queries.d_model) != (hidden_dim, hidden_dim) or decoder.num_levels != num_levels:
+        if (decoder.d_model, queries.d_model) != (
+            hidden_dim,
+            hidden_dim,
+        ) or decoder.num_levels != num_levels:
             raise ValueError(
                 f"the parts disagree: encoder d_model={hidden_dim} / levels={num_levels}, decoder "
-                f"d_model={decoder.d_model} / levels={decoder.num_levels}, queries d_model={queries.d_model}; "
-                "set them from the one model.hidden_dim and model.num_feature_levels.")
+                f"d_model={decoder.d_model} / levels={decoder.num_levels}, queries "
+                f"d_model={queries.d_model}; set them from the one model.hidden_dim and "
+                "model.num_feature_levels."
+            )
         if num_levels < len(backbone.num_channels):
             raise ValueError(
-                f"model.num_feature_levels={num_levels} is fewer than the backbone's {len(backbone.num_channels)} "
-                "outputs; use num_feature_levels >= 3 (or 1 with a single-level backbone).")
+                f"model.num_feature_levels={num_levels} is fewer than the backbone's "
+                f"{len(backbone.num_channels)} outputs; use num_feature_levels >= 3 (or 1 with a "
+                "single-level backbone)."
+            )
         if decoder.look_forward_twice and not box_refine:
-            raise ValueError("look_forward_twice needs box_refine=true (it changes how refined boxes get gradients).")
+            raise ValueError(
+                "look_forward_twice needs box_refine=true (it changes how refined boxes get "
+                "gradients)."
+            )
         if o2m_class_heads and decoder.o2m_tap is None:
-            raise ValueError("o2m_class_heads needs a one-to-many stream; set the decoder layer's o2m_tap as well.")
+            raise ValueError(
+                "o2m_class_heads needs a one-to-many stream; set the decoder layer's o2m_tap as "
+                "well."
+            )
         if share_heads and (not box_refine or queries.uses_encoder_heads):
-            raise ValueError("share_heads shares the refining heads across decoder layers: it needs box_refine=true and "
-                             "a query selection with encoder heads of its own (DINOQueries).")
+            raise ValueError(
+                "share_heads shares the refining heads across decoder layers: it needs "
+                "box_refine=true and a query selection with encoder heads of its own (DINOQueries)."
+            )
         if decoder.box_query_pos == queries.gives_positions:
             raise ValueError(
-                f"{type(queries).__name__} {'gives' if queries.gives_positions else 'leaves'} the query positions, and "
-                f"the decoder {'also computes' if decoder.box_query_pos else 'does not compute'} them from the boxes: "
-                "use decoder.box_query_pos=true exactly with DINOQueries or AnchorQueries.")
+                f"{type(queries).__name__} {'gives' if queries.gives_positions else 'leaves'} the "
+                "query positions, and the decoder "
+                f"{'also computes' if decoder.box_query_pos else 'does not compute'} them from "
+                "the boxes: use decoder.box_query_pos=true exactly with DINOQueries or "
+                "AnchorQueries."
+            )
         if getattr(queries, "num_classes", num_classes) != num_classes:
-            raise ValueError(f"the query selection scores {queries.num_classes} classes, the detector {num_classes}; "
-                             "set both from data.num_classes.")
+            raise ValueError(
+                f"the query selection scores {queries.num_classes} classes, the detector "
+                f"{num_classes}; set both from data.num_classes."
+            )
         position_embedding = position_embedding or PositionEmbeddingSine(hidden_dim // 2)
         if position_embedding.num_pos_feats is None:
             position_embedding.num_pos_feats = hidden_dim // 2
         if 2 * position_embedding.num_pos_feats != hidden_dim:
-            raise ValueError(f"the position embedding has 2 x {position_embedding.num_pos_feats} channels, the model "
-                             f"{hidden_dim}; leave position_embedding.num_pos_feats null (half the width).")
+            raise ValueError(
+                f"the position embedding has 2 x {position_embedding.num_pos_feats} channels, the "
+                f"model {hidden_dim}; leave position_embedding.num_pos_feats null (half the width)."
+            )
         self.num_classes = num_classes
         self.num_feature_levels = num_levels
         self.box_refine = box_refine
@@ -104,11 +138,17 @@ class DeformableDETR(nn.Module):
             if block is None:  # a config that drops a block sets it to null
                 continue
             if block.stream not in OPTIONAL_STREAMS:
-                raise ValueError(f"training_queries.{name} writes the stream {block.stream!r}, which DetectorOutput "
-                                 f"does not declare; declare it in msdetr/models/outputs.py.")
-            taken = [n for n, b in zip(self.training_queries, self.blocks) if b.stream == block.stream]
+                raise ValueError(
+                    f"training_queries.{name} writes the stream {block.stream!r}, which "
+                    f"DetectorOutput does not declare; declare it in msdetr/models/outputs.py."
+                )
+            taken = [
+                n for n, b in zip(self.training_queries, self.blocks) if b.stream == block.stream
+            ]
             if taken:
-                raise ValueError(f"training_queries.{name} and .{taken[0]} both write {block.stream}; keep one.")
+                raise ValueError(
+                    f"training_queries.{name} and .{taken[0]} both write {block.stream}; keep one."
+                )
             block.bind(name=name, selection=queries, num_classes=num_classes)
             self.training_queries[name] = block
 
@@ -117,7 +157,8 @@ class DeformableDETR(nn.Module):
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))
         nn.init.zeros_(bbox_embed.linears()[-1].weight)
         nn.init.zeros_(bbox_embed.linears()[-1].bias)
-        # One head per decoder layer, and one for the encoder's proposals when the queries score them.
+        # One head per decoder layer, and one for the encoder's proposals when the queries score
+        # them.
         num_pred = decoder.num_layers + int(queries.uses_encoder_heads)
         if box_refine and not share_heads:
             class_heads = [copy.deepcopy(class_embed) for _ in range(num_pred)]
@@ -135,7 +176,7 @@ class DeformableDETR(nn.Module):
         self.class_embed = nn.ModuleList(class_heads)
         self.bbox_embed = nn.ModuleList(box_heads)
         if o2m_class_heads:
-            self.class_embed_o2m = copy.deepcopy(self.class_embed[:decoder.num_layers])
+            self.class_embed_o2m = copy.deepcopy(self.class_embed[: decoder.num_layers])
 
     # -- what the model is --------------------------------------------------------------------
     @property
@@ -162,7 +203,9 @@ class DeformableDETR(nn.Module):
     def output_streams(self) -> dict[str, set[str]]:
         """The streams a training forward returns (`DetectorOutput` keys; "main" for the one-to-one
         stream), each with the box keys an assigner may match against."""
-        boxes = {"pred_boxes", "init_reference"} if self.queries.proposal_references else {"pred_boxes"}
+        boxes = (
+            {"pred_boxes", "init_reference"} if self.queries.proposal_references else {"pred_boxes"}
+        )
         streams = {"main": boxes}
         if self.decoder.o2m_tap is not None:
             streams["o2m_outputs"] = boxes
@@ -200,7 +243,8 @@ class DeformableDETR(nn.Module):
             srcs.append(self.input_proj[lvl](feat))
             masks.append(mask)
         for lvl in range(len(feats), self.num_feature_levels):
-            # The first extra level convolves the raw last backbone map, later ones the previous level.
+            # The first extra level convolves the raw last backbone map, later ones the previous
+            # level.
             src = self.input_proj[lvl](feats[-1][0] if lvl == len(feats) else srcs[-1])
             srcs.append(src)
             masks.append(resize_mask(padding_mask, src.shape[-2:]))
@@ -208,7 +252,8 @@ class DeformableDETR(nn.Module):
         return srcs, masks, pos
 
     def head_outputs(self, hidden, box_refs, boxes=None, class_heads=None):
-        """Class logits and boxes of every decoder layer (boxes given: the decoder's refined ones)."""
+        """Class logits and boxes of every decoder layer (boxes given: the decoder's refined
+        ones)."""
         class_heads = self.class_embed if class_heads is None else class_heads
         logits, coords = [], []
         for lvl, h in enumerate(hidden):
@@ -233,26 +278,35 @@ class DeformableDETR(nn.Module):
         return {
             "pred_logits": logits[-1],
             "pred_boxes": coords[-1],
-            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])],
+            "aux_outputs": [
+                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])
+            ],
             "init_reference": reference[:, start:stop],
         }
 
     @property
     def needs_targets(self) -> bool:
-        """Whether a training forward needs the targets (a training block builds queries from them)."""
+        """Whether a training forward needs the targets (a training block builds queries from
+        them)."""
         return any(block.needs_targets for block in self.blocks)
 
-    def self_attn_mask(self, blocks: list[TrainingQueries], sizes: list[list[int]], device) -> torch.Tensor:
+    def self_attn_mask(
+        self, blocks: list[TrainingQueries], sizes: list[list[int]], device
+    ) -> torch.Tensor:
         """(T, T) bool, True where a query may not attend: the one-to-one queries (group 0) and
         every group of every block see only their own group, except that a block with
         `sees_one_to_one` also sees the one-to-one queries."""
         flat = [n for per_block in sizes for n in per_block]
-        sees = [False] + [b.sees_one_to_one for b, per_block in zip(blocks, sizes[1:]) for _ in per_block]
+        sees = [False] + [
+            b.sees_one_to_one for b, per_block in zip(blocks, sizes[1:]) for _ in per_block
+        ]
         ids = block_ids(flat, device)
         sees_main = torch.tensor(sees, dtype=torch.bool).to(device, non_blocking=True)[ids]
         return (ids[:, None] != ids[None, :]) & ~(sees_main[:, None] & (ids[None, :] == 0))
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> DetectorOutput:
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None
+    ) -> DetectorOutput:
         """`targets` (training only): the batch's targets, for training blocks that build queries
         from them (denoising)."""
         srcs, masks, pos = self.multiscale_features(images, padding_mask)
@@ -261,29 +315,45 @@ class DeformableDETR(nn.Module):
         extra = self.blocks if self.training else []
         from_targets = [b for b in extra if b.needs_targets]
         if from_targets and targets is None:
-            raise ValueError("this model's training queries are built from the targets: call model(images, "
-                             "padding_mask, targets) in training.")
+            raise ValueError(
+                "this model's training queries are built from the targets: call model(images, "
+                "padding_mask, targets) in training."
+            )
         from_selection = [b for b in extra if not b.needs_targets]
         blocks = from_selection + from_targets  # the order of their queries and streams
-        heads = (self.class_embed[-1], self.bbox_embed[-1]) if self.queries.uses_encoder_heads else None
+        heads = (
+            (self.class_embed[-1], self.bbox_embed[-1]) if self.queries.uses_encoder_heads else None
+        )
         queries = self.queries(memory, levels, from_selection, heads)
         if from_targets:
             made = [b.build(targets, self.queries) for b in from_targets]
-            # Positions are None where the decoder computes them from the boxes (DINO), for all or none.
+            # Positions are None where the decoder computes them from the boxes (DINO), for all or
+            # none.
             positions = [queries.pos, *(m.pos for m in made)]
             given = [p for p in positions if p is not None]
             if given and len(given) != len(positions):
-                raise RuntimeError("a training block and the query selection disagree on whether "
-                                   "queries carry positions; the decoder's box_query_pos decides it.")
-            queries = Queries(torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
-                              torch.cat(given, 1) if given else None,
-                              torch.cat([queries.reference, *(m.reference for m in made)], 1), queries.outputs)
+                raise RuntimeError(
+                    "a training block and the query selection disagree on whether "
+                    "queries carry positions; the decoder's box_query_pos decides it."
+                )
+            queries = Queries(
+                torch.cat([queries.tgt, *(m.tgt for m in made)], 1),
+                torch.cat(given, 1) if given else None,
+                torch.cat([queries.reference, *(m.reference for m in made)], 1),
+                queries.outputs,
+            )
         q = self.num_queries
         # The one-to-one queries, then each training block's groups (see `self_attn_mask`).
         sizes = [[q]] + [b.sizes(q, targets) for b in blocks]
-        dec = self.decoder(queries.tgt, queries.reference, memory, levels, queries.pos,
-                           self.bbox_embed if self.box_refine else None,
-                           self.self_attn_mask(blocks, sizes, images.device) if blocks else None)
+        dec = self.decoder(
+            queries.tgt,
+            queries.reference,
+            memory,
+            levels,
+            queries.pos,
+            self.bbox_embed if self.box_refine else None,
+            self.self_attn_mask(blocks, sizes, images.device) if blocks else None,
+        )
         logits, coords = self.head_outputs(dec.hidden, dec.box_refs, dec.boxes)
         # Stream keys come from the blocks (checked against DetectorOutput's when they were bound).
         out: dict[str, Any] = dict(self._stream(logits, coords, queries.reference, 0, q))
@@ -293,10 +363,13 @@ class DeformableDETR(nn.Module):
             out[block.stream] = self._stream(logits, coords, queries.reference, start, stop)
             start = stop
         if dec.hidden_o2m and dec.hidden_o2m[0] is not None:
-            # One-to-many predictions of the one-to-one queries, on the same references as their layer.
+            # One-to-many predictions of the one-to-one queries, on the same references as their
+            # layer.
             o2m_logits, o2m_coords = self.head_outputs(
-                [h[:, :q] for h in dec.hidden_o2m], [r[:, :q] for r in dec.box_refs],
-                class_heads=getattr(self, "class_embed_o2m", None))
+                [h[:, :q] for h in dec.hidden_o2m],
+                [r[:, :q] for r in dec.box_refs],
+                class_heads=getattr(self, "class_embed_o2m", None),
+            )
             out["o2m_outputs"] = self._stream(o2m_logits, o2m_coords, queries.reference, 0, q)
         out.update(queries.outputs)
         return cast(DetectorOutput, out)

@@ -1,5 +1,6 @@
 """The deformable encoder: flattens the feature levels (`Levels`) and refines them with deformable
 self-attention. See docs/architecture.md for where it sits in the detector."""
+
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,8 @@ def clones(module: nn.Module, n: int) -> nn.ModuleList:
 
 
 def reset_transformer_parameters(module: nn.Module) -> None:
-    """The official initialisation of a stack of layers: Xavier on every matrix, then each deformable
+    """The official initialisation of a stack of layers: Xavier on every matrix, then each
+        deformable
     attention's own scheme (what `DeformableTransformer._reset_parameters` does officially)."""
     for p in module.parameters():
         if p.dim() > 1:
@@ -29,9 +31,12 @@ def reset_transformer_parameters(module: nn.Module) -> None:
 
 
 class FFN(nn.Module):
-    """Linear -> ReLU -> Linear, residual, LayerNorm (post-norm), with the official attribute names."""
+    """Linear -> ReLU -> Linear, residual, LayerNorm (post-norm), with the official attribute
+    names."""
 
-    def __init__(self, d_model: int, d_ffn: int, dropout: float, names=("linear1", "linear2", "norm")):
+    def __init__(
+        self, d_model: int, d_ffn: int, dropout: float, names=("linear1", "linear2", "norm")
+    ):
         super().__init__()
         self._names = names
         setattr(self, names[0], nn.Linear(d_model, d_ffn))
@@ -91,8 +96,17 @@ class EncoderLayer(nn.Module):
         attn_backend: "auto", "triton", "gather" or "reference" (see `msdetr.kernels`).
     """
 
-    def __init__(self, *, d_model: int = 256, n_heads: int = 8, n_levels: int = 4, n_points: int = 4,
-                 d_ffn: int = 1024, dropout: float = 0.1, attn_backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        d_model: int = 256,
+        n_heads: int = 8,
+        n_levels: int = 4,
+        n_points: int = 4,
+        d_ffn: int = 1024,
+        dropout: float = 0.1,
+        attn_backend: str = "auto",
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, attn_backend)
         self.dropout1 = nn.Dropout(dropout)
@@ -100,8 +114,15 @@ class EncoderLayer(nn.Module):
         self.ffn = FFN(d_model, d_ffn, dropout, ("linear1", "linear2", "norm2"))
 
     def forward(self, src, pos, reference_points, levels: Levels):
-        src2 = self.self_attn(src + pos, reference_points, src, levels.spatial_shapes, levels.level_start_index,
-                              levels.mask, shapes=levels.shapes)
+        src2 = self.self_attn(
+            src + pos,
+            reference_points,
+            src,
+            levels.spatial_shapes,
+            levels.level_start_index,
+            levels.mask,
+            shapes=levels.shapes,
+        )
         src = self.norm1(src + self.dropout1(src2))
         return self.ffn(src)
 
@@ -126,29 +147,41 @@ class DeformableEncoder(nn.Module):
         reset_transformer_parameters(self.layers)
         nn.init.normal_(self.level_embed)
 
-    def flatten(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: list[torch.Tensor]) -> Levels:
+    def flatten(
+        self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos: list[torch.Tensor]
+    ) -> Levels:
         """Per-level maps (B, C, H, W), masks (B, H, W) and position embeddings -> `Levels`."""
-        shapes = tuple((s.shape[-2], s.shape[-1]) for s in srcs)  # ints (symbolic under torch.compile)
+        # ints (symbolic under torch.compile)
+        shapes = tuple((s.shape[-2], s.shape[-1]) for s in srcs)
         starts = [0]
         for h, w in shapes[:-1]:
             starts.append(starts[-1] + h * w)
-        # One host-to-device copy for both tensors; non_blocking: the host never waits for the device.
+        # One host-to-device copy for both tensors; non_blocking: the host never waits for the
+        # device.
         geometry = torch.tensor([v for hw in shapes for v in hw] + starts, dtype=torch.long)
         geometry = geometry.to(srcs[0].device, non_blocking=True)
         return Levels(
             src=torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1),
             mask=torch.cat([m.flatten(1) for m in masks], 1),
-            pos=torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                           for lvl, p in enumerate(pos)], 1),
-            spatial_shapes=geometry[:2 * len(shapes)].view(len(shapes), 2),
-            level_start_index=geometry[2 * len(shapes):],
+            pos=torch.cat(
+                [
+                    p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                    for lvl, p in enumerate(pos)
+                ],
+                1,
+            ),
+            spatial_shapes=geometry[: 2 * len(shapes)].view(len(shapes), 2),
+            level_start_index=geometry[2 * len(shapes) :],
             valid_ratios=torch.stack([valid_ratio(m) for m in masks], 1),
             shapes=shapes,
         )
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor | Shapes, valid_ratios: torch.Tensor) -> torch.Tensor:
-        """Pixel centres of every level in the valid-region frame, then scaled into each level's frame.
+    def reference_points(
+        spatial_shapes: torch.Tensor | Shapes, valid_ratios: torch.Tensor
+    ) -> torch.Tensor:
+        """Pixel centres of every level in the valid-region frame, then scaled into each level's
+        frame.
 
         `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
         refs = []

@@ -9,11 +9,13 @@ training-only blocks that take theirs from the selection (`extra`; the blocks ar
 (`proposal_order`), and its learned content rows after the selection's own (`learned_rows`).
 A new selection is a new subclass and a `model/` config. See docs/architecture.md.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Queries:
-    """The decoder's initial queries: content `tgt` (B, T, C), position `pos` (B, T, C; None where the
+    """The decoder's initial queries: content `tgt` (B, T, C), position `pos` (B, T, C; None where
+        the
     decoder computes every layer's positions from the boxes, DINO) and `reference` (B, T, 2) points
     or (B, T, 4) boxes in [0, 1]; `outputs`: streams the selection adds to the detector's output
     (two-stage: `enc_outputs`)."""
@@ -97,8 +100,13 @@ class LearnedQueries(QuerySelection):
         nn.init.xavier_uniform_(self.reference_points.weight, gain=1.0)
         nn.init.zeros_(self.reference_points.bias)
 
-    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
-                heads=None) -> Queries:
+    def forward(
+        self,
+        memory: torch.Tensor,
+        levels: Levels,
+        extra: Sequence[TrainingQueries] = (),
+        heads=None,
+    ) -> Queries:
         bs = memory.shape[0]
         query_pos, tgt = torch.split(self.learned_rows(extra), self.d_model, dim=1)
         query_pos = query_pos.unsqueeze(0).expand(bs, -1, -1)
@@ -122,8 +130,14 @@ class TwoStageQueries(QuerySelection):
     proposal_references = True
     streams = {"enc_outputs": {"pred_boxes", "anchors"}}
 
-    def __init__(self, *, num_queries: int = 300, d_model: int = 256, mixed_selection: bool = False,
-                 pix_trans: bool = False):
+    def __init__(
+        self,
+        *,
+        num_queries: int = 300,
+        d_model: int = 256,
+        mixed_selection: bool = False,
+        pix_trans: bool = False,
+    ):
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}.")
@@ -144,20 +158,22 @@ class TwoStageQueries(QuerySelection):
             self.query_embed = nn.Embedding(num_queries, d_model)
 
     def positions(self, boxes_unact: torch.Tensor) -> torch.Tensor:
-        """(B, T, 4) boxes in logit space -> (B, T, C) query positions, as the proposals get them."""
+        """(B, T, 4) boxes in logit space -> (B, T, C) query positions, as the proposals get
+        them."""
         c = self.d_model
         return self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes_unact, c // 2)))[..., :c]
 
     @staticmethod
     def encoder_proposals(memory, padding_mask, spatial_shapes: torch.Tensor | Shapes):
-        """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where invalid.
+        """Per token a box (centre of its pixel, size 0.05 * 2^level) in logit space, +inf where
+        invalid.
 
         `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
         n = memory.shape[0]
         shapes = level_shapes(spatial_shapes)
         proposals, start = [], 0
         for lvl, (h, w) in enumerate(shapes):
-            mask = padding_mask[:, start:start + h * w].view(n, h, w)
+            mask = padding_mask[:, start : start + h * w].view(n, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
             grid_y, grid_x = torch.meshgrid(
@@ -168,20 +184,30 @@ class TwoStageQueries(QuerySelection):
             grid = torch.stack([grid_x, grid_y], -1)
             scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
-            wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+            wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
             proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
             start += h * w
         proposals = torch.cat(proposals, 1)
-        level_ids = torch.cat([torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
-                               for lvl, (h, w) in enumerate(shapes)])
+        level_ids = torch.cat(
+            [
+                torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
+                for lvl, (h, w) in enumerate(shapes)
+            ]
+        )
         valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
         proposals = torch.log(proposals / (1 - proposals))
         invalid = padding_mask.unsqueeze(-1) | ~valid
         proposals = proposals.masked_fill(invalid, float("inf"))
         return memory.masked_fill(invalid, 0.0), proposals, level_ids
 
-    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
-               shapes: Shapes) -> torch.Tensor:
+    def select(
+        self,
+        enc_class: torch.Tensor,
+        enc_coord_unact: torch.Tensor,
+        level_ids: torch.Tensor,
+        k: int,
+        shapes: Shapes,
+    ) -> torch.Tensor:
         """(B, k) token indices, best first: top-k by the channel-0 encoder logit; on maps smaller
         than k they repeat."""
         num_tokens = enc_class.shape[1]
@@ -190,18 +216,29 @@ class TwoStageQueries(QuerySelection):
             topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
         return topk
 
-    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
-                heads=None) -> Queries:
+    def forward(
+        self,
+        memory: torch.Tensor,
+        levels: Levels,
+        extra: Sequence[TrainingQueries] = (),
+        heads=None,
+    ) -> Queries:
         """`heads`: the (class, box) heads that score and regress the encoder tokens."""
         class_head, box_head = heads
         bs, _, c = memory.shape
-        output_memory, proposals, level_ids = self.encoder_proposals(memory, levels.mask, levels.shapes)
+        output_memory, proposals, level_ids = self.encoder_proposals(
+            memory, levels.mask, levels.shapes
+        )
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_class = class_head(output_memory)
         enc_coord_unact = box_head(output_memory) + proposals
         topk = proposal_order(self, enc_class, enc_coord_unact, level_ids, extra, levels.shapes)
-        topk_coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
-        pos_trans_out = self.pos_trans_norm(self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2)))
+        topk_coords_unact = torch.gather(
+            enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4)
+        ).detach()
+        pos_trans_out = self.pos_trans_norm(
+            self.pos_trans(box_sine_embedding(topk_coords_unact, c // 2))
+        )
         query_pos = pos_trans_out[..., :c]
         if self.mixed_selection:
             tgt = self.learned_rows(extra).unsqueeze(0).expand(bs, -1, -1)
@@ -211,12 +248,22 @@ class TwoStageQueries(QuerySelection):
             # DETA: the selected tokens' own (detached) features join the query content.
             feats = torch.gather(output_memory, 1, topk.unsqueeze(-1).expand(-1, -1, c)).detach()
             tgt = tgt + self.pix_trans_norm(self.pix_trans(feats))
-        enc = {"pred_logits": enc_class, "pred_boxes": enc_coord_unact.sigmoid(), "anchors": proposals.sigmoid()}
+        enc = {
+            "pred_logits": enc_class,
+            "pred_boxes": enc_coord_unact.sigmoid(),
+            "anchors": proposals.sigmoid(),
+        }
         return Queries(tgt, query_pos, topk_coords_unact.sigmoid(), {"enc_outputs": enc})
 
 
-def proposal_order(selection, enc_class, enc_coord_unact, level_ids, extra: Sequence[TrainingQueries],
-                   shapes: Shapes) -> torch.Tensor:
+def proposal_order(
+    selection,
+    enc_class,
+    enc_coord_unact,
+    level_ids,
+    extra: Sequence[TrainingQueries],
+    shapes: Shapes,
+) -> torch.Tensor:
     """(B, T) the encoder tokens whose proposals become the queries: the one-to-one queries' first
     (`selection.select`, best first), then each block's: the next ranked ones, or the one-to-one
     ones again."""
@@ -227,7 +274,7 @@ def proposal_order(selection, enc_class, enc_coord_unact, level_ids, extra: Sequ
     for block in extra:
         size = sum(block.sizes(q))
         if block.proposals == "ranked":
-            parts.append(best[:, start:start + size])
+            parts.append(best[:, start : start + size])
             start += size
         else:
             parts.append(best[:, :q].repeat(1, size // q))
@@ -259,12 +306,15 @@ class DINOQueries(QuerySelection):
     def __init__(self, *, num_queries: int = 900, d_model: int = 256, num_classes: int = 91):
         super().__init__()
         if num_queries < 1 or num_classes < 1:
-            raise ValueError(f"num_queries={num_queries} / num_classes={num_classes}: both must be >= 1.")
+            raise ValueError(
+                f"num_queries={num_queries} / num_classes={num_classes}: both must be >= 1."
+            )
         self.num_queries, self.d_model, self.num_classes = num_queries, d_model, num_classes
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
-        # As DINO's transformer: Xavier on its matrices (the content rows too); the heads as the detector's.
+        # As DINO's transformer: Xavier on its matrices (the content rows too); the heads as the
+        #     detector's.
         nn.init.xavier_uniform_(self.enc_output.weight)
         nn.init.xavier_uniform_(self.tgt_embed.weight)
         self.enc_out_class_embed = nn.Linear(d_model, num_classes)
@@ -274,22 +324,37 @@ class DINOQueries(QuerySelection):
         nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].bias)
 
     def positions(self, boxes_unact: torch.Tensor) -> None:
-        """None: the decoder computes every query's position from its box (training blocks ask this)."""
+        """None: the decoder computes every query's position from its box (training blocks ask
+        this)."""
         return None
 
-    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
-               shapes: Shapes) -> torch.Tensor:
-        """(B, k) token indices, best first by the largest class logit; on maps smaller than k they repeat."""
+    def select(
+        self,
+        enc_class: torch.Tensor,
+        enc_coord_unact: torch.Tensor,
+        level_ids: torch.Tensor,
+        k: int,
+        shapes: Shapes,
+    ) -> torch.Tensor:
+        """(B, k) token indices, best first by the largest class logit; on maps smaller than k they
+        repeat."""
         num_tokens = enc_class.shape[1]
         topk = torch.topk(enc_class.max(-1)[0], min(k, num_tokens), dim=1)[1]
         if num_tokens < k:
             topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
         return topk
 
-    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
-                heads=None) -> Queries:
+    def forward(
+        self,
+        memory: torch.Tensor,
+        levels: Levels,
+        extra: Sequence[TrainingQueries] = (),
+        heads=None,
+    ) -> Queries:
         bs, _, c = memory.shape
-        output_memory, proposals, level_ids = TwoStageQueries.encoder_proposals(memory, levels.mask, levels.shapes)
+        output_memory, proposals, level_ids = TwoStageQueries.encoder_proposals(
+            memory, levels.mask, levels.shapes
+        )
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_class = self.enc_out_class_embed(output_memory)
         enc_coord_unact = self.enc_out_bbox_embed(output_memory) + proposals
@@ -297,11 +362,14 @@ class DINOQueries(QuerySelection):
         coords_unact = torch.gather(enc_coord_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
         tgt = self.learned_rows(extra).unsqueeze(0).expand(bs, -1, -1)
         # The encoder stream: the one-to-one tokens' own predictions, boxes not detached.
-        q = topk[:, :self.num_queries]
+        q = topk[:, : self.num_queries]
         selected = torch.gather(output_memory, 1, q.unsqueeze(-1).expand(-1, -1, c))
         anchors = torch.gather(proposals, 1, q.unsqueeze(-1).expand(-1, -1, 4))
-        enc = {"pred_logits": self.enc_out_class_embed(selected),
-               "pred_boxes": coords_unact[:, :self.num_queries].sigmoid(), "anchors": anchors.sigmoid()}
+        enc = {
+            "pred_logits": self.enc_out_class_embed(selected),
+            "pred_boxes": coords_unact[:, : self.num_queries].sigmoid(),
+            "anchors": anchors.sigmoid(),
+        }
         return Queries(tgt, None, coords_unact.detach().sigmoid(), {"enc_outputs": enc})
 
 
@@ -322,7 +390,8 @@ class AnchorQueries(QuerySelection):
     gives_positions = False
     content_embed = "tgt_embed"
     serves_selection_blocks = False  # anchors for the one-to-one queries only
-    # This project's names under `queries.` -> the official ones (DN-DETR keeps them on the detector).
+    # This project's names under `queries.` -> the official ones (DN-DETR keeps them on the
+    # detector).
     official_prefixes = {"tgt_embed.": "tgt_embed.", "refpoint_embed.": "refpoint_embed."}
 
     def __init__(self, *, num_queries: int = 300, d_model: int = 256, indicator: bool = False):
@@ -334,17 +403,25 @@ class AnchorQueries(QuerySelection):
         self.refpoint_embed = nn.Embedding(num_queries, 4)
 
     def positions(self, boxes_unact: torch.Tensor) -> None:
-        """None: the decoder computes every query's position from its box (training blocks ask this)."""
+        """None: the decoder computes every query's position from its box (training blocks ask
+        this)."""
         return None
 
-    def forward(self, memory: torch.Tensor, levels: Levels, extra: Sequence[TrainingQueries] = (),
-                heads=None) -> Queries:
+    def forward(
+        self,
+        memory: torch.Tensor,
+        levels: Levels,
+        extra: Sequence[TrainingQueries] = (),
+        heads=None,
+    ) -> Queries:
         bs = memory.shape[0]
         tgt = self.tgt_embed.weight
         if self.indicator:
             tgt = torch.cat([tgt, tgt.new_zeros(tgt.shape[0], 1)], 1)
         reference = self.refpoint_embed.weight.sigmoid()
-        return Queries(tgt.unsqueeze(0).expand(bs, -1, -1), None, reference.unsqueeze(0).expand(bs, -1, -1), {})
+        return Queries(
+            tgt.unsqueeze(0).expand(bs, -1, -1), None, reference.unsqueeze(0).expand(bs, -1, -1), {}
+        )
 
 
 class NMSTwoStageQueries(TwoStageQueries):
@@ -360,19 +437,39 @@ class NMSTwoStageQueries(TwoStageQueries):
         iou_threshold: the NMS threshold (0.9 in DETA).
     """
 
-    def __init__(self, *, num_queries: int = 300, d_model: int = 256, mixed_selection: bool = False,
-                 pix_trans: bool = False, pre_nms_per_level: int = 1000, iou_threshold: float = 0.9):
-        super().__init__(num_queries=num_queries, d_model=d_model, mixed_selection=mixed_selection,
-                         pix_trans=pix_trans)
+    def __init__(
+        self,
+        *,
+        num_queries: int = 300,
+        d_model: int = 256,
+        mixed_selection: bool = False,
+        pix_trans: bool = False,
+        pre_nms_per_level: int = 1000,
+        iou_threshold: float = 0.9,
+    ):
+        super().__init__(
+            num_queries=num_queries,
+            d_model=d_model,
+            mixed_selection=mixed_selection,
+            pix_trans=pix_trans,
+        )
         if pre_nms_per_level < 1 or not 0 <= iou_threshold <= 1:
-            raise ValueError(f"pre_nms_per_level={pre_nms_per_level} / iou_threshold={iou_threshold}: use "
-                             "pre_nms_per_level >= 1 and iou_threshold in [0, 1].")
+            raise ValueError(
+                f"pre_nms_per_level={pre_nms_per_level} / iou_threshold={iou_threshold}: use "
+                "pre_nms_per_level >= 1 and iou_threshold in [0, 1]."
+            )
         self.pre_nms_per_level = pre_nms_per_level
         self.iou_threshold = iou_threshold
 
     @torch.no_grad()
-    def select(self, enc_class: torch.Tensor, enc_coord_unact: torch.Tensor, level_ids: torch.Tensor, k: int,
-               shapes: Shapes | None = None) -> torch.Tensor:
+    def select(
+        self,
+        enc_class: torch.Tensor,
+        enc_coord_unact: torch.Tensor,
+        level_ids: torch.Tensor,
+        k: int,
+        shapes: Shapes | None = None,
+    ) -> torch.Tensor:
         """(B, k) token indices in global score order.
 
         The one place of the model that waits for the device: how many boxes survive NMS depends on
@@ -382,14 +479,18 @@ class NMSTwoStageQueries(TwoStageQueries):
         """
         logits = enc_class[..., 0]
         boxes = cxcywh_to_xyxy(enc_coord_unact.sigmoid().float()).clamp(0, 1)
-        sizes = [h * w for h, w in shapes] if shapes is not None else torch.bincount(level_ids).tolist()
+        sizes = (
+            [h * w for h, w in shapes] if shapes is not None else torch.bincount(level_ids).tolist()
+        )
         num_levels = len(sizes)
         per_level = k // num_levels
         # Every image's top tokens of each level (a level is a slice of the tokens), level by level.
         candidates, start = [], 0
         for size in sizes:
             if size:
-                top = logits[:, start:start + size].topk(min(self.pre_nms_per_level, size), dim=1)[1]
+                top = logits[:, start : start + size].topk(
+                    min(self.pre_nms_per_level, size), dim=1
+                )[1]
                 candidates.append(top + start)
             start += size
         candidates = torch.cat(candidates, 1)
@@ -397,9 +498,17 @@ class NMSTwoStageQueries(TwoStageQueries):
         picks = []
         for b in range(logits.shape[0]):
             cand = candidates[b]
-            keep = cand[batched_nms(boxes[b, cand], logits[b, cand].float(), level_ids[cand], self.iou_threshold)]
+            keep = cand[
+                batched_nms(
+                    boxes[b, cand], logits[b, cand].float(), level_ids[cand], self.iou_threshold
+                )
+            ]
             if keep.numel() < k:  # too few survivors: plain top-k (cycling on tiny maps)
-                picks.append(super().select(enc_class[b:b + 1], enc_coord_unact[b:b + 1], level_ids, k, shapes)[0])
+                picks.append(
+                    super().select(
+                        enc_class[b : b + 1], enc_coord_unact[b : b + 1], level_ids, k, shapes
+                    )[0]
+                )
                 continue
             onehot = level_ids[keep][None] == levels
             chosen = (onehot & (onehot.cumsum(1) <= per_level)).any(0)

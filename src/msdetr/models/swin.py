@@ -1,4 +1,5 @@
 """Swin Transformer backbone through timm, laid out as DETA's Swin-L backbone."""
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,9 @@ def _timm():
     try:
         import timm
     except ImportError as exc:
-        raise ImportError("the Swin backbone needs timm; install it with pip install 'msdetr[swin]'.") from exc
+        raise ImportError(
+            "the Swin backbone needs timm; install it with pip install 'msdetr[swin]'."
+        ) from exc
     return timm
 
 
@@ -38,8 +41,9 @@ def is_swin_buffer(name: str) -> bool:
 
 
 class SwinBackbone(FeatureBackbone):
-    """A timm Swin Transformer returning the maps of `out_indices` (DETA: stages 1-3, strides 8/16/32),
-    each through its own LayerNorm named `norm<i>` as in DETA, so official checkpoints map by name.
+    """A timm Swin Transformer returning the maps of `out_indices` (DETA: stages 1-3, strides
+    8/16/32), each through its own LayerNorm named `norm<i>` as in DETA, so official checkpoints map
+    by name.
 
     Any image size works: images are zero-padded to a multiple of the patch size and timm pads the
     windows.
@@ -67,16 +71,27 @@ class SwinBackbone(FeatureBackbone):
         super().__init__()
         timm = _timm()
         if name not in timm.list_models("swin*"):
-            raise ValueError(f"unknown Swin model {name!r}; pick a timm name such as swin_large_patch4_window12_384.")
-        body = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
-                                 strict_img_size=False, dynamic_img_size=True)
+            raise ValueError(
+                f"unknown Swin model {name!r}; pick a timm name such as "
+                "swin_large_patch4_window12_384."
+            )
+        body = timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+            strict_img_size=False,
+            dynamic_img_size=True,
+        )
         body.norm = nn.Identity()  # the classification norm and head are not part of the detector
         body.head = nn.Identity()
         if checkpointing:
             body.set_grad_checkpointing(True)
         num_stages = len(body.layers)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
-            raise ValueError(f"out_indices {tuple(out_indices)} must name stages 0..{num_stages - 1}.")
+            raise ValueError(
+                f"out_indices {tuple(out_indices)} must name stages 0..{num_stages - 1}."
+            )
         self.out_indices = tuple(out_indices)
         self.num_channels = [body.feature_info[i]["num_chs"] for i in self.out_indices]
         self.strides = [body.feature_info[i]["reduction"] for i in self.out_indices]
@@ -98,14 +113,19 @@ class SwinBackbone(FeatureBackbone):
             try:
                 state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
             except Exception as exc:  # no network, no hub cache
-                warnings.warn(f"could not fetch {name} ImageNet weights ({type(exc).__name__}); the Swin backbone is "
-                              "randomly initialised. Pass pretrained=<path to local weights> to use a file.",
-                              stacklevel=3)
+                warnings.warn(
+                    f"could not fetch {name} ImageNet weights ({type(exc).__name__}); the Swin "
+                    "backbone is randomly initialised. Pass pretrained=<path to local weights> to "
+                    "use a file.",
+                    stacklevel=3,
+                )
                 return
         elif isinstance(pretrained, str):
             path = Path(pretrained)
             if not path.is_file():
-                raise FileNotFoundError(f"Swin weights '{path}' do not exist; point backbone.pretrained at the file.")
+                raise FileNotFoundError(
+                    f"Swin weights '{path}' do not exist; point backbone.pretrained at the file."
+                )
             from ..official import read_checkpoint_file  # here: msdetr.official imports the models
 
             state = read_checkpoint_file(path, "Swin weights")
@@ -122,7 +142,9 @@ class SwinBackbone(FeatureBackbone):
                 "check that the file is the same Swin variant."
             )
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         # As DETA: zero-pad to the patch size; masks are resized from the unpadded image's mask.
         h, w = images.shape[-2:]
         images = F.pad(images, (0, -w % self.patch_size, 0, -h % self.patch_size))

@@ -25,9 +25,11 @@ is a subclass, its stream and its config, and the detector's forward does not ch
 rank and saved with the checkpoint's random state by `DetectionModule`, as the assigners are.
 See docs/architecture.md, "Adding a training-query block".
 """
+
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -61,9 +63,11 @@ class TrainingQueries(nn.Module):
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         """Creates the block's learned query rows (if the selection learns any)."""
         if not selection.serves_selection_blocks:
-            raise ValueError(f"training_queries.{name} ({type(self).__name__}) takes its queries from the query "
-                             f"selection, and {type(selection).__name__} has no anchors for them; use a two-stage "
-                             "model (e.g. model=deformable_detr_pp).")
+            raise ValueError(
+                f"training_queries.{name} ({type(self).__name__}) takes its queries from the query "
+                f"selection, and {type(selection).__name__} has no anchors for them; use a "
+                "two-stage model (e.g. model=deformable_detr_pp)."
+            )
         dim = selection.embedding_dim
         self.embed = nn.Embedding(sum(self.sizes(selection.num_queries)), dim) if dim else None
 
@@ -108,7 +112,9 @@ class QueryGroups(TrainingQueries):
     def __init__(self, *, groups: int = 11):
         super().__init__()
         if groups < 2:
-            raise ValueError(f"QueryGroups needs groups >= 2 (group 0 is the one-to-one queries), got {groups}.")
+            raise ValueError(
+                f"QueryGroups needs groups >= 2 (group 0 is the one-to-one queries), got {groups}."
+            )
         self.groups = groups
 
     def sizes(self, num_queries: int, targets=None) -> list[int]:
@@ -117,8 +123,10 @@ class QueryGroups(TrainingQueries):
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         if selection.embedding_dim is None:
             raise ValueError(
-                f"training_queries.{name} (Group DETR) shares the two-stage proposals across its groups, so the "
-                "groups need learned content: set model.detector.queries.mixed_selection=true (the ++ models have it).")
+                f"training_queries.{name} (Group DETR) shares the two-stage proposals across its "
+                "groups, so the groups need learned content: set "
+                "model.detector.queries.mixed_selection=true (the ++ models have it)."
+            )
         super().bind(name=name, selection=selection, num_classes=num_classes)
 
 
@@ -128,7 +136,8 @@ class DenoisingQueries(TrainingQueries, Seeded):
     one-to-one queries but no other group, and the one-to-one queries see none of them.
 
     A group holds as many queries as the batch's largest GT count (images with fewer GTs pad with
-    empty queries). A query's content is its (noised) label's embedding, its reference its noised box,
+    empty queries). A query's content is its (noised) label's embedding, its reference its noised
+    box,
     its position the query selection's embedding of that box: the selection must make box
     references (a two-stage model, or AnchorQueries). Noise is drawn on the CPU from the block's own
     generator, so a run is reproducible and resumes bit for bit.
@@ -142,8 +151,8 @@ class DenoisingQueries(TrainingQueries, Seeded):
         label_book: the label embedding has label_book + 1 rows (DN-DETR's and DINO's label_enc;
             rows past the class count are never looked up); None: one row per class.
         logit_eps: the official code hands its noised boxes to the decoder as logits clamped at this
-            eps (its inverse_sigmoid, 1e-3 in DN-DETR and DINO), so a coordinate within eps of 0 or 1
-            starts at eps or 1 - eps; None: the boxes as they are.
+            eps (its inverse_sigmoid, 1e-3 in DN-DETR and DINO), so a coordinate within eps of 0 or
+            1 starts at eps or 1 - eps; None: the boxes as they are.
         indicator: DN-DETR's indicator feature: the label embedding is d_model - 1 wide and every
             denoising query gets a constant 1 as its last feature (the selection's queries a 0:
             `AnchorQueries(indicator=true)`); padding queries are all zeros.
@@ -154,13 +163,23 @@ class DenoisingQueries(TrainingQueries, Seeded):
     sees_one_to_one = True
     parts_per_group: ClassVar[int] = 1  # positives only
 
-    def __init__(self, *, groups: int = 5, label_noise: float = 0.2, box_noise: float = 0.4,
-                 seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None,
-                 indicator: bool = False):
+    def __init__(
+        self,
+        *,
+        groups: int = 5,
+        label_noise: float = 0.2,
+        box_noise: float = 0.4,
+        seed: int | None = None,
+        label_book: int | None = None,
+        logit_eps: float | None = None,
+        indicator: bool = False,
+    ):
         super().__init__()
         if groups < 1 or not 0 <= label_noise <= 1 or box_noise < 0:
-            raise ValueError(f"groups={groups} / label_noise={label_noise} / box_noise={box_noise}: use groups >= 1, "
-                             "label_noise in [0, 1] and box_noise >= 0.")
+            raise ValueError(
+                f"groups={groups} / label_noise={label_noise} / box_noise={box_noise}: use groups "
+                ">= 1, label_noise in [0, 1] and box_noise >= 0."
+            )
         if logit_eps is not None and not 0 < logit_eps < 0.5:
             raise ValueError(f"logit_eps must be in (0, 0.5) or null, got {logit_eps}.")
         self.groups, self.label_noise, self.box_noise = groups, label_noise, box_noise
@@ -172,12 +191,16 @@ class DenoisingQueries(TrainingQueries, Seeded):
 
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
         if not hasattr(selection, "positions"):
-            raise ValueError(f"training_queries.{name} (denoising) starts queries from noised GT boxes, which needs "
-                             "box references: use a two-stage model (e.g. model=deformable_detr_pp) or learned "
-                             "anchor boxes (model=dab_deformable_detr).")
+            raise ValueError(
+                f"training_queries.{name} (denoising) starts queries from noised GT boxes, which "
+                "needs box references: use a two-stage model (e.g. model=deformable_detr_pp) or "
+                "learned anchor boxes (model=dab_deformable_detr)."
+            )
         if self.label_book is not None and self.label_book < num_classes:
-            raise ValueError(f"training_queries.{name}: label_book={self.label_book} is smaller than the "
-                             f"{num_classes} classes; use at least the class count.")
+            raise ValueError(
+                f"training_queries.{name}: label_book={self.label_book} is smaller than the "
+                f"{num_classes} classes; use at least the class count."
+            )
         self.num_classes = num_classes
         rows = num_classes if self.label_book is None else self.label_book + 1
         self.label_embed = nn.Embedding(rows, selection.d_model - int(self.indicator))
@@ -201,7 +224,9 @@ class DenoisingQueries(TrainingQueries, Seeded):
 
     def noised_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Each label replaced by a random class with probability `flip_rate`."""
-        flip = (self._uniform(labels.shape[0]) < self.flip_rate).to(labels.device, non_blocking=True)
+        flip = (self._uniform(labels.shape[0]) < self.flip_rate).to(
+            labels.device, non_blocking=True
+        )
         other = torch.randint(0, self.num_classes, labels.shape, generator=self.generator)
         return torch.where(flip, other.to(labels.device, non_blocking=True), labels)
 
@@ -213,12 +238,14 @@ class DenoisingQueries(TrainingQueries, Seeded):
         return (boxes + shift * scale * self.box_noise).clamp(0.0, 1.0)
 
     def as_reference(self, boxes: torch.Tensor) -> torch.Tensor:
-        """The decoder's reference boxes of the noised boxes: through the clamped logits of `logit_eps`."""
+        """The decoder's reference boxes of the noised boxes: through the clamped logits of
+        `logit_eps`."""
         return boxes if self.logit_eps is None else inverse_sigmoid(boxes, self.logit_eps).sigmoid()
 
     def build(self, targets, selection: QuerySelection) -> Queries:
-        """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per group
-        the positives (and, contrastive, then the negatives), each padded to the largest GT count."""
+        """The block's queries for this batch, (B, groups * parts * largest GT count, ...): per
+        group the positives (and, contrastive, then the negatives), each padded to the largest GT
+        count."""
         sizes = self.sizes(selection.num_queries, targets)
         copies = len(sizes) * self.parts_per_group  # noised copies of every GT
         largest = sizes[0] // self.parts_per_group if sizes else 0
@@ -226,10 +253,15 @@ class DenoisingQueries(TrainingQueries, Seeded):
         contents, references = [], []
         for t in targets:
             n = len(t["labels"])
-            # Copy c of GT j is row c * n + j; copies alternate positive / negative when contrastive.
-            negative = (torch.arange(copies * n, device=t["boxes"].device) // max(n, 1)) % self.parts_per_group == 1
+            # Copy c of GT j is row c * n + j; copies alternate positive / negative when
+            # contrastive.
+            negative = (
+                torch.arange(copies * n, device=t["boxes"].device) // max(n, 1)
+            ) % self.parts_per_group == 1
             labels = self.noised_labels(t["labels"].repeat(copies))
-            boxes = self.noised_boxes(t["boxes"].to(self.label_embed.weight.dtype).repeat(copies, 1), negative)
+            boxes = self.noised_boxes(
+                t["boxes"].to(self.label_embed.weight.dtype).repeat(copies, 1), negative
+            )
             content = self.label_embed(labels)
             if self.indicator:  # DN-DETR: a denoising query's last feature is 1
                 content = torch.cat([content, content.new_ones(content.shape[0], 1)], 1)
@@ -255,7 +287,8 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
         max_positives: DINO's dn_number (100). The group count follows DINO's `prepare_for_cdn`,
             which doubles it first (a positive and a negative per GT): d = 2 * dn_number; from
             d >= 100 (dn_number >= 50) groups = d // (2 * the batch's largest GT count), at least 1,
-            i.e. about dn_number positives; below that groups = d itself (dn_number 10 -> 20 groups).
+            i.e. about dn_number positives; below that groups = d itself (dn_number 10 -> 20
+            groups).
         label_noise: DINO's dn_label_noise_ratio (0.5): a label changes with half this probability.
         box_noise: DINO's dn_box_noise_scale (0.4).
         seed: seed of the noise generator.
@@ -265,10 +298,24 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
 
     parts_per_group = 2
 
-    def __init__(self, *, max_positives: int = 100, label_noise: float = 0.5, box_noise: float = 0.4,
-                 seed: int | None = None, label_book: int | None = None, logit_eps: float | None = None):
-        super().__init__(groups=1, label_noise=label_noise, box_noise=box_noise, seed=seed, label_book=label_book,
-                         logit_eps=logit_eps)
+    def __init__(
+        self,
+        *,
+        max_positives: int = 100,
+        label_noise: float = 0.5,
+        box_noise: float = 0.4,
+        seed: int | None = None,
+        label_book: int | None = None,
+        logit_eps: float | None = None,
+    ):
+        super().__init__(
+            groups=1,
+            label_noise=label_noise,
+            box_noise=box_noise,
+            seed=seed,
+            label_book=label_book,
+            logit_eps=logit_eps,
+        )
         if max_positives < 1:
             raise ValueError(f"max_positives must be >= 1, got {max_positives}.")
         self.max_positives = max_positives
@@ -286,15 +333,23 @@ class ContrastiveDenoisingQueries(DenoisingQueries):
     def noised_boxes(self, boxes: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """Corners (x0, y0, x1, y1) move by sign * u * box_noise * (w/2, h/2), u in [0, 1) for
         positives and [1, 2) for negatives; clamped to [0, 1]."""
-        sign = (torch.randint(0, 2, boxes.shape, generator=self.generator) * 2 - 1).to(boxes.device, non_blocking=True)
-        u = self._uniform(*boxes.shape).to(boxes.device, non_blocking=True) + negative[:, None].to(boxes.dtype)
+        sign = (torch.randint(0, 2, boxes.shape, generator=self.generator) * 2 - 1).to(
+            boxes.device, non_blocking=True
+        )
+        u = self._uniform(*boxes.shape).to(boxes.device, non_blocking=True) + negative[:, None].to(
+            boxes.dtype
+        )
         half = boxes[:, 2:] / 2
         corners = torch.cat([boxes[:, :2] - half, boxes[:, :2] + half], 1)
         corners = (corners + sign * u * half.repeat(1, 2) * self.box_noise).clamp(0.0, 1.0)
-        return torch.cat([(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1)
+        return torch.cat(
+            [(corners[:, :2] + corners[:, 2:]) / 2, corners[:, 2:] - corners[:, :2]], 1
+        )
 
 
 def block_ids(sizes: Sequence[int], device) -> torch.Tensor:
     """(T,) the attention block of every query, for sizes [one-to-one, block, block, ...]."""
     # Built on the device from Python ints: no host-to-device copy, no size read back.
-    return torch.cat([torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(sizes)])
+    return torch.cat(
+        [torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(sizes)]
+    )

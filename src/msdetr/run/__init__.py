@@ -8,6 +8,7 @@
 - `resume`: the checkpoint to continue from, the config check, the run directory, the CSV history;
 - `summary`: run_summary.json and the value returned to a Hydra sweeper (`optimized_value`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,14 @@ from ..lit.callbacks import Preempted
 from ..lit.module import DivergedError
 from .build import build_datamodule, build_module, build_trainer, plain_config
 from .launch import launch_context
-from .resume import (check_nothing_skipped, checkpoint_to_resume, config_choices,
-                     continue_csv_history, resume_into, revalidates)
+from .resume import (
+    check_nothing_skipped,
+    checkpoint_to_resume,
+    config_choices,
+    continue_csv_history,
+    resume_into,
+    revalidates,
+)
 from .summary import optimized_value, write_run_summary
 
 __all__ = ["evaluate", "optimized_value", "train"]
@@ -50,8 +57,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("init_from") and not ckpt_path:
         # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
         # keep their fresh initialisation, with a warning; anything else must match.
-        load_weights(module, cfg.init_from, fine_tune=True,
-                     reset_class_heads=bool(cfg.init_reset_class_heads))
+        load_weights(
+            module,
+            cfg.init_from,
+            fine_tune=True,
+            reset_class_heads=bool(cfg.init_reset_class_heads),
+        )
         log.info("initialised from %s", cfg.init_from)
     status = "failed"  # until the fit says otherwise; the summary is written however the run ends
     try:

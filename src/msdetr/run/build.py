@@ -1,14 +1,15 @@
 """The run's objects built from a composed Hydra config: the datamodule, the `DetectionModule`
 (detector, criterion, post-processing, optimizer settings), the loggers and the Trainer; and the
 config as plain values, as checkpoints and loggers keep it."""
+
 from __future__ import annotations
 
 import logging
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from ..lit import DetectionModule
@@ -65,18 +66,31 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
     # torch.compile of the detector, applied by the module's configure_model (configs without
     # these keys: eager)
-    compile_args = dict(compile_model=bool(cfg.model.get("compile", False)),
-                        compile_mode=cfg.model.get("compile_mode"),
-                        compile_dynamic=cfg.model.get("compile_dynamic", True),
-                        compile_backend=cfg.model.get("compile_backend", "inductor"))
+    compile_args = dict(
+        compile_model=bool(cfg.model.get("compile", False)),
+        compile_mode=cfg.model.get("compile_mode"),
+        compile_dynamic=cfg.model.get("compile_dynamic", True),
+        compile_backend=cfg.model.get("compile_backend", "inductor"),
+    )
     # Another optimizer / LR scheduler: `_partial_` configs called with the parameter groups / the
     # optimizer (absent or null: AdamW / StepLR-or-MultiStepLR from schedule.optim).
-    schedule = {k: instantiate(cfg.schedule[k]) for k in ("optimizer", "lr_scheduler")
-                if cfg.schedule.get(k) is not None}
-    return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
-                           seed=cfg.get("seed"), **optim, **compile_args, **schedule,
-                           max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
-                           lr_interval=cfg.schedule.get("lr_interval", "epoch"))
+    schedule = {
+        k: instantiate(cfg.schedule[k])
+        for k in ("optimizer", "lr_scheduler")
+        if cfg.schedule.get(k) is not None
+    }
+    return DetectionModule(
+        model,
+        criterion,
+        postprocess,
+        eval_backend=cfg.get("eval_backend", "pycocotools"),
+        seed=cfg.get("seed"),
+        **optim,
+        **compile_args,
+        **schedule,
+        max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
+        lr_interval=cfg.schedule.get("lr_interval", "epoch"),
+    )
 
 
 def build_loggers(cfg: DictConfig, resumed_step: int | None = None) -> list:
@@ -110,5 +124,6 @@ def build_trainer(cfg: DictConfig, resumed_step: int | None = None, **overrides)
         # The Preemption callback saves at a step boundary and requeues; Lightning's own SLURM
         # requeue would save a second, mid-step checkpoint elsewhere.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
-                       **overrides)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, **overrides
+    )

@@ -2,6 +2,7 @@
 private Lightning function msdetr replaces, checked first), and afterwards the W&B run, the process
 group and the launcher variables Lightning leaves in os.environ are put back, so the next job of a
 sweep starts clean (`launch_context`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,10 @@ _LAUNCHER_VARS = ("LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORL
 # The one private attribute of a dependency msdetr touches (see `_rank_launch_patch`): Lightning's
 # DDP launcher (its `_SubprocessScriptLauncher`) starts ranks > 0 of a Hydra app with the command
 # this module-level function returns.
-_LIGHTNING_RANK_COMMAND = ("lightning.pytorch.strategies.launchers.subprocess_script",
-                           "_hydra_subprocess_cmd")
+_LIGHTNING_RANK_COMMAND = (
+    "lightning.pytorch.strategies.launchers.subprocess_script",
+    "_hydra_subprocess_cmd",
+)
 _LIGHTNING_TESTED = "2.6"
 
 
@@ -49,9 +52,16 @@ def _rank_command(cfg: DictConfig):
             program = [sys.executable, str(Path(sys.argv[0]).resolve())]
         else:
             program = [sys.executable, "-m", __main__.__spec__.name]
-        return [*program, "--config-path", str(config_dir), "--config-name", "config",
-                f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
-                f"hydra.job.name={hydra_cfg.job.name}_ddp_rank{local_rank}"], get_original_cwd()
+        return [
+            *program,
+            "--config-path",
+            str(config_dir),
+            "--config-name",
+            "config",
+            f"hydra.run.dir={run_dir}",
+            "hydra.output_subdir=null",
+            f"hydra.job.name={hydra_cfg.job.name}_ddp_rank{local_rank}",
+        ], get_original_cwd()
 
     return command
 
@@ -62,8 +72,12 @@ def _launches_rank_processes(trainer: L.Trainer | None) -> bool:
     if trainer is None:
         return True
     environment = getattr(trainer.strategy, "cluster_environment", None)
-    return (trainer.num_devices > 1 and trainer.strategy.launcher is not None
-            and environment is not None and not environment.creates_processes_externally)
+    return (
+        trainer.num_devices > 1
+        and trainer.strategy.launcher is not None
+        and environment is not None
+        and not environment.creates_processes_externally
+    )
 
 
 @contextlib.contextmanager
@@ -86,7 +100,8 @@ def _rank_launch_patch(cfg: DictConfig):
             f"({module_name}.{attribute}(local_rank) is gone or different), which msdetr "
             f"replaces so that each rank reruns only its own job; msdetr is tested with lightning "
             f"{_LIGHTNING_TESTED}.x: pin lightning=={_LIGHTNING_TESTED}.* or start the ranks with "
-            "torchrun (python -m torch.distributed.run).")
+            "torchrun (python -m torch.distributed.run)."
+        )
     setattr(module, attribute, _rank_command(cfg))
     try:
         yield

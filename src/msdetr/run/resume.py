@@ -2,6 +2,7 @@
 of a checkpoint made with another model or matcher config (the first differing key named), the run
 directory a resume keeps writing to, the CSV metrics history carried over, and the check that a
 resumed fit did not stop short of its schedule."""
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,13 @@ log = logging.getLogger("msdetr")
 _RESUME_MUST_MATCH = ("matcher", "model")  # the matcher first: it also sets model options
 # How the model runs, not what it is: a resume may change these (and checkpoints from before they
 # existed lack them).
-_RESUME_MAY_CHANGE = {"model.compile", "model.compile_mode", "model.compile_dynamic",
-                      "model.compile_backend", "model.attn_backend"}
+_RESUME_MAY_CHANGE = {
+    "model.compile",
+    "model.compile_mode",
+    "model.compile_dynamic",
+    "model.compile_backend",
+    "model.attn_backend",
+}
 # ...and the layers' copies of model.attn_backend (the config is compared with interpolations
 # resolved)
 _RESUME_MAY_CHANGE_LEAVES = {"attn_backend"}
@@ -35,8 +41,9 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     requeue or a rerun of this job); None for a fresh run."""
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path '{ckpt_path}' does not exist; point it at a run's "
-                                "checkpoints/last.ckpt.")
+        raise FileNotFoundError(
+            f"ckpt_path '{ckpt_path}' does not exist; point it at a run's checkpoints/last.ckpt."
+        )
     own_last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if not ckpt_path and cfg.get("auto_resume") and own_last.is_file():
         log.info("resuming this run from %s", own_last)
@@ -75,8 +82,9 @@ def _first_difference(saved, current, path: str = ""):
             where = f"{path}.{key}" if path else str(key)
             if where in _RESUME_MAY_CHANGE or key in _RESUME_MAY_CHANGE_LEAVES:
                 continue
-            found = _first_difference(saved.get(key, "<absent>"), current.get(key, "<absent>"),
-                                      where)
+            found = _first_difference(
+                saved.get(key, "<absent>"), current.get(key, "<absent>"), where
+            )
             if found:
                 return found
         return None
@@ -91,8 +99,11 @@ def config_choices() -> dict[str, str]:
     if not HydraConfig.initialized():
         return {}
     choices = HydraConfig.get().runtime.choices
-    return {str(k): str(v) for k, v in choices.items()
-            if v is not None and not str(k).startswith("hydra")}
+    return {
+        str(k): str(v)
+        for k, v in choices.items()
+        if v is not None and not str(k).startswith("hydra")
+    }
 
 
 def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
@@ -107,7 +118,8 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
         raise ValueError(
             f"cannot resume from '{ckpt_path}': it was saved before msdetr composed the detector "
             "of parts, so its optimizer state does not fit; start a new run from its weights with "
-            "init_from=<checkpoint>.")
+            "init_from=<checkpoint>."
+        )
     if not saved:
         return step
     current = plain_config(cfg)
@@ -117,8 +129,11 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
         if found:
             key, was, now = found
             before, after = saved_choices.get(group), choices.get(group)
-            chosen = (f"{group}: {before} -> {after}, first at "
-                      if before and after and before != after else "")
+            chosen = (
+                f"{group}: {before} -> {after}, first at "
+                if before and after and before != after
+                else ""
+            )
             raise ValueError(
                 f"cannot resume from '{ckpt_path}': it was made with another {group} config "
                 f"({chosen}{key}: {was!r} -> {now!r}); resume with the config the run started with "
@@ -163,8 +178,12 @@ class IncompleteRunError(RuntimeError):
     """A fit that returned normally short of its schedule."""
 
 
-def check_nothing_skipped(trainer: L.Trainer, module: DetectionModule, ckpt_path: str | Path | None,
-                          resumed_step: int | None) -> None:
+def check_nothing_skipped(
+    trainer: L.Trainer,
+    module: DetectionModule,
+    ckpt_path: str | Path | None,
+    resumed_step: int | None,
+) -> None:
     """After a fit that returned normally: refuse, in one sentence, a run that stopped short of its
     schedule although nothing asked it to stop (a resume whose loop state said the schedule was done
     when it was not), so that it never ends with status 0. The steps are counted as the module saw
@@ -186,4 +205,5 @@ def check_nothing_skipped(trainer: L.Trainer, module: DetectionModule, ckpt_path
         f"the run {where} and stopped at step {done} of the {expected} its schedule has "
         f"(trainer.max_epochs={trainer.max_epochs} of {per_epoch} steps) with nothing left to "
         f"train by its loop state; its checkpoints hold the weights of step {done}: resume from an "
-        "earlier checkpoint or report this one as a bug.")
+        "earlier checkpoint or report this one as a bug."
+    )

@@ -1,6 +1,7 @@
 """How a run ended, for the people and tools reading it afterwards: `<run dir>/run_summary.json`
 (status, wall time, steps, final metrics, W&B group; `python -m msdetr.report` reads it) and the
 value train.py returns to a Hydra sweeper (`optimized_value`)."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ log = logging.getLogger("msdetr")
 RUN_SUMMARY = "run_summary.json"
 
 
-def write_run_summary(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float],
-                      wall_time_s: float, status: str | None = None) -> None:
+def write_run_summary(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    metrics: dict[str, float],
+    wall_time_s: float,
+    status: str | None = None,
+) -> None:
     """`<run dir>/run_summary.json`: how the run ended (`status`: completed, interrupted (Ctrl-C),
     stopped (a signal; it resumes), diverged, failed), its wall time (this process, from the start
     of `train`), epochs, steps, final validation metrics (NaN: null) and its W&B group, if it
@@ -53,12 +59,16 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if name in produced:
         return float(produced[name])
     if not produced:
-        message = (f"optimized_metric={name} has no value: the run ended without a validation (set "
-                   "trainer.check_val_every_n_epoch to divide schedule.epochs).")
+        message = (
+            f"optimized_metric={name} has no value: the run ended without a validation (set "
+            "trainer.check_val_every_n_epoch to divide schedule.epochs)."
+        )
         # A job of a multirun: a sweeper may be waiting for the value.
         if hydra_job()[0] is not None:
             raise ConfigValidationError(message)
         log.warning(message)
         return None
-    raise ConfigValidationError(f"optimized_metric={name} is not a metric of this run; its final "
-                                f"validation gave {', '.join(sorted(produced))}.")
+    raise ConfigValidationError(
+        f"optimized_metric={name} is not a metric of this run; its final "
+        f"validation gave {', '.join(sorted(produced))}."
+    )
