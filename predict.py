@@ -17,8 +17,7 @@ from msdetr.config_schema import validate
 def main(cfg: DictConfig) -> None:
     validate(cfg)  # a wrong type or range stops here, in one sentence
     # Imported only now: msdetr.predict loads torch, Lightning and the models, which a config
-    #     mistake
-    # should not have to wait for.
+    # mistake should not have to wait for.
     from msdetr.errors import one_sentence
     from msdetr.predict import predict
 

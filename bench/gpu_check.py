@@ -242,7 +242,7 @@ def step_kernel(args, device):
             1, 2, 1, 2, ((2, 3), (1, 2)), 2, torch.float64, device, generator
         )
         # Off the grid: a location at a pixel centre (where its gradient jumps) would fail the
-        #     check.
+        # check.
         loc = (
             torch.rand(1, 2, 1, 2, 2, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2
         ).to(device)

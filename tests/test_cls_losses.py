@@ -157,8 +157,8 @@ def test_gradient_reaches_the_logits_not_the_boxes_through_the_target(loss_cls):
     assert grad_boxes is None  # the IoU target is detached
     assert grad_logits.abs().min() > 0  # every entry, negatives included, is supervised
     # At a positive entry the target is a constant: d BCE(sigmoid(x), target) / dx = p - target,
-    #     times
-    # the constant weight (varifocal: q; ia_bce: 1, its target p^alpha u^(1-alpha) detached too).
+    # times the constant weight (varifocal: q; ia_bce: 1, its target p^alpha u^(1-alpha) detached
+    # too).
     p = torch.sigmoid(LOGITS)
     for (q, c), iou in POSITIVES.items():
         if loss_cls == "varifocal" and iou > 0:

@@ -69,7 +69,7 @@ def test_dino_decoder_positions_come_from_the_current_boxes_of_every_layer():
     out = model(*batch())
     assert len(seen) == 2 and not torch.equal(seen[0], seen[1])  # layer 2 embeds the refined boxes
     # The heads read the normed states: every layer's box is its shared head's delta on its
-    #     reference.
+    # reference.
     assert (
         model.bbox_embed[0] is model.bbox_embed[1] and model.class_embed[0] is model.class_embed[1]
     )

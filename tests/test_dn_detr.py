@@ -155,7 +155,7 @@ def test_from_official_builds_dn_detrs_module_and_loads_its_checkpoint():
     assert module.criterion.giou_eps == main.assigner.giou_eps == 1e-6
     assert module.postprocess.num_select == 100
     # DN-DETR's optimiser: the backbone at lr_backbone, everything else at lr (no linear-projection
-    #     group).
+    # group).
     assert {g["lr"] for g in module.configure_optimizers()["optimizer"].param_groups} == {
         1e-4,
         1e-5,

@@ -48,8 +48,7 @@ def test_extra_queries_only_in_training_and_invisible_to_the_one_to_one_ones(ove
     assert out[stream]["pred_logits"].shape == (2, extra, 5)
     assert len(out[stream]["aux_outputs"]) == 1
     # The self-attention mask isolates the blocks: with dropout 0 the one-to-one outputs of a
-    #     training
-    # forward are exactly the inference outputs, which never see the extra queries.
+    # training forward are exactly the inference outputs, which never see the extra queries.
     model.eval()
     with torch.no_grad():
         ref = model(images, mask)
@@ -184,7 +183,7 @@ def test_every_matcher_fits_every_model_or_says_why(matcher, model):
     )
     selection = cfg.model.detector.queries._target_
     # DN-DETR's learned anchors: one-stage (no encoder stream), but with box references to denoise
-    #     from.
+    # from.
     anchors = selection.endswith("AnchorQueries")
     one_stage = selection.endswith("LearnedQueries") or anchors
     needs_two_stage = matcher in ("deta", "ms_detr_deta", "ms_detr_iou")

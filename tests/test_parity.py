@@ -41,8 +41,7 @@ FIXTURES = [
 # rounding of zero (layer4), and across 9 seeds the official fp32 gradient norms sat 5e-5 to 2.5e-4
 # from its own float64 ones, as two fp32 runs on different CPUs differ from each other. So these are
 # held both ways: a float64 run to the official float64 norms at 1e-7 (the code is the same), and
-#     the
-# fp32 run to the official fp32 norms at 3e-4 (the rounding noise).
+# the fp32 run to the official fp32 norms at 3e-4 (the rounding noise).
 FLOAT64_FIXTURES = ["deta", "deta_dense", "ms_detr_pp_dense"]
 TOL_GRAD_FP64 = 1e-7
 TOL_GRAD_FP32_NOISY = 3e-4

@@ -125,7 +125,7 @@ def test_table_of_hand_made_jobs(tmp_path):
     )
     assert "| 0 | matcher=hungarian, seed=1 | completed | 25.0 |" in md  # in %
     # the best AP is a job that did not finish: never in bold (one completed job: nothing to
-    #     compare)
+    # compare)
     assert (
         "| 1 | matcher=ms_detr, seed=1 | no summary | 50.0 |" in md
         and "**" not in md.split("Overrides")[0]

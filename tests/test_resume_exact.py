@@ -34,8 +34,7 @@ MOMENTS = [
         "the epoch-end checkpoint, killed in the next step",
     ),
     # No validation after epoch 0: the settled state is "epoch done" (validation draws nothing from
-    #     the
-    # training's random streams, so the losses and weights are the whole run's all the same).
+    # the training's random streams, so the losses and weights are the whole run's all the same).
     (
         "SIGTERM",
         "batch_start",

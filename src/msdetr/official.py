@@ -22,7 +22,13 @@ import torch
 
 from .lit import DetectionModule
 from .losses import Branch, SetCriterion
-from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
+from .matching import (
+    Assigner,
+    DenoisingAssigner,
+    HungarianMatcher,
+    IoUTopKAssigner,
+    MixedScoreTopKAssigner,
+)
 from .models import (
     AnchorQueries,
     Backbone,
@@ -826,7 +832,7 @@ def build_from_args(
     }
     if args["assign_second_stage"]:
         # DETA stage 2: IoU to the decoder's input proposals, assigned once and shared by all
-        #     layers.
+        # layers.
         branches = [
             Branch(
                 "main",
@@ -856,6 +862,7 @@ def build_from_args(
             )
         )
     if args["two_stage"]:
+        enc_matcher: Assigner
         if args["use_ms_detr"]:
             # MS-DETR matches GTs to the fixed anchors (no class cost); the loss is on the
             # predictions.

@@ -22,5 +22,5 @@ class Seeded:
         """Give process `rank` its own draws: the generator restarts from seed + rank (as the
         official main.py seeds each process), so DDP ranks do not draw the same numbers. Nothing
         to do without a generator of its own (the global one is seeded per process)."""
-        if self.generator is not None:
+        if self.generator is not None and self.seed is not None:
             self.generator.manual_seed(self.seed + rank)

@@ -90,8 +90,7 @@ class CocoDataModule(L.LightningDataModule):
         self._seeded_train: EpochSeededDataset | None = None
         # The loaders draw their order and base seed from these, never from torch's global
         # generator: a resumed run then gets the same order, and the random state it puts back is
-        #     not consumed
-        # by loaders the interrupted run never created (issue 20, item 2).
+        # not consumed by loaders the interrupted run never created (issue 20, item 2).
         self._train_generator: torch.Generator | None = None
         self._val_generator: torch.Generator | None = None
         if root is not None:

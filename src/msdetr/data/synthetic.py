@@ -215,7 +215,7 @@ def write_synthetic_coco(
                 {"id": image_id, "file_name": file_name, "width": img.width, "height": img.height}
             )
             for category, (x0, y0, x1, y1), _ in objects:
-                name = categories[category - 1]["name"]
+                name = str(categories[category - 1]["name"])
                 mask = shape_mask(name, (x0, y0, x1, y1), img.height, img.width)
                 annotations.append(
                     {

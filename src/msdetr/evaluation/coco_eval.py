@@ -229,6 +229,8 @@ class CocoMetric(Metric):
     def _encode_masks(self, image_id: int, masks: Any, count: int) -> list[bytes]:
         """The compressed RLE counts of `count` masks of image `image_id`, at the ground truth's
         size."""
+        if self.coco_gt is None:
+            raise RuntimeError("CocoMetric has no ground truth; call set_ground_truth first.")
         image = self.coco_gt.imgs[image_id]
         height, width = int(image["height"]), int(image["width"])
         if isinstance(masks, (list, tuple)):
@@ -366,7 +368,7 @@ class CocoMetric(Metric):
         if len(rows):
             return self._gt.loadRes(rows)
         # pycocotools' loadRes fails on no detections: build the empty result set the way loadRes
-        #     does.
+        # does.
         empty = self._coco_class()
         empty.dataset = {
             "images": list(self._gt.dataset["images"]),

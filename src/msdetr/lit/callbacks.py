@@ -404,7 +404,7 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
         # Only where an optimizer step ends: the gradients accumulated so far are not in a
-        #     checkpoint.
+        # checkpoint.
         accumulated = (batch_idx + 1) % getattr(trainer, "accumulate_grad_batches", 1) == 0
         if not (accumulated or last_of_epoch):
             return

@@ -3,6 +3,8 @@ weights."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,11 +415,10 @@ class SetCriterion(nn.Module):
         Hungarian cost matrices of all layers and images in one device-to-host copy per step."""
         assigned: dict[tuple[str, str], list] = {}
         once: dict[str, tuple[str, str]] = {}
-        groups: dict[type, list] = {}
+        groups: dict[type[Assigner], list] = {}
         aliases = {}
         # As the official criteria do: per branch the last layer first, then the aux layers in
-        #     order.
-        # This is the order of the assigners' random draws, which every group's batch keeps.
+        # order. This is the order of the assigners' random draws, which every group's batch keeps.
         ordered = sorted(
             range(len(jobs)), key=lambda i: (self.branches.index(jobs[i][0]), jobs[i][1] != "", i)
         )
@@ -478,7 +479,7 @@ class SetCriterion(nn.Module):
         if not flat:
             return [[] for _ in merges]
         counts = iter(cls.counts_on_host(torch.stack([(last >= 0).sum() for last in flat]).cpu()))
-        merged = []
+        merged: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for per_image in lasts:
             merged.append([])
             for last, gts in per_image:
@@ -495,7 +496,10 @@ class SetCriterion(nn.Module):
         return counts.tolist()
 
     def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
+        # Added in weight order, as the official sum does (the first term starts the sum).
+        return functools.reduce(
+            operator.add, [losses[k] * w for k, w in self.weight_dict.items() if k in losses]
+        )
 
     def cls_loss_params(self, branch: Branch | None) -> tuple[str, float, float]:
         """(loss_cls, alpha, gamma) of a branch, its None fields filled with that loss's

@@ -64,7 +64,7 @@ class HungarianMatcher(Assigner):
         logits = at_least_float32(outputs["pred_logits"])
         boxes = at_least_float32(outputs[self.box_key])
         groups = self._groups(logits.shape[1])
-        costs = []
+        costs: list[torch.Tensor] = []
         for b, tgt in enumerate(targets):
             tgt_boxes = tgt["boxes"].to(boxes.dtype)
             if len(tgt_boxes) == 0:
@@ -103,7 +103,7 @@ class HungarianMatcher(Assigner):
             for block_rows, block_cols in solved[i : i + groups]:
                 rows.append(block_rows + offset)
                 cols.append(block_cols)
-                offset += self.group_size
+                offset += self.group_size or 0  # None: one group, no offset
             out.append((torch.cat(rows), torch.cat(cols)))
         return out
 
@@ -128,8 +128,8 @@ class HungarianMatcher(Assigner):
             ],
             axis=1,
         )
-        pairs = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
-        blocks = list(zip(pairs[0].split(sizes), pairs[1].split(sizes)))
+        moved = torch.as_tensor(pairs, dtype=torch.int64).to(device, non_blocking=True)
+        blocks = list(zip(moved[0].split(sizes), moved[1].split(sizes)))
         out = []
         for (assigner, outputs, _), per_call in zip(calls, costs):
             out.append(assigner.indices(blocks[: len(per_call)], outputs["pred_logits"].shape[1]))

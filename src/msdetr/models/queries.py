@@ -56,7 +56,8 @@ class QuerySelection(nn.Module):
     boxes), `content_embed` (the attribute holding its learned content rows, if any),
     `official_prefixes` (its parameters the official code keeps elsewhere than the common naming
     table says: {prefix under `queries.`: official prefix}), `serves_selection_blocks` (whether
-    training blocks that take their queries from the selection can bind to it).
+    training blocks that take their queries from the selection can bind to it), `box_positions`
+    (whether `positions` places queries at given boxes, as the denoising blocks need).
     """
 
     uses_encoder_heads: ClassVar[bool] = False
@@ -66,6 +67,7 @@ class QuerySelection(nn.Module):
     content_embed: ClassVar[str] = "query_embed"
     official_prefixes: ClassVar[dict[str, str]] = {}
     serves_selection_blocks: ClassVar[bool] = True
+    box_positions: ClassVar[bool] = False
 
     num_queries: int
     d_model: int
@@ -78,7 +80,17 @@ class QuerySelection(nn.Module):
 
     def learned_rows(self, extra: Sequence[TrainingQueries]) -> torch.Tensor:
         rows = getattr(self, self.content_embed).weight
-        return torch.cat([rows] + [b.embed.weight for b in extra]) if extra else rows
+        if not extra:
+            return rows
+        return torch.cat([rows] + [b.embed.weight for b in extra if b.embed is not None])
+
+    def positions(self, boxes_unact: torch.Tensor) -> torch.Tensor | None:
+        """(B, T, 4) boxes in logit space -> (B, T, C) positions of queries placed at them (for
+        training blocks built from boxes); None where the decoder computes every query's position
+        from its box (`gives_positions` False). Selections with `box_positions` implement it."""
+        if not self.gives_positions:
+            return None
+        raise NotImplementedError(f"{type(self).__name__} places no queries at given boxes")
 
 
 class LearnedQueries(QuerySelection):
@@ -128,6 +140,7 @@ class TwoStageQueries(QuerySelection):
 
     uses_encoder_heads = True
     proposal_references = True
+    box_positions = True
     streams = {"enc_outputs": {"pred_boxes", "anchors"}}
 
     def __init__(
@@ -171,7 +184,8 @@ class TwoStageQueries(QuerySelection):
         `spatial_shapes`: the levels' (H, W), best as Python ints (see `level_shapes`)."""
         n = memory.shape[0]
         shapes = level_shapes(spatial_shapes)
-        proposals, start = [], 0
+        per_level: list[torch.Tensor] = []
+        start = 0
         for lvl, (h, w) in enumerate(shapes):
             mask = padding_mask[:, start : start + h * w].view(n, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
@@ -185,9 +199,9 @@ class TwoStageQueries(QuerySelection):
             scale = torch.stack([valid_w, valid_h], -1).view(n, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
             wh = torch.ones_like(grid) * 0.05 * (2.0**lvl)
-            proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+            per_level.append(torch.cat((grid, wh), -1).view(n, -1, 4))
             start += h * w
-        proposals = torch.cat(proposals, 1)
+        proposals = torch.cat(per_level, 1)
         level_ids = torch.cat(
             [
                 torch.full((h * w,), lvl, dtype=torch.long, device=memory.device)
@@ -206,7 +220,7 @@ class TwoStageQueries(QuerySelection):
         enc_coord_unact: torch.Tensor,
         level_ids: torch.Tensor,
         k: int,
-        shapes: Shapes,
+        shapes: Shapes | None = None,
     ) -> torch.Tensor:
         """(B, k) token indices, best first: top-k by the channel-0 encoder logit; on maps smaller
         than k they repeat."""
@@ -301,6 +315,7 @@ class DINOQueries(QuerySelection):
     proposal_references = True
     streams = {"enc_outputs": {"pred_boxes", "anchors"}}
     gives_positions = False
+    box_positions = True
     content_embed = "tgt_embed"
 
     def __init__(self, *, num_queries: int = 900, d_model: int = 256, num_classes: int = 91):
@@ -314,19 +329,14 @@ class DINOQueries(QuerySelection):
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         # As DINO's transformer: Xavier on its matrices (the content rows too); the heads as the
-        #     detector's.
+        # detector's.
         nn.init.xavier_uniform_(self.enc_output.weight)
         nn.init.xavier_uniform_(self.tgt_embed.weight)
         self.enc_out_class_embed = nn.Linear(d_model, num_classes)
         nn.init.constant_(self.enc_out_class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.enc_out_bbox_embed = MLP(d_model, d_model, 4, 3)
-        nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].weight)
-        nn.init.zeros_(self.enc_out_bbox_embed.layers[-1].bias)
-
-    def positions(self, boxes_unact: torch.Tensor) -> None:
-        """None: the decoder computes every query's position from its box (training blocks ask
-        this)."""
-        return None
+        nn.init.zeros_(self.enc_out_bbox_embed.linears()[-1].weight)
+        nn.init.zeros_(self.enc_out_bbox_embed.linears()[-1].bias)
 
     def select(
         self,
@@ -388,6 +398,7 @@ class AnchorQueries(QuerySelection):
     """
 
     gives_positions = False
+    box_positions = True
     content_embed = "tgt_embed"
     serves_selection_blocks = False  # anchors for the one-to-one queries only
     # This project's names under `queries.` -> the official ones (DN-DETR keeps them on the
@@ -401,11 +412,6 @@ class AnchorQueries(QuerySelection):
         self.num_queries, self.d_model, self.indicator = num_queries, d_model, indicator
         self.tgt_embed = nn.Embedding(num_queries, d_model - int(indicator))
         self.refpoint_embed = nn.Embedding(num_queries, 4)
-
-    def positions(self, boxes_unact: torch.Tensor) -> None:
-        """None: the decoder computes every query's position from its box (training blocks ask
-        this)."""
-        return None
 
     def forward(
         self,
@@ -485,15 +491,16 @@ class NMSTwoStageQueries(TwoStageQueries):
         num_levels = len(sizes)
         per_level = k // num_levels
         # Every image's top tokens of each level (a level is a slice of the tokens), level by level.
-        candidates, start = [], 0
+        tops: list[torch.Tensor] = []
+        start = 0
         for size in sizes:
             if size:
                 top = logits[:, start : start + size].topk(
                     min(self.pre_nms_per_level, size), dim=1
                 )[1]
-                candidates.append(top + start)
+                tops.append(top + start)
             start += size
-        candidates = torch.cat(candidates, 1)
+        candidates = torch.cat(tops, 1)
         levels = torch.arange(num_levels, device=logits.device)[:, None]
         picks = []
         for b in range(logits.shape[0]):

@@ -190,7 +190,7 @@ class DenoisingQueries(TrainingQueries, Seeded):
         self.indicator = indicator
 
     def bind(self, *, name: str, selection: QuerySelection, num_classes: int) -> None:
-        if not hasattr(selection, "positions"):
+        if not selection.box_positions:
             raise ValueError(
                 f"training_queries.{name} (denoising) starts queries from noised GT boxes, which "
                 "needs box references: use a two-stage model (e.g. model=deformable_detr_pp) or "
