@@ -1,4 +1,5 @@
 """The composed config is checked (types, ranges) before Lightning is imported: one sentence per mistake."""
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -105,7 +106,7 @@ def test_schema_keys_are_the_code_parameters():
     import lightning as L
 
     from msdetr.data import CocoDataModule
-    from msdetr.lit import DetectionModule
+    from msdetr.lit import LRSchedule, ParamGroups
     from msdetr import models
     from msdetr.postprocess import NMSPostProcess, TopKPostProcess
     from msdetr.kernels import BACKENDS
@@ -130,8 +131,13 @@ def test_schema_keys_are_the_code_parameters():
     assert ATTN_BACKENDS == BACKENDS
     assert keys(schema.model.postprocess) <= params(TopKPostProcess, NMSPostProcess)
     assert keys(schema.data) <= params(CocoDataModule)
-    assert keys(schema.schedule) <= {"epochs", "clip_max_norm"} | (params(DetectionModule) & {"lr_interval"})  # the trainer config's, the module's
-    assert keys(schema.schedule.optim) <= params(DetectionModule)
+    # the trainer config's, the LR schedule's
+    assert keys(schema.schedule) <= {"epochs", "clip_max_norm", "lr_interval"}
+    assert "interval" in {f.name for f in dataclasses.fields(LRSchedule)}  # lr_interval
+    # the parameter groups' (ParamGroups), or values the optimizer and LR scheduler configs read
+    schedule = (CONF / "schedule" / "50ep.yaml").read_text()
+    read = {k for k in keys(schema.schedule.optim) if f"${{schedule.optim.{k}}}" in schedule}
+    assert keys(schema.schedule.optim) - read <= {f.name for f in dataclasses.fields(ParamGroups)}
     assert keys(schema.trainer) <= params(L.Trainer)
     top = keys(schema)
     shipped = set().union(*(OmegaConf.load(CONF / f"{n}.yaml").keys() for n in ("train", "evaluate", "predict")))

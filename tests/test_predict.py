@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import msdetr.predict as predict_module
+from msdetr import visualize
 from msdetr.__main__ import main as cli_main
 from msdetr.predict import predict
 from msdetr.runner import _plain_config, build_module, train
@@ -122,7 +123,7 @@ def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(ckpt, fold
 
 
 def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monkeypatch):
-    real = predict_module.draw_detections
+    real = visualize.draw_detections
     calls = []
 
     def draw_then_fail(*args, **kwargs):
@@ -131,7 +132,7 @@ def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "draw_detections", draw_then_fail)
+    monkeypatch.setattr(visualize, "draw_detections", draw_then_fail)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_predict(ckpt, folder, out)

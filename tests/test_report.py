@@ -50,7 +50,7 @@ def _rows(ap_per_epoch: list[float], speeds=(10.0, 30.0, 20.0), peaks=(1.0, 1.5,
             step += 1
         rows.append(_val(epoch, step - 1, ap))
     for i, (speed, peak) in enumerate(zip(speeds, peaks)):
-        rows.append({"step": i, "perf/images_per_sec": speed, "perf/peak_mem_gb": peak})
+        rows.append({"step": i, "perf/images_per_sec": speed, "perf/peak_mem_gib": peak})
     return rows
 
 

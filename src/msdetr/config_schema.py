@@ -90,7 +90,6 @@ class OptimConfig:
     lr_linear_proj_mult: float = spec(at_least(0))
     weight_decay: float = spec(at_least(0))
     lr_drop_epochs: Optional[List[int]] = spec(at_least(1))
-    lr_drop_every: Optional[int] = spec(at_least(1))
     lr_gamma: float = spec(above(0))
 
 
@@ -178,7 +177,7 @@ class ModelConfig:
     attn_backend: str = spec(Rule(", ".join(repr(b) for b in ATTN_BACKENDS), lambda v: v in ATTN_BACKENDS))
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    # torch.compile of the detector (DetectionModule's compile_* arguments)
+    # torch.compile of the detector (DetectionModule's compile_options)
     compile: bool = spec()
     compile_mode: Optional[str] = spec(Rule(", ".join(repr(m) for m in COMPILE_MODES), lambda v: v in COMPILE_MODES))
     compile_dynamic: Optional[bool] = spec()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import os
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .lit import DetectionModule
+from .lit import DetectionModule, LRSchedule, ParamGroups
 from .losses import Branch, SetCriterion
 from .matching import DenoisingAssigner, HungarianMatcher, IoUTopKAssigner, MixedScoreTopKAssigner
 from .models import (AnchorQueries, Backbone, ContrastiveDenoisingQueries, DecoderLayer, DeformableDecoder,
@@ -315,6 +316,22 @@ def build_dino_model(args: Mapping[str, Any], num_classes: int = 91,
                           position_embedding=position, training_queries=blocks)
 
 
+def official_optimization(args: Mapping[str, Any], *, lr_linear_proj_mult: float) -> dict[str, Any]:
+    """The official main.py's optimisation as DetectionModule arguments: AdamW(lr, weight_decay)
+    over parameter groups selected by official name (--lr_backbone_names at lr_backbone,
+    --lr_linear_proj_names at lr x `lr_linear_proj_mult`, the rest at lr), and StepLR(--lr_drop)
+    stepped every epoch (x0.1 every lr_drop epochs)."""
+    groups = ParamGroups(lr=args["lr"], lr_backbone=args["lr_backbone"],
+                         lr_backbone_names=args["lr_backbone_names"],
+                         lr_linear_proj_mult=lr_linear_proj_mult,
+                         lr_linear_proj_names=args["lr_linear_proj_names"])
+    optimizer = functools.partial(torch.optim.AdamW, lr=args["lr"],
+                                  weight_decay=args["weight_decay"])
+    step = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=args["lr_drop"])
+    return {"optimizer": optimizer, "lr_scheduler": LRSchedule(step, interval="epoch"),
+            "param_groups": groups}
+
+
 def build_dino_from_args(args: Mapping[str, Any], num_classes: int = 91,
                          pretrained_backbone: bool | str = False) -> DetectionModule:
     """DINO's DetectionModule: its detector, criterion (losses under DINO's names), top-k
@@ -337,12 +354,8 @@ def build_dino_from_args(args: Mapping[str, Any], num_classes: int = 91,
                                                     "giou": weights["giou"] * box_interm},
                            suffix="_interm", aux=False))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"], giou_eps=1e-6)
-    return DetectionModule(
-        model, criterion, TopKPostProcess(args["num_select"]), lr=args["lr"], lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=1.0,
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
-        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
-    )
+    return DetectionModule(model, criterion, TopKPostProcess(args["num_select"]),
+                           **official_optimization(args, lr_linear_proj_mult=1.0))
 
 
 def build_dn_detr_model(args: Mapping[str, Any], num_classes: int = 91,
@@ -389,12 +402,8 @@ def build_dn_detr_from_args(args: Mapping[str, Any], num_classes: int = 91,
         branches.append(Branch("dn_outputs", DenoisingAssigner(contrastive=False, padding="ignore"), dict(weights),
                                suffix="_dn", aux=args["aux_loss"]))
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"], giou_eps=1e-6)
-    return DetectionModule(
-        model, criterion, TopKPostProcess(100), lr=args["lr"], lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=1.0,
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
-        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
-    )
+    return DetectionModule(model, criterion, TopKPostProcess(100),
+                           **official_optimization(args, lr_linear_proj_mult=1.0))
 
 
 def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterable[str] = (),
@@ -440,12 +449,9 @@ def build_from_args(args: Mapping[str, Any], num_classes: int = 91, keys: Iterab
     criterion = SetCriterion(num_classes, branches, focal_alpha=args["focal_alpha"])
     postprocess = NMSPostProcess() if args["assign_second_stage"] else TopKPostProcess(args["topk_eval"])
     # The official optimiser: AdamW groups selected by official parameter name, StepLR(--lr_drop).
-    return DetectionModule(
-        model, criterion, postprocess, lr=args["lr"], lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]), lr_linear_proj_mult=args["lr_linear_proj_mult"],
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]), weight_decay=args["weight_decay"],
-        lr_drop_epochs=None, lr_drop_every=args["lr_drop"],
-    )
+    proj_mult = args["lr_linear_proj_mult"]
+    return DetectionModule(model, criterion, postprocess,
+                           **official_optimization(args, lr_linear_proj_mult=proj_mult))
 
 
 def official_trainer_args(flags: Iterable[str] | Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:

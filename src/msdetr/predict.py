@@ -25,8 +25,8 @@ from .checkpoints import load_weights
 from .data import CocoDataModule, collate, read_coco_json
 from .data.coco import UnreadableImageError, load_rgb
 from .data.transforms import eval_transforms
+from . import visualize
 from .files import atomic_write
-from .lit.callbacks import draw_detections
 from .official import read_checkpoint_file
 
 log = logging.getLogger("msdetr")
@@ -231,7 +231,7 @@ def predict(cfg: DictConfig) -> Path:
                     found.append({"image_id": image_id, "file_name": path.name, "category_id": int(label),
                                   "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                                   "score": round(float(score), 4)})
-                picture = draw_detections(image, det, names, cfg.score_threshold)
+                picture = visualize.draw_detections(image, det, names, cfg.score_threshold)
                 atomic_write(out_dir / "images" / f"{path.name}.png", lambda tmp: write_png(picture, str(tmp)))
                 record({"image_id": image_id, "file_name": path.name, "width": int(w), "height": int(h),
                         "detections": found})

@@ -173,7 +173,7 @@ def read_job(job_dir: str | Path) -> Job:
             job.wall_time_s = max(0.0, metrics_file.stat().st_mtime - started.stat().st_mtime)
     speeds = [v for _, v in job.series("perf/images_per_sec")]
     job.images_per_s = statistics.median(speeds) if speeds else None
-    peaks = [v for _, v in job.series("perf/peak_mem_gb")]
+    peaks = [v for _, v in job.series("perf/peak_mem_gib")]
     job.peak_mem_gib = max(peaks) if peaks else None
     job.wandb = _wandb_of(job_dir, _read_yaml(job_dir / ".hydra" / "config.yaml"), summary)
     return job
@@ -275,7 +275,8 @@ def markdown(jobs: list[Job], rows: list[dict], sweep_dir: Path, figures: list[P
     statuses = sorted({j.status for j in jobs})
     lines += ["", "Status: " + "; ".join(f"*{s}*: {STATUS_NOTES.get(s, s)}" for s in statuses) + "."]
     lines += ["", "Images/s: the median of the `throughput` callback's windows (`perf/images_per_sec`); peak memory: "
-              "`perf/peak_mem_gb` (CUDA max allocated on a GPU, the process's peak resident set on CPU); wall time: "
+              "`perf/peak_mem_gib` (CUDA max allocated on a GPU, the process's peak resident set "
+              "on CPU); wall time: "
               f"`{SUMMARY_FILE}` (start of training to its end)."]
     for figure in figures:
         lines += ["", f"![{figure.stem}]({figure.name})"]

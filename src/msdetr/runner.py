@@ -26,7 +26,7 @@ from .files import atomic_write
 from .config_schema import ConfigValidationError
 from .official import read_checkpoint_file
 from .lit import DetectionModule, loopstate
-from .lit.module import DivergedError
+from .lit.module import CompileOptions, DivergedError, LRSchedule, ParamGroups
 from .lit.callbacks import AtomicCheckpointIO, Preempted
 from .lit.loggers import check_installed, finish_wandb_run, hydra_job, wandb_group
 
@@ -182,19 +182,26 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     model = instantiate(cfg.model.detector)
     criterion = instantiate(cfg.matcher.criterion)
     postprocess = instantiate(cfg.model.postprocess)
-    optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
-    # torch.compile of the detector, applied by the module's configure_model (configs without these keys: eager)
-    compile_args = dict(compile_model=bool(cfg.model.get("compile", False)),
-                        compile_mode=cfg.model.get("compile_mode"),
-                        compile_dynamic=cfg.model.get("compile_dynamic", True),
-                        compile_backend=cfg.model.get("compile_backend", "inductor"))
-    # Another optimizer / LR scheduler: `_partial_` configs called with the parameter groups / the
-    # optimizer (absent or null: AdamW / StepLR-or-MultiStepLR from schedule.optim).
-    schedule = {k: instantiate(cfg.schedule[k]) for k in ("optimizer", "lr_scheduler") if cfg.schedule.get(k) is not None}
-    return DetectionModule(model, criterion, postprocess, eval_backend=cfg.get("eval_backend", "pycocotools"),
-                           seed=cfg.get("seed"), **optim, **compile_args, **schedule,
-                           max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
-                           lr_interval=cfg.schedule.get("lr_interval", "epoch"))
+    optim = cfg.schedule.optim
+    groups = ParamGroups(lr=optim.lr, lr_backbone=optim.lr_backbone,
+                         lr_linear_proj_mult=optim.lr_linear_proj_mult)
+    # The optimizer and the LR scheduler: `_partial_` configs called with the parameter groups / the
+    # optimizer (schedule.lr_scheduler=null: a constant learning rate).
+    scheduler = cfg.schedule.lr_scheduler
+    schedule = (LRSchedule(instantiate(scheduler), cfg.schedule.get("lr_interval", "epoch"))
+                if scheduler is not None else None)
+    # torch.compile of the detector, applied by the module's configure_model (configs without
+    # these keys: eager)
+    model_cfg = cfg.model
+    compile_options = CompileOptions(mode=model_cfg.get("compile_mode"),
+                                     dynamic=model_cfg.get("compile_dynamic", True),
+                                     backend=model_cfg.get("compile_backend", "inductor"))
+    return DetectionModule(
+        model, criterion, postprocess, optimizer=instantiate(cfg.schedule.optimizer),
+        lr_scheduler=schedule, param_groups=groups,
+        compile_options=compile_options if model_cfg.get("compile", False) else None,
+        seed=cfg.get("seed"), eval_backend=cfg.get("eval_backend", "pycocotools"),
+        max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5))
 
 
 def build_loggers(cfg: DictConfig, resumed_step: int | None = None) -> list:

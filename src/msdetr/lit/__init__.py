@@ -1,4 +1,4 @@
-"""Lightning glue: the DetectionModule and callbacks."""
-from .module import DetectionModule
+"""Lightning glue: the DetectionModule, its settings and callbacks."""
+from .module import CompileOptions, DetectionModule, LRSchedule, ParamGroups
 
-__all__ = ["DetectionModule"]
+__all__ = ["CompileOptions", "DetectionModule", "LRSchedule", "ParamGroups"]
