@@ -5,7 +5,8 @@ and DetectionModule.
 overrides of config/DINO/DINO_4scale.py; DN-DETR: its main.py flags with `-m dn_dab_deformable_detr`)
 and loads the official state dict;
 `to_official` writes it back under the official names (every alias the official model registers);
-`official_names` maps this project's parameter names to the names official code gives them.
+`official_names` maps this project's parameter names to the names official code gives them (both
+live in `msdetr.naming`; this module re-exports them).
 """
 from __future__ import annotations
 

@@ -107,10 +107,11 @@ class DetectionModule(L.LightningModule):
             the optimizer (Hydra's `_partial_` config `schedule.optimizer`: AdamW with the official
             weight decay). The only way an optimizer is made; None: a module that only evaluates
             (configure_optimizers refuses).
-        lr_scheduler: the LR scheduler and how often it steps (`LRSchedule`, config
-            `schedule.lr_scheduler`); None: the learning rates stay constant.
-        param_groups: the groups' members and learning rates (`ParamGroups`, config
-            `schedule.param_groups`).
+        lr_scheduler: the LR scheduler and how often it steps (`LRSchedule`; configs
+            `schedule.lr_scheduler`, `schedule.lr_interval`); None: the learning rates stay
+            constant.
+        param_groups: the groups' members and learning rates (`ParamGroups`; the runner gives it
+            schedule.optim's lr, lr_backbone and lr_linear_proj_mult).
         compile_options: torch.compile the detector's forward (`configure_model`, the hook a Trainer
             calls before fitting or evaluating) with these options (`CompileOptions`); None: eager.
             The criterion's matching and the post-processing stay eager. The detector is compiled
@@ -196,7 +197,7 @@ class DetectionModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning calls this before fit / validate / test / predict (and a benchmark may call it
-        itself): compile the detector if `compile_model`, once. Compilation itself happens lazily,
+        itself): compile the detector with `compile_options`, once. Compilation itself happens lazily,
         at the first forward, for the shapes and mode (train / eval) it sees."""
         options = self.compile_options
         if options is None or self.detector_compiled:
