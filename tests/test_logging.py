@@ -245,7 +245,8 @@ def test_the_schedule_config_is_the_official_optimisation(tmp_path):
     assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams
     assert module.hparams.param_groups == {
         "lr": 2e-4, "lr_backbone": 1e-5, "lr_backbone_names": ["backbone.0"],
-        "lr_linear_proj_mult": 0.1, "lr_linear_proj_names": ["reference_points", "sampling_offsets"]}
+        "lr_linear_proj_mult": 0.1,
+        "lr_linear_proj_names": ["reference_points", "sampling_offsets"]}
     assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 1e-4
     assert [g["name"] for g in optimizer.param_groups] == ["default", "backbone", "linear_proj"]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-4, 1e-5, 2e-5])

@@ -20,8 +20,8 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | None, score_threshold: float,
-                    gt_boxes: torch.Tensor | None = None) -> torch.Tensor:
+def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | None,
+                    score_threshold: float, gt_boxes: torch.Tensor | None = None) -> torch.Tensor:
     """Boxes (xyxy, pixels of image_u8) with 'label score' captions, one colour per label; GT
     boxes, if given, in white."""
     if gt_boxes is not None and len(gt_boxes):
@@ -30,7 +30,8 @@ def draw_detections(image_u8: torch.Tensor, det: dict, names: dict[int, str] | N
     boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
     if len(boxes) == 0:
         return image_u8
-    captions = [f"{(names or {}).get(int(l), int(l))} {float(s):.2f}" for l, s in zip(labels, scores)]
+    names = names or {}
+    captions = [f"{names.get(int(l), int(l))} {float(s):.2f}" for l, s in zip(labels, scores)]
     colors = [_PALETTE[int(l) % len(_PALETTE)] for l in labels]
     return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
 

@@ -197,8 +197,8 @@ class DetectionModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning calls this before fit / validate / test / predict (and a benchmark may call it
-        itself): compile the detector with `compile_options`, once. Compilation itself happens lazily,
-        at the first forward, for the shapes and mode (train / eval) it sees."""
+        itself): compile the detector with `compile_options`, once. Compilation itself happens
+        lazily, at the first forward, for the shapes and mode (train / eval) it sees."""
         options = self.compile_options
         if options is None or self.detector_compiled:
             return
