@@ -3,6 +3,7 @@ another shape reuse the compilation, the forward is one graph (the Triton op inc
 are the same, and the config trains through Lightning."""
 
 import contextlib
+import dataclasses
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from torch._dynamo.utils import counters
 from helpers.config import UNUSED_OUTPUT, compose
 from helpers.detectors import tiny_detector
 from msdetr.config_schema import ConfigValidationError, validate
+from msdetr.lit import CompileOptions
 from msdetr.run.build import build_datamodule, build_module, build_trainer
 from msdetr.run.resume import check_resume_config
 
@@ -215,8 +217,8 @@ def test_compile_config_trains_through_lightning_and_checkpoints_stay_eager(tmp_
     validate(cfg)
     datamodule = build_datamodule(cfg)  # sets data.num_classes
     module = build_module(cfg)
-    # compiled when the Trainer sets up
-    assert module.hparams.compile_model and not module.detector_compiled
+    # compiled when the Trainer sets it up
+    assert module.compile_options is not None and not module.detector_compiled
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule)
     assert module.detector_compiled
@@ -262,11 +264,16 @@ def test_compile_options_validate_and_reach_the_module(overrides):
     )
     validate(cfg)
     module = build_module(cfg)
-    assert module.hparams.compile_model is True
-    assert module.hparams.compile_mode == cfg.model.compile_mode
-    assert module.hparams.compile_dynamic == cfg.model.compile_dynamic
-    assert module.hparams.compile_backend == cfg.model.compile_backend
+    assert module.compile_options == CompileOptions(
+        mode=cfg.model.compile_mode,
+        dynamic=cfg.model.compile_dynamic,
+        backend=cfg.model.compile_backend,
+    )
+    # saved as plain values
+    assert module.hparams.compile_options == dataclasses.asdict(module.compile_options)
     assert not module.detector_compiled  # nothing happens before configure_model
+    cfg.model.compile = False
+    assert build_module(cfg).compile_options is None  # eager
 
 
 def test_resume_may_switch_compile(tmp_path):

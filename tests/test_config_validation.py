@@ -1,6 +1,7 @@
 """The composed config is checked (types, ranges) before Lightning is imported: one sentence per
 mistake."""
 
+import dataclasses
 import inspect
 import os
 import subprocess
@@ -183,7 +184,7 @@ def test_schema_keys_are_the_code_parameters():
     from msdetr import models
     from msdetr.data import CocoDataModule
     from msdetr.kernels import BACKENDS
-    from msdetr.lit import DetectionModule
+    from msdetr.lit import LRSchedule, ParamGroups
     from msdetr.postprocess import NMSPostProcess, TopKPostProcess
 
     def params(*classes):
@@ -211,11 +212,13 @@ def test_schema_keys_are_the_code_parameters():
     assert ATTN_BACKENDS == BACKENDS
     assert keys(schema.model.postprocess) <= params(TopKPostProcess, NMSPostProcess)
     assert keys(schema.data) <= params(CocoDataModule)
-    # the trainer config's, the module's
-    assert keys(schema.schedule) <= {"epochs", "clip_max_norm"} | (
-        params(DetectionModule) & {"lr_interval"}
-    )
-    assert keys(schema.schedule.optim) <= params(DetectionModule)
+    # the trainer config's, the LR schedule's
+    assert keys(schema.schedule) <= {"epochs", "clip_max_norm", "lr_interval"}
+    assert "interval" in {f.name for f in dataclasses.fields(LRSchedule)}  # lr_interval
+    # the parameter groups' (ParamGroups), or values the optimizer and LR scheduler configs read
+    schedule = (CONF / "schedule" / "50ep.yaml").read_text()
+    read = {k for k in keys(schema.schedule.optim) if f"${{schedule.optim.{k}}}" in schedule}
+    assert keys(schema.schedule.optim) - read <= {f.name for f in dataclasses.fields(ParamGroups)}
     assert keys(schema.trainer) <= params(L.Trainer)
     top = keys(schema)
     shipped = set().union(

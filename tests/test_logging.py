@@ -21,7 +21,9 @@ from helpers import ROOT
 from helpers.config import compose
 from helpers.runs import E2E, clean_env, config
 from msdetr.config_schema import ConfigValidationError, validate
+from msdetr.lit import DetectionModule
 from msdetr.lit import loggers as msdetr_loggers
+from msdetr.official import official_optimization, parse_flags
 from msdetr.run import build, launch, train
 from msdetr.run.summary import optimized_value
 
@@ -268,10 +270,22 @@ def _module(cfg):
 def _optimizers(cfg):
     module = _module(cfg)
     configured = module.configure_optimizers()
-    return module, configured["optimizer"], configured["lr_scheduler"]
+    return module, configured["optimizer"], configured.get("lr_scheduler")
 
 
-def test_default_optimizer_config_is_the_built_in_one(tmp_path):
+def _lrs_per_epoch(optimizer, scheduler, epochs: int) -> list[list[float]]:
+    out = []
+    for _ in range(epochs):
+        out.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_the_schedule_config_is_the_official_optimisation(tmp_path):
+    """The schedule's `_partial_` configs (the module's only optimizer path) build what the
+    official main.py builds: AdamW over the official parameter groups, x0.1 after --lr_drop
+    epochs."""
     cfg = config(
         tmp_path,
         "schedule=12ep",
@@ -282,23 +296,36 @@ def test_default_optimizer_config_is_the_built_in_one(tmp_path):
     module, optimizer, scheduler = _optimizers(cfg)
     # plain hyperparameters
     assert "optimizer" not in module.hparams and "lr_scheduler" not in module.hparams
-    bare = _module(cfg)
-    # what build_from_args gets: no callables
-    bare._optimizer_factory = bare._scheduler_factory = None
-    built_in = bare.configure_optimizers()
-    assert type(optimizer) is type(built_in["optimizer"]) is torch.optim.AdamW
-    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
-    assert strip(optimizer.param_groups) == strip(built_in["optimizer"].param_groups)
+    assert module.hparams.param_groups == {
+        "lr": 2e-4,
+        "lr_backbone": 1e-5,
+        "lr_backbone_names": ["backbone.0"],
+        "lr_linear_proj_mult": 0.1,
+        "lr_linear_proj_names": ["reference_points", "sampling_offsets"],
+    }
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 1e-4
     assert [g["name"] for g in optimizer.param_groups] == ["default", "backbone", "linear_proj"]
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-4, 1e-5, 2e-5])
-    assert optimizer.defaults["weight_decay"] == 1e-4
-    assert scheduler == built_in["lr_scheduler"] | {"scheduler": scheduler["scheduler"]}
-    assert (
-        type(scheduler["scheduler"]) is torch.optim.lr_scheduler.MultiStepLR
-        and scheduler["interval"] == "epoch"
+    assert type(scheduler["scheduler"]) is torch.optim.lr_scheduler.MultiStepLR
+    assert scheduler["interval"] == "epoch" and dict(scheduler["scheduler"].milestones) == {11: 1}
+    # The official flags' translation (from_official): StepLR(--lr_drop 11), the same in 12 epochs.
+    flags = parse_flags(["--lr", "2e-4", "--lr_backbone", "1e-5", "--lr_drop", "11"])
+    twin = DetectionModule(
+        module.model, module.criterion, **official_optimization(flags, lr_linear_proj_mult=0.1)
     )
-    assert scheduler["scheduler"].state_dict() == built_in["lr_scheduler"]["scheduler"].state_dict()
-    assert dict(scheduler["scheduler"].milestones) == {11: 1}
+    official = twin.configure_optimizers()
+    official_optimizer = official["optimizer"]
+    official_scheduler = official["lr_scheduler"]["scheduler"]
+
+    def strip(groups):
+        return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+    assert strip(optimizer.param_groups) == strip(official_optimizer.param_groups)
+    assert type(official_scheduler) is torch.optim.lr_scheduler.StepLR
+    ours = _lrs_per_epoch(optimizer, scheduler["scheduler"], 12)
+    assert ours == _lrs_per_epoch(official_optimizer, official_scheduler, 12)
+    assert ours[10] == pytest.approx([2e-4, 1e-5, 2e-5])
+    assert ours[11] == pytest.approx([2e-5, 1e-6, 2e-6])
 
 
 def test_another_optimizer_and_scheduler_from_the_config(tmp_path):
@@ -319,26 +346,25 @@ def test_another_optimizer_and_scheduler_from_the_config(tmp_path):
         type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR
         and scheduler["interval"] == "step"
     )
-    # schedule.lr_scheduler=null: the built-in StepLR of the official --lr_drop
-    cfg = config(
-        tmp_path,
-        "schedule.lr_scheduler=null",
-        "schedule.optim.lr_drop_epochs=null",
-        "+schedule.optim.lr_drop_every=4",
-    )
-    _, _, scheduler = _optimizers(cfg)
-    assert (
-        type(scheduler["scheduler"]) is torch.optim.lr_scheduler.StepLR
-        and scheduler["scheduler"].step_size == 4
-    )
+    assert scheduler["scheduler"].step_size == 3
+    # schedule.lr_scheduler=null: constant learning rates
+    _, optimizer, scheduler = _optimizers(config(tmp_path, "schedule.lr_scheduler=null"))
+    assert scheduler is None and type(optimizer) is torch.optim.AdamW
     with pytest.raises(
-        ValueError, match=r"schedule.optim.lr_drop_every=4 sets the built-in StepLR schedule"
+        ValueError,
+        match=r"^the LR scheduler's interval is 'week' "
+        r"\(schedule.lr_interval\); use 'epoch' or 'step'.$",
     ):
-        _module(
-            config(
-                tmp_path, "schedule.optim.lr_drop_epochs=null", "+schedule.optim.lr_drop_every=4"
-            )
-        )
+        _module(config(tmp_path, "schedule.lr_interval=week"))
+    # A module built without an optimizer evaluates, and refuses to train in one sentence.
+    module = _module(cfg)
+    bare = DetectionModule(module.model, module.criterion)
+    with pytest.raises(
+        ValueError,
+        match=r"built without an optimizer, so it cannot train; pass "
+        r"optimizer=",
+    ):
+        bare.configure_optimizers()
 
 
 def test_checkpoint_hyperparameters_stay_plain(tmp_path):

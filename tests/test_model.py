@@ -218,7 +218,7 @@ def test_output_streams_are_what_a_training_forward_returns(overrides):
 
 
 def test_state_dict_names_convert_to_the_official_layout_and_back():
-    from msdetr.naming import from_official_name, to_official_name, upgrade_state_dict
+    from msdetr.naming import from_official_name, to_official_name
 
     model = tiny_detector(
         TWO_STAGE,
@@ -239,14 +239,3 @@ def test_state_dict_names_convert_to_the_official_layout_and_back():
         "transformer.decoder.layers.0.linear3.weight",
     } <= set(official)
     assert [from_official_name(n) for n in official] == names
-    # A state dict saved before the detector was composed of parts loads under today's names.
-    legacy = {
-        "model."
-        + n.replace("encoder.level_embed", "transformer.level_embed")
-        .replace("queries.query_embed.", "query_embed.")
-        .replace("queries.", "transformer.")
-        .replace("encoder.layers", "transformer.encoder.layers")
-        .replace("decoder.layers", "transformer.decoder.layers"): v
-        for n, v in model.state_dict().items()
-    }
-    assert list(upgrade_state_dict(legacy, "model.")) == ["model." + n for n in names]

@@ -19,6 +19,7 @@ import msdetr.predict as predict_module
 from helpers import ROOT
 from helpers.config import compose
 from helpers.runs import LAUNCHER_VARS, config
+from msdetr import visualize
 from msdetr.__main__ import main as cli_main
 from msdetr.predict import predict
 from msdetr.run import train
@@ -152,7 +153,7 @@ def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(
 
 
 def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monkeypatch):
-    real = predict_module.draw_detections
+    real = visualize.draw_detections
     calls = []
 
     def draw_then_fail(*args, **kwargs):
@@ -161,7 +162,7 @@ def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monk
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "draw_detections", draw_then_fail)
+    monkeypatch.setattr(visualize, "draw_detections", draw_then_fail)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_predict(ckpt, folder, out)

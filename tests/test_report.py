@@ -68,7 +68,7 @@ def _rows(
             step += 1
         rows.append(_val(epoch, step - 1, ap))
     for i, (speed, peak) in enumerate(zip(speeds, peaks)):
-        rows.append({"step": i, "perf/images_per_sec": speed, "perf/peak_mem_gb": peak})
+        rows.append({"step": i, "perf/images_per_sec": speed, "perf/peak_mem_gib": peak})
     return rows
 
 

@@ -91,13 +91,18 @@ def test_the_official_flags_set_the_loop(trained):
     train = fx["train"]
     assert trainer_args["max_epochs"] == fx["epochs"]
     assert trainer_args["gradient_clip_val"] == train["clip_max_norm"]
-    hp = module.hparams
-    assert (hp.lr, hp.lr_backbone, hp.weight_decay, hp.lr_drop_every) == (
+    groups = module.param_groups
+    optimization = module.configure_optimizers()
+    optimizer, scheduler = optimization["optimizer"], optimization["lr_scheduler"]
+    assert (groups.lr, groups.lr_backbone, optimizer.defaults["weight_decay"]) == (
         train["lr"],
         train["lr_backbone"],
         train["weight_decay"],
-        train["lr_drop"],
     )
+    assert type(optimizer) is torch.optim.AdamW
+    step = scheduler["scheduler"]
+    assert type(step) is torch.optim.lr_scheduler.StepLR and scheduler["interval"] == "epoch"
+    assert (step.step_size, step.gamma) == (train["lr_drop"], 0.1)
     # Each parameter is in the group its official name selects; every other one is frozen.
     model_names = official_names(module.model)
     groups = {model_names[n]: g for n, g in module.param_group_names().items()}

@@ -153,7 +153,7 @@ def test_bf16_mixed_training_with_accumulation_logs_throughput(tmp_path):
     perf = [r for r in rows if r.get("perf/images_per_sec")]
     assert len(perf) == 2  # one row per optimizer step
     for r in perf:
-        assert float(r["perf/images_per_sec"]) > 0 and float(r["perf/peak_mem_gb"]) > 0
+        assert float(r["perf/images_per_sec"]) > 0 and float(r["perf/peak_mem_gib"]) > 0
         assert 0 < float(r["perf/criterion_share"]) < 1
 
 

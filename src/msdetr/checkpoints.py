@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .lit import DetectionModule
-from .naming import class_heads_to_skip, compare_state_dicts, upgrade_state_dict
+from .naming import class_heads_to_skip, compare_state_dicts
 from .official import load_official_state_dict, official_contents, read_checkpoint_file
 
 
@@ -29,7 +29,7 @@ def load_weights(
     if ckpt is None:
         ckpt = read_checkpoint_file(path)
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
-        state, expected = upgrade_state_dict(ckpt["state_dict"], "model."), module.state_dict()
+        state, expected = dict(ckpt["state_dict"]), module.state_dict()
         skip = class_heads_to_skip(
             expected,
             state,

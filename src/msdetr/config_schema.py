@@ -100,7 +100,6 @@ class OptimConfig:
     lr_linear_proj_mult: float = spec(at_least(0))
     weight_decay: float = spec(at_least(0))
     lr_drop_epochs: list[int] | None = spec(at_least(1))
-    lr_drop_every: int | None = spec(at_least(1))
     lr_gamma: float = spec(above(0))
 
 
@@ -191,7 +190,7 @@ class ModelConfig:
     )
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
-    # torch.compile of the detector (DetectionModule's compile_* arguments)
+    # torch.compile of the detector (DetectionModule's compile_options)
     compile: bool = spec()
     compile_mode: str | None = spec(
         Rule(", ".join(repr(m) for m in COMPILE_MODES), lambda v: v in COMPILE_MODES)

@@ -74,8 +74,7 @@ def to_official_name(name: str, selection=None) -> str:
 
 
 def from_official_name(name: str) -> str:
-    """This project's name of an official parameter name. Names this project used before the
-    detector was composed of parts (the official `transformer.*` layout) convert the same way."""
+    """This project's name of an official parameter name."""
     if name.startswith("backbone.0.body."):
         name = swin_official_to_timm("backbone.body." + name[len("backbone.0.body.") :])
 
@@ -85,22 +84,6 @@ def from_official_name(name: str) -> str:
         return f"{m.group(1) or m.group(3)}ffn.{m.group(2) or m.group(4)}."
 
     return _move(_FFN_BACK.sub(repl, name), to_official=False)
-
-
-def upgrade_state_dict(
-    state: Mapping[str, torch.Tensor], prefix: str = ""
-) -> dict[str, torch.Tensor]:
-    """A state dict saved before the detector was composed of parts (`transformer.*` names) under
-    today's names; today's state dicts come back unchanged. `prefix`: "model." for a module's."""
-    if not any(
-        k.startswith(prefix + "transformer.") or k.startswith(prefix + "query_embed.")
-        for k in state
-    ):
-        return dict(state)
-    return {
-        (prefix + from_official_name(k[len(prefix) :]) if k.startswith(prefix) else k): v
-        for k, v in state.items()
-    }
 
 
 def head_aliases(model: DeformableDETR) -> list[tuple[str, str, bool]]:

@@ -5,13 +5,15 @@ DN-Deformable-DETR) and DetectionModule.
 overrides of config/DINO/DINO_4scale.py; DN-DETR: its main.py flags with `-m
 dn_dab_deformable_detr`) and loads the official state dict;
 `to_official` writes it back under the official names (every alias the official model registers);
-`official_names` maps this project's parameter names to the names official code gives them.
+`official_names` maps this project's parameter names to the names official code gives them (both
+live in `msdetr.naming`; this module re-exports them).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -20,7 +22,7 @@ from typing import Any, cast
 
 import torch
 
-from .lit import DetectionModule
+from .lit import DetectionModule, LRSchedule, ParamGroups
 from .losses import Branch, SetCriterion
 from .matching import (
     Assigner,
@@ -630,6 +632,29 @@ def build_dino_model(
     )
 
 
+def official_optimization(args: Mapping[str, Any], *, lr_linear_proj_mult: float) -> dict[str, Any]:
+    """The official main.py's optimisation as DetectionModule arguments: AdamW(lr, weight_decay)
+    over parameter groups selected by official name (--lr_backbone_names at lr_backbone,
+    --lr_linear_proj_names at lr x `lr_linear_proj_mult`, the rest at lr), and StepLR(--lr_drop)
+    stepped every epoch (x0.1 every lr_drop epochs)."""
+    groups = ParamGroups(
+        lr=args["lr"],
+        lr_backbone=args["lr_backbone"],
+        lr_backbone_names=args["lr_backbone_names"],
+        lr_linear_proj_mult=lr_linear_proj_mult,
+        lr_linear_proj_names=args["lr_linear_proj_names"],
+    )
+    optimizer = functools.partial(
+        torch.optim.AdamW, lr=args["lr"], weight_decay=args["weight_decay"]
+    )
+    step = functools.partial(torch.optim.lr_scheduler.StepLR, step_size=args["lr_drop"])
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": LRSchedule(step, interval="epoch"),
+        "param_groups": groups,
+    }
+
+
 def build_dino_from_args(
     args: Mapping[str, Any], num_classes: int = 91, pretrained_backbone: bool | str = False
 ) -> DetectionModule:
@@ -684,14 +709,7 @@ def build_dino_from_args(
         model,
         criterion,
         TopKPostProcess(args["num_select"]),
-        lr=args["lr"],
-        lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]),
-        lr_linear_proj_mult=1.0,
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]),
-        weight_decay=args["weight_decay"],
-        lr_drop_epochs=None,
-        lr_drop_every=args["lr_drop"],
+        **official_optimization(args, lr_linear_proj_mult=1.0),
     )
 
 
@@ -790,14 +808,7 @@ def build_dn_detr_from_args(
         model,
         criterion,
         TopKPostProcess(100),
-        lr=args["lr"],
-        lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]),
-        lr_linear_proj_mult=1.0,
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]),
-        weight_decay=args["weight_decay"],
-        lr_drop_epochs=None,
-        lr_drop_every=args["lr_drop"],
+        **official_optimization(args, lr_linear_proj_mult=1.0),
     )
 
 
@@ -891,18 +902,9 @@ def build_from_args(
         NMSPostProcess() if args["assign_second_stage"] else TopKPostProcess(args["topk_eval"])
     )
     # The official optimiser: AdamW groups selected by official parameter name, StepLR(--lr_drop).
+    proj_mult = args["lr_linear_proj_mult"]
     return DetectionModule(
-        model,
-        criterion,
-        postprocess,
-        lr=args["lr"],
-        lr_backbone=args["lr_backbone"],
-        lr_backbone_names=list(args["lr_backbone_names"]),
-        lr_linear_proj_mult=args["lr_linear_proj_mult"],
-        lr_linear_proj_names=list(args["lr_linear_proj_names"]),
-        weight_decay=args["weight_decay"],
-        lr_drop_epochs=None,
-        lr_drop_every=args["lr_drop"],
+        model, criterion, postprocess, **official_optimization(args, lr_linear_proj_mult=proj_mult)
     )
 
 

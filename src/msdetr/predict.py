@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as TF
 
+from . import visualize
 from .checkpoints import load_weights
 from .data import CocoDataModule, collate, read_coco_json
 from .data.coco import UnreadableImageError, load_rgb
 from .data.transforms import eval_transforms
 from .files import atomic_write
-from .lit.callbacks import draw_detections
 from .official import read_checkpoint_file
 
 log = logging.getLogger("msdetr")
@@ -278,7 +278,7 @@ def predict(cfg: DictConfig) -> Path:
                             "score": round(float(score), 4),
                         }
                     )
-                picture = draw_detections(image, det, names, cfg.score_threshold)
+                picture = visualize.draw_detections(image, det, names, cfg.score_threshold)
                 atomic_write(
                     out_dir / "images" / f"{path.name}.png",
                     lambda tmp, picture=picture: write_png(picture, str(tmp)),

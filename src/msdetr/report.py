@@ -223,7 +223,7 @@ def read_job(job_dir: str | Path) -> Job:
             job.wall_time_s = max(0.0, metrics_file.stat().st_mtime - started.stat().st_mtime)
     speeds = [v for _, v in job.series("perf/images_per_sec")]
     job.images_per_s = statistics.median(speeds) if speeds else None
-    peaks = [v for _, v in job.series("perf/peak_mem_gb")]
+    peaks = [v for _, v in job.series("perf/peak_mem_gib")]
     job.peak_mem_gib = max(peaks) if peaks else None
     job.wandb = _wandb_of(job_dir, _read_yaml(job_dir / ".hydra" / "config.yaml"), summary)
     return job
@@ -376,8 +376,9 @@ def markdown(
     lines += [
         "",
         "Images/s: the median of the `throughput` callback's windows (`perf/images_per_sec`); "
-        "peak memory: `perf/peak_mem_gb` (CUDA max allocated on a GPU, the process's peak "
-        f"resident set on CPU); wall time: `{SUMMARY_FILE}` (start of training to its end).",
+        "peak memory: `perf/peak_mem_gib` (CUDA max allocated on a GPU, the process's peak "
+        "resident set on CPU); wall time: "
+        f"`{SUMMARY_FILE}` (start of training to its end).",
     ]
     for figure in figures:
         lines += ["", f"![{figure.stem}]({figure.name})"]

@@ -1,5 +1,5 @@
-"""Lightning glue: the DetectionModule and callbacks."""
+"""Lightning glue: the DetectionModule, its settings and callbacks."""
 
-from .module import DetectionModule
+from .module import CompileOptions, DetectionModule, LRSchedule, ParamGroups
 
-__all__ = ["DetectionModule"]
+__all__ = ["CompileOptions", "DetectionModule", "LRSchedule", "ParamGroups"]

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -18,15 +19,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.io import write_png
-from torchvision.transforms.v2.functional import InterpolationMode, resize
-from torchvision.utils import draw_bounding_boxes, make_grid
 
-from ..box_ops import cxcywh_to_xyxy
 from ..data import collate
 from ..files import atomic_write
-
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+from ..visualize import tile_grid, validation_tile
 
 
 class NonFiniteCheckpointError(FloatingPointError):
@@ -130,62 +126,66 @@ class BestCheckpoint(ModelCheckpoint):
             super().on_validation_end(trainer, pl_module)
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalized float (3, H, W) -> uint8."""
-    img = image.detach().float().cpu() * _STD + _MEAN
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def draw_detections(
-    image_u8: torch.Tensor,
-    det: dict,
-    names: dict[int, str] | None,
-    score_threshold: float,
-    gt_boxes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boxes (xyxy, pixels of image_u8) with 'label score' captions; GT boxes, if given, in
-    white."""
-    if gt_boxes is not None and len(gt_boxes):
-        image_u8 = draw_bounding_boxes(image_u8, gt_boxes, colors="white", width=1)
-    keep = det["scores"] >= score_threshold
-    boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
-    if len(boxes) == 0:
-        return image_u8
-    captions = [
-        f"{(names or {}).get(int(c), int(c))} {float(s):.2f}" for c, s in zip(labels, scores)
-    ]
-    palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
-    colors = [palette[int(c) % len(palette)] for c in labels]
-    return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
-
-
 class Throughput(L.Callback):
     """Logs training speed every `log_every_n_steps` optimizer steps: `perf/images_per_sec` (all
-    ranks), `perf/peak_mem_gb` (CUDA: peak allocated; CPU: peak resident set) and
-    `perf/criterion_share`, the fraction of the step spent in the criterion (matching + losses). On
-    CUDA it synchronizes around the step and the criterion, which costs a little speed; leave it out
-    of production runs if that matters (callbacks.throughput=null)."""
+    ranks), `perf/peak_mem_gib` (CUDA: peak allocated; CPU: peak resident set) and
+    `perf/criterion_share`, the fraction of the step spent in the criterion (matching + losses),
+    timed by hooks on the module's criterion while fitting. On CUDA it synchronizes around the step
+    and the criterion (so the criterion's time excludes queued forward work), which costs a little
+    speed; leave it out of production runs if that matters (callbacks.throughput=null)."""
 
     def __init__(self, log_every_n_steps: int = 50):
         self.log_every_n_steps = log_every_n_steps
         self._start = 0.0
+        self._criterion_start = 0.0
         self._logged_step = -1
         self._window = self._empty_window()
+        self._hooks: list = []
+        self._device = torch.device("cpu")
 
     @staticmethod
     def _empty_window() -> dict[str, float]:
         return {"images": 0, "seconds": 0.0, "criterion": 0.0}
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        pl_module.sync_timing = True
+    def _clock(self) -> float:
+        """Seconds, after the device's queued work is done."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
+
+    def _criterion_started(self, criterion, args) -> None:
+        self._criterion_start = self._clock()
+
+    def _criterion_ended(self, criterion, args, output) -> None:
+        self._window["criterion"] += self._clock() - self._criterion_start
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        criterion = pl_module.criterion
+        # always_call: a step whose matching costs are not finite raises in the criterion; it is
+        # skipped, and its time is counted as well.
+        self._hooks = [
+            criterion.register_forward_pre_hook(self._criterion_started),
+            criterion.register_forward_hook(self._criterion_ended, always_call=True),
+        ]
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = pl_module._clock()
+        self._device = pl_module.device
+        self._start = self._clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         w = self._window
-        w["seconds"] += pl_module._clock() - self._start
-        w["criterion"] += pl_module.criterion_seconds
+        w["seconds"] += self._clock() - self._start
         w["images"] += batch[0].shape[0] * trainer.world_size
         # optimizer steps: with gradient accumulation, several batches each
         step = trainer.global_step
@@ -201,7 +201,7 @@ class Throughput(L.Callback):
         pl_module.log_dict(
             {
                 "perf/images_per_sec": w["images"] / max(w["seconds"], 1e-9),
-                "perf/peak_mem_gb": float(peak),
+                "perf/peak_mem_gib": float(peak),
                 "perf/criterion_share": w["criterion"] / max(w["seconds"], 1e-9),
             },
             on_step=True,
@@ -251,28 +251,14 @@ class PredictionImages(L.Callback):
         pl_module.eval()
         outputs = pl_module.model(images.to(pl_module.device), mask.to(pl_module.device))
         pl_module.train(was_training)
-        # Boxes at the transformed (unpadded) size so they land on the tensor we draw.
+        # Boxes at the transformed (unpadded) size, so they land on the tensor drawn.
         sizes = torch.stack([t["size"] for t in targets]).to(pl_module.device)
         dets = pl_module.postprocess(outputs, sizes)
-        tiles = []
-        for img, det, tgt in zip(images, dets, targets):
-            h, w = (int(v) for v in tgt["size"])
-            # Small validation images are enlarged so captions stay legible.
-            zoom = max(1, round(self.min_side / min(h, w)))
-            tile = denormalize(img[:, :h, :w])
-            if zoom > 1:
-                tile = resize(tile, [h * zoom, w * zoom], interpolation=InterpolationMode.NEAREST)
-            scale = torch.tensor([w, h, w, h], dtype=torch.float32) * zoom
-            gt = cxcywh_to_xyxy(tgt["boxes"].float()) * scale if len(tgt["boxes"]) else None
-            det = {k: v.cpu() for k, v in det.items()}
-            det["boxes"] = det["boxes"] * zoom
-            tiles.append(draw_detections(tile, det, names, self.score_threshold, gt))
-        # Tiles differ in size: pad each to the largest before the grid.
-        th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
         tiles = [
-            torch.nn.functional.pad(t, (0, tw - t.shape[2], 0, th - t.shape[1])) for t in tiles
+            validation_tile(img, det, tgt, names, self.score_threshold, self.min_side)
+            for img, det, tgt in zip(images, dets, targets)
         ]
-        grid = make_grid(tiles, nrow=min(len(tiles), 4), padding=4)
+        grid = tile_grid(tiles)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"predictions_{tag}.png"
         write_png(grid, str(path))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -16,12 +17,15 @@ from torch import nn
 from ..evaluation import CocoMetric
 from ..losses import SetCriterion
 from ..models import DeformableDETR
-from ..naming import official_names, upgrade_state_dict
+from ..naming import official_names
 from ..postprocess import TopKPostProcess
 from ..seeded import Seeded
 from . import loopstate, rng
 
 log = logging.getLogger("msdetr")
+
+OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class DivergedError(FloatingPointError):
@@ -32,48 +36,101 @@ def _matches(name: str, keywords: Sequence[str]) -> bool:
     return any(k in name for k in keywords)
 
 
+def _plain(settings) -> dict | None:
+    """A settings dataclass as plain values (tuples as lists), as checkpoints and loggers keep
+    them."""
+    if settings is None:
+        return None
+    values = dataclasses.asdict(settings)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class ParamGroups:
+    """The optimizer's parameter groups, as the official main.py makes them (its flags' names): a
+    trainable parameter whose *official* name (`msdetr.naming.official_names`) contains one of
+    `lr_backbone_names` goes to the "backbone" group at `lr_backbone`, else one containing one of
+    `lr_linear_proj_names` to the "linear_proj" group at `lr * lr_linear_proj_mult`, every other one
+    to the "default" group at `lr`."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_backbone_names: Sequence[str] = ("backbone.0",)
+    lr_linear_proj_mult: float = 0.1
+    lr_linear_proj_names: Sequence[str] = ("reference_points", "sampling_offsets")
+
+    def __post_init__(self) -> None:  # lists from a config become tuples: the settings stay frozen
+        object.__setattr__(self, "lr_backbone_names", tuple(self.lr_backbone_names))
+        object.__setattr__(self, "lr_linear_proj_names", tuple(self.lr_linear_proj_names))
+
+    def lrs(self) -> dict[str, float]:
+        """{group name: its learning rate}."""
+        return {
+            "default": self.lr,
+            "backbone": self.lr_backbone,
+            "linear_proj": self.lr * self.lr_linear_proj_mult,
+        }
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The LR scheduler: `scheduler` is called with the optimizer (a `_partial_` config) and stepped
+    every `interval` ("epoch" or "step")."""
+
+    scheduler: SchedulerFactory
+    interval: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.interval not in ("epoch", "step"):
+            raise ValueError(
+                f"the LR scheduler's interval is {self.interval!r} "
+                "(schedule.lr_interval); use 'epoch' or 'step'."
+            )
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """torch.compile of the detector's forward: its `mode`, `backend` and `dynamic` (True: symbolic
+    batch and image sizes from the first compilation on, so batches of other sizes reuse it;
+    None: torch's automatic dynamic shapes; False: static)."""
+
+    mode: str | None = None
+    dynamic: bool | None = True
+    backend: str = "inductor"
+
+
 class DetectionModule(L.LightningModule):
-    """Official Deformable-DETR optimisation: AdamW with backbone / linear-projection lr groups,
-    LR steps per epoch, COCO evaluation every validation epoch (gradient clipping is the Trainer's
-    `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`). Another
-    optimizer or LR scheduler comes in as a callable (`optimizer`, `lr_scheduler`: Hydra's
-    `_partial_` configs `schedule.optimizer` / `schedule.lr_scheduler`); the parameter groups stay
-    this module's.
+    """Official Deformable-DETR optimisation: the optimizer is built from parameter groups selected
+    by official name (`ParamGroups`: backbone, linear projections, the rest), the LR scheduler steps
+    every epoch (or step), COCO evaluation runs every validation epoch (gradient clipping is the
+    Trainer's `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`).
 
     When fitting or evaluating starts, every logger gets the run's whole config (`run_config`, set
     by the runner; this module's hyperparameters without one) and the parameter counts
     (`num_params`) as its hyperparameters.
 
     Args:
-        lr, lr_backbone, weight_decay: AdamW's (official `--lr`, `--lr_backbone`, `--weight_decay`);
-            with `optimizer` given, lr and lr_backbone are still the groups' learning rates, and
-            weight_decay is the `optimizer` callable's to take (the config passes it).
-        lr_backbone_names, lr_linear_proj_names: a parameter whose *official* name (the name the
-            official code gives it, see `msdetr.official.official_names`) contains one of these
-            goes to the backbone group (lr_backbone) or the linear-projection group
-            (lr * lr_linear_proj_mult), as the official `--lr_backbone_names` /
-            `--lr_linear_proj_names`; every other trainable parameter gets lr.
-        lr_drop_epochs: lr x lr_gamma after each of these epochs (MultiStepLR).
-        lr_drop_every: lr x lr_gamma every this many epochs (StepLR, the official `--lr_drop`);
-            set lr_drop_epochs to null with it.
+        model, criterion, postprocess: the detector, its SetCriterion and the post-processing of its
+            main stream (None: TopKPostProcess()).
         optimizer: called with the parameter groups (a list of {"params", "lr", "name"}), returns
-            the optimizer; None: AdamW(groups, lr=lr, weight_decay=weight_decay).
-        lr_scheduler: called with the optimizer, returns the LR scheduler, stepped every
-            `lr_interval` ("epoch" or "step"); None: StepLR every lr_drop_every epochs if set, else
-            MultiStepLR at lr_drop_epochs, both x lr_gamma (lr_drop_every needs lr_scheduler None).
-            Neither callable is saved with the hyperparameters (checkpoints stay plain data): a
-            module loaded from a checkpoint has the defaults unless they are passed again.
+            the optimizer (Hydra's `_partial_` config `schedule.optimizer`: AdamW with the official
+            weight decay). The only way an optimizer is made; None: a module that only evaluates
+            (configure_optimizers refuses).
+        lr_scheduler: the LR scheduler and how often it steps (`LRSchedule`; configs
+            `schedule.lr_scheduler`, `schedule.lr_interval`); None: the learning rates stay
+            constant.
+        param_groups: the groups' members and learning rates (`ParamGroups`; the runner gives it
+            schedule.optim's lr, lr_backbone and lr_linear_proj_mult).
+        compile_options: torch.compile the detector's forward (`configure_model`, the hook a Trainer
+            calls before fitting or evaluating) with these options (`CompileOptions`); None: eager.
+            The criterion's matching and the post-processing stay eager. The detector is compiled
+            in place (`nn.Module.compile`), so parameter names, checkpoints and official
+            conversions are the same as without.
         seed: the run's seed. Training process `rank` > 0 reseeds torch, numpy, python and the
             assigners' generators with seed + rank when fit starts (the official per-process seed),
             so ranks draw different augmentations and positives; rank 0 keeps the run's stream.
             Checkpoints carry every rank's random state, and a resume puts it back.
-        compile_model: torch.compile the detector's forward (`configure_model`, the hook a Trainer
-            calls before fitting or evaluating); the criterion's matching and the post-processing
-            stay eager. The detector is compiled in place (`nn.Module.compile`), so parameter names,
-            checkpoints and official conversions are the same as without.
-        compile_mode, compile_dynamic, compile_backend: torch.compile's `mode`, `dynamic` (True:
-            symbolic image sizes from the first compilation, so batches of other sizes reuse it;
-            None: torch's automatic dynamic shapes) and `backend`.
+        eval_backend: CocoMetric's backend (pycocotools or faster_coco_eval).
         max_consecutive_skipped_steps: a step whose loss or gradients are not finite (or whose
             matching costs are) is skipped: its gradients are dropped before the optimizer steps, so
             the weights and the optimizer state stay as they were; it is named in the log and
@@ -81,6 +138,9 @@ class DetectionModule(L.LightningModule):
             `DivergedError`. The decision is one host read per step (the loss and the gradient norm,
             which the all-reduced gradients make the same on every rank, folded into one flag; under
             DDP the flag is all-reduced too), made where the gradient norm is computed anyway.
+
+    Neither callable is saved with the hyperparameters (checkpoints stay plain data; the settings
+    objects are saved as dicts): a module loaded from a checkpoint is built with them again.
     """
 
     def __init__(
@@ -88,53 +148,30 @@ class DetectionModule(L.LightningModule):
         model: nn.Module,
         criterion: SetCriterion,
         postprocess: nn.Module | None = None,
-        lr: float = 2e-4,
-        lr_backbone: float = 2e-5,
-        lr_backbone_names: Sequence[str] = ("backbone.0",),
-        lr_linear_proj_mult: float = 0.1,
-        lr_linear_proj_names: Sequence[str] = ("reference_points", "sampling_offsets"),
-        weight_decay: float = 1e-4,
-        lr_drop_epochs: Sequence[int] | None = (40,),
-        lr_drop_every: int | None = None,
-        lr_gamma: float = 0.1,
-        eval_backend: str = "pycocotools",
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: LRSchedule | None = None,
+        param_groups: ParamGroups = ParamGroups(),
+        compile_options: CompileOptions | None = None,
         seed: int | None = None,
-        compile_model: bool = False,
-        compile_mode: str | None = None,
-        compile_dynamic: bool | None = True,
-        compile_backend: str = "inductor",
-        optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
-        lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
-        | None = None,
-        lr_interval: str = "epoch",
+        eval_backend: str = "pycocotools",
         max_consecutive_skipped_steps: int = 5,
     ):
         super().__init__()
-        if lr_scheduler is not None and lr_drop_every is not None:
-            raise ValueError(
-                f"schedule.optim.lr_drop_every={lr_drop_every} sets the built-in StepLR schedule, "
-                "but schedule.lr_scheduler is set too; give the step in schedule.lr_scheduler "
-                "(_target_=torch.optim.lr_scheduler.StepLR, step_size=...) or set "
-                "schedule.lr_scheduler=null."
-            )
-        if lr_interval not in ("epoch", "step"):
-            raise ValueError(f"schedule.lr_interval={lr_interval!r}; use 'epoch' or 'step'.")
-        if lr_drop_every is not None and lr_drop_epochs:
-            raise ValueError(
-                f"schedule.optim sets both lr_drop_epochs={list(lr_drop_epochs)} and "
-                f"lr_drop_every={lr_drop_every}; keep one (set the other to null)."
-            )
-        if lr_drop_every is not None and lr_drop_every < 1:
-            raise ValueError(
-                f"schedule.optim.lr_drop_every={lr_drop_every}; use a positive number of epochs."
-            )
+        settings = ["optimizer", "lr_scheduler", "param_groups", "compile_options"]
         # Plain values only (checkpoints load without unpickling code); the loggers get the whole
         # run config instead (`log_run_description`), so Lightning's own hparams logging is off.
         self.save_hyperparameters(
-            ignore=["model", "criterion", "postprocess", "optimizer", "lr_scheduler"], logger=False
+            ignore=["model", "criterion", "postprocess", *settings], logger=False
         )
-        self._optimizer_factory = optimizer
-        self._scheduler_factory = lr_scheduler
+        self.hparams.update(
+            param_groups=_plain(param_groups), compile_options=_plain(compile_options)
+        )
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_scheduler
+        self.param_groups = param_groups
+        self.compile_options = compile_options
+        self.seed = seed
+        self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         if hasattr(model, "output_streams"):
             # a matcher that cannot fit the model fails here
             criterion.check_model(model.output_streams)
@@ -175,28 +212,27 @@ class DetectionModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Lightning calls this before fit / validate / test / predict (and a benchmark may call it
-        itself): compile the detector if `compile_model`, once. Compilation itself happens lazily,
-        at the first forward, for the shapes and mode (train / eval) it sees."""
-        hp = self.hparams
-        if not hp.get("compile_model") or self.detector_compiled:
+        itself): compile the detector with `compile_options`, once. Compilation itself happens
+        lazily, at the first forward, for the shapes and mode (train / eval) it sees."""
+        options = self.compile_options
+        if options is None or self.detector_compiled:
             return
         # In place: `self.model` stays the DeformableDETR (state-dict keys without `_orig_mod.`).
-        # compile_dynamic=True marks the batch and image sizes dynamic (`detect`) rather than
-        # passing dynamic=True, which would also make every float attribute (dropout p, eps) and
-        # size symbolic and makes the first compilation ~2.5x slower for the same graph.
-        dynamic = hp.get("compile_dynamic", True)
+        # dynamic=True marks the batch and image sizes dynamic (`detect`) rather than passing
+        # dynamic=True, which would also make every float attribute (dropout p, eps) and size
+        # symbolic and makes the first compilation ~2.5x slower for the same graph.
+        dynamic = options.dynamic
         self.model.compile(
-            mode=hp.get("compile_mode"),
-            dynamic=None if dynamic else dynamic,
-            backend=hp.get("compile_backend", "inductor"),
+            mode=options.mode, dynamic=None if dynamic else dynamic, backend=options.backend
         )
         self._detector_compiled = True
 
     def detect(self, images: torch.Tensor, padding_mask: torch.Tensor, targets=None) -> dict:
-        """The detector's outputs; compiled with compile_dynamic, the batch size, height and width
-        are symbolic from the first compilation on, so batches of other shapes do not recompile.
-        `targets` reach the detector only in training and only if its query blocks need them."""
-        if self.detector_compiled and self.hparams.get("compile_dynamic", True):
+        """The detector's outputs; compiled with `CompileOptions.dynamic`, the batch size, height
+        and width are symbolic from the first compilation on, so batches of other shapes do not
+        recompile. `targets` reach the detector only in training and only if its query blocks
+        need them."""
+        if self.detector_compiled and self.compile_options.dynamic:
             torch._dynamo.maybe_mark_dynamic(images, (0, 2, 3))
             torch._dynamo.maybe_mark_dynamic(padding_mask, (0, 1, 2))
         if (
@@ -235,8 +271,8 @@ class DetectionModule(L.LightningModule):
         if stage in ("fit", "validate"):
             self.log_run_description()
         rank = self.global_rank
-        if stage == "fit" and self.hparams.seed is not None and rank > 0:
-            rng.seed_process(self.hparams.seed + rank)
+        if stage == "fit" and self.seed is not None and rank > 0:
+            rng.seed_process(self.seed + rank)
             for seeded in self._seeded():
                 seeded.seed_rank(rank)
 
@@ -266,8 +302,6 @@ class DetectionModule(L.LightningModule):
                 checkpoint[loopstate.KEY] = settled
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "state_dict" in checkpoint:  # weights saved before the detector was composed of parts
-            checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"], "model.")
         # A resumed run keeps the config it was started with now; a bare module adopts the saved
         # one.
         self.run_config = self.run_config or checkpoint.get("msdetr_config")
@@ -326,26 +360,15 @@ class DetectionModule(L.LightningModule):
         return self.detect(images, padding_mask)
 
     # -- training ---------------------------------------------------------------------------
-    # The Throughput callback sets this so that the criterion time excludes queued forward work.
-    sync_timing = False
-    criterion_seconds = 0.0
-
-    def _clock(self) -> float:
-        if self.sync_timing and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
     def training_step(self, batch, batch_idx):
         images, padding_mask, targets = batch
         self.replaced_images.update(t["replaced"] for t in targets if "replaced" in t)
         outputs = self.detect(images, padding_mask, targets)
-        start = self._clock()
         bs = images.shape[0]
         try:
             losses = self.criterion(outputs, targets)
         # non-finite predictions: the matching costs are not finite
         except FloatingPointError as exc:
-            self.criterion_seconds = self._clock() - start
             self._skip_reason = str(exc).split(";")[0]
             # A NaN loss over every trainable weight: backward gives NaN gradients everywhere (under
             # DDP too, where every rank must run backward), and the step is skipped like any other.
@@ -354,7 +377,6 @@ class DetectionModule(L.LightningModule):
             self._step_loss = total.detach()
             self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
             return total
-        self.criterion_seconds = self._clock() - start
         total = self.criterion.total(losses)
         self._step_loss = total.detach()
         self._skip_reason = None
@@ -412,7 +434,7 @@ class DetectionModule(L.LightningModule):
         self.consecutive_skips += 1
         loss = float(self._step_loss) if self._step_loss is not None else float("nan")
         why = self._skip_reason or f"the loss is {loss:.4g} and the gradient norm {float(norm):.4g}"
-        limit = self.hparams.get("max_consecutive_skipped_steps", 5)
+        limit = self.max_consecutive_skipped_steps
         if self.consecutive_skips >= limit:
             raise DivergedError(
                 f"training diverged: {self.consecutive_skips} steps in a row up to step "
@@ -434,50 +456,45 @@ class DetectionModule(L.LightningModule):
     def param_group_names(self) -> dict[str, str]:
         """{parameter name: "default" | "backbone" | "linear_proj"} for every trainable parameter,
         selected by the official name as the official main.py does."""
-        hp = self.hparams
+        groups = self.param_groups
         official = official_names(self.model) if isinstance(self.model, DeformableDETR) else {}
         out = {}
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             key = official.get(name, name)
-            if _matches(key, hp.lr_backbone_names):
+            if _matches(key, groups.lr_backbone_names):
                 out[name] = "backbone"
-            elif _matches(key, hp.lr_linear_proj_names):
+            elif _matches(key, groups.lr_linear_proj_names):
                 out[name] = "linear_proj"
             else:
                 out[name] = "default"
         return out
 
     def configure_optimizers(self):
-        hp = self.hparams
-        groups: dict[str, list] = {"default": [], "backbone": [], "linear_proj": []}
+        """`optimizer` called with the parameter groups (`ParamGroups`), and `lr_scheduler`'s
+        scheduler called with the optimizer, stepped every `lr_scheduler.interval`."""
+        if self.optimizer_factory is None:
+            raise ValueError(
+                "this DetectionModule was built without an optimizer, so it cannot "
+                "train; pass optimizer= (the _partial_ config schedule.optimizer, "
+                "e.g. torch.optim.AdamW)."
+            )
+        members: dict[str, list] = {"default": [], "backbone": [], "linear_proj": []}
         params = dict(self.model.named_parameters())
         for name, group in self.param_group_names().items():
-            groups[group].append(params[name])
-        lrs = {
-            "default": hp.lr,
-            "backbone": hp.lr_backbone,
-            "linear_proj": hp.lr * hp.lr_linear_proj_mult,
-        }
-        param_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
-        if self._optimizer_factory is not None:
-            optimizer = self._optimizer_factory(param_groups)
-        else:
-            optimizer = torch.optim.AdamW(param_groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if self._scheduler_factory is not None:
-            scheduler = self._scheduler_factory(optimizer)
-        elif hp.lr_drop_every is not None:
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, hp.lr_drop_every, gamma=hp.lr_gamma
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, list(hp.lr_drop_epochs or ()), gamma=hp.lr_gamma
-            )
+            members[group].append(params[name])
+        lrs = self.param_groups.lrs()
+        groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in members.items() if ps]
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_schedule is None:
+            return {"optimizer": optimizer}
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": hp.get("lr_interval", "epoch")},
+            "lr_scheduler": {
+                "scheduler": self.lr_schedule.scheduler(optimizer),
+                "interval": self.lr_schedule.interval,
+            },
         }
 
     # -- evaluation -------------------------------------------------------------------------

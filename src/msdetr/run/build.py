@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from ..lit import DetectionModule
 from ..lit.callbacks import AtomicCheckpointIO
 from ..lit.loggers import check_installed
+from ..lit.module import CompileOptions, LRSchedule, ParamGroups
 
 log = logging.getLogger("msdetr")
 
@@ -63,33 +64,37 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     model = instantiate(cfg.model.detector)
     criterion = instantiate(cfg.matcher.criterion)
     postprocess = instantiate(cfg.model.postprocess)
-    optim = OmegaConf.to_container(cfg.schedule.optim, resolve=True)
+    optim = cfg.schedule.optim
+    groups = ParamGroups(
+        lr=optim.lr, lr_backbone=optim.lr_backbone, lr_linear_proj_mult=optim.lr_linear_proj_mult
+    )
+    # The optimizer and the LR scheduler: `_partial_` configs called with the parameter groups / the
+    # optimizer (schedule.lr_scheduler=null: a constant learning rate).
+    scheduler = cfg.schedule.lr_scheduler
+    schedule = (
+        LRSchedule(instantiate(scheduler), cfg.schedule.get("lr_interval", "epoch"))
+        if scheduler is not None
+        else None
+    )
     # torch.compile of the detector, applied by the module's configure_model (configs without
     # these keys: eager)
-    compile_args = dict(
-        compile_model=bool(cfg.model.get("compile", False)),
-        compile_mode=cfg.model.get("compile_mode"),
-        compile_dynamic=cfg.model.get("compile_dynamic", True),
-        compile_backend=cfg.model.get("compile_backend", "inductor"),
+    model_cfg = cfg.model
+    compile_options = CompileOptions(
+        mode=model_cfg.get("compile_mode"),
+        dynamic=model_cfg.get("compile_dynamic", True),
+        backend=model_cfg.get("compile_backend", "inductor"),
     )
-    # Another optimizer / LR scheduler: `_partial_` configs called with the parameter groups / the
-    # optimizer (absent or null: AdamW / StepLR-or-MultiStepLR from schedule.optim).
-    schedule = {
-        k: instantiate(cfg.schedule[k])
-        for k in ("optimizer", "lr_scheduler")
-        if cfg.schedule.get(k) is not None
-    }
     return DetectionModule(
         model,
         criterion,
         postprocess,
-        eval_backend=cfg.get("eval_backend", "pycocotools"),
+        optimizer=instantiate(cfg.schedule.optimizer),
+        lr_scheduler=schedule,
+        param_groups=groups,
+        compile_options=compile_options if model_cfg.get("compile", False) else None,
         seed=cfg.get("seed"),
-        **optim,
-        **compile_args,
-        **schedule,
+        eval_backend=cfg.get("eval_backend", "pycocotools"),
         max_consecutive_skipped_steps=cfg.get("max_consecutive_skipped_steps", 5),
-        lr_interval=cfg.schedule.get("lr_interval", "epoch"),
     )
 
 
