@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean gpu-check gpu-wheels
+.PHONY: install train test lint bench clean gpu-check gpu-wheels
 
 install: $(STAMP)
 
@@ -19,8 +19,14 @@ train: install
 
 # Two workers (the CI machine's 2 cores), a test file per worker at a time so module fixtures are
 # built once; ARGS=-n0 runs in one process.
-test: install
+test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
+
+# ruff (lint and format, configured in pyproject.toml) and mypy over src/: `make test` runs them first.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) bench/train_step.py

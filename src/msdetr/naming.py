@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 import torch
@@ -155,7 +156,7 @@ def is_class_head(name: str) -> bool:
     return not _CLASS_HEADS.isdisjoint(name.split("."))
 
 
-def _heads(keys: set[str]) -> str:
+def _heads(keys: AbstractSet[str]) -> str:
     """'class_embed.0-6, class_embed_o2m.0-5' for the class-head keys given."""
     groups: dict[str, set[int]] = {}
     for key in keys:

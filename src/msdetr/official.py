@@ -950,6 +950,11 @@ def load_official_state_dict(
     Fine-tuning, the class heads may differ or be left out (`naming.class_heads_to_skip`)."""
 
     model = module.model
+    if not isinstance(model, DeformableDETR):
+        raise TypeError(
+            f"{source} holds Deformable-DETR weights; the module's detector is a "
+            f"{type(model).__name__}."
+        )
     mine = _convert_state_dict(model, official)
     expected = model.state_dict()
     skip = class_heads_to_skip(

@@ -9,6 +9,7 @@ init_args config that run saved), or an official .pth with its experiment on the
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -48,6 +49,10 @@ def list_images(path: str | os.PathLike) -> list[Path]:
             f"the folder '{path}' holds no images ({', '.join(IMAGE_SUFFIXES)})."
         )
     return images
+
+
+def _save_png(picture: torch.Tensor, path: Path) -> None:
+    write_png(picture, str(path))
 
 
 def _readable_batches(paths: list[Path], batch_size: int, skipped: list[str], record):
@@ -180,6 +185,7 @@ def build_predictor(cfg: DictConfig) -> Predictor:
     names = {int(k): v for k, v in (ckpt.get("category_names") or {}).items()}
     if saved:  # train.py's checkpoint
         model_cfg = OmegaConf.create(saved)
+        assert isinstance(model_cfg, DictConfig), "a saved run config is a mapping"
         model_cfg.model.detector.backbone.pretrained = False  # the checkpoint brings every weight
         module = build_module(model_cfg)
         data_args, origin = _plain_args(saved.get("data")), f"the data config saved in '{path}'"
@@ -244,7 +250,8 @@ def predict(cfg: DictConfig) -> Path:
     transform = eval_transforms(predictor.eval_size, predictor.max_size)
     out_dir = Path(cfg.output_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    results, done, skipped = [], 0, []
+    results: list[dict] = []
+    done, skipped = 0, list[str]()
     with (out_dir / "detections.jsonl").open("w") as lines:
 
         def record(entry: dict) -> None:
@@ -281,7 +288,7 @@ def predict(cfg: DictConfig) -> Path:
                 picture = visualize.draw_detections(image, det, names, cfg.score_threshold)
                 atomic_write(
                     out_dir / "images" / f"{path.name}.png",
-                    lambda tmp, picture=picture: write_png(picture, str(tmp)),
+                    functools.partial(_save_png, picture),
                 )
                 record(
                     {

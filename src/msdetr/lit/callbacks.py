@@ -10,7 +10,10 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import lightning as L
 import torch
@@ -81,8 +84,8 @@ class LatestCheckpoint(ModelCheckpoint):
     step trigger alone an epoch's end was saved only when N divided the epoch, and a hard kill lost
     up to N - 1 steps plus the epoch-end validation. `save_last="link"` links last.ckpt to it."""
 
-    def __init__(self, *args, every_n_train_steps: int | None = None, **kwargs):
-        super().__init__(*args, every_n_train_steps=every_n_train_steps, **kwargs)
+    def __init__(self, *, every_n_train_steps: int | None = None, **kwargs):
+        super().__init__(every_n_train_steps=every_n_train_steps, **kwargs)
         self.steps_between_saves = every_n_train_steps or 0
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -90,6 +93,8 @@ class LatestCheckpoint(ModelCheckpoint):
         n = self.steps_between_saves
         if not n or trainer.global_step % n == 0 or trainer.fast_dev_run or trainer.sanity_checking:
             return  # no step trigger, or the step trigger has just saved this state
+        if self.dirpath is None:  # set by Lightning when fitting starts
+            return
         path = Path(self.dirpath) / f"{self.filename}{self.FILE_EXTENSION}"
         trainer.save_checkpoint(path)
         last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
@@ -314,7 +319,7 @@ class Preemption(L.Callback):
         self.check_every_n_steps = check_every_n_steps
         self.received: int | None = None
         self._saved: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         self._loader_states: list[dict] | None = None
         self._after_data_error = False
 
@@ -340,7 +345,8 @@ class Preemption(L.Callback):
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous.items():
             if signal.getsignal(signum) == self._note:
-                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+                # None: a handler Python did not install; the default is the nearest equivalent.
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
     def _note(self, signum, frame) -> None:

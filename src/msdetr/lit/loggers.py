@@ -25,7 +25,9 @@ def run_id_for(save_dir: str | Path, resume_from: str | None = None) -> str:
     run_id = next(
         (p.read_text().strip() for p in candidates if p.is_file()), None
     ) or secrets.token_hex(4)
-    if rank_zero_only.rank == 0:  # only rank 0 talks to W&B; other ranks must not overwrite its id
+    # Only rank 0 talks to W&B; other ranks must not overwrite its id. Lightning sets
+    # `rank_zero_only.rank` when it is imported (0 outside a distributed run).
+    if getattr(rank_zero_only, "rank", 0) == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / ID_FILE).write_text(run_id + "\n")
     return run_id

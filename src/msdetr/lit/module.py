@@ -8,6 +8,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -172,9 +173,10 @@ class DetectionModule(L.LightningModule):
         self.compile_options = compile_options
         self.seed = seed
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
-        if hasattr(model, "output_streams"):
+        streams = getattr(model, "output_streams", None)
+        if streams is not None:
             # a matcher that cannot fit the model fails here
-            criterion.check_model(model.output_streams)
+            criterion.check_model(streams)
         self.model = model
         self.criterion = criterion
         self.postprocess = postprocess if postprocess is not None else TopKPostProcess()
@@ -232,7 +234,7 @@ class DetectionModule(L.LightningModule):
         and width are symbolic from the first compilation on, so batches of other shapes do not
         recompile. `targets` reach the detector only in training and only if its query blocks
         need them."""
-        if self.detector_compiled and self.compile_options.dynamic:
+        if self.detector_compiled and self.compile_options and self.compile_options.dynamic:
             torch._dynamo.maybe_mark_dynamic(images, (0, 2, 3))
             torch._dynamo.maybe_mark_dynamic(padding_mask, (0, 1, 2))
         if (
@@ -283,7 +285,7 @@ class DetectionModule(L.LightningModule):
         # Every rank runs this hook; rank 0 writes the file, so it collects all ranks' states.
         states = [rng.capture(self._generators())]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
+            gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, states[0])
             states = gathered
         checkpoint["msdetr_rng"] = states
@@ -335,7 +337,7 @@ class DetectionModule(L.LightningModule):
         """With data.skip_bad_images: the training images that could not be read, all ranks'."""
         found = [sorted(self.replaced_images)]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            found = [None] * dist.get_world_size()
+            found = [[] for _ in range(dist.get_world_size())]
             dist.all_gather_object(found, sorted(self.replaced_images))
         files = sorted({f for rank in found for f in rank})
         if files and self.global_rank == 0:

@@ -96,7 +96,8 @@ class MaskHead(nn.Module):
         self.output_conv = _conv_gn(hidden_dim, hidden_dim, 3, num_groups)
         self.mask_features = nn.Conv2d(hidden_dim, self.mask_dim, 1)
         nn.init.xavier_uniform_(self.mask_features.weight)
-        nn.init.zeros_(self.mask_features.bias)
+        if self.mask_features.bias is not None:
+            nn.init.zeros_(self.mask_features.bias)
         self.mask_embed = MLP(hidden_dim, hidden_dim, self.mask_dim, 3)
 
     @staticmethod

@@ -52,7 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.config_choices = config_choices()
     module.category_names = dm.category_names
     trainer = build_trainer(cfg, resumed_step=resumed_step)
-    if resumed_step is not None:
+    if resumed_step is not None and ckpt_path is not None:
         continue_csv_history(trainer, resumed_step, revalidates(ckpt_path))
     if cfg.get("init_from") and not ckpt_path:
         # Fine-tuning: class heads of another class count (or all of them, init_reset_class_heads)
@@ -64,7 +64,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             reset_class_heads=bool(cfg.init_reset_class_heads),
         )
         log.info("initialised from %s", cfg.init_from)
-    status = "failed"  # until the fit says otherwise; the summary is written however the run ends
+    # "failed" until the fit says otherwise; the summary is written however the run ends
+    status: str | None = "failed"
     try:
         with launch_context(cfg, trainer):
             try:

@@ -5,6 +5,7 @@ config as plain values, as checkpoints and loggers keep it."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
@@ -25,7 +26,9 @@ def plain_config(cfg: DictConfig) -> dict:
     a value that does not resolve (Hydra's `${hydra:...}` outside a Hydra app, a missing `???`)
     stays as written, every other one is resolved."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(plain, dict), "a run's config is a mapping"
+        return plain
     except Exception:
         return _resolve_each(cfg)
 
@@ -124,7 +127,7 @@ def build_trainer(cfg: DictConfig, resumed_step: int | None = None, **overrides)
         # A smoke test writes no checkpoint (Lightning's ModelCheckpoint still writes last.ckpt at
         # the end of a fast_dev_run when save_last is set).
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-    plugins = [AtomicCheckpointIO()]
+    plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # The Preemption callback saves at a step boundary and requeues; Lightning's own SLURM
         # requeue would save a second, mid-step checkpoint elsewhere.

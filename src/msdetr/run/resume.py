@@ -9,6 +9,7 @@ import csv
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
@@ -160,7 +161,7 @@ def continue_csv_history(trainer: L.Trainer, resumed_step: int, revalidates: boo
             step = int(row.pop("step"))
             if revalidates and step == resumed_step - 1:
                 row = {k: v for k, v in row.items() if not k.startswith("val/")}
-            values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+            values: dict[str, Any] = {k: float(v) for k, v in row.items() if v not in ("", None)}
             logger.log_metrics(values, step=step)
         logger.save()
 
