@@ -107,7 +107,7 @@ class DetectionModule(L.LightningModule):
     Trainer's `gradient_clip_val`; the pre-clip gradient norm is logged as `train/grad_norm`).
 
     When fitting or evaluating starts, every logger gets the run's whole config (`run_config`, set
-    by the runner; this module's hyperparameters without one) and the parameter counts
+    by `msdetr.run`; this module's hyperparameters without one) and the parameter counts
     (`num_params`) as its hyperparameters.
 
     Args:
@@ -120,8 +120,8 @@ class DetectionModule(L.LightningModule):
         lr_scheduler: the LR scheduler and how often it steps (`LRSchedule`; configs
             `schedule.lr_scheduler`, `schedule.lr_interval`); None: the learning rates stay
             constant.
-        param_groups: the groups' members and learning rates (`ParamGroups`; the runner gives it
-            schedule.optim's lr, lr_backbone and lr_linear_proj_mult).
+        param_groups: the groups' members and learning rates (`ParamGroups`; `msdetr.run.build`
+            gives it schedule.optim's lr, lr_backbone and lr_linear_proj_mult).
         compile_options: torch.compile the detector's forward (`configure_model`, the hook a Trainer
             calls before fitting or evaluating) with these options (`CompileOptions`); None: eager.
             The criterion's matching and the post-processing stay eager. The detector is compiled
@@ -184,9 +184,10 @@ class DetectionModule(L.LightningModule):
         # carry it.
         self.coco_metric = CocoMetric(backend=eval_backend)
         self.last_metrics: dict[str, float] = {}
-        # Set by the runner and saved in every checkpoint, so predict.py needs nothing but the file.
+        # Set by `msdetr.run` and saved in every checkpoint, so predict.py needs nothing but the
+        # file.
         self.run_config: dict | None = None
-        # the Hydra group choices (matcher, model, ...), set by the runner
+        # the Hydra group choices (matcher, model, ...), set by `msdetr.run`
         self.config_choices: dict[str, str] = {}
         self.category_names: dict[int, str] = {}
         self._rng_to_restore: dict | None = None

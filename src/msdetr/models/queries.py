@@ -45,6 +45,16 @@ class Queries:
     outputs: dict
 
 
+def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices of the best-scoring tokens of (B, S) `scores`, best first; on maps with fewer
+    than k tokens the ranking repeats (tiny images) instead of failing in topk."""
+    num_tokens = scores.shape[1]
+    topk = torch.topk(scores, min(k, num_tokens), dim=1)[1]
+    if num_tokens < k:
+        topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
+    return topk
+
+
 class QuerySelection(nn.Module):
     """The base class: `forward(memory, levels, extra, heads)` -> `Queries` for the one-to-one
     queries followed by the training-only blocks `extra`.
@@ -224,11 +234,7 @@ class TwoStageQueries(QuerySelection):
     ) -> torch.Tensor:
         """(B, k) token indices, best first: top-k by the channel-0 encoder logit; on maps smaller
         than k they repeat."""
-        num_tokens = enc_class.shape[1]
-        topk = torch.topk(enc_class[..., 0], min(k, num_tokens), dim=1)[1]
-        if num_tokens < k:  # tiny images: cycle the ranked tokens instead of failing in topk
-            topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
-        return topk
+        return top_tokens(enc_class[..., 0], k)
 
     def forward(
         self,
@@ -348,11 +354,7 @@ class DINOQueries(QuerySelection):
     ) -> torch.Tensor:
         """(B, k) token indices, best first by the largest class logit; on maps smaller than k they
         repeat."""
-        num_tokens = enc_class.shape[1]
-        topk = torch.topk(enc_class.max(-1)[0], min(k, num_tokens), dim=1)[1]
-        if num_tokens < k:
-            topk = topk[:, torch.arange(k, device=topk.device) % num_tokens]
-        return topk
+        return top_tokens(enc_class.max(-1)[0], k)
 
     def forward(
         self,

@@ -113,14 +113,6 @@ def check_resume_config(cfg: DictConfig, ckpt_path: str | Path) -> int:
     ckpt = read_checkpoint_file(ckpt_path, "a checkpoint to resume", mmap=True)
     saved = ckpt.get("msdetr_config") if isinstance(ckpt, dict) else None
     step = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    if any(k.startswith("model.transformer.") for k in state):
-        # Its optimizer state lists the parameters in the old order; the weights alone still load.
-        raise ValueError(
-            f"cannot resume from '{ckpt_path}': it was saved before msdetr composed the detector "
-            "of parts, so its optimizer state does not fit; start a new run from its weights with "
-            "init_from=<checkpoint>."
-        )
     if not saved:
         return step
     current = plain_config(cfg)
