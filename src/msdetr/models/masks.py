@@ -63,7 +63,8 @@ class MaskHead(nn.Module):
     Args:
         hidden_dim: the model's width (the encoder memory's and the decoder's).
         lateral_channels: channels of the backbone map fused in (ResNet-50's layer1: 256 at stride
-            4; its layer2: 512 at stride 8).
+            4; its layer2: 512 at stride 8); None: set by `bind` from the backbone (what the
+            detector does, so a config need not know the backbone's channels).
         lateral_stride: 4 (the backbone's stride-4 map, as Mask DINO) or 8 (its stride-8 map, for
             backbones without a stride-4 output); the masks come at 1/lateral_stride of the canvas.
         mask_dim: width of the pixel and mask embeddings (None: hidden_dim, Mask DINO's choice).
@@ -76,7 +77,7 @@ class MaskHead(nn.Module):
         self,
         *,
         hidden_dim: int = 256,
-        lateral_channels: int = 256,
+        lateral_channels: int | None = None,
         lateral_stride: int = 4,
         mask_dim: int | None = None,
         num_groups: int = 32,
@@ -91,13 +92,29 @@ class MaskHead(nn.Module):
             )
         self.stride = lateral_stride
         self.hidden_dim = hidden_dim
+        self.num_groups = num_groups
         self.mask_dim = hidden_dim if mask_dim is None else mask_dim
-        self.lateral = _conv_gn(lateral_channels, hidden_dim, 1, num_groups)
+        self.lateral_channels = lateral_channels
+        if lateral_channels is not None:
+            self.lateral = _conv_gn(lateral_channels, hidden_dim, 1, num_groups)
         self.output_conv = _conv_gn(hidden_dim, hidden_dim, 3, num_groups)
         self.mask_features = nn.Conv2d(hidden_dim, self.mask_dim, 1)
         nn.init.xavier_uniform_(self.mask_features.weight)
         nn.init.zeros_(self.mask_features.bias)
         self.mask_embed = MLP(hidden_dim, hidden_dim, self.mask_dim, 3)
+
+    def bind(self, lateral_channels: int) -> None:
+        """Build the lateral convolution for a backbone map of `lateral_channels` channels (the
+        detector calls this with its backbone's); refuse a head built for other channels."""
+        if self.lateral_channels is None:
+            self.lateral_channels = lateral_channels
+            self.lateral = _conv_gn(lateral_channels, self.hidden_dim, 1, self.num_groups)
+        elif self.lateral_channels != lateral_channels:
+            raise ValueError(
+                f"model.detector.mask_head.lateral_channels={self.lateral_channels}, but the "
+                f"backbone's stride-{self.stride} map has {lateral_channels} channels; leave "
+                "lateral_channels null (taken from the backbone)."
+            )
 
     @staticmethod
     def finest_level(memory: torch.Tensor, shapes) -> torch.Tensor:
@@ -116,6 +133,11 @@ class MaskHead(nn.Module):
             shapes: the levels' (H, W) as Python ints (`Levels.shapes`).
             lateral: (B, lateral_channels, h, w) backbone map at `stride` (see the module doc).
         """
+        if self.lateral_channels is None:
+            raise RuntimeError(
+                "the mask head's lateral_channels are unknown; build it with lateral_channels or "
+                "call bind(channels) first (the detector does)."
+            )
         coarse = self.finest_level(memory, shapes)
         fine = self.lateral(lateral)
         up = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
@@ -144,12 +166,7 @@ class MaskHead(nn.Module):
         """Only the chosen queries' maps: (B, Q, C) features, (B, D, h, w) pixel embedding, (M,)
         image and query indices -> (M, h, w) mask logits (the matched pairs, the kept
         detections)."""
-        emb = self.embed(hidden[batch_idx, query_idx])  # (M, D)
-        # One matmul over (image, channel) with the other images' weights zero: no (M, D, h, w) copy
-        # of the pixel embedding and no per-image split (which would read the counts on the host).
-        own = batch_idx[:, None] == torch.arange(pixel.shape[0], device=batch_idx.device)
-        weights = emb[:, None, :] * own[..., None].to(emb.dtype)  # (M, B, D)
-        return torch.einsum("mbd,bdhw->mhw", weights, pixel.to(emb.dtype))
+        return embed_pair_logits(self.embed(hidden[batch_idx, query_idx]), pixel, batch_idx)
 
     def point_logits(
         self, hidden: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor
@@ -157,11 +174,56 @@ class MaskHead(nn.Module):
         """Mask logits at points without making the maps: (B, Q, C) features, (B, D, h, w) pixel
         embedding, (B, P, 2) points (x, y) in [0, 1] of the map -> (B, Q, P). Equal to sampling the
         (B, Q, h, w) logits at the points (bilinear sampling is linear in the channels)."""
-        grid = (2.0 * coords - 1.0).unsqueeze(2).to(pixel.dtype)  # (B, P, 1, 2)
-        sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[
-            ..., 0
-        ]  # (B, D, P)
-        return torch.einsum("bqd,bdp->bqp", self.embed(hidden), sampled)
+        return embed_point_logits(self.embed(hidden), pixel, coords)
+
+
+# The same logits from mask embeddings already computed (what the detector's outputs carry:
+# `mask_embed` per layer and the shared `mask_features`; see msdetr.models.outputs).
+
+
+def embed_logits(embed: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D) mask embeddings and (B, D, h, w) pixel embedding -> (B, Q, h, w) mask logits."""
+    return torch.einsum("bqd,bdhw->bqhw", embed, pixel.to(embed.dtype))
+
+
+def embed_pair_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, batch_idx: torch.Tensor
+) -> torch.Tensor:
+    """(M, D) chosen embeddings, (B, D, h, w) pixel embedding, (M,) image of each -> (M, h, w).
+
+    One matmul over (image, channel) with the other images' weights zero: no (M, D, h, w) copy of
+    the pixel embedding and no per-image split (which would read the counts on the host). Where
+    the per-image counts are known on the host (the matcher's indices), `image_pair_logits` does
+    less work."""
+    own = batch_idx[:, None] == torch.arange(pixel.shape[0], device=batch_idx.device)
+    weights = embed[:, None, :] * own[..., None].to(embed.dtype)  # (M, B, D)
+    return torch.einsum("mbd,bdhw->mhw", weights, pixel.to(embed.dtype))
+
+
+def image_pair_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, queries: list[torch.Tensor]
+) -> torch.Tensor:
+    """(B, Q, D) mask embeddings, (B, D, h, w) pixel embedding, per image the (n_b,) chosen
+    queries -> (sum n_b, h, w) their mask logits, image after image (the sizes are the index
+    tensors' shapes: no host read)."""
+    maps = [
+        torch.einsum("md,dhw->mhw", embed[b, q], pixel[b].to(embed.dtype))
+        for b, q in enumerate(queries)
+    ]
+    if not maps:
+        return embed.new_zeros(0, *pixel.shape[-2:])
+    return torch.cat(maps)
+
+
+def embed_point_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor
+) -> torch.Tensor:
+    """(B, Q, D) mask embeddings, (B, D, h, w) pixel embedding, (B, P, 2) points (x, y) in [0, 1]
+    of the map -> (B, Q, P) mask logits there, without making the maps (bilinear sampling is
+    linear in the channels)."""
+    grid = (2.0 * coords - 1.0).unsqueeze(2).to(pixel.dtype)  # (B, P, 1, 2)
+    sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[..., 0]
+    return torch.einsum("bqd,bdp->bqp", embed, sampled.to(embed.dtype))
 
 
 def mask_valid_ratio(padding_mask: torch.Tensor, map_size, stride: int) -> torch.Tensor:
