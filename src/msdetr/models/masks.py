@@ -14,18 +14,20 @@ How the detector calls it (`DeformableDETR.forward`):
    (`backbone.stride4_channels` channels; `Backbone` has it, other backbones leave it None). With
    `lateral_stride=8` the lateral map is the backbone's first level, `feats[0][0]`
    (`backbone.num_channels[0]` channels, stride 8 for ResNet with return_interm_layers and Swin).
-   Build the head with `lateral_channels` set accordingly.
+   The detector calls `head.bind(channels)` with the backbone's channels (lateral_channels null
+   in the config) and refuses a backbone without the map.
 2. After the encoder: `pixel = head.pixel_embedding(memory, levels.shapes, lateral)`, where
    `memory` is the encoder's (B, S, C) output and `levels.shapes` the levels' (H, W) as ints
    (level 0, the finest, comes first in `memory`).
-3. After the decoder: `head(dec.hidden, pixel)` gives one (B, T, h, w) mask-logit map per decoder
-   layer (T: all queries of the layer, one-to-one and training blocks alike); slice it by queries
-   as the class logits are (`_stream`) and attach it as `pred_masks` to the top level and to every
-   `aux_outputs` entry. The one-to-many stream (`dec.hidden_o2m`) the same way. Two-stage: the
-   selected proposals' features (B, K, C) through `head.logits(features, pixel)` give the
-   `enc_outputs` masks; where the encoder stream holds every token (TwoStageQueries, S tokens),
-   never make S maps: match on boxes and compute the matched tokens' masks only with
-   `head.pair_logits(features, pixel, batch_idx, token_idx)`.
+3. After the decoder: every layer's hidden states (B, T, C) through `head.embed` give its
+   queries' mask embeddings (B, T, D), sliced by queries as the class logits are (`_stream`) and
+   attached as `mask_embed` to the top level, every `aux_outputs` entry and every other decoder
+   stream (the one-to-many states `dec.hidden_o2m` the same way), each layer also holding the
+   shared `mask_features` (the pixel embedding) and `mask_valid_ratio`
+   (`msdetr.models.outputs.MaskKeys`). No mask map is made in the forward: the criterion makes
+   the matched pairs' maps (`image_pair_logits`), the Hungarian cost the logits at its points
+   (`embed_point_logits`), the post-process the kept detections' maps. The encoder stream
+   (two-stage proposals, S tokens) carries no masks: it is matched and supervised on boxes only.
 4. The valid region of the pixel embedding (for the losses and the pasting):
    `mask_valid_ratio(padding_mask, pixel.shape[-2:], head.stride)` (B, 2) valid (w, h) fraction.
 
@@ -36,10 +38,11 @@ size is a multiple of the stride). The valid (unpadded) region of image b is the
 are) sits at (x * valid_ratio[b, 0], y * valid_ratio[b, 1]) of the map.
 
 Memory: every layer's (B, T, h, w) maps at 1/4 resolution are Mask DINO's way. With many queries
-(DINO's 900 plus denoising plus one-to-many) the lighter way is to keep the embeddings and compute
-only what is used: the matched pairs' maps (`pair_logits`) and the Hungarian cost's point logits
-(`point_logits`, exact because bilinear sampling is linear in the channels). Masks are never made
-at full resolution in training; at inference only the kept detections' are (`postprocess_masks`).
+(DINO's 900 plus denoising plus one-to-many) the lighter way, the detector's, is to keep the
+embeddings and compute only what is used: the matched pairs' maps (`image_pair_logits`,
+`pair_logits`) and the Hungarian cost's point logits (`embed_point_logits`, `point_logits`: exact,
+bilinear sampling is linear in the channels). Masks are never made at full resolution in
+training; at inference only the kept detections' are (`msdetr.postprocess`).
 """
 
 from __future__ import annotations
