@@ -297,46 +297,28 @@ def mask_match_costs(
     return mask_bce_cost(pred_points, gt_points), mask_dice_cost(pred_points, gt_points)
 
 
-def sample_gt_masks(masks: torch.Tensor, index: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of binary GT masks at points, read straight from the (bool) masks.
-
-    Equal to `point_sample(masks[index].float(), coords)` (grid_sample, align_corners=False, zero
-    outside), without a float copy of the full-resolution masks: each point reads its four pixels.
+def sample_gt_masks(
+    masks: torch.Tensor, index: torch.Tensor, coords: torch.Tensor, chunk: int = 16
+) -> torch.Tensor:
+    """Bilinear samples of binary GT masks at points: `point_sample(masks[index].float(), coords)`
+    (grid_sample, align_corners=False, zero outside), `chunk` rows at a time, so that the float
+    copies of full-resolution masks stay bounded (16 COCO-sized masks: ~60 MB) however many rows
+    share a GT (a one-to-many branch samples each GT for several queries).
 
     Args:
         masks: (G, h, w) bool (or {0, 1}) GT masks at the image's unpadded size.
-        index: (M,) which mask each row samples (a GT may be sampled by several rows).
+        index: (M,) which mask each row samples.
         coords: (M, P, 2) points (x, y) in [0, 1] of the mask.
     Returns: (M, P) float32 values in [0, 1].
     """
-    g, h, w = masks.shape
     m, p, _ = coords.shape
-    if m == 0 or g == 0:
+    if m == 0 or masks.shape[0] == 0:
         return coords.new_zeros(m, p, dtype=torch.float32)
-    xy = coords.float() * torch.tensor([w, h], dtype=torch.float32, device=coords.device) - 0.5
-    low = xy.floor()
-    frac = xy - low
-    low = low.long()
-    flat = masks.reshape(g, h * w)
-    out = coords.new_zeros(m, p, dtype=torch.float32)
-    for dx in (0, 1):
-        for dy in (0, 1):
-            x, y = low[..., 0] + dx, low[..., 1] + dy
-            weight = (frac[..., 0] if dx else 1 - frac[..., 0]) * (
-                frac[..., 1] if dy else 1 - frac[..., 1]
-            )
-            inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-            pos = (y.clamp(0, h - 1) * w + x.clamp(0, w - 1)).reshape(m, p)
-            values = _gather_rows(flat, index, pos)
-            out = out + weight * (values.float() * inside)
-    return out
-
-
-def _gather_rows(flat: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """flat (G, N), index (M,), pos (M, P) -> (M, P): flat[index[i], pos[i, j]], without the (M, N)
-    copy `flat[index]` would make."""
-    n = flat.shape[1]
-    return flat.reshape(-1)[(index[:, None] * n + pos).reshape(-1)].reshape(pos.shape)
+    parts = [
+        point_sample(masks[index[i : i + chunk]].float(), coords[i : i + chunk].float())
+        for i in range(0, m, chunk)
+    ]
+    return torch.cat(parts)
 
 
 def matched_point_losses(
