@@ -3,7 +3,14 @@
 python bench/train_step.py [--matcher hungarian] [--steps 5] [--device cpu] [--backbone resnet50]
 python bench/train_step.py --matchers hungarian,ms_detr,deta,h_detr   # one table, cost x hungarian
 python bench/train_step.py --compare reference,gather,compiled        # one table, cost x reference
+python bench/train_step.py --masks --experiment ms_detr_pp_300        # boxes vs + mask head
 Default: two-stage + box refinement, 2 images ~384x512, 300 queries, 20 GTs per image.
+
+--masks compares the model with and without the mask head (`+parts=mask_head`: Mask DINO's head
+and losses on every decoder branch, the Hungarian mask costs; the batch's targets carry masks, one
+ellipse inside each box, at the image's size): two rows, `boxes` (the baseline) and `masks`.
+--override KEY=VALUE (repeatable) passes a config override to every row (a smaller model:
+model.num_queries=100); --image-scale shrinks the two images (0.5: 192x256 and 176x240).
 
 --compare runs execution variants of one model: `reference` (= `eager`: eager, the grid_sample
 attention, the official CPU algorithm), `gather`, `triton` or any other `attn_backend`, and
@@ -86,9 +93,10 @@ def build(
     return build_module(cfg)
 
 
-def synthetic_batch(num_gts: int, num_classes: int, device, generator):
-    """Two padded images (384x512, 352x480) with `num_gts` random boxes each."""
-    sizes = [(384, 512), (352, 480)]
+def synthetic_batch(num_gts: int, num_classes: int, device, generator, scale: float = 1.0):
+    """Two padded images (384x512, 352x480, times `scale`) with `num_gts` random boxes each, and
+    for each box a mask (the ellipse inside it, at the image's unpadded size)."""
+    sizes = [(round(384 * scale), round(512 * scale)), (round(352 * scale), round(480 * scale))]
     h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
     images = torch.randn(len(sizes), 3, h, w, generator=generator)
     mask = torch.ones(len(sizes), h, w, dtype=torch.bool)
@@ -97,10 +105,15 @@ def synthetic_batch(num_gts: int, num_classes: int, device, generator):
         mask[i, :ih, :iw] = False
         centers = torch.rand(num_gts, 2, generator=generator) * 0.6 + 0.2
         wh = torch.rand(num_gts, 2, generator=generator) * 0.3 + 0.05
+        ys = (torch.arange(ih) + 0.5)[None, :, None] / ih
+        xs = (torch.arange(iw) + 0.5)[None, None, :] / iw
+        dx = (xs - centers[:, 0, None, None]) / (wh[:, 0, None, None] / 2)
+        dy = (ys - centers[:, 1, None, None]) / (wh[:, 1, None, None] / 2)
         targets.append(
             {
                 "labels": torch.randint(1, num_classes, (num_gts,), generator=generator).to(device),
                 "boxes": torch.cat([centers, wh], 1).to(device),
+                "masks": (dx**2 + dy**2 <= 1).to(device),
             }
         )
     return images.to(device), mask.to(device), targets
@@ -152,6 +165,8 @@ def time_step(
 # ----------------------------------------------------------------------------------------
 
 _WORDS = ("compiled", "static", "eager", "bf16")
+# The `masks` row of --masks: the mask head and its supervision on the same model.
+MASK_OVERRIDES = ["+parts=mask_head"]
 
 
 def variant_autocast(variant: str) -> torch.dtype | None:
@@ -241,6 +256,7 @@ def worker(args, device, images, mask, targets) -> None:
     """One variant in its own process: build, warm up, then one timed step per 'step' line on
     stdin."""
     overrides = variant_overrides(args.variant) if args.variant else []
+    overrides += [*args.override, *(MASK_OVERRIDES if args.with_masks else [])]
     try:
         torch.manual_seed(0)  # the same weights in every variant
         module = (
@@ -413,29 +429,45 @@ def main(argv=None) -> None:
         "...) of one model (first = baseline)",
     )
     p.add_argument("--variant", default=None, help="run one --compare variant in this process")
+    p.add_argument(
+        "--masks",
+        action="store_true",
+        help="two rows: the model without and with the mask head (+parts=mask_head)",
+    )
+    p.add_argument("--with-masks", action="store_true", help="the model with the mask head")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a config override for every row (repeatable), e.g. model.num_queries=100",
+    )
+    p.add_argument("--image-scale", type=float, default=1.0, help="scales the two images' sizes")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.matchers and args.compare:
-        p.error("give --matchers or --compare, not both")
+    if sum(map(bool, (args.matchers, args.compare, args.masks))) > 1:
+        p.error("give one of --matchers, --compare and --masks")
     if args.compare or (args.variant and not args.worker):
         args.experiment = args.experiment or ("ms_detr_pp_300" if not args.matchers else None)
     args.backbone = args.backbone or ("resnet18" if args.compare or args.variant else "resnet50")
     device = torch.device(args.device)
     num_classes = 91
     gen = torch.Generator().manual_seed(0)
-    images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen)
+    images, mask, targets = synthetic_batch(args.gts, num_classes, device, gen, args.image_scale)
     if args.worker:
         worker(args, device, images, mask, targets)
         return
     what = f"experiment={args.experiment}" if args.experiment else f"model={args.model}"
+    shapes = ", ".join(f"{ih}x{iw}" for ih, iw in _image_sizes(mask))
     header = (
         f"# train step: {what} backbone={args.backbone} device={device} "
-        f"threads={torch.get_num_threads()} images=2 (384x512, 352x480) gts/img={args.gts} median "
+        f"threads={torch.get_num_threads()} images=2 ({shapes}) gts/img={args.gts} median "
         f"of {args.steps} steps after {args.warmup} warm-up"
+        + (f" overrides={' '.join(args.override)}" if args.override else "")
     )
-    if not args.matchers and not args.compare:
+    if not args.matchers and not args.compare and not args.masks:
         torch.manual_seed(0)
         overrides = variant_overrides(args.variant) if args.variant else []
+        overrides += [*args.override, *(MASK_OVERRIDES if args.with_masks else [])]
         module = build(
             args.matcher, args.model, args.backbone, num_classes, args.experiment, overrides
         )
@@ -476,8 +508,17 @@ def main(argv=None) -> None:
         "--warmup",
         str(args.warmup),
         *(["--experiment", args.experiment] if args.experiment else []),
+        "--image-scale",
+        str(args.image_scale),
+        *(f"--override={o}" for o in args.override),
     ]
-    if args.matchers:
+    if args.masks:
+        variants = {
+            "boxes": ["--matcher", args.matcher],
+            "masks": ["--matcher", args.matcher, "--with-masks"],
+        }
+        label = "model"
+    elif args.matchers:
         variants = {m: ["--matcher", m] for m in args.matchers.split(",")}
         label = "matcher"
     else:
@@ -491,6 +532,11 @@ def main(argv=None) -> None:
         f"{label}s interleaved, one process each"
     )
     print_table(results, label)
+
+
+def _image_sizes(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """The (H, W) of each image of the batch, from its padding mask (True on padding)."""
+    return [(int((~m[:, 0]).sum()), int((~m[0]).sum())) for m in mask.cpu()]
 
 
 if __name__ == "__main__":

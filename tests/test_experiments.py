@@ -38,6 +38,9 @@ RELEASED = {
     "dino_4scale_12ep",
     "ms_detr_dino_12ep",
     "dn_deformable_detr_50ep",
+    "deformable_detr_pp_mask_12ep",
+    "ms_detr_pp_mask_12ep",
+    "synthetic_cpu_mask",
 }
 # Over 10 s each on 2 CPU cores (Swin-L: ~200M parameters built and run on the CPU).
 SLOW = {"deta_swin_large_24ep", "deta_swin_large_o365_24ep"}
@@ -52,6 +55,20 @@ TARGETS = [
     }
 ]
 ORIG_SIZES = torch.tensor([[IMAGE_H, IMAGE_W]])
+
+
+def with_masks(targets: list[dict]) -> list[dict]:
+    """The targets with the instance masks of a recipe with data.masks=true: each box filled, at
+    the image's unpadded size (as the synthetic data's masks come)."""
+    ys = (torch.arange(IMAGE_H) + 0.5) / IMAGE_H
+    xs = (torch.arange(IMAGE_W) + 0.5) / IMAGE_W
+    out = []
+    for t in targets:
+        cx, cy, w, h = t["boxes"].unbind(1)
+        inside_x = (xs[None] - cx[:, None]).abs() <= w[:, None] / 2
+        inside_y = (ys[None] - cy[:, None]).abs() <= h[:, None] / 2
+        out.append({**t, "masks": inside_y[:, :, None] & inside_x[:, None, :]})
+    return out
 
 
 def tiny_batch():
@@ -79,7 +96,7 @@ def streams_of(outputs: dict) -> set[str]:
 
 
 def test_the_glob_finds_every_released_experiment():
-    assert len(EXPERIMENTS) >= len(RELEASED) == 16
+    assert len(EXPERIMENTS) >= len(RELEASED) == 19
     assert RELEASED <= set(EXPERIMENTS), f"missing: {sorted(RELEASED - set(EXPERIMENTS))}"
 
 
@@ -124,11 +141,12 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
 
     # One training step: forward, every branch's loss finite, backward, every gradient finite.
     images, mask = tiny_batch()
+    targets = with_masks(TARGETS) if cfg.data.get("masks") else TARGETS
     module.train()
     # the targets reach query blocks built from them (denoising)
-    outputs = module.detect(images, mask, TARGETS)
+    outputs = module.detect(images, mask, targets)
     criterion = module.criterion
-    losses = criterion(outputs, TARGETS)
+    losses = criterion(outputs, targets)
     total = criterion.total(losses)
     assert torch.isfinite(total) and total > 0
     assert all(torch.isfinite(v).all() for v in losses.values()), [
@@ -147,6 +165,8 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
         assert set(module.model.output_streams) == produced
     for branch in (b for b in branches if b.stream in produced):
         assert f"loss_bbox{branch.suffix}" in losses, branch.stream
+        # a branch with masks has its mask terms (the recipes with a mask head: data.masks=true)
+        assert (f"loss_mask{branch.suffix}" in losses) == bool(getattr(branch, "masks", False))
         stream = outputs if branch.stream == "main" else outputs[branch.stream]
         box_key = branch.assigner.box_key
         assigned = (
@@ -192,8 +212,11 @@ def test_experiment_builds_and_takes_a_training_step(experiment, tmp_path):
     assert num_select <= num_queries * classes
     assert isinstance(detections, list) and len(detections) == 1
     for det, (h, w) in zip(detections, ORIG_SIZES.tolist()):
-        assert set(det) == {"scores", "labels", "boxes"}
+        masks = getattr(module.model, "mask_head", None) is not None
+        assert set(det) == {"scores", "labels", "boxes"} | ({"masks"} if masks else set())
         n = len(det["scores"])
+        if masks:  # the kept detections' masks, at the original image size
+            assert det["masks"].shape == (n, h, w) and det["masks"].dtype == torch.bool
         assert 0 < n <= num_select
         assert det["labels"].shape == (n,) and det["boxes"].shape == (n, 4)
         assert not det["labels"].is_floating_point()

@@ -6,8 +6,9 @@
     and the post-processing run under it. The few intended host steps are stubbed, each one named
     method: the Hungarian solve (`HungarianMatcher.solve_on_host`), the one-to-many cap draw
     (`QualityTopKAssigner.select_on_host`), the merged-assignment sizes
-    (`SetCriterion.counts_on_host`) and DETA's NMS proposal selection
-    (`NMSTwoStageQueries.select`). The autograd engine needs a real device for CUDA tensors, so the
+    (`SetCriterion.counts_on_host`), DETA's NMS proposal selection
+    (`NMSTwoStageQueries.select`) and the image sizes of the inference mask paste
+    (`PostProcess.sizes_on_host`). The autograd engine needs a real device for CUDA tensors, so the
     backward runs under the same mode on fake CPU tensors instead (which still rejects every
     data-dependent read).
 (b) A TorchDispatchMode counts the syncs a real CPU run would make on a GPU: the criterion makes the
@@ -39,7 +40,7 @@ from msdetr.matching import (
 )
 from msdetr.models import NMSTwoStageQueries, TwoStageQueries
 from msdetr.models.attention import MSDeformAttn
-from msdetr.postprocess import NMSPostProcess, TopKPostProcess
+from msdetr.postprocess import NMSPostProcess, PostProcess, TopKPostProcess
 
 NUM_CLASSES = 5
 
@@ -77,6 +78,17 @@ def deta_branches(seed=0):
             aux=False,
             binary=True,
         ),
+    ]
+
+
+def mask_branches(seed=0):
+    """MS-DETR's branches with masks on both decoder streams and Mask DINO's matching costs."""
+    hungarian = HungarianMatcher(cost_mask=5.0, cost_dice=5.0, num_points=50)
+    main, o2m, enc = ms_detr_branches(seed)
+    return [
+        Branch("main", hungarian, masks=True),
+        Branch(o2m.stream, o2m.assigner, suffix="_o2m", merge_with="main", masks=True),
+        enc,
     ]
 
 
@@ -121,7 +133,20 @@ CASES = {
         ],
     ),
     "deta": (partial(tiny_detector, "model=deta"), deta_branches),
+    # The mask head on MS-DETR: the stride-4 backbone map, the pixel embedding, every layer's mask
+    # embeddings, the mask losses, the matching's mask costs and the kept detections' masks.
+    "ms_detr_masks": (
+        partial(
+            tiny_detector,
+            "model=deformable_detr_pp",
+            "matcher=ms_detr",
+            "+parts=mask_head",
+            "matcher.mask_points=50",
+        ),
+        mask_branches,
+    ),
 }
+WITH_MASKS = {"ms_detr_masks"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +177,11 @@ def host_steps_stubbed(monkeypatch):
     monkeypatch.setattr(QualityTopKAssigner, "select_on_host", staticmethod(_select_stub))
     monkeypatch.setattr(SetCriterion, "counts_on_host", staticmethod(_counts_stub))
     monkeypatch.setattr(NMSTwoStageQueries, "select", _proposals_stub)
+    monkeypatch.setattr(PostProcess, "sizes_on_host", staticmethod(_sizes_stub))
+
+
+def _sizes_stub(orig_sizes):
+    return [(64, 80), (32, 40)][: orig_sizes.shape[0]]
 
 
 def fake_model(mode: FakeTensorMode, model: torch.nn.Module, device: str) -> torch.nn.Module:
@@ -172,7 +202,7 @@ def fake_model(mode: FakeTensorMode, model: torch.nn.Module, device: str) -> tor
     return model
 
 
-def fake_batch(device: str, num_images=2, h=64, w=80):
+def fake_batch(device: str, num_images=2, h=64, w=80, masks=False):
     images = torch.randn(num_images, 3, h, w, device=device)
     mask = torch.zeros(num_images, h, w, dtype=torch.bool, device=device)
     mask[-1, h // 2 :, :] = True
@@ -184,6 +214,10 @@ def fake_batch(device: str, num_images=2, h=64, w=80):
         }
         for n in (2, 3, 0, 1)[:num_images]
     ]
+    if masks:  # at each image's unpadded size (the last one is padded to half its size)
+        for i, t in enumerate(targets):
+            size = (h, w) if i < num_images - 1 else (h // 2, w // 2)
+            t["masks"] = torch.rand(len(t["labels"]), *size, device=device) > 0.5
     return images, mask, targets
 
 
@@ -194,7 +228,7 @@ def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool 
     model.set_attn_backend(backend)
     criterion = SetCriterion(NUM_CLASSES, branches())
     with mode:
-        images, mask, targets = fake_batch(device)
+        images, mask, targets = fake_batch(device, masks=case in WITH_MASKS)
         out = model(images, mask, targets)  # the denoising queries are built from the targets
         criterion.check_model(model.output_streams)
         losses = criterion(out, targets)
@@ -211,6 +245,9 @@ def run_fake_step(case: str, device: str, backend: str = "auto", backward: bool 
         sizes = torch.tensor([[64, 80], [32, 40]], device=device)
         post = TopKPostProcess(10)(out, sizes)
         assert post[0]["boxes"].shape == (10, 4) and post[0]["boxes"].device.type == device
+        if case in WITH_MASKS:
+            assert post[1]["masks"].shape == (10, 32, 40) and post[1]["masks"].device.type == device
+            assert {"loss_mask", "loss_dice_0_o2m"} <= set(losses)
     return losses
 
 
@@ -236,7 +273,7 @@ def test_reference_attention_runs_on_fake_cuda(host_steps_stubbed):
     run_fake_step("ms_detr", "cuda", backend="reference")
 
 
-@pytest.mark.parametrize("case", ["ms_detr", "deta"])
+@pytest.mark.parametrize("case", ["ms_detr", "deta", "ms_detr_masks"])
 def test_training_step_with_backward_runs_on_fake_cpu(case, host_steps_stubbed):
     # The attention a GPU runs has no host read in its backward; on the CPU "auto" is the gather
     # formulation, whose index grouping (nonzero) is host work by design, so the reference stands
@@ -419,6 +456,24 @@ def criterion_syncs(num_layers: int, num_images: int) -> collections.Counter:
     return counter.counts
 
 
+def _with_mask_outputs(outputs: dict, targets: list[dict], seed=0, dim=8, size=(12, 16)):
+    """The synthetic MS-DETR outputs with a mask head's keys on every decoder layer (not on the
+    encoder stream), and the targets with masks at their images' unpadded sizes."""
+    g = torch.Generator().manual_seed(seed)
+    b = outputs["pred_logits"].shape[0]
+    features = torch.randn(b, dim, *size, generator=g)
+    ratio = torch.rand(b, 2, generator=g) * 0.5 + 0.5
+    for stream in (outputs, outputs["o2m_outputs"]):
+        for layer in (*stream["aux_outputs"], stream):
+            q = layer["pred_logits"].shape[1]
+            layer["mask_embed"] = torch.randn(b, q, dim, generator=g)
+            layer["mask_features"], layer["mask_valid_ratio"] = features, ratio
+    targets = [
+        {**t, "masks": torch.rand(len(t["labels"]), 20, 24, generator=g) > 0.5} for t in targets
+    ]
+    return outputs, targets
+
+
 def test_the_counter_sees_syncs():
     x = torch.randn(5)
     with SyncCounter() as counter:
@@ -447,6 +502,18 @@ def test_criterion_syncs_are_constant_in_layers_and_images():
     assert all(c == reference for c in counts.values()), counts
     # One host copy per step each: the Hungarian costs, the one-to-many positives, the merge sizes.
     assert reference == {"copy to host": 3}, reference
+
+
+def test_mask_losses_and_costs_add_no_syncs():
+    """The mask terms of both decoder branches and the Hungarian mask costs: still one host copy
+    each for the costs, the one-to-many positives and the merge sizes, at 2 or 6 layers."""
+    for layers, images in [(2, 3), (6, 2)]:
+        criterion = SetCriterion(NUM_CLASSES, mask_branches(), mask_num_points=40)
+        outputs, targets = _with_mask_outputs(*_synthetic_ms_detr_outputs(layers, images))
+        with SyncCounter() as counter:
+            losses = criterion(outputs, targets)
+        assert {"loss_mask", "loss_dice", f"loss_mask_{layers - 2}_o2m"} <= set(losses)
+        assert counter.counts == {"copy to host": 3}, counter.counts
 
 
 def _deta_outputs(num_images: int, q=300, c=NUM_CLASSES, seed=0):

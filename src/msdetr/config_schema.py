@@ -288,6 +288,47 @@ class RunConfig:
     max_size: int | None = spec(at_least(1))
     batch_size: int = spec(at_least(1))
 
+    @staticmethod
+    def check(node: DictConfig, path: str) -> str | None:
+        """Across sections: instance masks need a mask head and mask targets together (a branch
+        with masks=true, model.detector.mask_head and data.masks)."""
+        return _mask_settings(node)
+
+
+def _mask_settings(node: DictConfig) -> str | None:
+    """The mask supervision's three keys agree: a branch supervising masks needs the detector's
+    mask head and data.masks=true; a mask head needs a branch with masks and data.masks=true."""
+    branches = OmegaConf.select(node, "matcher.criterion.branches", default=None)
+    head = OmegaConf.select(node, "model.detector.mask_head", default=None)
+    data_masks = OmegaConf.select(node, "data.masks", default=None)
+    with_masks = [
+        str(name)
+        for name, branch in (branches.items() if isinstance(branches, DictConfig) else [])
+        if isinstance(branch, DictConfig) and branch.get("masks") is True
+    ]
+    if with_masks and head is None:
+        return (
+            f"matcher.criterion.branches.{with_masks[0]}.masks=true supervises masks, but "
+            "model.detector.mask_head is null: add +parts=mask_head, or set matcher.masks=false."
+        )
+    if head is not None and isinstance(branches, DictConfig) and not with_masks:
+        return (
+            "model.detector.mask_head is set but no branch of matcher.criterion.branches "
+            "supervises masks, so it would not train: set matcher.masks=true, or "
+            "model.detector.mask_head=null."
+        )
+    if (with_masks or head is not None) and data_masks is False:
+        what = (
+            f"matcher.criterion.branches.{with_masks[0]}.masks=true"
+            if with_masks
+            else "model.detector.mask_head"
+        )
+        return (
+            f"{what} needs instance masks in the targets, but data.masks=false: set "
+            "data.masks=true (a dataset with segmentations)."
+        )
+    return None
+
 
 def validate(cfg: DictConfig, schema: type = RunConfig) -> None:
     """Raises ConfigValidationError, in one sentence naming the key, its value and what is

@@ -1,4 +1,5 @@
-"""Turning raw outputs into detections: top-k over (query, class) pairs."""
+"""Turning raw outputs into detections: top-k over (query, class) pairs (or DETA's NMS), with
+instance masks where the detector has a mask head."""
 
 from __future__ import annotations
 
@@ -7,11 +8,42 @@ from torch import nn
 from torchvision.ops import batched_nms, nms
 
 from .box_ops import cxcywh_to_xyxy
+from .postprocess_masks import detection_masks
 
 
-class TopKPostProcess(nn.Module):
+class PostProcess(nn.Module):
+    """What the post-processes share: the masks of the kept detections.
+
+    Where the outputs carry mask embeddings (`mask_embed`, a detector with a mask head), each
+    detection gets "masks": its query's mask logits (its embedding against the image's pixel
+    embedding, made for the kept queries only, at 1/4 of the padded input), resampled onto the
+    original image and thresholded at probability 0.5: (N, H, W) bool at `orig_sizes`
+    (`postprocess_masks.paste_masks`). The paste needs the sizes as Python ints: one host read per
+    batch (`sizes_on_host`), at inference only."""
+
+    @staticmethod
+    def sizes_on_host(orig_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """The one host read of the mask paste: the (B, 2) original (H, W) as ints."""
+        return [(int(h), int(w)) for h, w in orig_sizes.tolist()]
+
+    def kept_masks(
+        self, outputs: dict, queries: list[torch.Tensor], orig_sizes: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per image the (N_b, H_b, W_b) bool masks of its kept detections, `queries[b]` (N_b,)
+        their query indices (a query kept for two classes is pasted twice)."""
+        embed, pixel = outputs["mask_embed"], outputs["mask_features"]
+        logits = [
+            torch.einsum("nd,dhw->nhw", embed[b, q].float(), pixel[b].float())
+            for b, q in enumerate(queries)
+        ]
+        return detection_masks(
+            logits, outputs["mask_valid_ratio"].float(), self.sizes_on_host(orig_sizes)
+        )
+
+
+class TopKPostProcess(PostProcess):
     """sigmoid, flatten (query, class), keep the top-k; boxes in absolute xyxy of the original
-    image."""
+    image (and, with a mask head, "masks": see `PostProcess`)."""
 
     def __init__(self, num_select: int = 100):
         super().__init__()
@@ -30,13 +62,18 @@ class TopKPostProcess(nn.Module):
         )
         h, w = orig_sizes.to(boxes.dtype).unbind(1)
         boxes = boxes * torch.stack([w, h, w, h], 1)[:, None, :]
-        return [{"scores": s, "labels": c, "boxes": bx} for s, c, bx in zip(scores, labels, boxes)]
+        out = [{"scores": s, "labels": c, "boxes": bx} for s, c, bx in zip(scores, labels, boxes)]
+        if "mask_embed" in outputs:
+            for det, masks in zip(out, self.kept_masks(outputs, list(query), orig_sizes)):
+                det["masks"] = masks
+        return out
 
 
-class NMSPostProcess(nn.Module):
+class NMSPostProcess(PostProcess):
     """DETA's class-aware NMS: every (query, class) pair, at most `pre_topk` by score, batched NMS
         by
-    label at `iou_threshold`, the best `num_select` kept; no score threshold.
+    label at `iou_threshold`, the best `num_select` kept; no score threshold. With a mask head,
+    "masks" as well (see `PostProcess`).
 
     `whole_batch`: one NMS over the whole batch (every (image, class) its own group) and one read
     of the device to split it by image, instead of NMS image by image (torchvision's batched_nms,
@@ -71,12 +108,16 @@ class NMSPostProcess(nn.Module):
         else:
             idx = torch.arange(q * c, device=scores.device).expand(b, -1)
         label = idx % c
-        box = torch.gather(
-            boxes, 1, torch.div(idx, c, rounding_mode="floor").unsqueeze(-1).expand(-1, -1, 4)
-        )
+        query = torch.div(idx, c, rounding_mode="floor")
+        box = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
         score = torch.gather(scores, 1, idx)
         if b * n == 0:
-            return [{"scores": score[i], "labels": label[i], "boxes": box[i]} for i in range(b)]
+            return self._with_masks(
+                [{"scores": score[i], "labels": label[i], "boxes": box[i]} for i in range(b)],
+                outputs,
+                [query[i] for i in range(b)],
+                orig_sizes,
+            )
         # NMS only uses the order of the scores: a strict one, highest first, ties by position.
         order = score.sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(
@@ -90,10 +131,28 @@ class NMSPostProcess(nn.Module):
             kept = [
                 batched_nms(box[i].double(), key[i], label[i], self.iou_threshold) for i in range(b)
             ]
-        return [
-            {"scores": score[i, k], "labels": label[i, k], "boxes": box[i, k]}
-            for i, k in enumerate(k[: self.num_select] for k in kept)
-        ]
+        kept = [k[: self.num_select] for k in kept]
+        return self._with_masks(
+            [
+                {"scores": score[i, k], "labels": label[i, k], "boxes": box[i, k]}
+                for i, k in enumerate(kept)
+            ],
+            outputs,
+            [query[i, k] for i, k in enumerate(kept)],
+            orig_sizes,
+        )
+
+    def _with_masks(
+        self,
+        detections: list[dict[str, torch.Tensor]],
+        outputs: dict,
+        queries: list[torch.Tensor],
+        orig_sizes: torch.Tensor,
+    ) -> list[dict[str, torch.Tensor]]:
+        if "mask_embed" in outputs:
+            for det, masks in zip(detections, self.kept_masks(outputs, queries, orig_sizes)):
+                det["masks"] = masks
+        return detections
 
     def batch_nms(
         self, box: torch.Tensor, key: torch.Tensor, label: torch.Tensor, num_classes: int

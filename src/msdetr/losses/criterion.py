@@ -16,6 +16,13 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
 from ..matching import Assigner
+from ..models.masks import image_pair_logits
+from .masks import (
+    IMPORTANCE_SAMPLE_RATIO,
+    NUM_POINTS,
+    OVERSAMPLE_RATIO,
+    matched_point_losses,
+)
 
 Targets = list[dict[str, torch.Tensor]]
 
@@ -34,6 +41,11 @@ _STREAM_HINTS = {
 }
 
 
+# The weights of a branch's mask terms where it supervises masks and its weights leave them out:
+# Mask DINO's (MaskDINO configs: MASK_WEIGHT 5.0, DICE_WEIGHT 5.0).
+MASK_WEIGHTS = {"mask": 5.0, "dice": 5.0}
+LOSS_TERMS = ("ce", "bbox", "giou", "mask", "dice")
+
 # The classification losses a branch may use; the defaults (alpha, gamma) of the IoU-aware ones.
 CLS_LOSSES = ("focal", "varifocal", "ia_bce")
 _CLS_DEFAULTS = {"varifocal": (0.75, 2.0), "ia_bce": (0.25, 2.0)}
@@ -46,7 +58,14 @@ class Branch:
     stream: key of the model outputs it reads (`main` = `pred_logits`/`pred_boxes` + `aux_outputs`;
     otherwise a sub-dict such as `enc_outputs`, with its own `aux_outputs` when `aux`).
     assigner: an `Assigner` (msdetr/matching/base.py): per image of a layer, its (query, GT) pairs.
-    weights: loss weight per term (`ce`, `bbox`, `giou`). suffix: appended to every loss name.
+    weights: loss weight per term (`ce`, `bbox`, `giou`, and with masks `mask`, `dice`; those two
+    default to Mask DINO's 5.0 each, and are ignored while `masks` is off, so one weights dict may
+    serve branches with and without masks). suffix: appended to every loss name.
+    masks: the branch also supervises its queries' instance masks (`loss_mask`: sigmoid BCE,
+    `loss_dice`: dice, over importance-sampled points of each assigned (query, GT) pair, the pairs
+    of the branch's own assigner, normalized as the box terms). Needs a detector with a mask head
+    (`model.detector.mask_head`, its decoder streams carry `mask_embed`) and targets with "masks"
+    (`data.masks=true`); the encoder stream has no masks.
     binary: class-agnostic targets (every label 0), as the two-stage encoder is trained.
     merge_with: stream of an earlier branch whose assignment of the same layer is merged into this
     one (MS-DETR's `use_indices_merge`: union, one GT per query, this branch winning conflicts;
@@ -89,6 +108,7 @@ class Branch:
     cls_alpha: float | None = None
     cls_gamma: float | None = None
     suffix_first: bool = False
+    masks: bool = False
 
     def __post_init__(self):
         if not isinstance(self.assigner, Assigner):
@@ -114,13 +134,15 @@ class Branch:
             raise ValueError(
                 f"branch {self.stream!r}: repeat_targets must be >= 1 and num_boxes_scale > 0."
             )
-        unknown = set(self.weights) - {"ce", "bbox", "giou"}
+        unknown = set(self.weights) - set(LOSS_TERMS)
         if unknown:
             raise ValueError(
-                f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use ce, "
-                "bbox, giou."
+                f"unknown loss weight(s) {sorted(unknown)} in branch {self.stream!r}; use "
+                f"{', '.join(LOSS_TERMS)}."
             )
         self.weights = {k: float(v) for k, v in self.weights.items()}
+        if self.masks:
+            self.weights = {**MASK_WEIGHTS, **self.weights}
 
 
 def last_pair_per_query(queries: torch.Tensor, num_queries: int) -> torch.Tensor:
@@ -280,14 +302,38 @@ class SetCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         giou_eps: float = 0.0,
+        mask_num_points: int = NUM_POINTS,
+        mask_oversample_ratio: float = OVERSAMPLE_RATIO,
+        mask_importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
     ):
         """`branches`: a list, or a dict by name (what configs compose: a later config adds a branch
         by name or removes one with null); evaluated in order. `giou_eps`: of the GIoU loss, see
-        `box_ops.generalized_box_iou` (DINO: 1e-6)."""
+        `box_ops.generalized_box_iou` (DINO: 1e-6). `mask_*`: the point sampling of the branches
+        with masks (`losses.masks.uncertain_points`; Mask DINO's 12544 points, oversample 3,
+        importance 0.75); the points are drawn from torch's generator on the outputs' device,
+        which every process seeds and every checkpoint saves (see `mask_terms`)."""
         super().__init__()
         self.num_classes = num_classes
+        if mask_num_points < 1 or mask_oversample_ratio < 1:
+            raise ValueError(
+                f"matcher.criterion.mask_num_points={mask_num_points} and mask_oversample_ratio="
+                f"{mask_oversample_ratio}: use at least 1 point and a ratio >= 1."
+            )
+        if not 0 <= mask_importance_sample_ratio <= 1:
+            raise ValueError(
+                "matcher.criterion.mask_importance_sample_ratio="
+                f"{mask_importance_sample_ratio}: use a fraction in [0, 1]."
+            )
+        self.mask_num_points = mask_num_points
+        self.mask_oversample_ratio = mask_oversample_ratio
+        self.mask_importance_sample_ratio = mask_importance_sample_ratio
         if isinstance(branches, dict):
+            names = [name for name, b in branches.items() if b is not None]
             branches = [b for b in branches.values() if b is not None]
+        else:
+            names = [b.stream for b in branches]
+        # How the config calls each branch (matcher.criterion.branches.<name>), for the messages.
+        self.branch_names = names
         if not branches:
             raise ValueError(
                 "the criterion has no branches; the matcher config must supervise at least one "
@@ -312,6 +358,28 @@ class SetCriterion(nn.Module):
         `streams`: the model's `output_streams` (stream -> box keys its assigners may match
             against).
         """
+        with_masks = [b for b in self.branches if b.masks]
+        if not with_masks and "mask_embed" in streams.get("main", set()):
+            raise ValueError(
+                "the model has a mask head (model.detector.mask_head) but no branch supervises "
+                "masks, so it would not train; set matcher.masks=true (parts/mask_head does) or "
+                "model.detector.mask_head=null."
+            )
+        for name, branch in zip(self.branch_names, self.branches):
+            if (
+                branch.masks
+                and branch.stream in streams
+                and ("mask_embed" not in streams[branch.stream])
+            ):
+                why = (
+                    "the encoder's proposals are matched on boxes only"
+                    if branch.stream == "enc_outputs"
+                    else "the model has no mask head: add one with +parts=mask_head"
+                )
+                raise ValueError(
+                    f"matcher.criterion.branches.{name}.masks=true supervises masks on "
+                    f"{branch.stream!r}, which carries none ({why}); or set that masks=false."
+                )
         for branch in self.branches:
             if branch.stream not in streams:
                 if branch.required:
@@ -363,6 +431,7 @@ class SetCriterion(nn.Module):
             else targets
         )
         if branch.repeat_targets > 1:
+            # "masks" stay as they are: GT j of the repeated targets is mask j % G (`_gt_masks`).
             k = branch.repeat_targets
             targets = [
                 {**t, "labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)}
@@ -400,14 +469,69 @@ class SetCriterion(nn.Module):
             normalizer = normalizer * branch.assigner.normalizer_scale(layer_out, tgts)
             mask = branch.assigner.class_loss_mask(layer_out, tgts)
             terms = self.layer_losses(layer_out, tgts, indices, normalizer, branch, mask)
-            for key in ("ce", "bbox", "giou"):
-                losses[f"loss_{key}{name}"] = terms[key]
-                weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
+            if branch.masks:
+                terms.update(self.mask_terms(layer_out, tgts, indices, normalizer, branch))
+            for key in ("ce", "bbox", "giou", "mask", "dice"):
+                if key in terms:
+                    losses[f"loss_{key}{name}"] = terms[key]
+                    weights[f"loss_{key}{name}"] = branch.weights.get(key, 0.0)
             losses[f"cardinality_error{name}"] = terms["cardinality"]
             if not branch.binary and not layer_suffix:
                 losses[f"class_error{branch.suffix}"] = self.class_error(layer_out, tgts, indices)
         self._weight_dict = weights
         return losses
+
+    def mask_terms(
+        self, out: dict, targets: Targets, indices, num_masks: float, branch: Branch
+    ) -> dict[str, torch.Tensor]:
+        """{"mask", "dice"}: the mask losses of one layer's assigned (query, GT) pairs, divided by
+        the branch's normalizer (the box terms' `num_masks`).
+
+        Only the pairs' low-resolution maps are made (`image_pair_logits`: each query's mask
+        embedding against its image's pixel embedding), then sampled at `mask_num_points` points
+        each, drawn toward the uncertain ones (`losses.masks.matched_point_losses`); the GT masks
+        are read at the same points. No host read: the per-image pair counts are the index
+        tensors' shapes. The points come from torch's generator on the outputs' device: it is
+        seeded per process (seed + rank) and saved with every checkpoint, so runs repeat and
+        resume; a generator of the criterion's own would have to live on that device, which is
+        known only at the first step (a CPU one would draw every point on the host and copy it
+        over)."""
+        if "mask_embed" not in out:
+            raise ValueError(
+                f"branch {branch.stream!r} supervises masks but its outputs carry no mask "
+                "embeddings; give the detector a mask head (+parts=mask_head) or set the branch's "
+                "masks=false."
+            )
+        gt_masks = [self._gt_masks(t, branch) for t in targets]
+        embed = at_least_float32(out["mask_embed"])
+        logits = image_pair_logits(embed, out["mask_features"], [src for src, _ in indices])
+        if logits.shape[0] == 0:  # no pair at all: zero, still depending on the head
+            zero = (embed.sum() + out["mask_features"].sum()) * 0.0
+            return {"mask": zero, "dice": zero}
+        gt_index = [
+            tgt % masks.shape[0] if masks.shape[0] else tgt
+            for masks, (_, tgt) in zip(gt_masks, indices)
+        ]
+        return matched_point_losses(
+            logits,
+            [len(src) for src, _ in indices],
+            gt_masks,
+            gt_index,
+            out["mask_valid_ratio"],
+            num_masks,
+            num_points=self.mask_num_points,
+            oversample_ratio=self.mask_oversample_ratio,
+            importance_sample_ratio=self.mask_importance_sample_ratio,
+        )
+
+    @staticmethod
+    def _gt_masks(target: dict, branch: Branch) -> torch.Tensor:
+        if "masks" not in target:
+            raise ValueError(
+                f"branch {branch.stream!r} supervises masks, but the targets have none; set "
+                "data.masks=true (a dataset with segmentations) or the branch's masks=false."
+            )
+        return target["masks"]
 
     def _assign(self, jobs) -> dict[tuple[str, str], list]:
         """Every branch's assignment of every layer. The calls are grouped by their assigner's

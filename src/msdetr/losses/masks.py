@@ -295,3 +295,78 @@ def mask_match_costs(
         )
     gt_points = point_sample(gt_masks.float(), coords.expand(gt_masks.shape[0], -1, -1))
     return mask_bce_cost(pred_points, gt_points), mask_dice_cost(pred_points, gt_points)
+
+
+def sample_gt_masks(
+    masks: torch.Tensor, index: torch.Tensor, coords: torch.Tensor, chunk: int = 16
+) -> torch.Tensor:
+    """Bilinear samples of binary GT masks at points: `point_sample(masks[index].float(), coords)`
+    (grid_sample, align_corners=False, zero outside), `chunk` rows at a time, so that the float
+    copies of full-resolution masks stay bounded (16 COCO-sized masks: ~60 MB) however many rows
+    share a GT (a one-to-many branch samples each GT for several queries).
+
+    Args:
+        masks: (G, h, w) bool (or {0, 1}) GT masks at the image's unpadded size.
+        index: (M,) which mask each row samples.
+        coords: (M, P, 2) points (x, y) in [0, 1] of the mask.
+    Returns: (M, P) float32 values in [0, 1].
+    """
+    m, p, _ = coords.shape
+    if m == 0 or masks.shape[0] == 0:
+        return coords.new_zeros(m, p, dtype=torch.float32)
+    parts = [
+        point_sample(masks[index[i : i + chunk]].float(), coords[i : i + chunk].float())
+        for i in range(0, m, chunk)
+    ]
+    return torch.cat(parts)
+
+
+def matched_point_losses(
+    pair_logits: torch.Tensor,
+    pair_image: list[int],
+    gt_masks: Sequence[torch.Tensor],
+    gt_index: Sequence[torch.Tensor],
+    valid_ratios: torch.Tensor,
+    num_masks: float | torch.Tensor,
+    *,
+    num_points: int = NUM_POINTS,
+    oversample_ratio: float = OVERSAMPLE_RATIO,
+    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """{"mask": BCE, "dice": dice} of matched pairs whose logit maps are already made.
+
+    Args:
+        pair_logits: (M, h4, w4) the matched predictions' mask logits on the padded map, image
+            after image (`msdetr.models.masks.image_pair_logits`).
+        pair_image: per image, how many of the M rows are its (host ints: the index shapes).
+        gt_masks: per image (G_b, h_b, w_b) GT masks; gt_index: per image (n_b,) the GT of each of
+            its rows.
+        valid_ratios: (B, 2) valid (w, h) fraction of the map per image.
+    The points are drawn once for all M pairs (`uncertain_points`, each pair in its image's valid
+    region); the GTs are read at them per image (`sample_gt_masks`)."""
+    if pair_logits.shape[0] == 0:
+        zero = pair_logits.sum() * 0.0
+        return {"mask": zero, "dice": zero}
+    ratios = torch.cat(
+        [valid_ratios[b].expand(n, 2) for b, n in enumerate(pair_image) if n], 0
+    )  # (M, 2)
+    coords = uncertain_points(
+        pair_logits,
+        num_points,
+        oversample_ratio,
+        importance_sample_ratio,
+        valid_ratio=ratios,
+        generator=generator,
+    )
+    pred = point_sample(pair_logits, map_points(coords, ratios).to(pair_logits.dtype))
+    gts, start = [], 0
+    for b, n in enumerate(pair_image):
+        if n:
+            gts.append(sample_gt_masks(gt_masks[b], gt_index[b], coords[start : start + n]))
+        start += n
+    gt = torch.cat(gts)
+    return {
+        "mask": sigmoid_bce_mask_loss(pred, gt, num_masks),
+        "dice": dice_mask_loss(pred, gt, num_masks),
+    }

@@ -1,4 +1,5 @@
-"""One-to-one Hungarian assignment with the focal / L1 / GIoU cost of Deformable-DETR."""
+"""One-to-one Hungarian assignment with the focal / L1 / GIoU cost of Deformable-DETR, and
+optionally Mask DINO's mask costs (sigmoid BCE and dice on uniform points)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
+from ..losses.masks import (
+    NUM_POINTS,
+    map_points,
+    mask_bce_cost,
+    mask_dice_cost,
+    sample_gt_masks,
+    uniform_points,
+)
+from ..models.masks import embed_point_logits
 from .base import Assigner, Indices
 
 
@@ -29,6 +39,15 @@ class HungarianMatcher(Assigner):
     built in the outputs' precision (fp32 at least) on their device; `assign_many` copies those of
     all its calls to the host in one transfer. `giou_eps`: see `box_ops.generalized_box_iou`
     (DINO: 1e-6).
+
+    `cost_mask`, `cost_dice` (0: off; Mask DINO: 5.0 each): the mask BCE and dice costs of every
+    (query, GT) pair, on `num_points` uniform points of each image's valid region shared by all its
+    queries and GTs (`losses.masks.mask_match_costs`' rule). They apply where the layer carries
+    mask embeddings (`mask_embed`, a detector with a mask head): never on the encoder stream,
+    which is matched on boxes alone. The query's logits at the points come from its embedding and
+    the pixel embedding sampled there (`embed_point_logits`: no mask map is made); the GTs'
+    values from the bool masks (`sample_gt_masks`). The points are drawn from torch's generator
+    on the outputs' device (seeded per process, saved with every checkpoint).
     """
 
     def __init__(
@@ -41,11 +60,19 @@ class HungarianMatcher(Assigner):
         box_key: str = "pred_boxes",
         group_size: int | None = None,
         giou_eps: float = 0.0,
+        cost_mask: float = 0.0,
+        cost_dice: float = 0.0,
+        num_points: int = NUM_POINTS,
     ):
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError(
                 "all Hungarian matcher costs are 0; set at least one of "
                 "cost_class/cost_bbox/cost_giou."
+            )
+        if cost_mask < 0 or cost_dice < 0 or num_points < 1:
+            raise ValueError(
+                f"Hungarian matcher cost_mask={cost_mask}, cost_dice={cost_dice}, num_points="
+                f"{num_points}: use costs >= 0 (0: off) and at least one point."
             )
         if group_size is not None and group_size < 1:
             raise ValueError(
@@ -56,6 +83,7 @@ class HungarianMatcher(Assigner):
         self.box_key = box_key
         self.group_size = group_size
         self.giou_eps = giou_eps
+        self.cost_mask, self.cost_dice, self.num_points = cost_mask, cost_dice, num_points
 
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
         """Per image, per query group, the (group_size, n) cost matrix."""
@@ -64,6 +92,7 @@ class HungarianMatcher(Assigner):
         logits = at_least_float32(outputs["pred_logits"])
         boxes = at_least_float32(outputs[self.box_key])
         groups = self._groups(logits.shape[1])
+        masks = self.mask_costs(outputs, targets)
         costs: list[torch.Tensor] = []
         for b, tgt in enumerate(targets):
             tgt_boxes = tgt["boxes"].to(boxes.dtype)
@@ -78,8 +107,45 @@ class HungarianMatcher(Assigner):
                     c = c + self.cost_class * focal_class_cost(
                         logits[b].sigmoid(), tgt["labels"], self.alpha, self.gamma
                     )
+                if masks is not None:
+                    c = c + masks[b].to(c.dtype)
             costs.extend(c.chunk(groups))
         return costs
+
+    @property
+    def uses_masks(self) -> bool:
+        return bool(self.cost_mask or self.cost_dice)
+
+    def mask_costs(self, outputs: dict, targets: list[dict]) -> list[torch.Tensor] | None:
+        """Per image the (Q, n) weighted mask costs, or None where they are off or the layer has
+        no mask embeddings. A target whose boxes repeat its masks k times (H-DETR's one-to-many
+        branch: GT j is mask j % G) gets the (Q, G) costs repeated k times."""
+        if not self.uses_masks or "mask_embed" not in outputs:
+            return None
+        embed = at_least_float32(outputs["mask_embed"])
+        pixel, ratio = outputs["mask_features"], outputs["mask_valid_ratio"]
+        b = embed.shape[0]
+        coords = uniform_points(b, self.num_points, device=embed.device)  # (B, P, 2) valid region
+        points = embed_point_logits(embed, pixel, map_points(coords, ratio))  # (B, Q, P)
+        out = []
+        for i, tgt in enumerate(targets):
+            if "masks" not in tgt:
+                raise ValueError(
+                    "the Hungarian matcher has mask costs (cost_mask / cost_dice), but the targets "
+                    "have no masks; set data.masks=true or matcher.cost.mask=0 and "
+                    "matcher.cost.dice=0."
+                )
+            gt_masks, n = tgt["masks"], len(tgt["boxes"])
+            g = gt_masks.shape[0]
+            if n == 0 or g == 0:
+                out.append(points.new_zeros(points.shape[1], n))
+                continue
+            index = torch.arange(g, device=gt_masks.device)
+            gt_points = sample_gt_masks(gt_masks, index, coords[i].expand(g, -1, -1))
+            cost = self.cost_mask * mask_bce_cost(points[i], gt_points)
+            cost = cost + self.cost_dice * mask_dice_cost(points[i], gt_points)
+            out.append(cost.repeat(1, n // g) if n != g else cost)
+        return out
 
     def _groups(self, num_queries: int) -> int:
         if self.group_size is None:

@@ -1,10 +1,11 @@
 """The detector and its parts (docs/architecture.md): backbones, encoder, decoder, query selection,
-training-only query blocks, and the typed output."""
+training-only query blocks, the mask head, and the typed output."""
 
 from .backbone import Backbone
 from .decoder import MLP, DecoderLayer, DeformableDecoder
 from .detector import DeformableDETR
 from .encoder import DeformableEncoder, EncoderLayer, Levels
+from .masks import MaskHead
 from .outputs import DetectorOutput, EncoderStream, LayerStream, Prediction
 from .position_encoding import PositionEmbeddingSine
 from .queries import (
@@ -43,6 +44,7 @@ __all__ = [
     "LearnedQueries",
     "Levels",
     "MLP",
+    "MaskHead",
     "NMSTwoStageQueries",
     "PositionEmbeddingSine",
     "Prediction",

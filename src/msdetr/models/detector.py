@@ -4,6 +4,12 @@
            -> query selection (+ training-only query blocks) -> decoder -> prediction heads
            -> `DetectorOutput`: one stream per kind of supervision
 
+With a mask head (`mask_head`, instance segmentation after Mask DINO) the backbone also gives its
+stride-4 map (or its stride-8 level is used), the head makes one pixel embedding per forward from
+it and the encoder's finest level, and every decoder layer of every stream gets its queries' mask
+embeddings (`mask_embed`, see `msdetr.models.outputs.MaskKeys`); mask logits are made only where
+used (the loss's matched pairs, the matching cost's points, the post-process's kept detections).
+
 Each part is built by Hydra from `conf/model/*.yaml` (the matcher configs add what their supervision
 needs, e.g. the decoder's one-to-many tap or a training-only query block) and passed in here.
 """
@@ -24,6 +30,7 @@ from .attention import MSDeformAttn
 from .backbone import FeatureBackbone, resize_mask
 from .decoder import MLP, DeformableDecoder
 from .encoder import DeformableEncoder
+from .masks import MaskHead, mask_valid_ratio
 from .outputs import OPTIONAL_STREAMS, DetectorOutput, LayerStream
 from .position_encoding import PositionEmbeddingSine
 from .queries import Queries, QuerySelection
@@ -51,6 +58,10 @@ class DeformableDETR(nn.Module):
             None: Deformable-DETR's, temperature 10000, pixel centres).
         training_queries: training-only query blocks by name (`HybridQueries`, `QueryGroups`, ...),
             each supervised through its own stream; none of them exist at inference.
+        mask_head: instance segmentation (`MaskHead`): every decoder stream's layers then carry
+            mask embeddings, and the outputs the shared pixel embedding (`MaskKeys`). Its lateral
+            map is the backbone's stride-4 map (`lateral_stride=4`, a backbone with
+            `stride4_channels`) or its first, stride-8 level (`lateral_stride=8`).
 
     `forward(images, padding_mask)` returns a `DetectorOutput`; `output_streams` lists the streams
     a training forward returns.
@@ -69,6 +80,7 @@ class DeformableDETR(nn.Module):
         training_queries: Mapping[str, TrainingQueries | None] | None = None,
         share_heads: bool = False,
         position_embedding: PositionEmbeddingSine | None = None,
+        mask_head: MaskHead | None = None,
     ):
         super().__init__()
         hidden_dim, num_levels = encoder.d_model, encoder.num_levels
@@ -124,6 +136,8 @@ class DeformableDETR(nn.Module):
                 f"the position embedding has 2 x {position_embedding.num_pos_feats} channels, the "
                 f"model {hidden_dim}; leave position_embedding.num_pos_feats null (half the width)."
             )
+        if mask_head is not None:
+            mask_head.bind(self._lateral_channels(backbone, mask_head, hidden_dim))
         self.num_classes = num_classes
         self.num_feature_levels = num_levels
         self.box_refine = box_refine
@@ -133,6 +147,7 @@ class DeformableDETR(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.queries = queries
+        self.mask_head = mask_head
         self.training_queries = nn.ModuleDict()
         for name, block in (training_queries or {}).items():
             if block is None:  # a config that drops a block sets it to null
@@ -178,6 +193,33 @@ class DeformableDETR(nn.Module):
         if o2m_class_heads:
             self.class_embed_o2m = copy.deepcopy(self.class_embed[: decoder.num_layers])
 
+    @staticmethod
+    def _lateral_channels(backbone: FeatureBackbone, head: MaskHead, hidden_dim: int) -> int:
+        """The channels of the backbone map the mask head fuses in; refuses a backbone without
+        it."""
+        if head.hidden_dim != hidden_dim:
+            raise ValueError(
+                f"model.detector.mask_head.hidden_dim={head.hidden_dim}, the model's width is "
+                f"{hidden_dim}; set it from ${{model.hidden_dim}}."
+            )
+        name = type(backbone).__name__
+        if head.stride == 4:
+            if backbone.stride4_channels is None:
+                raise ValueError(
+                    f"the {name} backbone has no stride-4 map for "
+                    "model.detector.mask_head.lateral_stride=4; set lateral_stride=8 to fuse its "
+                    "stride-8 level instead."
+                )
+            return backbone.stride4_channels
+        strides = getattr(backbone, "strides", None)
+        if strides is not None and strides[0] != 8:
+            raise ValueError(
+                f"model.detector.mask_head.lateral_stride=8 fuses the backbone's first level, "
+                f"which is at stride {strides[0]} in this {name}; return the stride-8 level "
+                "(return_interm_layers=true) or use lateral_stride=4."
+            )
+        return backbone.num_channels[0]
+
     # -- what the model is --------------------------------------------------------------------
     @property
     def num_queries(self) -> int:
@@ -206,6 +248,8 @@ class DeformableDETR(nn.Module):
         boxes = (
             {"pred_boxes", "init_reference"} if self.queries.proposal_references else {"pred_boxes"}
         )
+        if self.mask_head is not None:  # the decoder streams carry mask embeddings
+            boxes = boxes | {"mask_embed"}
         streams = {"main": boxes}
         if self.decoder.o2m_tap is not None:
             streams["o2m_outputs"] = boxes
@@ -236,8 +280,18 @@ class DeformableDETR(nn.Module):
                 nn.init.zeros_(conv.bias)
         return nn.ModuleList(nn.Sequential(conv, nn.GroupNorm(32, hidden_dim)) for conv in convs)
 
-    def multiscale_features(self, images: torch.Tensor, padding_mask: torch.Tensor):
-        feats = self.backbone(images, padding_mask)
+    def multiscale_features(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """The encoder's input levels (projected maps, padding masks, positions) and, with a mask
+        head, the backbone map its pixel embedding fuses in (None without one)."""
+        lateral = None
+        if self.mask_head is not None and self.mask_head.stride == 4:
+            feats, lateral = self.backbone.forward_with_stride4(images, padding_mask)
+        else:
+            feats = self.backbone(images, padding_mask)
+            if self.mask_head is not None:
+                lateral = feats[0][0]
         srcs, masks = [], []
         for lvl, (feat, mask) in enumerate(feats):
             srcs.append(self.input_proj[lvl](feat))
@@ -249,7 +303,7 @@ class DeformableDETR(nn.Module):
             srcs.append(src)
             masks.append(resize_mask(padding_mask, src.shape[-2:]))
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
-        return srcs, masks, pos
+        return srcs, masks, pos, lateral
 
     def head_outputs(self, hidden, box_refs, boxes=None, class_heads=None):
         """Class logits and boxes of every decoder layer (boxes given: the decoder's refined
@@ -271,18 +325,28 @@ class DeformableDETR(nn.Module):
         return logits, coords
 
     @staticmethod
-    def _stream(logits, coords, reference, start: int, stop: int) -> LayerStream:
-        """The stream of queries start..stop: last layer on top, earlier layers in `aux_outputs`."""
+    def _stream(
+        logits, coords, reference, start: int, stop: int, masks: dict | None = None
+    ) -> LayerStream:
+        """The stream of queries start..stop: last layer on top, earlier layers in `aux_outputs`.
+
+        `masks` (with a mask head): per layer `embed` (B, T, D) mask embeddings, and the shared
+        `features` and `valid_ratio`; every layer gets its slice of the embeddings and the shared
+        two (`MaskKeys`)."""
         logits = [x[:, start:stop] for x in logits]
         coords = [x[:, start:stop] for x in coords]
-        return {
-            "pred_logits": logits[-1],
-            "pred_boxes": coords[-1],
-            "aux_outputs": [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], coords[:-1])
-            ],
-            "init_reference": reference[:, start:stop],
-        }
+        layers: list[dict[str, Any]] = [
+            {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits, coords)
+        ]
+        if masks is not None:
+            for layer, embed in zip(layers, masks["embed"]):
+                layer["mask_embed"] = embed[:, start:stop]
+                layer["mask_features"] = masks["features"]
+                layer["mask_valid_ratio"] = masks["valid_ratio"]
+        return cast(
+            LayerStream,
+            {**layers[-1], "aux_outputs": layers[:-1], "init_reference": reference[:, start:stop]},
+        )
 
     @property
     def needs_targets(self) -> bool:
@@ -309,9 +373,14 @@ class DeformableDETR(nn.Module):
     ) -> DetectorOutput:
         """`targets` (training only): the batch's targets, for training blocks that build queries
         from them (denoising)."""
-        srcs, masks, pos = self.multiscale_features(images, padding_mask)
+        srcs, masks, pos, lateral = self.multiscale_features(images, padding_mask)
         levels = self.encoder.flatten(srcs, masks, pos)
         memory = self.encoder(levels)
+        pixel = None
+        if self.mask_head is not None:
+            assert lateral is not None
+            # One pixel embedding per forward, shared by every stream and layer.
+            pixel = self.mask_head.pixel_embedding(memory, levels.shapes, lateral)
         extra = self.blocks if self.training else []
         from_targets = [b for b in extra if b.needs_targets]
         if from_targets and targets is None:
@@ -355,21 +424,39 @@ class DeformableDETR(nn.Module):
             self.self_attn_mask(blocks, sizes, images.device) if blocks else None,
         )
         logits, coords = self.head_outputs(dec.hidden, dec.box_refs, dec.boxes)
+        mask_out: dict[str, Any] | None = None
+        if self.mask_head is not None and pixel is not None:
+            mask_out = {
+                "embed": [self.mask_head.embed(h) for h in dec.hidden],
+                "features": pixel,
+                "valid_ratio": mask_valid_ratio(
+                    padding_mask, pixel.shape[-2:], self.mask_head.stride
+                ),
+            }
         # Stream keys come from the blocks (checked against DetectorOutput's when they were bound).
-        out: dict[str, Any] = dict(self._stream(logits, coords, queries.reference, 0, q))
+        out: dict[str, Any] = dict(self._stream(logits, coords, queries.reference, 0, q, mask_out))
         start = q
         for block, per_block in zip(blocks, sizes[1:]):
             stop = start + sum(per_block)
-            out[block.stream] = self._stream(logits, coords, queries.reference, start, stop)
+            out[block.stream] = self._stream(
+                logits, coords, queries.reference, start, stop, mask_out
+            )
             start = stop
         if dec.hidden_o2m and dec.hidden_o2m[0] is not None:
             # One-to-many predictions of the one-to-one queries, on the same references as their
             # layer.
+            o2m_hidden = [h[:, :q] for h in dec.hidden_o2m]
             o2m_logits, o2m_coords = self.head_outputs(
-                [h[:, :q] for h in dec.hidden_o2m],
+                o2m_hidden,
                 [r[:, :q] for r in dec.box_refs],
                 class_heads=getattr(self, "class_embed_o2m", None),
             )
-            out["o2m_outputs"] = self._stream(o2m_logits, o2m_coords, queries.reference, 0, q)
+            o2m_masks = None
+            if mask_out is not None and self.mask_head is not None:
+                # The one-to-many states through the same mask embedding MLP (as the box heads).
+                o2m_masks = {**mask_out, "embed": [self.mask_head.embed(h) for h in o2m_hidden]}
+            out["o2m_outputs"] = self._stream(
+                o2m_logits, o2m_coords, queries.reference, 0, q, o2m_masks
+            )
         out.update(queries.outputs)
         return cast(DetectorOutput, out)

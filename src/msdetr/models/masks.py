@@ -14,18 +14,20 @@ How the detector calls it (`DeformableDETR.forward`):
    (`backbone.stride4_channels` channels; `Backbone` has it, other backbones leave it None). With
    `lateral_stride=8` the lateral map is the backbone's first level, `feats[0][0]`
    (`backbone.num_channels[0]` channels, stride 8 for ResNet with return_interm_layers and Swin).
-   Build the head with `lateral_channels` set accordingly.
+   The detector calls `head.bind(channels)` with the backbone's channels (lateral_channels null
+   in the config) and refuses a backbone without the map.
 2. After the encoder: `pixel = head.pixel_embedding(memory, levels.shapes, lateral)`, where
    `memory` is the encoder's (B, S, C) output and `levels.shapes` the levels' (H, W) as ints
    (level 0, the finest, comes first in `memory`).
-3. After the decoder: `head(dec.hidden, pixel)` gives one (B, T, h, w) mask-logit map per decoder
-   layer (T: all queries of the layer, one-to-one and training blocks alike); slice it by queries
-   as the class logits are (`_stream`) and attach it as `pred_masks` to the top level and to every
-   `aux_outputs` entry. The one-to-many stream (`dec.hidden_o2m`) the same way. Two-stage: the
-   selected proposals' features (B, K, C) through `head.logits(features, pixel)` give the
-   `enc_outputs` masks; where the encoder stream holds every token (TwoStageQueries, S tokens),
-   never make S maps: match on boxes and compute the matched tokens' masks only with
-   `head.pair_logits(features, pixel, batch_idx, token_idx)`.
+3. After the decoder: every layer's hidden states (B, T, C) through `head.embed` give its
+   queries' mask embeddings (B, T, D), sliced by queries as the class logits are (`_stream`) and
+   attached as `mask_embed` to the top level, every `aux_outputs` entry and every other decoder
+   stream (the one-to-many states `dec.hidden_o2m` the same way), each layer also holding the
+   shared `mask_features` (the pixel embedding) and `mask_valid_ratio`
+   (`msdetr.models.outputs.MaskKeys`). No mask map is made in the forward: the criterion makes
+   the matched pairs' maps (`image_pair_logits`), the Hungarian cost the logits at its points
+   (`embed_point_logits`), the post-process the kept detections' maps. The encoder stream
+   (two-stage proposals, S tokens) carries no masks: it is matched and supervised on boxes only.
 4. The valid region of the pixel embedding (for the losses and the pasting):
    `mask_valid_ratio(padding_mask, pixel.shape[-2:], head.stride)` (B, 2) valid (w, h) fraction.
 
@@ -36,10 +38,11 @@ size is a multiple of the stride). The valid (unpadded) region of image b is the
 are) sits at (x * valid_ratio[b, 0], y * valid_ratio[b, 1]) of the map.
 
 Memory: every layer's (B, T, h, w) maps at 1/4 resolution are Mask DINO's way. With many queries
-(DINO's 900 plus denoising plus one-to-many) the lighter way is to keep the embeddings and compute
-only what is used: the matched pairs' maps (`pair_logits`) and the Hungarian cost's point logits
-(`point_logits`, exact because bilinear sampling is linear in the channels). Masks are never made
-at full resolution in training; at inference only the kept detections' are (`postprocess_masks`).
+(DINO's 900 plus denoising plus one-to-many) the lighter way, the detector's, is to keep the
+embeddings and compute only what is used: the matched pairs' maps (`image_pair_logits`,
+`pair_logits`) and the Hungarian cost's point logits (`embed_point_logits`, `point_logits`: exact,
+bilinear sampling is linear in the channels). Masks are never made at full resolution in
+training; at inference only the kept detections' are (`msdetr.postprocess`).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ class MaskHead(nn.Module):
     Args:
         hidden_dim: the model's width (the encoder memory's and the decoder's).
         lateral_channels: channels of the backbone map fused in (ResNet-50's layer1: 256 at stride
-            4; its layer2: 512 at stride 8).
+            4; its layer2: 512 at stride 8); None: set by `bind` from the backbone (what the
+            detector does, so a config need not know the backbone's channels).
         lateral_stride: 4 (the backbone's stride-4 map, as Mask DINO) or 8 (its stride-8 map, for
             backbones without a stride-4 output); the masks come at 1/lateral_stride of the canvas.
         mask_dim: width of the pixel and mask embeddings (None: hidden_dim, Mask DINO's choice).
@@ -76,7 +80,7 @@ class MaskHead(nn.Module):
         self,
         *,
         hidden_dim: int = 256,
-        lateral_channels: int = 256,
+        lateral_channels: int | None = None,
         lateral_stride: int = 4,
         mask_dim: int | None = None,
         num_groups: int = 32,
@@ -91,14 +95,30 @@ class MaskHead(nn.Module):
             )
         self.stride = lateral_stride
         self.hidden_dim = hidden_dim
+        self.num_groups = num_groups
         self.mask_dim = hidden_dim if mask_dim is None else mask_dim
-        self.lateral = _conv_gn(lateral_channels, hidden_dim, 1, num_groups)
+        self.lateral_channels = lateral_channels
+        if lateral_channels is not None:
+            self.lateral = _conv_gn(lateral_channels, hidden_dim, 1, num_groups)
         self.output_conv = _conv_gn(hidden_dim, hidden_dim, 3, num_groups)
         self.mask_features = nn.Conv2d(hidden_dim, self.mask_dim, 1)
         nn.init.xavier_uniform_(self.mask_features.weight)
         if self.mask_features.bias is not None:
             nn.init.zeros_(self.mask_features.bias)
         self.mask_embed = MLP(hidden_dim, hidden_dim, self.mask_dim, 3)
+
+    def bind(self, lateral_channels: int) -> None:
+        """Build the lateral convolution for a backbone map of `lateral_channels` channels (the
+        detector calls this with its backbone's); refuse a head built for other channels."""
+        if self.lateral_channels is None:
+            self.lateral_channels = lateral_channels
+            self.lateral = _conv_gn(lateral_channels, self.hidden_dim, 1, self.num_groups)
+        elif self.lateral_channels != lateral_channels:
+            raise ValueError(
+                f"model.detector.mask_head.lateral_channels={self.lateral_channels}, but the "
+                f"backbone's stride-{self.stride} map has {lateral_channels} channels; leave "
+                "lateral_channels null (taken from the backbone)."
+            )
 
     @staticmethod
     def finest_level(memory: torch.Tensor, shapes) -> torch.Tensor:
@@ -117,6 +137,11 @@ class MaskHead(nn.Module):
             shapes: the levels' (H, W) as Python ints (`Levels.shapes`).
             lateral: (B, lateral_channels, h, w) backbone map at `stride` (see the module doc).
         """
+        if self.lateral_channels is None:
+            raise RuntimeError(
+                "the mask head's lateral_channels are unknown; build it with lateral_channels or "
+                "call bind(channels) first (the detector does)."
+            )
         coarse = self.finest_level(memory, shapes)
         fine = self.lateral(lateral)
         up = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=False)
@@ -145,12 +170,7 @@ class MaskHead(nn.Module):
         """Only the chosen queries' maps: (B, Q, C) features, (B, D, h, w) pixel embedding, (M,)
         image and query indices -> (M, h, w) mask logits (the matched pairs, the kept
         detections)."""
-        emb = self.embed(hidden[batch_idx, query_idx])  # (M, D)
-        # One matmul over (image, channel) with the other images' weights zero: no (M, D, h, w) copy
-        # of the pixel embedding and no per-image split (which would read the counts on the host).
-        own = batch_idx[:, None] == torch.arange(pixel.shape[0], device=batch_idx.device)
-        weights = emb[:, None, :] * own[..., None].to(emb.dtype)  # (M, B, D)
-        return torch.einsum("mbd,bdhw->mhw", weights, pixel.to(emb.dtype))
+        return embed_pair_logits(self.embed(hidden[batch_idx, query_idx]), pixel, batch_idx)
 
     def point_logits(
         self, hidden: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor
@@ -158,11 +178,56 @@ class MaskHead(nn.Module):
         """Mask logits at points without making the maps: (B, Q, C) features, (B, D, h, w) pixel
         embedding, (B, P, 2) points (x, y) in [0, 1] of the map -> (B, Q, P). Equal to sampling the
         (B, Q, h, w) logits at the points (bilinear sampling is linear in the channels)."""
-        grid = (2.0 * coords - 1.0).unsqueeze(2).to(pixel.dtype)  # (B, P, 1, 2)
-        sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[
-            ..., 0
-        ]  # (B, D, P)
-        return torch.einsum("bqd,bdp->bqp", self.embed(hidden), sampled)
+        return embed_point_logits(self.embed(hidden), pixel, coords)
+
+
+# The same logits from mask embeddings already computed (what the detector's outputs carry:
+# `mask_embed` per layer and the shared `mask_features`; see msdetr.models.outputs).
+
+
+def embed_logits(embed: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+    """(B, Q, D) mask embeddings and (B, D, h, w) pixel embedding -> (B, Q, h, w) mask logits."""
+    return torch.einsum("bqd,bdhw->bqhw", embed, pixel.to(embed.dtype))
+
+
+def embed_pair_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, batch_idx: torch.Tensor
+) -> torch.Tensor:
+    """(M, D) chosen embeddings, (B, D, h, w) pixel embedding, (M,) image of each -> (M, h, w).
+
+    One matmul over (image, channel) with the other images' weights zero: no (M, D, h, w) copy of
+    the pixel embedding and no per-image split (which would read the counts on the host). Where
+    the per-image counts are known on the host (the matcher's indices), `image_pair_logits` does
+    less work."""
+    own = batch_idx[:, None] == torch.arange(pixel.shape[0], device=batch_idx.device)
+    weights = embed[:, None, :] * own[..., None].to(embed.dtype)  # (M, B, D)
+    return torch.einsum("mbd,bdhw->mhw", weights, pixel.to(embed.dtype))
+
+
+def image_pair_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, queries: list[torch.Tensor]
+) -> torch.Tensor:
+    """(B, Q, D) mask embeddings, (B, D, h, w) pixel embedding, per image the (n_b,) chosen
+    queries -> (sum n_b, h, w) their mask logits, image after image (the sizes are the index
+    tensors' shapes: no host read)."""
+    maps = [
+        torch.einsum("md,dhw->mhw", embed[b, q], pixel[b].to(embed.dtype))
+        for b, q in enumerate(queries)
+    ]
+    if not maps:
+        return embed.new_zeros(0, *pixel.shape[-2:])
+    return torch.cat(maps)
+
+
+def embed_point_logits(
+    embed: torch.Tensor, pixel: torch.Tensor, coords: torch.Tensor
+) -> torch.Tensor:
+    """(B, Q, D) mask embeddings, (B, D, h, w) pixel embedding, (B, P, 2) points (x, y) in [0, 1]
+    of the map -> (B, Q, P) mask logits there, without making the maps (bilinear sampling is
+    linear in the channels)."""
+    grid = (2.0 * coords - 1.0).unsqueeze(2).to(pixel.dtype)  # (B, P, 1, 2)
+    sampled = F.grid_sample(pixel, grid, mode="bilinear", align_corners=False)[..., 0]
+    return torch.einsum("bqd,bdp->bqp", embed, sampled.to(embed.dtype))
 
 
 def mask_valid_ratio(padding_mask: torch.Tensor, map_size, stride: int) -> torch.Tensor:

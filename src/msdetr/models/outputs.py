@@ -12,7 +12,27 @@ from typing import TypedDict
 import torch
 
 
-class Prediction(TypedDict):
+class MaskKeys(TypedDict, total=False):
+    """What a layer carries where the detector has a mask head (`model.detector.mask_head`): the
+    mask embeddings of its queries and the one pixel embedding of the batch, not mask maps. A
+    query's mask logits are the dot product of the two; they are computed only where used (the
+    loss: the matched pairs' maps, `msdetr.models.masks.image_pair_logits`; the Hungarian mask
+    cost: points, `embed_point_logits`; inference: the kept detections', in the post-process;
+    `embed_logits` makes all of them). Every layer of every decoder stream has them (the same
+    `mask_features` and `mask_valid_ratio` tensors in each); the encoder stream has none."""
+
+    mask_embed: torch.Tensor  # (B, Q, D) per-query mask embedding
+    # (B, D, h, w) pixel embedding at 1/stride of the padded canvas (mask head's `stride`)
+    mask_features: torch.Tensor
+    # (B, 2) valid (w, h) fraction of the `mask_features` map (`mask_valid_ratio`)
+    mask_valid_ratio: torch.Tensor
+
+
+# The keys of MaskKeys: optional keys of every stream that are not streams themselves.
+MASK_KEYS = frozenset(MaskKeys.__optional_keys__)
+
+
+class Prediction(MaskKeys):
     pred_logits: torch.Tensor  # (B, Q, C) class logits (sigmoid focal: no background column)
     pred_boxes: torch.Tensor  # (B, Q, 4)
 
@@ -53,4 +73,4 @@ class DetectorOutput(LayerStream, total=False):
 
 
 # The streams besides the one-to-one ("main") one; a model's `output_streams` is drawn from these.
-OPTIONAL_STREAMS = frozenset(DetectorOutput.__optional_keys__)
+OPTIONAL_STREAMS = frozenset(DetectorOutput.__optional_keys__) - MASK_KEYS
