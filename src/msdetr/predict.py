@@ -29,8 +29,8 @@ from .data import CocoDataModule, collate, read_coco_json
 from .data.coco import UnreadableImageError, load_rgb
 from .data.transforms import eval_transforms
 from .files import atomic_write
-from .lit.callbacks import draw_detections
 from .official import read_checkpoint_file
+from .visualize import draw_detections
 
 log = logging.getLogger("msdetr")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

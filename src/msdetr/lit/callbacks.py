@@ -19,14 +19,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.io import write_png
 from torchvision.transforms.v2.functional import InterpolationMode, resize
-from torchvision.utils import draw_bounding_boxes, make_grid
+from torchvision.utils import make_grid
 
 from ..box_ops import cxcywh_to_xyxy
 from ..data import collate
 from ..files import atomic_write
-
-_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+from ..visualize import denormalize, draw_detections
 
 
 class NonFiniteCheckpointError(FloatingPointError):
@@ -130,35 +128,6 @@ class BestCheckpoint(ModelCheckpoint):
             super().on_validation_end(trainer, pl_module)
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalized float (3, H, W) -> uint8."""
-    img = image.detach().float().cpu() * _STD + _MEAN
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def draw_detections(
-    image_u8: torch.Tensor,
-    det: dict,
-    names: dict[int, str] | None,
-    score_threshold: float,
-    gt_boxes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Boxes (xyxy, pixels of image_u8) with 'label score' captions; GT boxes, if given, in
-    white."""
-    if gt_boxes is not None and len(gt_boxes):
-        image_u8 = draw_bounding_boxes(image_u8, gt_boxes, colors="white", width=1)
-    keep = det["scores"] >= score_threshold
-    boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
-    if len(boxes) == 0:
-        return image_u8
-    captions = [
-        f"{(names or {}).get(int(c), int(c))} {float(s):.2f}" for c, s in zip(labels, scores)
-    ]
-    palette = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "purple"]
-    colors = [palette[int(c) % len(palette)] for c in labels]
-    return draw_bounding_boxes(image_u8, boxes, labels=captions, colors=colors, width=2)
-
-
 class Throughput(L.Callback):
     """Logs training speed every `log_every_n_steps` optimizer steps: `perf/images_per_sec` (all
     ranks), `perf/peak_mem_gb` (CUDA: peak allocated; CPU: peak resident set) and
@@ -212,7 +181,8 @@ class Throughput(L.Callback):
 
 
 class PredictionImages(L.Callback):
-    """Saves a PNG grid of predictions on the first validation images (GT in white)."""
+    """Saves a PNG grid of predictions on the first validation images (GT boxes in white; a mask
+    model's masks filled and translucent, one colour per class: `visualize.draw_detections`)."""
 
     def __init__(
         self,
@@ -266,6 +236,11 @@ class PredictionImages(L.Callback):
             gt = cxcywh_to_xyxy(tgt["boxes"].float()) * scale if len(tgt["boxes"]) else None
             det = {k: v.cpu() for k, v in det.items()}
             det["boxes"] = det["boxes"] * zoom
+            if "masks" in det:
+                # At the transformed size, as the boxes: only the drawn ones are enlarged.
+                keep = det["scores"] >= self.score_threshold
+                det = {k: v[keep] for k, v in det.items()}
+                det["masks"] = det["masks"].repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
             tiles.append(draw_detections(tile, det, names, self.score_threshold, gt))
         # Tiles differ in size: pad each to the largest before the grid.
         th, tw = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
