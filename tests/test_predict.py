@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import msdetr.predict as predict_module
 from helpers import ROOT
@@ -150,6 +151,48 @@ def test_predict_keeps_outputs_apart_skips_unreadable_files_and_clips(
     assert f"short side 48, long side at most 72 (the data config saved in '{ckpt}')" in caplog.text
     run_predict(ckpt, folder / "a.png", tmp_path / "one", "eval_size=32")
     assert resolutions[-1] == (32, 72)
+
+
+def test_predict_writes_each_detections_mask_as_rle(folder, tmp_path, monkeypatch):
+    cfg = config(
+        tmp_path,
+        "data.num_classes=5",
+        "data.eval_size=48",
+        "data.max_size=72",
+        "+parts=mask_head",
+        "matcher.mask_points=64",
+    )
+    ckpt = _save_untrained(cfg, tmp_path / "mask.ckpt")
+    drawn = {}  # {image size (h, w): the detections the picture got}
+    real = visualize.draw_detections
+
+    def keep_then_draw(image, det, *args, **kwargs):
+        drawn[tuple(image.shape[-2:])] = det
+        return real(image, det, *args, **kwargs)
+
+    monkeypatch.setattr(visualize, "draw_detections", keep_then_draw)
+    out = tmp_path / "out"
+    dets = json.loads(run_predict(ckpt, folder, out).read_text())
+    lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert [d for line in lines for d in line.get("detections", [])] == dets and len(dets) == 20
+    mixed = 0
+    for line in lines[:2]:
+        h, w = line["height"], line["width"]
+        masks = drawn[(h, w)]["masks"]
+        assert masks.dtype == torch.bool and masks.shape == (10, h, w)
+        for det, mask in zip(line["detections"], masks):
+            rle = det["segmentation"]
+            assert rle["size"] == [h, w] and isinstance(rle["counts"], str)
+            decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
+            assert np.array_equal(decoded.astype(bool), mask.numpy())
+            mixed += bool(mask.any()) and not bool(mask.all())
+    assert mixed > 0  # the comparison saw masks that are neither empty nor full
+    # predict.masks_to_rle itself, on a hand-made mask
+    mask = torch.zeros(1, 3, 4, dtype=torch.bool)
+    mask[0, 1, 1:3] = True
+    (rle,) = predict_module.masks_to_rle(mask)
+    assert rle["size"] == [3, 4] and predict_module.masks_to_rle(mask[:0]) == []
+    assert mask_utils.area({"size": [3, 4], "counts": rle["counts"].encode()}) == 2
 
 
 def test_predict_keeps_what_it_did_when_interrupted(ckpt, folder, tmp_path, monkeypatch):

@@ -17,9 +17,11 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
+from pycocotools import mask as mask_utils
 from torchvision.io import write_png
 from torchvision.transforms.v2 import functional as TF
 
@@ -74,6 +76,19 @@ def _readable_batches(paths: list[Path], batch_size: int, skipped: list[str], re
             batch = []
     if batch:
         yield batch
+
+
+def masks_to_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """(N, H, W) bool masks -> N COCO compressed RLE dicts {"size": [H, W], "counts": str} (the
+    results format's `segmentation`; `pycocotools.mask.decode` reads them back once "counts" is
+    encoded to bytes again)."""
+    if len(masks) == 0:
+        return []
+    cells = np.asfortranarray(masks.detach().cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
+    return [
+        {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        for rle in mask_utils.encode(cells)
+    ]
 
 
 class Predictor(NamedTuple):
@@ -228,8 +243,10 @@ def predict(cfg: DictConfig) -> Path:
     or the reason it was skipped), so an interrupted run keeps what it did; `detections.json` (COCO
     results with file_name) is written at the end, and `images/<file name>.png` (`a.jpg.png`,
     `a.png.png`: inputs that differ only in extension stay apart) shows the boxes. Boxes are clipped
-    to their image. A file that cannot be read is named, skipped and listed at the end; an input
-    with no readable image at all is an error."""
+    to their image. With a mask model each detection also carries `segmentation`, its instance mask
+    at the image's size as COCO compressed RLE (`masks_to_rle`), and the pictures show the masks.
+    A file that cannot be read is named, skipped and listed at the end; an input with no readable
+    image at all is an error."""
     if not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(
             f"ckpt_path '{cfg.ckpt_path}' does not exist; point it at a .ckpt or official .pth."
@@ -267,7 +284,10 @@ def predict(cfg: DictConfig) -> Path:
                 batch, originals, module.postprocess(outputs, sizes)
             ):
                 h, w = image.shape[-2:]
-                det = {k: v.float().cpu() if k != "labels" else v.cpu() for k, v in det.items()}
+                det = {
+                    k: v.float().cpu() if k not in ("labels", "masks") else v.cpu()
+                    for k, v in det.items()
+                }
                 det["boxes"][:, 0::2] = det["boxes"][:, 0::2].clamp(0, w)
                 det["boxes"][:, 1::2] = det["boxes"][:, 1::2].clamp(0, h)
                 keep = det["scores"] >= cfg.score_threshold
@@ -285,6 +305,9 @@ def predict(cfg: DictConfig) -> Path:
                             "score": round(float(score), 4),
                         }
                     )
+                if "masks" in det:
+                    for entry, rle in zip(found, masks_to_rle(det["masks"][keep])):
+                        entry["segmentation"] = rle
                 picture = visualize.draw_detections(image, det, names, cfg.score_threshold)
                 atomic_write(
                     out_dir / "images" / f"{path.name}.png",

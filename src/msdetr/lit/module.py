@@ -520,6 +520,8 @@ class DetectionModule(L.LightningModule):
         outputs = self.detect(images, padding_mask)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
         detections = self.postprocess(outputs, orig_sizes)
+        # A mask model's detections carry "masks" (n, H, W) at the original size: CocoMetric scores
+        # them as `segm` too, logged as val/mask_AP, val/mask_AP50, ... beside the box metrics.
         self.coco_metric.update({int(t["image_id"]): d for t, d in zip(targets, detections)})
 
     def on_validation_epoch_end(self) -> None:
