@@ -12,6 +12,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from helpers.data import small_datamodule
 from msdetr.data import CocoDataModule, CocoDetection, collate, write_synthetic_coco
 from msdetr.data.synthetic import SHAPES, main
 from msdetr.data.transforms import (
@@ -52,20 +53,6 @@ def edit_ann(root, change, split="train"):
     change(data)
     ann_path(root, split).write_text(json.dumps(data))
     return data
-
-
-def small_datamodule(root, **kwargs):
-    opts = dict(
-        root=str(root),
-        batch_size=2,
-        num_workers=0,
-        train_scales=[64, 80],
-        max_size=100,
-        crop_resize=[64],
-        crop_size=(40, 60),
-        eval_size=64,
-    )
-    return CocoDataModule(**{**opts, **kwargs})
 
 
 # -- synthetic data ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from msdetr.data import CocoDataModule, CocoDetection, collate, write_synthetic_coco
+from helpers.data import small_datamodule
+from msdetr.data import CocoDetection, collate, write_synthetic_coco
 from msdetr.data.synthetic import SHAPES, _render, shape_mask
 from msdetr.data.transforms import (
     DetrResize,
@@ -329,17 +330,7 @@ def synth(tmp_path_factory):
 
 
 def test_datamodule_masks_reach_the_batch_unpadded(synth):
-    dm = CocoDataModule(
-        root=str(synth),
-        batch_size=2,
-        num_workers=0,
-        train_scales=[64, 80],
-        max_size=100,
-        crop_resize=[64],
-        crop_size=(40, 60),
-        eval_size=64,
-        masks=True,
-    )
+    dm = small_datamodule(synth, masks=True)
     dm.setup("fit")
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         images, padding, targets = next(iter(loader))
