@@ -266,17 +266,17 @@ def test_iou_aware_losses_add_no_host_sync(loss_cls):
     host copies per step (tests/test_host_syncs.py), with every branch on the IoU-aware loss."""
     import dataclasses
 
-    from test_host_syncs import (
+    from helpers.syncs import (
         NUM_CLASSES,
         SyncCounter,
-        _synthetic_ms_detr_outputs,
         ms_detr_branches,
+        synthetic_ms_detr_outputs,
     )
 
     criterion = SetCriterion(
         NUM_CLASSES, [dataclasses.replace(b, loss_cls=loss_cls) for b in ms_detr_branches()]
     )
-    outputs, targets = _synthetic_ms_detr_outputs(num_layers=3, num_images=2)
+    outputs, targets = synthetic_ms_detr_outputs(num_layers=3, num_images=2)
     with SyncCounter() as counter:
         losses = criterion(outputs, targets)
     assert all(torch.isfinite(v) for v in losses.values())
