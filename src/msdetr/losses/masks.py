@@ -293,7 +293,9 @@ def mask_match_costs(
         pred_points = point_sample(
             pred_masks.float(), map_points(coords, valid_ratio).expand(q, -1, -1)
         )
-    gt_points = point_sample(gt_masks.float(), coords.expand(gt_masks.shape[0], -1, -1))
+    g = gt_masks.shape[0]
+    gt_index = torch.arange(g, device=gt_masks.device)
+    gt_points = sample_gt_masks(gt_masks, gt_index, coords.expand(g, -1, -1))
     return mask_bce_cost(pred_points, gt_points), mask_dice_cost(pred_points, gt_points)
 
 

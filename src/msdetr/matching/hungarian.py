@@ -8,14 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..box_ops import at_least_float32, cxcywh_to_xyxy, generalized_box_iou
-from ..losses.masks import (
-    NUM_POINTS,
-    map_points,
-    mask_bce_cost,
-    mask_dice_cost,
-    sample_gt_masks,
-    uniform_points,
-)
+from ..losses.masks import NUM_POINTS, map_points, mask_match_costs, uniform_points
 from ..models.masks import embed_point_logits
 from .base import Assigner, Indices
 
@@ -140,10 +133,10 @@ class HungarianMatcher(Assigner):
             if n == 0 or g == 0:
                 out.append(points.new_zeros(points.shape[1], n))
                 continue
-            index = torch.arange(g, device=gt_masks.device)
-            gt_points = sample_gt_masks(gt_masks, index, coords[i].expand(g, -1, -1))
-            cost = self.cost_mask * mask_bce_cost(points[i], gt_points)
-            cost = cost + self.cost_dice * mask_dice_cost(points[i], gt_points)
+            bce, dice = mask_match_costs(
+                None, gt_masks, None, pred_points=points[i], coords=coords[i : i + 1]
+            )
+            cost = self.cost_mask * bce + self.cost_dice * dice
             out.append(cost.repeat(1, n // g) if n != g else cost)
         return out
 
