@@ -109,6 +109,7 @@ class BestCheckpoint(ModelCheckpoint):
     MisconfigurationException and ends the run. The latest checkpoint carries on either way."""
 
     def _monitor_missing(self, trainer) -> bool:
+        """After a validation: True (and one warning per run) if it did not log the monitor."""
         if self.monitor is None or self.monitor in trainer.callback_metrics:
             return False
         if not getattr(self, "_warned_missing", False) and not trainer.sanity_checking:
@@ -123,7 +124,9 @@ class BestCheckpoint(ModelCheckpoint):
         return True
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not self._monitor_missing(trainer):
+        # The monitor comes from validation: an epoch end before the first one (e.g. with
+        # check_val_every_n_epoch > 1) has nothing to save and nothing to warn about.
+        if self.monitor is None or self.monitor in trainer.callback_metrics:
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
