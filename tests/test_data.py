@@ -5,9 +5,11 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -109,11 +111,66 @@ def test_synthetic_more_classes_and_cli(tmp_path, capsys):
         ]
     )
     data = json.loads(ann_path(tmp_path / "cli").read_text())
-    assert [c["name"] for c in data["categories"]] == list(SHAPES)
+    assert [c["name"] for c in data["categories"]] == list(SHAPES)[:8]
     assert all(64 <= img["width"] <= 80 for img in data["images"])
     assert "synthetic COCO dataset in" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="1 to 8 shape classes"):
-        write_synthetic_coco(tmp_path / "bad", num_classes=9)
+    with pytest.raises(ValueError, match=f"1 to {len(SHAPES)} shape classes"):
+        write_synthetic_coco(tmp_path / "bad", num_classes=len(SHAPES) + 1)
+    with pytest.raises(ValueError, match="synthetic_layout='dense' is not a layout"):
+        write_synthetic_coco(tmp_path / "bad", layout="dense")
+
+
+def test_crowded_layout_overlaps_occludes_and_masks_the_visible_part(tmp_path):
+    root = write_synthetic_coco(tmp_path / "crowded", num_train=6, num_val=2, layout="crowded")
+    again = write_synthetic_coco(tmp_path / "again", num_train=6, num_val=2, layout="crowded")
+    assert ann_path(root).read_bytes() == ann_path(again).read_bytes()  # seeded
+    data = json.loads(ann_path(root).read_text())
+    assert [c["name"] for c in data["categories"]] == list(SHAPES) and len(SHAPES) >= 10
+    per_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        per_image.setdefault(ann["image_id"], []).append(ann)
+    assert len(per_image) == 6 and all(10 <= len(a) <= 40 for a in per_image.values())
+    overlapping, sides = 0, []
+    for image in data["images"]:
+        assert 160 <= image["width"] <= 224 and 160 <= image["height"] <= 224
+        anns = per_image[image["id"]]
+        masks = np.stack([mask_utils.decode(a["segmentation"]) for a in anns]).astype(bool)
+        # visible parts: each pixel shows one object at most
+        assert masks.sum(0).max() <= 1
+        for ann, mask in zip(anns, masks):
+            ys, xs = np.nonzero(mask)
+            x, y, w, h = ann["bbox"]
+            assert [x, y, x + w, y + h] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert ann["area"] == mask.sum() >= 12 and ann["iscrowd"] == 0  # COCO: mask area
+            sides.append(max(w, h) / min(image["width"], image["height"]))
+        x0, y0, w, h = np.array([a["bbox"] for a in anns]).T
+        x1, y1 = x0 + w, y0 + h
+        inter_w = np.minimum(x1[:, None], x1) - np.maximum(x0[:, None], x0)
+        inter_h = np.minimum(y1[:, None], y1) - np.maximum(y0[:, None], y0)
+        overlapping += int(np.triu((inter_w > 0) & (inter_h > 0), 1).sum())
+    assert overlapping >= 6  # boxes overlap: occluded neighbours, not a grid of separate shapes
+    assert min(sides) < 0.1 and max(sides) > 0.3  # a wide range of scales
+
+
+def test_crowded_data_config_builds_the_crowded_set(tmp_path):
+    from hydra.utils import instantiate
+
+    from helpers.config import compose
+
+    cfg = compose(
+        "experiment=synthetic_crowded",
+        f"paths.data_root={tmp_path}",
+        "data.synthetic_train=4",
+        "data.synthetic_val=1",
+        "data.masks=true",
+    )
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    settings = json.loads((tmp_path / "synthetic_crowded" / "synthetic.json").read_text())
+    assert settings["layout"] == "crowded" and dm.num_classes == len(SHAPES) + 1
+    _, target = dm.train_dataset[0]
+    assert len(target["boxes"]) >= 5 and target["masks"].shape[0] == len(target["boxes"])
 
 
 # -- dataset and transforms ----------------------------------------------------------------------

@@ -391,7 +391,7 @@ def test_synthetic_masks_are_the_drawn_pixels_for_every_shape():
 
 def test_synthetic_annotations_carry_the_masks(synth):
     data = json.loads((synth / "annotations" / "instances_train.json").read_text())
-    assert json.loads((synth / "synthetic.json").read_text())["format"] == 3
+    assert json.loads((synth / "synthetic.json").read_text())["format"] == 4
     for ann in data["annotations"]:
         image = next(i for i in data["images"] if i["id"] == ann["image_id"])
         x, y, w, h = ann["bbox"]

@@ -3,8 +3,9 @@ shapes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,7 +47,8 @@ class CocoDataModule(L.LightningDataModule):
     `root` stands for root/{train,val}/ and root/annotations/instances_{train,val}.json; explicit
     paths override it. `num_classes` is the model's: None reads max category id + 1 from the files,
     a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to
-    `root`. `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and
+    `root` (`synthetic_train`/`synthetic_val` images, `synthetic_layout` "shapes" or "crowded": see
+    msdetr.data.synthetic). `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and
     val images are checked when the datasets are built, and what happens to bad ones (see
     CocoDetection). `masks=True` gives each target the instance masks of its boxes (see
     CocoDetection for the target dict) and the validation ground truth its segmentations; a file
@@ -74,6 +76,7 @@ class CocoDataModule(L.LightningDataModule):
         synthetic: bool = False,
         synthetic_train: int = 256,
         synthetic_val: int = 32,
+        synthetic_layout: str = "shapes",
         seed: int | None = None,
         verify_images: str = "header",
         skip_bad_images: bool = False,
@@ -121,6 +124,7 @@ class CocoDataModule(L.LightningDataModule):
         self.eval_tf = eval_transforms(eval_size, max_size)
         self.synthetic = synthetic
         self.synthetic_sizes = (synthetic_train, synthetic_val)
+        self.synthetic_layout = synthetic_layout
         self.verify_images = verify_images
         self.skip_bad_images = skip_bad_images
         self.masks = bool(masks)
@@ -164,7 +168,9 @@ class CocoDataModule(L.LightningDataModule):
             from .synthetic import write_synthetic_coco
 
             num_train, num_val = self.synthetic_sizes
-            write_synthetic_coco(self.root, num_train=num_train, num_val=num_val)
+            write_synthetic_coco(
+                self.root, num_train=num_train, num_val=num_val, layout=self.synthetic_layout
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:

@@ -4,7 +4,8 @@ and normalization touch only the image."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
