@@ -264,3 +264,44 @@ def test_resume_ignores_init_from(tmp_path, monkeypatch):
         )
     )
     assert calls == [str(last)]
+
+
+def test_box_only_checkpoint_fine_tunes_a_mask_model(tmp_path):
+    """A mask model fine-tuned from a box-only detector (this project's .ckpt or official names):
+    everything but the mask head loads, the mask head keeps its initialisation, one warning says
+    so. Evaluation (no fine_tune) and the reverse direction (a mask head the model would drop) are
+    refused."""
+    from msdetr.official import load_official_state_dict
+
+    L.seed_everything(1)
+    source = build_module(config(tmp_path, "data.num_classes=5"))
+    path = tmp_path / "boxes.ckpt"
+    torch.save(
+        {"state_dict": source.state_dict(), "pytorch-lightning_version": L.__version__}, path
+    )
+    src = source.model.state_dict()
+    for load in (
+        lambda m: load_weights(m, str(path), fine_tune=True),
+        lambda m: load_official_state_dict(m, to_official(source.model), fine_tune=True),
+    ):
+        L.seed_everything(2)
+        target = build_module(config(tmp_path, "data.num_classes=5", "+parts=mask_head"))
+        fresh = {k: v.clone() for k, v in target.model.state_dict().items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load(target)
+        (message,) = [str(w.message) for w in caught if "mask_head" in str(w.message)]
+        assert "trained without one" in message and "fresh initialisation" in message
+        loaded = target.model.state_dict()
+        assert any(k.startswith("mask_head.") for k in loaded)
+        for name, tensor in loaded.items():
+            expected = fresh[name] if name.startswith("mask_head.") else src[name]
+            assert torch.equal(tensor, expected), name
+    with pytest.raises(ValueError, match="trained with another architecture"):
+        load_weights(target, str(path))  # evaluating a mask model needs its mask head
+    masked = tmp_path / "masks.ckpt"
+    torch.save(
+        {"state_dict": target.state_dict(), "pytorch-lightning_version": L.__version__}, masked
+    )
+    with pytest.raises(ValueError, match="unexpected"):
+        load_weights(source, str(masked), fine_tune=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .lit import DetectionModule
-from .naming import class_heads_to_skip, compare_state_dicts
+from .naming import compare_state_dicts, fine_tune_skips
 from .official import load_official_state_dict, official_contents, read_checkpoint_file
 
 
@@ -25,12 +25,13 @@ def load_weights(
 ) -> None:
     """Load this project's .ckpt or an official .pth into `module`; `ckpt`: the file already read
     with `read_checkpoint_file` (so callers that look inside it read it once). Exact architecture
-    only, except for the class heads when fine-tuning (see `class_heads_to_skip`)."""
+    only, except when fine-tuning: the class heads, and the parts a checkpoint trained without them
+    lacks (a mask head), see `naming.fine_tune_skips`."""
     if ckpt is None:
         ckpt = read_checkpoint_file(path)
     if isinstance(ckpt, dict) and "state_dict" in ckpt and "pytorch-lightning_version" in ckpt:
         state, expected = dict(ckpt["state_dict"]), module.state_dict()
-        skip = class_heads_to_skip(
+        skip = fine_tune_skips(
             expected,
             state,
             fine_tune=fine_tune,

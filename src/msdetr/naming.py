@@ -175,18 +175,20 @@ def _heads(keys: AbstractSet[str]) -> str:
     return ", ".join(out)
 
 
-class SkippedHeads(NamedTuple):
-    """The class-head keys a fine-tune leaves out (empty: load them all) and the warning saying
-    so."""
+class SkippedKeys(NamedTuple):
+    """The keys a fine-tune leaves out (empty: load them all), which keep the model's fresh
+    initialisation, and the warnings saying why."""
 
     keys: frozenset[str]
-    message: str = ""
+    messages: tuple[str, ...] = ()
 
     def warn(self) -> None:
-        """Warn once, after the rest of the checkpoint was found to fit (a refusal says only
-        why)."""
-        if self.keys:
-            warnings.warn(self.message, stacklevel=2)
+        """Warn, after the rest of the checkpoint was found to fit (a refusal says only why)."""
+        for message in self.messages:
+            warnings.warn(message, stacklevel=2)
+
+    def __or__(self, other: SkippedKeys) -> SkippedKeys:
+        return SkippedKeys(self.keys | other.keys, self.messages + other.messages)
 
 
 def class_heads_to_skip(
@@ -196,14 +198,13 @@ def class_heads_to_skip(
     fine_tune: bool = False,
     reset_class_heads: bool = False,
     source: str = "the checkpoint",
-) -> SkippedHeads:
+) -> SkippedKeys:
     """The class-head keys of the model's `expected` state dict and of the checkpoint's `state`
     (both under this project's names) that a fine-tune leaves out: all of them with
     `reset_class_heads`, all of them with `fine_tune` when some checkpoint head has another shape
-    than the model's (another class count), none otherwise. The one rule for .ckpt and official .pth
-    alike."""
+    than the model's (another class count), none otherwise."""
     if not (fine_tune or reset_class_heads):
-        return SkippedHeads(frozenset())
+        return SkippedKeys(frozenset())
     heads = frozenset(k for k in (*expected, *state) if is_class_head(k))
     if reset_class_heads:
         reason = "init_reset_class_heads asks for fresh class heads, as the official --finetune"
@@ -214,7 +215,7 @@ def class_heads_to_skip(
             if k in expected and k in state and tuple(state[k].shape) != tuple(expected[k].shape)
         )
         if not wrong:
-            return SkippedHeads(frozenset())
+            return SkippedKeys(frozenset())
         k = min(wrong, key=lambda name: not name.endswith(".weight"))  # a weight says the most
         ours, theirs = tuple(expected[k].shape), tuple(state[k].shape)
         if ours[1:] == theirs[1:]:
@@ -224,11 +225,53 @@ def class_heads_to_skip(
                 f"the checkpoint's heads do not fit the model's ({k.removeprefix('model.')}: "
                 f"checkpoint {theirs} vs model {ours})"
             )
-    return SkippedHeads(
+    return SkippedKeys(
         heads,
-        f"{source}: the class heads {_heads(heads)} are not loaded and keep their "
-        f"fresh initialisation: {reason}.",
+        (
+            f"{source}: the class heads {_heads(heads)} are not loaded and keep their "
+            f"fresh initialisation: {reason}.",
+        ),
     )
+
+
+# Parts a model may have that a checkpoint trained without them lacks: fine-tuning from it (a
+# box-only detector into a mask model), they start from the model's initialisation.
+ADDABLE_PARTS = ("mask_head",)
+
+
+def fine_tune_skips(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    *,
+    fine_tune: bool = False,
+    reset_class_heads: bool = False,
+    source: str = "the checkpoint",
+) -> SkippedKeys:
+    """The keys of the model's `expected` state dict and of the checkpoint's `state` (both under
+    this project's names, with or without the Lightning `model.` prefix) that a fine-tune leaves
+    out: the class heads (`class_heads_to_skip`) and, with `fine_tune`, every ADDABLE_PARTS part of
+    the model that the checkpoint has no key of. The one rule for .ckpt and official .pth alike."""
+    skip = class_heads_to_skip(
+        expected, state, fine_tune=fine_tune, reset_class_heads=reset_class_heads, source=source
+    )
+    if not fine_tune:
+        return skip
+
+    def part_of(key: str) -> str:
+        return key.removeprefix("model.").split(".", 1)[0]
+
+    present = {part_of(k) for k in state}
+    for part in ADDABLE_PARTS:
+        keys = frozenset(k for k in expected if part_of(k) == part)
+        if keys and part not in present:
+            skip = skip | SkippedKeys(
+                keys,
+                (
+                    f"{source} has no {part} (it was trained without one): the model's {part} "
+                    "is not loaded and keeps its fresh initialisation.",
+                ),
+            )
+    return skip
 
 
 class StateDiff(NamedTuple):
@@ -242,7 +285,7 @@ class StateDiff(NamedTuple):
 
 
 def compare_state_dicts(
-    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], skip: SkippedHeads
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], skip: SkippedKeys
 ) -> StateDiff:
     """The one comparison behind loading a .ckpt and an official .pth."""
     state = {k: v for k, v in state.items() if k not in skip.keys}

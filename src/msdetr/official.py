@@ -52,8 +52,8 @@ from .models import (
 from .models.backbone import FeatureBackbone
 from .models.swin import is_swin_buffer
 from .naming import (
-    class_heads_to_skip,
     compare_state_dicts,
+    fine_tune_skips,
     from_official_name,
     head_aliases,
     to_official_name,
@@ -947,7 +947,7 @@ def load_official_state_dict(
     source: str = "the official checkpoint",
 ) -> None:
     """Load an official state dict into a module of the matching architecture, or say what differs.
-    Fine-tuning, the class heads may differ or be left out (`naming.class_heads_to_skip`)."""
+    Fine-tuning, the class heads may differ or be left out (`naming.fine_tune_skips`)."""
 
     model = module.model
     if not isinstance(model, DeformableDETR):
@@ -957,7 +957,7 @@ def load_official_state_dict(
         )
     mine = _convert_state_dict(model, official)
     expected = model.state_dict()
-    skip = class_heads_to_skip(
+    skip = fine_tune_skips(
         expected, mine, fine_tune=fine_tune, reset_class_heads=reset_class_heads, source=source
     )
     mine, missing, unexpected, wrong = compare_state_dicts(expected, mine, skip)

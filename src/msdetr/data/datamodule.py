@@ -48,9 +48,9 @@ class CocoDataModule(L.LightningDataModule):
     paths override it. `num_classes` is the model's: None reads max category id + 1 from the files,
     a value is checked against them at setup(). `synthetic=True` writes the shapes dataset to
     `root` (`synthetic_train`/`synthetic_val` images, `synthetic_layout` "shapes" or "crowded": see
-    msdetr.data.synthetic). `verify_images` ("header", "full", "none") and `skip_bad_images` say how the train and
-    val images are checked when the datasets are built, and what happens to bad ones (see
-    CocoDetection). `masks=True` gives each target the instance masks of its boxes (see
+    msdetr.data.synthetic). `verify_images` ("header", "full", "none") and `skip_bad_images` say
+    how the train and val images are checked when the datasets are built, and what happens to bad
+    ones (see CocoDetection). `masks=True` gives each target the instance masks of its boxes (see
     CocoDetection for the target dict) and the validation ground truth its segmentations; a file
     without them is refused. The validation loader doubles as the test and predict loader.
     """
