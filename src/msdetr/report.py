@@ -1095,9 +1095,13 @@ def param_importances(search: OptunaSearch) -> None:
     for job, value, chosen in search.trials:
         try:
             params = {k: _in_distribution(chosen[k], d) for k, d in distributions.items()}
-            trials.append(
-                optuna.trial.create_trial(params=params, distributions=distributions, value=value)
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                trials.append(
+                    optuna.trial.create_trial(
+                        params=params, distributions=distributions, value=value
+                    )
+                )
         except (KeyError, ValueError):  # a job without a searched key, or a value outside it
             left_out.append(job.name)
     skipped = (
@@ -1443,7 +1447,8 @@ def _param_text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        text = f"{value:.4g}"
+        return text if any(c in text for c in ".en") else f"{text}.0"  # 2.0 stays a float
     return str(value)
 
 
