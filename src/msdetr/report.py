@@ -642,13 +642,12 @@ def bootstrap_difference(
         return Difference(diff, None, None, paired, n)
     rng = np.random.default_rng(seed)
     if paired:
-        keys = list(base)
-        d = np.array([mine[k] - base[k] for k in keys], dtype=float)
+        d = np.array([mine[k] - base[k] for k in base], dtype=float)
         means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
     else:
-        means = b[rng.integers(0, n[1], size=(resamples, n[1]))].mean(axis=1) - a[
-            rng.integers(0, n[0], size=(resamples, n[0]))
-        ].mean(axis=1)
+        resampled_a = a[rng.integers(0, n[0], size=(resamples, n[0]))].mean(axis=1)
+        resampled_b = b[rng.integers(0, n[1], size=(resamples, n[1]))].mean(axis=1)
+        means = resampled_b - resampled_a
     low, high = np.percentile(means, [2.5, 97.5])
     return Difference(diff, float(low), float(high), paired, n)
 
@@ -1353,6 +1352,10 @@ def _comparison_section(
         "seeds (the mean paired difference), otherwise each side's seeds resampled on their own.",
         "",
     ]
+    if len(configs) == 1:
+        return [*lines, "The sweep has no other configuration to compare with it."]
+    if not baseline.usable:
+        return [*lines, "The baseline has no completed job, so nothing is compared with it."]
     header = ["configuration", "n", "pairing", *map(_metric_name, metrics)]
     lines += [
         "| " + " | ".join(header) + " |",
