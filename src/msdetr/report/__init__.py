@@ -1794,7 +1794,3 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None:
             print(f"{kind}: {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
