@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
+from helpers.masks import layer_mask_losses
 from msdetr.losses.masks import (
     map_points,
-    mask_losses,
     mask_match_costs,
     point_sample,
     uncertain_points,
@@ -110,7 +110,7 @@ def test_gradients_reach_both_embeddings():
     indices = [(torch.tensor([0, 3]), torch.tensor([2, 0])), (torch.tensor([4]), torch.tensor([1]))]
     ratios = torch.tensor([[60 / 80, 40 / 64], [1.0, 1.0]])
     total = sum(
-        sum(mask_losses(x, gts, indices, ratios, 3.0, num_points=64).values()) for x in masks
+        sum(layer_mask_losses(x, gts, indices, ratios, 3.0, num_points=64).values()) for x in masks
     )
     total.backward()
     named = dict(m.named_parameters())
@@ -188,7 +188,7 @@ def test_no_host_reads_on_a_fake_cuda_device():
             (torch.tensor([0, 3], device="cuda"), torch.tensor([2, 0], device="cuda")),
             (torch.tensor([4], device="cuda"), torch.tensor([1], device="cuda")),
         ]
-        losses = mask_losses(masks[-1], gts, idx, ratios, 3.0, num_points=64)
+        losses = layer_mask_losses(masks[-1], gts, idx, ratios, 3.0, num_points=64)
         assert losses["mask"].device.type == "cuda"
         coords = torch.rand(1, 64, 2, device="cuda")
         points = m.point_logits(hidden[-1], pixel, map_points(coords.expand(2, -1, -1), ratios))

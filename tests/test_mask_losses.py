@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
+from helpers.masks import layer_mask_losses
 from msdetr.losses.masks import (
     dice_mask_loss,
     map_points,
     mask_bce_cost,
     mask_dice_cost,
-    mask_losses,
     mask_match_costs,
+    matched_point_losses,
     point_sample,
-    sample_matched_points,
     sigmoid_bce_mask_loss,
     uncertain_points,
 )
@@ -233,30 +233,27 @@ def test_same_shape_on_the_canvas_gives_near_zero_dice():
     # Uniform points (importance share 0): importance points would sit on the edge, where both
     # maps read 1/2 by construction.
     pred, gt, ratio = block_case()
-    g = torch.Generator().manual_seed(0)
-    p, t = sample_matched_points(
-        pred[None], gt[None], ratio, num_points=4000, importance_sample_ratio=0.0, generator=g
-    )
-    assert p.shape == t.shape == (1, 4000)
-    best = dice_mask_loss(p, t, 1.0).item()
-    assert best < 0.02
-    for scale in (0.97, 1.03):  # a valid region 3 % off is worse
+
+    def dice(valid_ratio):
         g = torch.Generator().manual_seed(0)
-        p, t = sample_matched_points(
+        return matched_point_losses(
             pred[None],
-            gt[None],
-            ratio * scale,
+            [1],
+            [gt[None]],
+            [torch.tensor([0])],
+            valid_ratio[None],
+            1.0,
             num_points=4000,
             importance_sample_ratio=0.0,
             generator=g,
-        )
-        assert dice_mask_loss(p, t, 1.0).item() > best + 0.01
+        )["dice"].item()
+
+    best = dice(ratio)
+    assert best < 0.02
+    for scale in (0.97, 1.03):  # a valid region 3 % off is worse
+        assert dice(ratio * scale) > best + 0.01
     # The wrong mapping (the GT taken as covering the whole canvas) misses by far.
-    g = torch.Generator().manual_seed(0)
-    p, t = sample_matched_points(
-        pred[None], gt[None], None, num_points=4000, importance_sample_ratio=0.0, generator=g
-    )
-    assert dice_mask_loss(p, t, 1.0).item() > 0.15
+    assert dice(torch.ones(2)) > 0.15
 
 
 def test_mask_losses_over_a_batch_and_matching_costs():
@@ -270,7 +267,7 @@ def test_mask_losses_over_a_batch_and_matching_costs():
         (torch.tensor([1]), torch.tensor([0])),
         (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)),
     ]
-    losses = mask_losses(
+    losses = layer_mask_losses(
         preds,
         gts,
         indices,
@@ -287,7 +284,7 @@ def test_mask_losses_over_a_batch_and_matching_costs():
         and preds.grad[0, 1].abs().sum() > 0
         and preds.grad[0, 0].abs().sum() == 0
     )
-    empty = mask_losses(preds, gts, [indices[1]] * 2, ratios, 1.0, num_points=10)
+    empty = layer_mask_losses(preds, gts, [indices[1]] * 2, ratios, 1.0, num_points=10)
     assert empty["mask"].item() == 0 and empty["mask"].requires_grad
     bce, dice = mask_match_costs(
         preds[0].detach(),

@@ -121,77 +121,6 @@ def uncertain_points(
     return torch.cat([chosen, extra], 1)
 
 
-def sample_matched_points(
-    pred_masks: torch.Tensor,
-    gt_masks: torch.Tensor,
-    valid_ratio: Ratio | None,
-    *,
-    num_points: int = NUM_POINTS,
-    oversample_ratio: float = OVERSAMPLE_RATIO,
-    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's matched pairs at their points: the predictions' logits and the GTs' labels.
-
-    Args:
-        pred_masks: (M, h4, w4) mask logits of the matched predictions on the padded map.
-        gt_masks: (M, h, w) their GT masks (bool or {0, 1}) at the image's unpadded size.
-        valid_ratio: the image's valid (w, h) fraction of the map (`mask_valid_ratio`), (2,).
-    Returns: (M, P) predicted logits (with gradient) and (M, P) GT values in [0, 1] (bilinear
-    samples of the binary mask, soft on its edge), P = num_points.
-    """
-    if pred_masks.shape[0] == 0:  # an image without pairs
-        empty = pred_masks.new_zeros(0, num_points)
-        return empty, empty.float()
-    coords = uncertain_points(
-        pred_masks,
-        num_points,
-        oversample_ratio,
-        importance_sample_ratio,
-        valid_ratio=valid_ratio,
-        generator=generator,
-    )
-    pred = point_sample(pred_masks, map_points(coords, valid_ratio).to(pred_masks.dtype))
-    gt = point_sample(gt_masks.to(coords.dtype), coords)
-    return pred, gt
-
-
-def select_matched(
-    pred_masks: torch.Tensor,
-    gt_masks: Sequence[torch.Tensor],
-    indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    valid_ratios: torch.Tensor,
-    *,
-    num_points: int = NUM_POINTS,
-    oversample_ratio: float = OVERSAMPLE_RATIO,
-    importance_sample_ratio: float = IMPORTANCE_SAMPLE_RATIO,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's matched pairs at their points, image after image (`sample_matched_points`).
-
-    Args:
-        pred_masks: (B, Q, h4, w4) mask logits of a layer's stream.
-        gt_masks: per image (G_b, h_b, w_b) GT masks (the targets' "masks").
-        indices: per image (query indices, GT indices), the matcher's output.
-        valid_ratios: (B, 2) valid (w, h) fractions of the map.
-    Returns: (M, P) predicted logits and (M, P) GT values, M the matched pairs of all images.
-    """
-    preds, gts = [], []
-    for b, (src, tgt) in enumerate(indices):
-        pred, gt = sample_matched_points(
-            pred_masks[b, src],
-            gt_masks[b][tgt],
-            valid_ratios[b],
-            num_points=num_points,
-            oversample_ratio=oversample_ratio,
-            importance_sample_ratio=importance_sample_ratio,
-            generator=generator,
-        )
-        preds.append(pred)
-        gts.append(gt)
-    return torch.cat(preds), torch.cat(gts)
-
-
 def sigmoid_bce_mask_loss(
     point_logits: torch.Tensor, point_labels: torch.Tensor, num_masks: float | torch.Tensor
 ) -> torch.Tensor:
@@ -212,27 +141,6 @@ def dice_mask_loss(
     p, t = x.sigmoid(), point_labels.to(x.dtype)
     loss = 1 - (2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)
     return loss.sum() / num_masks
-
-
-def mask_losses(
-    pred_masks: torch.Tensor,
-    gt_masks: Sequence[torch.Tensor],
-    indices: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    valid_ratios: torch.Tensor,
-    num_masks: float | torch.Tensor,
-    **sampling,
-) -> dict[str, torch.Tensor]:
-    """{"mask": BCE, "dice": dice} of a layer's matched pairs (`select_matched`; `sampling`: its
-    num_points, oversample_ratio, importance_sample_ratio, generator). With no pair at all both
-    are 0 and still depend on `pred_masks` (every rank runs the same backward)."""
-    pred, gt = select_matched(pred_masks, gt_masks, indices, valid_ratios, **sampling)
-    if pred.shape[0] == 0:
-        zero = pred_masks.sum() * 0.0
-        return {"mask": zero, "dice": zero}
-    return {
-        "mask": sigmoid_bce_mask_loss(pred, gt, num_masks),
-        "dice": dice_mask_loss(pred, gt, num_masks),
-    }
 
 
 def mask_bce_cost(pred_points: torch.Tensor, gt_points: torch.Tensor) -> torch.Tensor:
