@@ -44,8 +44,9 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 BACKEND = os.environ.get("MSDETR_TEST_COMPILE_BACKEND", "aot_eager")
 
 
-def make_batch(b, h, w, seed):
-    """Padded images (each one's valid region smaller than the batch's) with two boxes each."""
+def make_batch(b, h, w, seed, masks=False):
+    """Padded images (each one's valid region smaller than the batch's) with two boxes each (and,
+    with `masks`, the boxes filled as their instance masks at each image's valid size)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(b, 3, h, w, generator=g)
     mask = torch.zeros(b, h, w, dtype=torch.bool)
@@ -59,6 +60,15 @@ def make_batch(b, h, w, seed):
         }
         for _ in range(b)
     ]
+    if masks:
+        for i, target in enumerate(targets):
+            vh, vw = h - 8 * i if i else h, w - 16 * i if i else w
+            filled = torch.zeros(2, vh, vw, dtype=torch.bool)
+            for k, (cx, cy, bw, bh) in enumerate(target["boxes"].tolist()):
+                x0, x1 = round((cx - bw / 2) * vw), round((cx + bw / 2) * vw)
+                y0, y1 = round((cy - bh / 2) * vh), round((cy + bh / 2) * vh)
+                filled[k, y0:y1, x0:x1] = True
+            target["masks"] = filled
     return images, mask, targets
 
 
@@ -82,17 +92,30 @@ def fresh_counters():
     torch._dynamo.reset()
 
 
+# With the mask head (conf/parts/mask_head.yaml): its pixel embedding and per-layer mask embeddings
+# are in the compiled forward too.
+MASKS = ["+parts=mask_head", "matcher.mask_points=64"]
+
+
 @pytest.mark.slow
-def test_compiled_detector_matches_eager_and_does_not_recompile():
+@pytest.mark.parametrize("masks", [False, True], ids=["boxes", "masks"])
+def test_compiled_detector_matches_eager_and_does_not_recompile(masks):
     """Compiled with dynamic sizes (BACKEND): training outputs, loss and every gradient, then the
     eval outputs, equal the eager module's; the second training and eval batches (another batch size
     and image size) run under `fail_on_recompile`; the forward is one graph in each mode, with no
-    graph break."""
+    graph break. The same with the mask head."""
     fresh_counters()
     torch.manual_seed(0)
-    eager = build_module(compose(*TINY_PP, UNUSED_OUTPUT))
+    extra = MASKS if masks else []
+    eager = build_module(compose(*TINY_PP, *extra, UNUSED_OUTPUT))
     compiled = build_module(
-        compose(*TINY_PP, "model.compile=true", f"model.compile_backend={BACKEND}", UNUSED_OUTPUT)
+        compose(
+            *TINY_PP,
+            *extra,
+            "model.compile=true",
+            f"model.compile_backend={BACKEND}",
+            UNUSED_OUTPUT,
+        )
     )
     compiled.load_state_dict(eager.state_dict())
     compiled.configure_model()
@@ -100,7 +123,7 @@ def test_compiled_detector_matches_eager_and_does_not_recompile():
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # no `_orig_mod.` prefixes
     criterion = eager.criterion  # one criterion, so both sides are matched by the same code
 
-    batches = [make_batch(2, 128, 160, seed=1), make_batch(3, 96, 144, seed=2)]
+    batches = [make_batch(2, 128, 160, 1, masks), make_batch(3, 96, 144, 2, masks)]
     for module in (eager, compiled):
         module.train()
     for i, (images, mask, targets) in enumerate(batches):
@@ -109,7 +132,11 @@ def test_compiled_detector_matches_eager_and_does_not_recompile():
             out_c = compiled(images, mask)
         out_e = eager(images, mask)
         assert_outputs_close(out_c, out_e)
-        loss_c, loss_e = (criterion.total(criterion(o, targets)) for o in (out_c, out_e))
+        losses = []
+        for out in (out_c, out_e):
+            torch.manual_seed(7)  # the same random points for the mask losses
+            losses.append(criterion.total(criterion(out, targets)))
+        loss_c, loss_e = losses
         torch.testing.assert_close(loss_c, loss_e, **TOL)
         for module, loss in ((compiled, loss_c), (eager, loss_e)):
             module.zero_grad(set_to_none=True)
