@@ -1,10 +1,12 @@
 """Triton forward and backward kernels for multi-scale deformable attention, registered as the
 differentiable custom op ``msdetr::ms_deform_attn_fwd`` (backward: ``msdetr::ms_deform_attn_bwd``).
 
-Kernel v2: the number of levels and points are compile-time constants (levels unrolled with
-``tl.static_range``); each program reads its rows of locations and weights once, as contiguous
-tiles; the backward keeps the location / weight gradients of all levels in registers and stores them
-once.
+Kernel v3: the number of levels and points are compile-time constants (levels unrolled with
+``tl.static_range``); each level's locations and weights are loaded directly as (BLOCK_Q, points)
+tiles, so that every per-sample value is born in the layout of the channel gathers (kernel v2's
+all-level tile sliced with where + sum made the compiler move them through shared memory: 61-192
+CTA barriers per kernel, bench/RESULTS.md); offsets within a (batch, head) slice of value are int32
+when they fit; the backward stores each level's location / weight gradients as it goes.
 Besides the op: ``check_deterministic`` (the backward's atomics under
 ``torch.use_deterministic_algorithms``), ``warm_up`` (autotune before CUDA-graph capture),
 ``candidate_configs`` and ``aot_compile`` (per-architecture configs, checked for register spills
@@ -139,53 +141,45 @@ def _program_coords(Lq, M, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _row_tiles(
+def _level_tiles(
     loc_ptr,
     attn_ptr,
     row,
     q_mask,
+    level: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """All locations and weights of this program's (query, head) rows, each element read once:
-    (BLOCK_Q, L_PAD, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and
+    """The locations and weights of one level of this program's (query, head) rows, loaded
+    directly as (BLOCK_Q, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and
     mask."""
-    lvl = tl.arange(0, L_PAD)[None, :, None]
-    pt = tl.arange(0, POINTS_PAD)[None, None, :]
-    # A row's L * NUM_POINTS weights (and 2x as many coordinates) are contiguous in memory.
-    lp = (row[:, None, None] * L + lvl) * NUM_POINTS + pt
-    mask = q_mask[:, None, None] & (lvl < L) & (pt < NUM_POINTS)
-    xy = tl.arange(0, 2)[None, None, None, :]
-    # The interleaved (x, y) pairs in one load, split in registers. Padding reads NaN: it then takes
-    # the out-of-map path of _bilinear (zero contribution) and needs no mask of its own later.
-    loc = tl.load(
-        loc_ptr + 2 * lp[:, :, :, None] + xy, mask=mask[:, :, :, None], other=float("nan")
-    )
-    x, y = tl.split(loc.to(ACC))
+    # Kernel v2 loaded all levels once as a (BLOCK_Q, L_PAD, POINTS_PAD) tile and sliced it per
+    # level with where + sum: the compiler then moved every per-sample value between layouts through
+    # shared memory, 73 CTA barriers in the fp32 forward (bench/RESULTS.md). Loaded per level, the
+    # tiles are born in the layout the gathers use; the x / y / weight re-reads hit L1.
+    pt = tl.arange(0, POINTS_PAD)[None, :]
+    lp = (row[:, None] * L + level) * NUM_POINTS + pt
+    mask = q_mask[:, None] & (pt < NUM_POINTS)
+    # Padding reads NaN: it then takes the out-of-map path of _bilinear (zero contribution) and
+    # needs no mask of its own later.
+    x = tl.load(loc_ptr + 2 * lp, mask=mask, other=float("nan")).to(ACC)
+    y = tl.load(loc_ptr + 2 * lp + 1, mask=mask, other=float("nan")).to(ACC)
     a = tl.load(attn_ptr + lp, mask=mask, other=0.0).to(ACC)
-    return lvl, lp, mask, x, y, a
+    return lp, mask, x, y, a
 
 
 @triton.jit
-def _pick(tile, lvl, level: tl.constexpr):
-    """tile[:, level, :] of a (BLOCK_Q, L_PAD, POINTS_PAD) tile, as (BLOCK_Q, POINTS_PAD)."""
-    # Register tensors cannot be sliced; with `level` a constant this select-and-add is a few
-    # instructions per level, far cheaper than reading the row again from memory.
-    return tl.sum(tl.where(lvl == level, tile, 0.0), axis=1)
-
-
-@triton.jit
-def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
+def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD, IDX: tl.constexpr):
     """Bilinear set-up of (BLOCK_Q, POINTS_PAD) samples of one level: fractions, the element offset
-    of the top-left corner's channel 0 relative to value[n, 0, m, 0], validity of the 4 corners."""
+    (of type IDX) of the top-left corner's channel 0 relative to value[n, 0, m, 0], validity of the
+    4 corners."""
     # Three uniform scalars per level, the same for every thread: served by the cache, and with the
     # level loop unrolled all of them are independent loads issued up front.
-    h = tl.load(shapes_ptr + 2 * level)
-    w = tl.load(shapes_ptr + 2 * level + 1)
-    start = tl.load(starts_ptr + level)
+    h = tl.load(shapes_ptr + 2 * level).to(IDX)
+    w = tl.load(shapes_ptr + 2 * level + 1).to(IDX)
+    start = tl.load(starts_ptr + level).to(IDX)
     wf = w.to(x.dtype)
     hf = h.to(x.dtype)
     # align_corners=False: pixel i's centre sits at normalized (i + 0.5) / W.
@@ -204,7 +198,10 @@ def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
     x_hi = (x0 >= -1) & (x0 < wf - 1)
     y_lo = (y0 >= 0) & (y0 < hf)
     y_hi = (y0 >= -1) & (y0 < hf - 1)
-    corner = (start + y0.to(tl.int64) * w + x0.to(tl.int64)) * MD
+    # Offsets within one (batch, head) slice of value: int32 when S * M * D < 2**31 (IDX, chosen on
+    # the host), which halves the registers of the per-element offsets; the int64 base
+    # value[n, 0, m, 0] is a scalar.
+    corner = (start + y0.to(IDX) * w + x0.to(IDX)) * MD
     return w, h, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
 
 
@@ -224,25 +221,24 @@ def _msda_fwd_kernel(
     D: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    IDX: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, _, _, x, y, a = _row_tiles(
-        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
-    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     value_nm = value_ptr + n * S * MD + m * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in tl.static_range(L):
-        a_l = _pick(a, lvl, level)
+        _, _, x, y, a_l = _level_tiles(
+            loc_ptr, attn_ptr, row, q_mask, level, L, NUM_POINTS, POINTS_PAD, ACC
+        )
         w, _, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+            x, y, shapes_ptr, starts_ptr, level, MD, IDX
         )
         ptr = value_nm + corner[:, :, None] + c3
         # All 4 * points gathers of the level are independent loads in flight together.
@@ -283,17 +279,15 @@ def _msda_bwd_kernel(
     D: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, lp, lp_mask, x, y, a = _row_tiles(
-        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
-    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     nm_offset = n * S * MD + m * D
@@ -305,14 +299,12 @@ def _msda_bwd_kernel(
         other=0.0,
     ).to(ACC)
     g3 = g[:, None, :]
-    # Location / weight gradients of every level, kept in registers and stored once at the end.
-    grad_x_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
-    grad_y_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
-    grad_a_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
     for level in tl.static_range(L):
-        a_l = _pick(a, lvl, level)
+        lp, lp_mask, x, y, a_l = _level_tiles(
+            loc_ptr, attn_ptr, row, q_mask, level, L, NUM_POINTS, POINTS_PAD, ACC
+        )
         w, h, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+            x, y, shapes_ptr, starts_ptr, level, MD, IDX
         )
         offs = corner[:, :, None] + c3
         m00 = in00[:, :, None] & c_mask
@@ -330,31 +322,25 @@ def _msda_bwd_kernel(
         b01 = fx * (1 - fy)
         b10 = (1 - fx) * fy
         b11 = fx * fy
-        at = lvl == level
-        grad_a_all = tl.where(
-            at, (b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11)[:, None, :], grad_a_all
-        )
+        # This program alone owns these (query, head) rows: plain stores, once per level.
+        grad_a = b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
+        tl.store(grad_attn_ptr + lp, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
         # d sample / d loc = (d sample / d pixel) * (map size); out-of-map corners count as zeros.
         grad_x = a_l * w.to(ACC) * ((1 - fy) * (s01 - s00) + fy * (s11 - s10))
         grad_y = a_l * h.to(ACC) * ((1 - fx) * (s10 - s00) + fx * (s11 - s01))
-        grad_x_all = tl.where(at, grad_x[:, None, :], grad_x_all)
-        grad_y_all = tl.where(at, grad_y[:, None, :], grad_y_all)
-        # Pixels are shared between queries of all programs: scatter with (relaxed) atomics.
-        ag = a_l[:, :, None] * g3
-        tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
-        tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
-        tl.atomic_add(grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed")
-        tl.atomic_add(
-            grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed"
-        )
-    # This program alone owns these (query, head) rows: plain stores, one per tensor, contiguous.
-    tl.store(grad_attn_ptr + lp, grad_a_all.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
-    xy = tl.arange(0, 2)[None, None, None, :]
-    tl.store(
-        grad_loc_ptr + 2 * lp[:, :, :, None] + xy,
-        tl.join(grad_x_all, grad_y_all).to(grad_loc_ptr.dtype.element_ty),
-        mask=lp_mask[:, :, :, None],
-    )
+        tl.store(grad_loc_ptr + 2 * lp, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
+        tl.store(grad_loc_ptr + 2 * lp + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
+        if VALUE_GRAD:
+            # Pixels are shared between queries of all programs: scatter with (relaxed) atomics.
+            ag = a_l[:, :, None] * g3
+            tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
+            tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
+            tl.atomic_add(
+                grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed"
+            )
+            tl.atomic_add(
+                grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed"
+            )
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -468,11 +454,16 @@ def _meta(value: torch.Tensor, sampling_locations: torch.Tensor) -> dict:
         D=d,
         L=num_levels,
         NUM_POINTS=num_points,
-        L_PAD=triton.next_power_of_2(num_levels),
         POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(d),
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
+        IDX=tl.int32 if (2 * s + 2) * m * d <= _INT32_MAX else tl.int64,
     )
+
+
+# Offsets within one (batch, head) slice of value are int32 while they fit: a corner's offset is at
+# most (start + (H + 1) * W + W + 1) * M * D + D < (2 * S + 2) * M * D (W <= S).
+_INT32_MAX = 2**31 - 1
 
 
 def _grid(n: int, m: int, lq: int):
@@ -557,6 +548,7 @@ def ms_deform_attn_bwd(
             grad_loc,
             grad_attn,
             **_meta(value, sampling_locations),
+            VALUE_GRAD=True,
         )
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
@@ -771,12 +763,14 @@ def aot_compile(
         D=head_dim,
         L=num_levels,
         NUM_POINTS=num_points,
-        L_PAD=triton.next_power_of_2(num_levels),
         POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(head_dim),
         ACC=acc,
+        IDX=tl.int32,
         **config.kwargs,
     )
+    if "VALUE_GRAD" in fn.arg_names:
+        constexprs["VALUE_GRAD"] = True
     aligned = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
