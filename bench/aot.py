@@ -66,10 +66,10 @@ def cases(archs, dtypes, levels, head_dim, num_points, kernels=("fwd", "bwd")):
     return [
         (kernel, arch, dtype, num_levels, config)
         for arch in archs
-        for config in candidate_configs(arch, head_dim, num_points)
+        for kernel in kernels
+        for config in candidate_configs(arch, head_dim, num_points, kernel)
         for num_levels in levels
         for dtype in dtypes
-        for kernel in kernels
     ]
 
 
@@ -108,7 +108,8 @@ def compile_case(case, head_dim, num_points) -> dict:
         occupancy=occ["occupancy"],
         occupancy_limit=occ["limit"],
         ptx_target=next((ln.split()[1] for ln in ptx if ln.startswith(".target")), None),
-        vector_loads=sum("ld.global" in ln and ".v4." in ln for ln in ptx),
+        # 64- or 128-bit gathers (bf16 at 4 elements per thread: 8 bytes, ld.global.v2.b32)
+        vector_loads=sum("ld.global" in ln and (".v4." in ln or ".v2." in ln) for ln in ptx),
         atomics=sum(("atom.global" in ln or "red.global" in ln) for ln in ptx),
         seconds=round(time.perf_counter() - t0, 2),
     )

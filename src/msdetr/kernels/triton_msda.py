@@ -15,6 +15,7 @@ without a GPU by ``bench/aot.py`` and ``tests/test_kernels_aot.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -41,62 +42,83 @@ __all__ = [
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Autotune candidates per GPU architecture, as (BLOCK_Q, num_warps), and the most elements per
-# thread that one (BLOCK_Q, points, channels) corner gather may hold there (4 such tiles are in
-# flight; one (BLOCK_Q, 4, points, channels) gather instead needed ~255 registers in the backward on
-# sm_80). tests/test_kernels_aot.py compiles every candidate for its architecture (D=32, 4 points, 4
-# and 5 levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses
-# the table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
-# never compiled here: sm_90's).
-class _ArchConfigs(NamedTuple):
+# Autotune candidates per GPU architecture and kernel, as (BLOCK_Q, num_warps), and the most
+# elements per thread that one (BLOCK_Q, points, channels) corner gather may hold there (4 such
+# tiles are in flight). The candidates differ in work per thread (at D=32, 4 points: 4, 8 or 16
+# elements) as well as in CTA size: one-warp CTAs need no CTA barrier at all (every layout
+# conversion stays in the warp), larger ones share the per-level scalars. tests/test_kernels_aot.py
+# compiles every candidate for its architecture (D=32, 4 points, 5 levels, fp32 / bf16) and pins
+# spills (none) and barriers; bench/RESULTS.md lists registers, barriers and theoretical occupancy
+# of each. A device uses the table of the highest architecture not above its own (sm_86 / sm_89:
+# sm_80's; sm_100 and later, never compiled here: sm_90's).
+class _Candidates(NamedTuple):
     pairs: tuple[tuple[int, int], ...]  # (BLOCK_Q, num_warps) candidates
-    max_per_thread: int  # elements of a (BLOCK_Q, D) tile per thread, at most
+    max_per_thread: int  # elements of a (BLOCK_Q, points, channels) tile per thread, at most
 
 
+_FWD_PAIRS = ((2, 1), (4, 4), (8, 4), (16, 4), (16, 8))
 _ARCH_CONFIGS = {
-    # sm_80's ptxas gives the backward 240-255 registers at 16 elements per thread (at the edge of
-    # spilling, 8 warps per SM); at 8 it stays under ~185.
-    80: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 8)), max_per_thread=8),
-    # sm_90 holds 16 elements per thread in under ~190 registers: one more, larger tile to try.
-    90: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 4), (16, 8)), max_per_thread=16),
+    80: {
+        "fwd": _Candidates(pairs=_FWD_PAIRS, max_per_thread=16),
+        # The backward holds the 4 corner tiles and their atomics' operands: at 8 elements per
+        # thread in a 4-warp CTA sm_80's ptxas needs 168 registers (12 warps per SM; 16 elements:
+        # 255), so its 8-element candidate is a one-warp CTA (no barriers, 141 registers).
+        "bwd": _Candidates(pairs=((1, 1), (2, 1), (4, 4), (8, 8)), max_per_thread=8),
+    },
+    90: {
+        "fwd": _Candidates(pairs=_FWD_PAIRS, max_per_thread=16),
+        # 16 elements per thread (BLOCK_Q=16, 4 warps) costs 71 barriers and 132 registers: out.
+        "bwd": _Candidates(pairs=((1, 1), (2, 1), (4, 4), (8, 4), (8, 8)), max_per_thread=8),
+    },
 }
 # Below 2 elements per thread most threads of a block wait on a handful of loads.
 _MIN_ELEMENTS_PER_THREAD = 2
+KERNELS = ("fwd", "bwd")
 
 
-def _union_configs() -> list[triton.Config]:
+def _union_configs(kernel: str) -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter runs program instances one by one (~10 ms each) and cannot benchmark: one
         # config, with a block of queries large enough to keep the instance count small.
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch.pairs})
+    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch[kernel].pairs})
     # num_stages=1: the body is gathers through data-dependent pointers, nothing to pipeline.
     return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=1) for bq, w in pairs]
 
 
-_CONFIGS = _union_configs()
+_CONFIGS = {kernel: _union_configs(kernel) for kernel in KERNELS}
 
 
-def _arch_table(arch: int) -> _ArchConfigs:
+def _arch_table(arch: int) -> dict[str, _Candidates]:
     below = [a for a in _ARCH_CONFIGS if a <= arch]
     return _ARCH_CONFIGS[max(below) if below else min(_ARCH_CONFIGS)]
 
 
-def candidate_configs(arch: int, head_dim: int, num_points: int) -> list[triton.Config]:
-    """The autotune configs that the kernels may run with on a GPU of compute capability ``arch``
-    (e.g. 80, 90) for this head dimension and number of points: the autotuner benchmarks these."""
-    if _INTERPRET:
-        return list(_CONFIGS)
+def elements_per_thread(config: triton.Config, head_dim: int, num_points: int) -> float:
+    """Elements of one (BLOCK_Q, points, channels) corner gather that each thread holds."""
     tile = triton.next_power_of_2(num_points) * triton.next_power_of_2(head_dim)
-    table = _arch_table(arch)
+    return config.kwargs["BLOCK_Q"] * tile / (32 * config.num_warps)
 
-    def per_thread(cfg: triton.Config) -> float:
-        return cfg.kwargs["BLOCK_Q"] * tile / (32 * cfg.num_warps)
 
-    configs = [c for c in _CONFIGS if (c.kwargs["BLOCK_Q"], c.num_warps) in table.pairs]
-    kept = [c for c in configs if _MIN_ELEMENTS_PER_THREAD <= per_thread(c) <= table.max_per_thread]
+def candidate_configs(
+    arch: int, head_dim: int, num_points: int, kernel: str = "bwd"
+) -> list[triton.Config]:
+    """The autotune configs that ``kernel`` ("fwd" or "bwd") may run with on a GPU of compute
+    capability ``arch`` (e.g. 80, 90) for this head dimension and number of points: the autotuner
+    benchmarks these."""
+    if _INTERPRET:
+        return list(_CONFIGS[kernel])
+    table = _arch_table(arch)[kernel]
+    configs = [c for c in _CONFIGS[kernel] if (c.kwargs["BLOCK_Q"], c.num_warps) in table.pairs]
+    kept = [
+        c
+        for c in configs
+        if _MIN_ELEMENTS_PER_THREAD
+        <= elements_per_thread(c, head_dim, num_points)
+        <= table.max_per_thread
+    ]
     # Large heads or many points: every tile of the table holds more; take the smallest.
-    return kept or [min(configs, key=per_thread)]
+    return kept or [min(configs, key=lambda c: elements_per_thread(c, head_dim, num_points))]
 
 
 @functools.cache
@@ -105,22 +127,42 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    value = args["value_ptr"]
-    if not value.is_cuda:  # only reached under the interpreter: nothing to choose
-        return configs[:1]
-    keep = {
-        id(c) for c in candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"])
-    }
-    return [c for c in configs if id(c) in keep]
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        value = args["value_ptr"]
+        if not value.is_cuda:  # only reached under the interpreter: nothing to choose
+            return configs[:1]
+        chosen = candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"], kernel)
+        keep = {id(c) for c in chosen}
+        return [c for c in configs if id(c) in keep]
+
+    return prune
 
 
-# Lq changes with every image size; keying the tuner on its power-of-two class (LQ_CLASS, an
-# argument the kernels never read) tunes once per class instead of once per shape. D is a constexpr
-# so that the compiler knows how far channel rows are aligned and vectorizes the gathers; L and
-# NUM_POINTS are constexprs so that the level loop unrolls and the point tiles have a fixed size.
+# Autotuning and compilation over a training run with multi-scale augmentation, where the value
+# length S (the encoder's query count) changes with nearly every batch:
+# - the tuner keys on heads, head dim, levels, points, the tensors' dtypes and LQ_CLASS (an argument
+#   the kernels never read): the query count's power-of-two class, capped at _QUERY_CLASS_CAP. Every
+#   encoder (S >= 4096 from 480-pixel images up) is one class, each decoder's fixed query count
+#   another: the tuner runs in the first training step and never again, on every rank alike;
+# - Lq, S, M and LQ_CLASS are not specialized (do_not_specialize): Triton would otherwise compile a
+#   variant per value of `x % 16 == 0` (and x == 1); the alignment that the gathers need comes from
+#   the constexpr D, so their divisibility buys nothing;
+# - the tuner's timings are cached on disk (cache_results, as TRITON_CACHE_AUTOTUNING=1): later runs
+#   on the same GPU and Triton do not tune again.
+# tests/test_kernels_autotune.py counts the keys and compiles over a simulated epoch of DETR image
+# sizes with Triton's own specialization code. D is a constexpr so that the compiler knows how far
+# channel rows are aligned and vectorizes the gathers; L and NUM_POINTS are constexprs so that the
+# level loop unrolls and the point tiles have a fixed size.
 _TUNE_KEY = ["M", "D", "L", "LQ_CLASS", "NUM_POINTS"]
+_NOT_SPECIALIZED = ["Lq", "S", "M", "LQ_CLASS"]
+_QUERY_CLASS_CAP = 4096
+
+
+def query_class(lq: int) -> int:
+    """The autotune class of a query count: its next power of two, capped at 4096."""
+    return min(triton.next_power_of_2(max(lq, 1)), _QUERY_CLASS_CAP)
 
 
 @triton.jit
@@ -205,8 +247,13 @@ def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD, IDX: tl.con
     return w, h, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.autotune(
+    configs=_CONFIGS["fwd"],
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner("fwd")},
+    cache_results=True,
+)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _msda_fwd_kernel(
     value_ptr,
     shapes_ptr,
@@ -256,12 +303,13 @@ def _msda_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=_CONFIGS["bwd"],
     key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["grad_value_ptr"],
-)  # benchmarking replays the atomic scatter
-@triton.jit
+    prune_configs_by={"early_config_prune": _pruner("bwd")},
+    reset_to_zero=["grad_value_ptr"],  # benchmarking replays the atomic scatter
+    cache_results=True,
+)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _msda_bwd_kernel(
     grad_out_ptr,
     value_ptr,
@@ -450,7 +498,7 @@ def _meta(value: torch.Tensor, sampling_locations: torch.Tensor) -> dict:
         Lq=lq,
         S=s,
         M=m,
-        LQ_CLASS=triton.next_power_of_2(lq),
+        LQ_CLASS=query_class(lq),
         D=d,
         L=num_levels,
         NUM_POINTS=num_points,
@@ -468,6 +516,13 @@ _INT32_MAX = 2**31 - 1
 
 def _grid(n: int, m: int, lq: int):
     return lambda meta: (n * m * triton.cdiv(lq, meta["BLOCK_Q"]),)
+
+
+def _device_guard(t: torch.Tensor):
+    """Make the tensor's GPU the current one for a launch: Triton launches on the current device
+    (and its current stream), which need not be the tensors' (e.g. cuda:1 tensors with cuda:0
+    current, as in a process that drives several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _nothing_to_do(value: torch.Tensor, sampling_locations: torch.Tensor) -> bool:
@@ -490,15 +545,16 @@ def ms_deform_attn_fwd(
         return value.new_zeros(n, lq, m * d)
     meta = _meta(value, sampling_locations)
     out = value.new_empty(n, lq, m * d)
-    _msda_fwd_kernel[_grid(n, m, lq)](
-        value.contiguous(),
-        spatial_shapes.contiguous(),
-        level_start_index.contiguous(),
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-        out,
-        **meta,
-    )
+    with _device_guard(value):
+        _msda_fwd_kernel[_grid(n, m, lq)](
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+            out,
+            **meta,
+        )
     return out
 
 
@@ -517,13 +573,20 @@ def ms_deform_attn_bwd(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    value_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, sampling_locations and attention_weights. With ``value_grad=False``
+    (value needs none) the value gradient is not computed: no atomics, no (N, S, M, D) fp32 buffer
+    (1.5 GB per layer at N=16, S=90k, 8 heads of 32), a deterministic kernel; the first result is
+    then an empty tensor."""
     _validate(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     # fp32 (fp64) buffer: half-precision atomics lose the small contributions, bf16 ones are slow.
-    grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
+    grad_value = torch.zeros(
+        value.shape if value_grad else (0,), dtype=acc_dtype, device=value.device
+    )
     launch = not _nothing_to_do(value, sampling_locations)
     # The kernel stores every location / weight gradient once, so they need no clearing.
     alloc = torch.empty if launch else torch.zeros
@@ -534,32 +597,42 @@ def ms_deform_attn_bwd(
         attention_weights.shape, dtype=attention_weights.dtype, device=attention_weights.device
     )
     if launch:
-        check_deterministic()
+        if value_grad:  # only the value gradient's atomics are nondeterministic
+            check_deterministic()
         n, _, m, _ = value.shape
         lq = sampling_locations.shape[1]
-        _msda_bwd_kernel[_grid(n, m, lq)](
-            grad_output.contiguous(),
-            value.contiguous(),
-            spatial_shapes.contiguous(),
-            level_start_index.contiguous(),
-            sampling_locations.contiguous(),
-            attention_weights.contiguous(),
-            grad_value,
-            grad_loc,
-            grad_attn,
-            **_meta(value, sampling_locations),
-            VALUE_GRAD=True,
-        )
+        with _device_guard(value):
+            _msda_bwd_kernel[_grid(n, m, lq)](
+                grad_output.contiguous(),
+                value.contiguous(),
+                spatial_shapes.contiguous(),
+                level_start_index.contiguous(),
+                sampling_locations.contiguous(),
+                attention_weights.contiguous(),
+                grad_value,
+                grad_loc,
+                grad_attn,
+                **_meta(value, sampling_locations),
+                VALUE_GRAD=value_grad,
+            )
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
 @ms_deform_attn_bwd.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    value_grad=True,
+):
     _validate(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
     return (
-        value.new_empty(value.shape),
+        value.new_empty(value.shape if value_grad else (0,)),
         sampling_locations.new_empty(sampling_locations.shape),
         attention_weights.new_empty(attention_weights.shape),
     )
@@ -573,10 +646,18 @@ def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         ctx.saved_tensors
     )
+    # Value needing no gradient (a frozen input projection, or value a constant): no atomics.
+    value_grad = bool(ctx.needs_input_grad[0])
     grad_value, grad_loc, grad_attn = ms_deform_attn_bwd(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        value_grad,
     )
-    return grad_value, None, None, grad_loc, grad_attn
+    return grad_value if value_grad else None, None, None, grad_loc, grad_attn
 
 
 ms_deform_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -623,8 +704,9 @@ def warm_up(
     CUDA graph (benchmarking inside a capture fails). Call it outside the capture, e.g. before
     ``torch.cuda.graphs.make_graphed_callables`` or ``torch.compile(mode="reduce-overhead")``.
 
-    The tuner keys on heads, head dim, levels, points, the power-of-two class of the query count
-    and the tensors' dtypes: pass every query count the model uses (the encoder's is the value
+    The tuner keys on heads, head dim, levels, points, the class of the query count
+    (``query_class``: its power of two, capped at 4096, so one class for every encoder) and the
+    tensors' dtypes: pass every query count the model uses (the encoder's is the value
     length, sum(H * W); the decoder's the number of queries) and the value dtype; weight_dtype
     (default: dtype) is the attention weights' dtype, fp32 under autocast (softmax runs in fp32).
     The spatial shapes and batch_size (not part of the key) only set the inputs benchmarked: the
@@ -658,7 +740,7 @@ def warm_up(
             M=num_heads,
             D=head_dim,
             L=len(hw),
-            LQ_CLASS=triton.next_power_of_2(lq),
+            LQ_CLASS=query_class(lq),
             NUM_POINTS=num_points,
             dtype=dtype,
             weight_dtype=weight_dtype,
