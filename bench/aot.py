@@ -48,7 +48,7 @@ def occupancy(arch: int, n_regs: int, num_warps: int, shared: int) -> dict:
         "ctas": lim["ctas"],
         "shared": lim["shared"] // (shared + SHARED_PER_CTA_RESERVED),
     }
-    limit = min(by, key=by.get)
+    limit = min(by, key=lambda k: by[k])
     ctas = by[limit]
     return dict(ctas=ctas, warps=ctas * num_warps, limit=limit, occupancy=ctas * num_warps / 64)
 
