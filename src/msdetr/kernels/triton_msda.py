@@ -6,11 +6,13 @@ Kernel v3: the number of levels and points are compile-time constants (levels un
 tiles, so that every per-sample value is born in the layout of the channel gathers (kernel v2's
 all-level tile sliced with where + sum made the compiler move them through shared memory: 61-192
 CTA barriers per kernel, bench/RESULTS.md); offsets within a (batch, head) slice of value are int32
-when they fit; the backward stores each level's location / weight gradients as it goes.
+when they fit; the backward stores each level's location / weight gradients as it goes and skips
+the value gradient when value needs none. Autotuning is bounded over a training run (see _TUNE_KEY).
 Besides the op: ``check_deterministic`` (the backward's atomics under
 ``torch.use_deterministic_algorithms``), ``warm_up`` (autotune before CUDA-graph capture),
-``candidate_configs`` and ``aot_compile`` (per-architecture configs, checked for register spills
-without a GPU by ``bench/aot.py`` and ``tests/test_kernels_aot.py``).
+``query_class`` (the tuner's size class), ``candidate_configs`` and ``aot_compile``
+(per-architecture configs, checked for spills, barriers and occupancy without a GPU by
+``bench/aot.py`` and ``tests/test_kernels_aot.py``). docs/architecture.md has the overview.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import triton.language as tl
 
 __all__ = [
     "ms_deform_attn_triton",
+    "query_class",
     "check_deterministic",
     "warm_up",
     "candidate_configs",
