@@ -71,3 +71,37 @@ def test_every_autotune_config_compiles_for_sm80_and_sm90_without_spills(tmp_pat
         assert r["vector_loads"] > 0, what
         if r["kernel"] == "bwd":
             assert r["atomics"] > 0, f"value gradient is not scattered atomically: {what}"
+
+
+def _aot_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_aot", AOT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "arch, regs, warps, shared, expected",
+    [
+        (80, 255, 8, 0, (8, "regs")),  # 8192 registers per warp: one 8-warp CTA
+        (80, 80, 2, 512, (24, "regs")),  # 2560 per warp: 25 warps, 12 CTAs of 2
+        (90, 32, 4, 512, (64, "regs")),  # 1024 per warp: the whole SM
+        (90, 40, 1, 128, (32, "ctas")),  # 32 CTAs of one warp
+        (80, 32, 4, 100 * 1024, (4, "shared")),  # one CTA in 164 KB
+        (90, 32, 4, 100 * 1024, (8, "shared")),  # two in 228 KB
+        (86, 255, 8, 0, (8, "regs")),  # sm_86 counts as sm_80
+    ],
+)
+def test_theoretical_occupancy(arch, regs, warps, shared, expected):
+    occ = _aot_module().occupancy(arch, regs, warps, shared)
+    assert (occ["warps"], occ["limit"]) == expected
+    assert occ["occupancy"] == occ["warps"] / 64
+
+
+def test_barriers_are_counted_in_ptx():
+    ptx = "\n".join(
+        ["\tbar.sync \t0;", "\tbarrier.sync 1;", "// bar.sync in a comment", "\tld.b32"]
+    )
+    assert _aot_module().barriers(ptx) == 2
