@@ -49,6 +49,17 @@ KERNEL_SHAPES_GPU = [
     ("odd sizes", 3, 37, 3, 17, ((7, 9), (3, 5), (1, 1)), 3),
     ("encoder-like 1 level", 1, 1000, 8, 32, ((25, 40),), 4),
     ("d=3, 5 levels", 2, 129, 2, 3, ((8, 4), (4, 8), (2, 2), (1, 2), (1, 1)), 2),
+    # DETA at 1333 px: 5 levels of strides 4-64, a 900-query decoder call (batch 2: the float64
+    # reference's grid_sample temporaries stay small).
+    (
+        "DETA 5 levels 900q",
+        2,
+        900,
+        8,
+        32,
+        ((200, 334), (100, 167), (50, 84), (25, 42), (13, 21)),
+        4,
+    ),
 ]
 KERNEL_SHAPES_DRY = [
     ("odd sizes", 1, 5, 2, 3, ((3, 5), (1, 2)), 2),
@@ -353,21 +364,45 @@ def step_infer(args, device):
 
 
 def step_msda(args, device):
+    """bench/msda.py --case deformable: B=2, S=22k, 4 levels; Triton, reference and gather."""
     if not args.dry_run:
         return _run_bench(
             "msda.py",
             ["--iters", str(args.msda_iters), "--warmup", str(args.msda_warmup)],
             args.msda_timeout,
         )
-    # Dry run: bench/msda.py's own input, floor and autograd helpers at tiny shapes, timed with
-    # perf_counter on the CPU (its main() needs CUDA events).
+    return _msda_dry(device, ((4, 5), (2, 3)), 1)
+
+
+def step_msda_large(args, device):
+    """bench/msda.py --case deta-large: bf16 and fp32, B=16, S=89k, 5 levels, 900 queries; Triton
+    and gather."""
+    if not args.dry_run:
+        return _run_bench(
+            "msda.py",
+            [
+                "--case",
+                "deta-large",
+                "--iters",
+                str(args.msda_large_iters),
+                "--warmup",
+                str(args.msda_large_warmup),
+            ],
+            args.msda_timeout,
+        )
+    return _msda_dry(device, ((4, 6), (2, 3), (1, 2), (1, 1), (1, 1)), 2)
+
+
+def _msda_dry(device, levels, batch):
+    """Dry run: bench/msda.py's own input, floor and autograd helpers at tiny shapes, timed with
+    perf_counter on the CPU (its main() needs CUDA events)."""
     import msda
 
     from msdetr.kernels import ms_deform_attn_reference
     from msdetr.kernels.triton_msda import ms_deform_attn_triton
 
     saved = {k: getattr(msda, k) for k in ("LEVELS", "BATCH", "HEADS", "CHANNELS", "POINTS")}
-    msda.LEVELS, msda.BATCH, msda.HEADS, msda.CHANNELS, msda.POINTS = ((4, 5), (2, 3)), 1, 2, 4, 2
+    msda.LEVELS, msda.BATCH, msda.HEADS, msda.CHANNELS, msda.POINTS = levels, batch, 2, 4, 2
     try:
         generator = torch.Generator().manual_seed(0)
         encoder_queries = sum(h * w for h, w in msda.LEVELS)
@@ -392,6 +427,7 @@ def step_msda(args, device):
                 for impl, op in (
                     ("triton", ms_deform_attn_triton),
                     ("reference", ms_deform_attn_reference),
+                    ("gather", msda.gather_op),
                 ):
                     calls = msda.autograd_impl(op, *inputs)
                     ms = {}
@@ -413,7 +449,8 @@ def step_msda(args, device):
         "header": header,
         "rows": rows,
         "notes": [
-            "dry run: bench/msda.py helpers at B=1 M=2 D=4 levels 4x5, 2x3, P=2, one call each"
+            f"dry run: bench/msda.py helpers at B={batch} M=2 D=4 levels "
+            f"{', '.join(f'{h}x{w}' for h, w in levels)}, P=2, one call each"
         ],
     }
 
@@ -578,6 +615,11 @@ STEPS = [
     ("kernel", "Kernel correctness: Triton vs float64 reference", step_kernel),
     ("msda", "bench/msda.py", step_msda),
     (
+        "msda_large",
+        "bench/msda.py --case deta-large: B=16, S=89k, 5 levels, 900 queries, fp32 / bf16",
+        step_msda_large,
+    ),
+    (
         "train_step",
         "bench/train_step.py: fp32 / bf16, eager / compiled, Triton vs reference attention",
         step_train,
@@ -689,6 +731,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--msda-iters", type=int, default=50)
     p.add_argument("--msda-warmup", type=int, default=10)
+    p.add_argument("--msda-large-iters", type=int, default=10)
+    p.add_argument("--msda-large-warmup", type=int, default=2)
     p.add_argument(
         "--msda-timeout", type=int, default=300, help="seconds before bench/msda.py is stopped"
     )

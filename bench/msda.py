@@ -1,11 +1,21 @@
 """Milliseconds, GB/s against the DRAM floor and peak memory of multi-scale deformable attention:
 the Triton kernels beside the PyTorch reference (and the original CUDA extension when importable).
 
-python bench/msda.py [--iters 100] [--warmup 20] [--dtypes fp32 bf16] [--locations local|uniform]
-Cases: the encoder call (B=2, levels 100x167, 50x84, 25x42, 13x21: S = Lq = 22,223; M=8, D=32, L=4,
-P=4) and decoder calls with 300 and 900 queries on the same value. The DRAM floor counts every input
-read once and every output written once; GB/s = floor bytes / median time. Peak memory is what the
-call allocates above its inputs. L2 is flushed before each timed call unless --no-flush.
+python bench/msda.py [--case deformable|deta-large] [--iters 100] [--warmup 20] [--dtypes fp32 bf16]
+    [--locations local|uniform] [--impls triton reference gather]
+Cases (M=8, D=32, P=4):
+- deformable (default): the encoder call (B=2, levels 100x167, 50x84, 25x42, 13x21: S = Lq =
+  22,223; L=4) and decoder calls with 300 and 900 queries on the same value; Triton, the reference
+  and the gather backend (the deterministic fallback on CUDA).
+- deta-large: what stresses memory and time: B=16 images per GPU at 1333 px with 5 levels (strides
+  4-64: 200x334 ... 13x21, S = Lq = 89,023) and a 900-query decoder call. The value is 1.46 GB in
+  fp32 (0.73 in bf16), the locations 1.82 GB, the fp32 value-gradient buffer 1.46 GB; the encoder
+  call's forward + backward peaks near 17 GB in fp32. The reference (grid_sample, (N*M, D, Lq, P)
+  temporaries of 5.8 GB per level) is left out, and so is the gather backend where its
+  N*Lq*M*L*P*4 corner indices pass GATHER_MAX_ENTRIES (the encoder call: 7.3 GB of int64 indices).
+The DRAM floor counts every input read once and every output written once; GB/s = floor bytes /
+median time. Peak memory is what the call allocates above its inputs. L2 is flushed before each
+timed call unless --no-flush.
 
 python bench/msda.py --device cpu [--backends reference,gather] [--iters 3] [--warmup 1] [--dtypes
 fp32] CPU comparison of the PyTorch backends (no CUDA needed): the same cases, each (query count,
@@ -30,6 +40,18 @@ import torch
 
 LEVELS = ((100, 167), (50, 84), (25, 42), (13, 21))
 BATCH, HEADS, CHANNELS, POINTS = 2, 8, 32, 4
+# --case: (levels, batch, implementations timed on CUDA, decoder query counts)
+CASES = {
+    "deformable": (LEVELS, BATCH, ("triton", "reference", "gather"), (300, 900)),
+    "deta-large": (
+        ((200, 334), (100, 167), (50, 84), (25, 42), (13, 21)),
+        16,
+        ("triton", "gather"),
+        (900,),
+    ),
+}
+# The gather backend's corner indices (int64) and weights: 12 bytes per entry.
+GATHER_MAX_ENTRIES = 1 << 28
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # 256 MiB: larger than the L2 of any current GPU.
 FLUSH_BYTES = 256 << 20
@@ -151,6 +173,14 @@ def measure(fn, warmup: int, iters: int, flush: torch.Tensor | None) -> tuple[fl
 
 
 # --------------------------------------------------------------------------------------------- CPU
+
+
+def gather_op(value, shapes, starts, loc, weights):
+    """The gather backend with the (value, shapes, starts, loc, weights) call; the level sizes
+    from LEVELS (on the host: no device read)."""
+    from msdetr.kernels.gather import ms_deform_attn_gather
+
+    return ms_deform_attn_gather(value, LEVELS, loc, weights)
 
 
 def cpu_backends() -> dict:
@@ -318,6 +348,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--no-flush", action="store_true", help="keep L2 warm between timed calls")
     p.add_argument(
+        "--case",
+        choices=sorted(CASES),
+        default="deformable",
+        help="deformable: B=2, S=22k, 4 levels; deta-large: B=16, S=89k, 5 levels (CUDA)",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        choices=("triton", "reference", "gather"),
+        default=None,
+        help="CUDA implementations to time (default: the case's)",
+    )
+    p.add_argument(
         "--device",
         choices=("cuda", "cpu"),
         default="cuda",
@@ -367,17 +410,22 @@ def main(argv=None) -> int:
     from msdetr.kernels import ms_deform_attn_reference
     from msdetr.kernels.triton_msda import ms_deform_attn_triton
 
+    global LEVELS, BATCH
+    LEVELS, BATCH, case_impls, decoder_queries = CASES[args.case]
+    impl_names = args.impls or list(case_impls)
     device = torch.device("cuda")
     encoder_queries = sum(h * w for h, w in LEVELS)
-    queries = args.queries or [encoder_queries, 300, 900]
+    queries = args.queries or [encoder_queries, *decoder_queries]
     flush = None if args.no_flush else torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
     ext = load_original_extension()
     generator = torch.Generator().manual_seed(0)
-    floor_notes = []
+    floor_notes: list[str] = []
+    skipped: list[str] = []
 
     print(
         f"# ms_deform_attn on {torch.cuda.get_device_name()}; torch {torch.__version__}, "
-        f"triton {__import__('triton').__version__}; B={BATCH} M={HEADS} D={CHANNELS} "
+        f"triton {__import__('triton').__version__}; case {args.case}: B={BATCH} M={HEADS} "
+        f"D={CHANNELS} levels {'/'.join(f'{h}x{w}' for h, w in LEVELS)} "
         f"L={len(LEVELS)} P={POINTS} S={encoder_queries}; locations={args.locations}; median of "
         f"{args.iters} after {args.warmup} warm-up; L2 {'warm' if args.no_flush else 'flushed'}; "
         f"original CUDA op {'present' if ext else 'not importable'}"
@@ -398,14 +446,23 @@ def main(argv=None) -> int:
             floor_notes.append(
                 f"Lq={lq} {dtype_name} " + " / ".join(f"{b / 1e6:.1f}" for b in floors.values())
             )
-            impls = {
-                "triton": autograd_impl(
-                    ms_deform_attn_triton, value, shapes, starts, loc, weights, grad_out
-                ),
-                "reference": autograd_impl(
-                    ms_deform_attn_reference, value, shapes, starts, loc, weights, grad_out
-                ),
+            ops = {
+                "triton": ms_deform_attn_triton,
+                "reference": ms_deform_attn_reference,
+                "gather": gather_op,
             }
+            impls = {}
+            for name in impl_names:
+                entries = BATCH * lq * HEADS * len(LEVELS) * POINTS * 4
+                if name == "gather" and entries > GATHER_MAX_ENTRIES:
+                    skipped.append(
+                        f"# Lq={lq} {dtype_name}: gather skipped ({entries / 1e6:.0f} M corner "
+                        f"indices, {entries * 12 / 1e9:.1f} GB with their weights)"
+                    )
+                    continue
+                impls[name] = autograd_impl(
+                    ops[name], value, shapes, starts, loc, weights, grad_out
+                )
             # The extension dispatches on fp32 / fp64 only.
             if ext is not None and dtype == torch.float32:
                 impls["original CUDA"] = original_impl(
@@ -431,6 +488,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     print()
     print("DRAM floor per call (MB, fwd / bwd / fwd+bwd): " + "; ".join(floor_notes))
+    for line in skipped:
+        print(line)
     return 0
 
 

@@ -281,7 +281,11 @@ def test_compile_mode_needs_inductor():
     "overrides",
     [
         ["model.compile=true"],
-        ["model.compile=true", "model.compile_mode=max-autotune", "model.compile_dynamic=null"],
+        [
+            "model.compile=true",
+            "model.compile_mode=max-autotune-no-cudagraphs",
+            "model.compile_dynamic=null",
+        ],
         ["model.compile=true", "model.compile_backend=aot_eager", "model.compile_dynamic=false"],
     ],
 )

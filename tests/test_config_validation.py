@@ -138,6 +138,18 @@ def test_validation_leaves_the_config_as_composed():
             "'max-autotune', 'max-autotune-no-cudagraphs' or null.",
         ),
         (
+            "model.compile=true model.compile_mode=reduce-overhead",
+            "model.compile_mode=reduce-overhead is not allowed: it records CUDA graphs per input "
+            "shape and the image sizes change with nearly every batch, so use 'default', "
+            "'max-autotune-no-cudagraphs' or null.",
+        ),
+        (
+            "model.compile=true model.compile_mode=max-autotune",
+            "model.compile_mode=max-autotune is not allowed: it records CUDA graphs per input "
+            "shape and the image sizes change with nearly every batch, so use 'default', "
+            "'max-autotune-no-cudagraphs' or null.",
+        ),
+        (
             "model.compile_dynamic=sometimes",
             "model.compile_dynamic=sometimes is not allowed: Value 'sometimes' is not a valid "
             "bool (type str).",

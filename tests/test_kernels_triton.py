@@ -354,3 +354,94 @@ def test_warm_up_runs_forward_and_backward_once_per_tune_key(monkeypatch):
     for kernel in kernels.values():
         assert len(kernel.cache) == 3
         assert {key[:5] for key in kernel.cache} == {(2, 4, 2, q, 2) for q in (4, 8, 16)}
+
+
+def _record_launches(monkeypatch):
+    """(kernel, VALUE_GRAD or None) of every launch, the kernels still running."""
+    launches = []
+    for name in ("_msda_fwd_kernel", "_msda_bwd_kernel"):
+        kernel = getattr(triton_msda, name)
+
+        def run(*args, _name=name, _run=kernel.run, **kwargs):
+            launches.append((_name, kwargs.get("VALUE_GRAD")))
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return launches
+
+
+def test_value_without_gradient_skips_the_value_gradient(monkeypatch, restore_determinism):
+    value, shapes, starts, loc, weights = make_inputs(**CASES["5_levels_pow2"])
+    upstream = torch.randn(1, 7, 15, dtype=torch.float64)
+    _, (_, ref_grads) = run_both(value, shapes, starts, loc, weights, upstream)
+    launches = _record_launches(monkeypatch)
+    loc_in, weights_in = (t.detach().clone().requires_grad_(True) for t in (loc, weights))
+    out = ms_deform_attn_triton(value, shapes, starts, loc_in, weights_in)  # value: no grad
+    # Without atomics the backward is deterministic: no refusal.
+    torch.use_deterministic_algorithms(True)
+    grads = torch.autograd.grad(out, (loc_in, weights_in), upstream)
+    assert launches == [("_msda_fwd_kernel", None), ("_msda_bwd_kernel", False)]
+    for got, want in zip(grads, ref_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+    # The op itself: an empty value gradient.
+    grad_value, *_ = torch.ops.msdetr.ms_deform_attn_bwd(
+        upstream, value, shapes, starts, loc, weights, False
+    )
+    assert grad_value.shape == (0,)
+
+
+def test_launches_go_to_the_tensors_device(monkeypatch):
+    """The launch runs under a device guard of value's device (Triton launches on the current
+    device). The interpreter has no CUDA device: the guard is recorded on the CPU run, and the guard
+    that a cuda:1 tensor (a fake tensor: no GPU needed) gets selects device 1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    guarded = []
+    real_guard = triton_msda._device_guard
+
+    def guard(t):
+        guarded.append(t.device)
+        return real_guard(t)
+
+    monkeypatch.setattr(triton_msda, "_device_guard", guard)
+    value, shapes, starts, loc, weights = make_inputs(**CASES["3_levels_d3"])
+    value.requires_grad_(True)
+    ms_deform_attn_triton(value, shapes, starts, loc, weights).sum().backward()
+    assert guarded == [value.device, value.device]
+    with FakeTensorMode():
+        on_gpu1 = torch.empty(2, device="cuda:1")
+    cuda_guard = real_guard(on_gpu1)
+    assert isinstance(cuda_guard, torch.cuda.device) and cuda_guard.idx == 1
+
+
+@pytest.mark.parametrize("block_q", [1, 2, 4])
+def test_small_query_blocks_match_reference(monkeypatch, block_q):
+    """The GPU candidates' BLOCK_Q (1 and 2 in one-warp CTAs, 4, ...), under the interpreter."""
+    import triton
+
+    for name in ("_msda_fwd_kernel", "_msda_bwd_kernel"):
+        config = triton.Config({"BLOCK_Q": block_q}, num_warps=1, num_stages=1)
+        monkeypatch.setattr(getattr(triton_msda, name), "configs", [config])
+    (out, grads), (ref, ref_grads) = run_both(*make_inputs(**CASES["batch_3_query_blocks"]))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-9)
+    for got, want, rtol in zip(grads, ref_grads, (1e-5, 1e-4, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-9)
+
+
+def test_int64_offsets_match_reference(monkeypatch):
+    """Offsets within a (batch, head) slice are int32 below 2**31 elements; the int64 variant (for
+    larger values) computes the same."""
+    metas = []
+    real_meta = triton_msda._meta
+
+    def meta(*args):
+        metas.append(real_meta(*args))
+        return metas[-1]
+
+    monkeypatch.setattr(triton_msda, "_INT32_MAX", 0)
+    monkeypatch.setattr(triton_msda, "_meta", meta)
+    (out, grads), (ref, ref_grads) = run_both(*make_inputs(**CASES["5_levels_pow2"]))
+    assert metas and all(m["IDX"] == triton_msda.tl.int64 for m in metas)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-9)
+    for got, want, rtol in zip(grads, ref_grads, (1e-5, 1e-4, 1e-5)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=1e-9)

@@ -170,6 +170,8 @@ class PostprocessConfig:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes in which inductor records CUDA graphs (max-autotune turns them on too).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 # msdetr.kernels.BACKENDS (not imported here: torch)
@@ -206,8 +208,7 @@ class ModelConfig:
     @staticmethod
     def check(node: DictConfig, path: str) -> str | None:
         """Across fields: the attention splits hidden_dim into nheads equal heads; a compile mode is
-            an
-        inductor setting."""
+        an inductor setting, and not one that records CUDA graphs (image sizes vary)."""
         if (
             not (OmegaConf.is_missing(node, "hidden_dim") or OmegaConf.is_missing(node, "nheads"))
             and node.hidden_dim % node.nheads
@@ -225,6 +226,20 @@ class ModelConfig:
                 f"{path}compile_mode={node.compile_mode} is not allowed with {path}compile_backend="
                 f"{node.compile_backend}: a mode is an inductor setting, so set "
                 f"{path}compile_mode=null."
+            )
+        # CUDA graphs are recorded per input shape. No configuration here has fixed image sizes:
+        # the DETR augmentation (multi-scale resize, random crops) and the images' aspect ratios
+        # give nearly every batch new feature-map sizes (bench/RESULTS.md: 735 value lengths in
+        # 1500 simulated batches), so the graphs would be re-recorded almost every step.
+        if (
+            not OmegaConf.is_missing(node, "compile")
+            and node.compile
+            and node.compile_mode in CUDA_GRAPH_MODES
+        ):
+            return (
+                f"{path}compile_mode={node.compile_mode} is not allowed: it records CUDA graphs "
+                "per input shape and the image sizes change with nearly every batch, so use "
+                "'default', 'max-autotune-no-cudagraphs' or null."
             )
         return None
 

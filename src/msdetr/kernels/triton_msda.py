@@ -1,18 +1,23 @@
 """Triton forward and backward kernels for multi-scale deformable attention, registered as the
 differentiable custom op ``msdetr::ms_deform_attn_fwd`` (backward: ``msdetr::ms_deform_attn_bwd``).
 
-Kernel v2: the number of levels and points are compile-time constants (levels unrolled with
-``tl.static_range``); each program reads its rows of locations and weights once, as contiguous
-tiles; the backward keeps the location / weight gradients of all levels in registers and stores them
-once.
+Kernel v3: the number of levels and points are compile-time constants (levels unrolled with
+``tl.static_range``); each level's locations and weights are loaded directly as (BLOCK_Q, points)
+tiles, so that every per-sample value is born in the layout of the channel gathers (kernel v2's
+all-level tile sliced with where + sum made the compiler move them through shared memory: 61-192
+CTA barriers per kernel, bench/RESULTS.md); offsets within a (batch, head) slice of value are int32
+when they fit; the backward stores each level's location / weight gradients as it goes and skips
+the value gradient when value needs none. Autotuning is bounded over a training run (see _TUNE_KEY).
 Besides the op: ``check_deterministic`` (the backward's atomics under
 ``torch.use_deterministic_algorithms``), ``warm_up`` (autotune before CUDA-graph capture),
-``candidate_configs`` and ``aot_compile`` (per-architecture configs, checked for register spills
-without a GPU by ``bench/aot.py`` and ``tests/test_kernels_aot.py``).
+``query_class`` (the tuner's size class), ``candidate_configs`` and ``aot_compile``
+(per-architecture configs, checked for spills, barriers and occupancy without a GPU by
+``bench/aot.py`` and ``tests/test_kernels_aot.py``). docs/architecture.md has the overview.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -28,6 +33,7 @@ import triton.language as tl
 
 __all__ = [
     "ms_deform_attn_triton",
+    "query_class",
     "check_deterministic",
     "warm_up",
     "candidate_configs",
@@ -39,62 +45,83 @@ __all__ = [
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Autotune candidates per GPU architecture, as (BLOCK_Q, num_warps), and the most elements per
-# thread that one (BLOCK_Q, points, channels) corner gather may hold there (4 such tiles are in
-# flight; one (BLOCK_Q, 4, points, channels) gather instead needed ~255 registers in the backward on
-# sm_80). tests/test_kernels_aot.py compiles every candidate for its architecture (D=32, 4 points, 4
-# and 5 levels) and asserts that none spills; bench/RESULTS.md lists their registers. A device uses
-# the table of the highest architecture not above its own (sm_86 / sm_89: sm_80's; sm_100 and later,
-# never compiled here: sm_90's).
-class _ArchConfigs(NamedTuple):
+# Autotune candidates per GPU architecture and kernel, as (BLOCK_Q, num_warps), and the most
+# elements per thread that one (BLOCK_Q, points, channels) corner gather may hold there (4 such
+# tiles are in flight). The candidates differ in work per thread (at D=32, 4 points: 4, 8 or 16
+# elements) as well as in CTA size: one-warp CTAs need no CTA barrier at all (every layout
+# conversion stays in the warp), larger ones share the per-level scalars. tests/test_kernels_aot.py
+# compiles every candidate for its architecture (D=32, 4 points, 5 levels, fp32 / bf16) and pins
+# spills (none) and barriers; bench/RESULTS.md lists registers, barriers and theoretical occupancy
+# of each. A device uses the table of the highest architecture not above its own (sm_86 / sm_89:
+# sm_80's; sm_100 and later, never compiled here: sm_90's).
+class _Candidates(NamedTuple):
     pairs: tuple[tuple[int, int], ...]  # (BLOCK_Q, num_warps) candidates
-    max_per_thread: int  # elements of a (BLOCK_Q, D) tile per thread, at most
+    max_per_thread: int  # elements of a (BLOCK_Q, points, channels) tile per thread, at most
 
 
+_FWD_PAIRS = ((2, 1), (4, 4), (8, 4), (16, 4), (16, 8))
 _ARCH_CONFIGS = {
-    # sm_80's ptxas gives the backward 240-255 registers at 16 elements per thread (at the edge of
-    # spilling, 8 warps per SM); at 8 it stays under ~185.
-    80: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 8)), max_per_thread=8),
-    # sm_90 holds 16 elements per thread in under ~190 registers: one more, larger tile to try.
-    90: _ArchConfigs(pairs=((4, 2), (8, 4), (16, 4), (16, 8)), max_per_thread=16),
+    80: {
+        "fwd": _Candidates(pairs=_FWD_PAIRS, max_per_thread=16),
+        # The backward holds the 4 corner tiles and their atomics' operands: at 8 elements per
+        # thread in a 4-warp CTA sm_80's ptxas needs 168 registers (12 warps per SM; 16 elements:
+        # 255), so its 8-element candidate is a one-warp CTA (no barriers, 141 registers).
+        "bwd": _Candidates(pairs=((1, 1), (2, 1), (4, 4), (8, 8)), max_per_thread=8),
+    },
+    90: {
+        "fwd": _Candidates(pairs=_FWD_PAIRS, max_per_thread=16),
+        # 16 elements per thread (BLOCK_Q=16, 4 warps) costs 71 barriers and 132 registers: out.
+        "bwd": _Candidates(pairs=((1, 1), (2, 1), (4, 4), (8, 4), (8, 8)), max_per_thread=8),
+    },
 }
 # Below 2 elements per thread most threads of a block wait on a handful of loads.
 _MIN_ELEMENTS_PER_THREAD = 2
+KERNELS = ("fwd", "bwd")
 
 
-def _union_configs() -> list[triton.Config]:
+def _union_configs(kernel: str) -> list[triton.Config]:
     if _INTERPRET:
         # The interpreter runs program instances one by one (~10 ms each) and cannot benchmark: one
         # config, with a block of queries large enough to keep the instance count small.
         return [triton.Config({"BLOCK_Q": 32}, num_warps=4, num_stages=1)]
-    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch.pairs})
+    pairs = sorted({pair for arch in _ARCH_CONFIGS.values() for pair in arch[kernel].pairs})
     # num_stages=1: the body is gathers through data-dependent pointers, nothing to pipeline.
     return [triton.Config({"BLOCK_Q": bq}, num_warps=w, num_stages=1) for bq, w in pairs]
 
 
-_CONFIGS = _union_configs()
+_CONFIGS = {kernel: _union_configs(kernel) for kernel in KERNELS}
 
 
-def _arch_table(arch: int) -> _ArchConfigs:
+def _arch_table(arch: int) -> dict[str, _Candidates]:
     below = [a for a in _ARCH_CONFIGS if a <= arch]
     return _ARCH_CONFIGS[max(below) if below else min(_ARCH_CONFIGS)]
 
 
-def candidate_configs(arch: int, head_dim: int, num_points: int) -> list[triton.Config]:
-    """The autotune configs that the kernels may run with on a GPU of compute capability ``arch``
-    (e.g. 80, 90) for this head dimension and number of points: the autotuner benchmarks these."""
-    if _INTERPRET:
-        return list(_CONFIGS)
+def elements_per_thread(config: triton.Config, head_dim: int, num_points: int) -> float:
+    """Elements of one (BLOCK_Q, points, channels) corner gather that each thread holds."""
     tile = triton.next_power_of_2(num_points) * triton.next_power_of_2(head_dim)
-    table = _arch_table(arch)
+    return config.kwargs["BLOCK_Q"] * tile / (32 * config.num_warps)
 
-    def per_thread(cfg: triton.Config) -> float:
-        return cfg.kwargs["BLOCK_Q"] * tile / (32 * cfg.num_warps)
 
-    configs = [c for c in _CONFIGS if (c.kwargs["BLOCK_Q"], c.num_warps) in table.pairs]
-    kept = [c for c in configs if _MIN_ELEMENTS_PER_THREAD <= per_thread(c) <= table.max_per_thread]
+def candidate_configs(
+    arch: int, head_dim: int, num_points: int, kernel: str = "bwd"
+) -> list[triton.Config]:
+    """The autotune configs that ``kernel`` ("fwd" or "bwd") may run with on a GPU of compute
+    capability ``arch`` (e.g. 80, 90) for this head dimension and number of points: the autotuner
+    benchmarks these."""
+    if _INTERPRET:
+        return list(_CONFIGS[kernel])
+    table = _arch_table(arch)[kernel]
+    configs = [c for c in _CONFIGS[kernel] if (c.kwargs["BLOCK_Q"], c.num_warps) in table.pairs]
+    kept = [
+        c
+        for c in configs
+        if _MIN_ELEMENTS_PER_THREAD
+        <= elements_per_thread(c, head_dim, num_points)
+        <= table.max_per_thread
+    ]
     # Large heads or many points: every tile of the table holds more; take the smallest.
-    return kept or [min(configs, key=per_thread)]
+    return kept or [min(configs, key=lambda c: elements_per_thread(c, head_dim, num_points))]
 
 
 @functools.cache
@@ -103,22 +130,42 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    value = args["value_ptr"]
-    if not value.is_cuda:  # only reached under the interpreter: nothing to choose
-        return configs[:1]
-    keep = {
-        id(c) for c in candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"])
-    }
-    return [c for c in configs if id(c) in keep]
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        value = args["value_ptr"]
+        if not value.is_cuda:  # only reached under the interpreter: nothing to choose
+            return configs[:1]
+        chosen = candidate_configs(_capability(value.device), args["D"], args["NUM_POINTS"], kernel)
+        keep = {id(c) for c in chosen}
+        return [c for c in configs if id(c) in keep]
+
+    return prune
 
 
-# Lq changes with every image size; keying the tuner on its power-of-two class (LQ_CLASS, an
-# argument the kernels never read) tunes once per class instead of once per shape. D is a constexpr
-# so that the compiler knows how far channel rows are aligned and vectorizes the gathers; L and
-# NUM_POINTS are constexprs so that the level loop unrolls and the point tiles have a fixed size.
+# Autotuning and compilation over a training run with multi-scale augmentation, where the value
+# length S (the encoder's query count) changes with nearly every batch:
+# - the tuner keys on heads, head dim, levels, points, the tensors' dtypes and LQ_CLASS (an argument
+#   the kernels never read): the query count's power-of-two class, capped at _QUERY_CLASS_CAP. Every
+#   encoder (S >= 4096 from 480-pixel images up) is one class, each decoder's fixed query count
+#   another: the tuner runs in the first training step and never again, on every rank alike;
+# - Lq, S, M and LQ_CLASS are not specialized (do_not_specialize): Triton would otherwise compile a
+#   variant per value of `x % 16 == 0` (and x == 1); the alignment that the gathers need comes from
+#   the constexpr D, so their divisibility buys nothing;
+# - the tuner's timings are cached on disk (cache_results, as TRITON_CACHE_AUTOTUNING=1): later runs
+#   on the same GPU and Triton do not tune again.
+# tests/test_kernels_autotune.py counts the keys and compiles over a simulated epoch of DETR image
+# sizes with Triton's own specialization code. D is a constexpr so that the compiler knows how far
+# channel rows are aligned and vectorizes the gathers; L and NUM_POINTS are constexprs so that the
+# level loop unrolls and the point tiles have a fixed size.
 _TUNE_KEY = ["M", "D", "L", "LQ_CLASS", "NUM_POINTS"]
+_NOT_SPECIALIZED = ["Lq", "S", "M", "LQ_CLASS"]
+_QUERY_CLASS_CAP = 4096
+
+
+def query_class(lq: int) -> int:
+    """The autotune class of a query count: its next power of two, capped at 4096."""
+    return min(triton.next_power_of_2(max(lq, 1)), _QUERY_CLASS_CAP)
 
 
 @triton.jit
@@ -139,53 +186,45 @@ def _program_coords(Lq, M, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _row_tiles(
+def _level_tiles(
     loc_ptr,
     attn_ptr,
     row,
     q_mask,
+    level: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """All locations and weights of this program's (query, head) rows, each element read once:
-    (BLOCK_Q, L_PAD, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and
+    """The locations and weights of one level of this program's (query, head) rows, loaded
+    directly as (BLOCK_Q, POINTS_PAD) tiles x, y, a; their flat index lp in attention_weights and
     mask."""
-    lvl = tl.arange(0, L_PAD)[None, :, None]
-    pt = tl.arange(0, POINTS_PAD)[None, None, :]
-    # A row's L * NUM_POINTS weights (and 2x as many coordinates) are contiguous in memory.
-    lp = (row[:, None, None] * L + lvl) * NUM_POINTS + pt
-    mask = q_mask[:, None, None] & (lvl < L) & (pt < NUM_POINTS)
-    xy = tl.arange(0, 2)[None, None, None, :]
-    # The interleaved (x, y) pairs in one load, split in registers. Padding reads NaN: it then takes
-    # the out-of-map path of _bilinear (zero contribution) and needs no mask of its own later.
-    loc = tl.load(
-        loc_ptr + 2 * lp[:, :, :, None] + xy, mask=mask[:, :, :, None], other=float("nan")
-    )
-    x, y = tl.split(loc.to(ACC))
+    # Kernel v2 loaded all levels once as a (BLOCK_Q, L_PAD, POINTS_PAD) tile and sliced it per
+    # level with where + sum: the compiler then moved every per-sample value between layouts through
+    # shared memory, 73 CTA barriers in the fp32 forward (bench/RESULTS.md). Loaded per level, the
+    # tiles are born in the layout the gathers use; the x / y / weight re-reads hit L1.
+    pt = tl.arange(0, POINTS_PAD)[None, :]
+    lp = (row[:, None] * L + level) * NUM_POINTS + pt
+    mask = q_mask[:, None] & (pt < NUM_POINTS)
+    # Padding reads NaN: it then takes the out-of-map path of _bilinear (zero contribution) and
+    # needs no mask of its own later.
+    x = tl.load(loc_ptr + 2 * lp, mask=mask, other=float("nan")).to(ACC)
+    y = tl.load(loc_ptr + 2 * lp + 1, mask=mask, other=float("nan")).to(ACC)
     a = tl.load(attn_ptr + lp, mask=mask, other=0.0).to(ACC)
-    return lvl, lp, mask, x, y, a
+    return lp, mask, x, y, a
 
 
 @triton.jit
-def _pick(tile, lvl, level: tl.constexpr):
-    """tile[:, level, :] of a (BLOCK_Q, L_PAD, POINTS_PAD) tile, as (BLOCK_Q, POINTS_PAD)."""
-    # Register tensors cannot be sliced; with `level` a constant this select-and-add is a few
-    # instructions per level, far cheaper than reading the row again from memory.
-    return tl.sum(tl.where(lvl == level, tile, 0.0), axis=1)
-
-
-@triton.jit
-def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
+def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD, IDX: tl.constexpr):
     """Bilinear set-up of (BLOCK_Q, POINTS_PAD) samples of one level: fractions, the element offset
-    of the top-left corner's channel 0 relative to value[n, 0, m, 0], validity of the 4 corners."""
+    (of type IDX) of the top-left corner's channel 0 relative to value[n, 0, m, 0], validity of the
+    4 corners."""
     # Three uniform scalars per level, the same for every thread: served by the cache, and with the
     # level loop unrolled all of them are independent loads issued up front.
-    h = tl.load(shapes_ptr + 2 * level)
-    w = tl.load(shapes_ptr + 2 * level + 1)
-    start = tl.load(starts_ptr + level)
+    h = tl.load(shapes_ptr + 2 * level).to(IDX)
+    w = tl.load(shapes_ptr + 2 * level + 1).to(IDX)
+    start = tl.load(starts_ptr + level).to(IDX)
     wf = w.to(x.dtype)
     hf = h.to(x.dtype)
     # align_corners=False: pixel i's centre sits at normalized (i + 0.5) / W.
@@ -204,12 +243,20 @@ def _bilinear(x, y, shapes_ptr, starts_ptr, level: tl.constexpr, MD):
     x_hi = (x0 >= -1) & (x0 < wf - 1)
     y_lo = (y0 >= 0) & (y0 < hf)
     y_hi = (y0 >= -1) & (y0 < hf - 1)
-    corner = (start + y0.to(tl.int64) * w + x0.to(tl.int64)) * MD
+    # Offsets within one (batch, head) slice of value: int32 when S * M * D < 2**31 (IDX, chosen on
+    # the host), which halves the registers of the per-element offsets; the int64 base
+    # value[n, 0, m, 0] is a scalar.
+    corner = (start + y0.to(IDX) * w + x0.to(IDX)) * MD
     return w, h, fx, fy, corner, y_lo & x_lo, y_lo & x_hi, y_hi & x_lo, y_hi & x_hi
 
 
-@triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.autotune(
+    configs=_CONFIGS["fwd"],
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _pruner("fwd")},
+    cache_results=True,
+)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _msda_fwd_kernel(
     value_ptr,
     shapes_ptr,
@@ -224,25 +271,24 @@ def _msda_fwd_kernel(
     D: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    IDX: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, _, _, x, y, a = _row_tiles(
-        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
-    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     value_nm = value_ptr + n * S * MD + m * D
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=ACC)
     for level in tl.static_range(L):
-        a_l = _pick(a, lvl, level)
+        _, _, x, y, a_l = _level_tiles(
+            loc_ptr, attn_ptr, row, q_mask, level, L, NUM_POINTS, POINTS_PAD, ACC
+        )
         w, _, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+            x, y, shapes_ptr, starts_ptr, level, MD, IDX
         )
         ptr = value_nm + corner[:, :, None] + c3
         # All 4 * points gathers of the level are independent loads in flight together.
@@ -260,12 +306,13 @@ def _msda_fwd_kernel(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=_CONFIGS["bwd"],
     key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["grad_value_ptr"],
-)  # benchmarking replays the atomic scatter
-@triton.jit
+    prune_configs_by={"early_config_prune": _pruner("bwd")},
+    reset_to_zero=["grad_value_ptr"],  # benchmarking replays the atomic scatter
+    cache_results=True,
+)
+@triton.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _msda_bwd_kernel(
     grad_out_ptr,
     value_ptr,
@@ -283,17 +330,15 @@ def _msda_bwd_kernel(
     D: tl.constexpr,
     L: tl.constexpr,
     NUM_POINTS: tl.constexpr,
-    L_PAD: tl.constexpr,
     POINTS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
+    IDX: tl.constexpr,
+    VALUE_GRAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     n, m, q_mask, row, c, c_in = _program_coords(Lq, M, D, BLOCK_Q, BLOCK_D)
     MD = M * D
-    lvl, lp, lp_mask, x, y, a = _row_tiles(
-        loc_ptr, attn_ptr, row, q_mask, L, NUM_POINTS, L_PAD, POINTS_PAD, ACC
-    )
     c_mask = c_in[None, None, :]
     c3 = c[None, None, :]
     nm_offset = n * S * MD + m * D
@@ -305,14 +350,12 @@ def _msda_bwd_kernel(
         other=0.0,
     ).to(ACC)
     g3 = g[:, None, :]
-    # Location / weight gradients of every level, kept in registers and stored once at the end.
-    grad_x_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
-    grad_y_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
-    grad_a_all = tl.zeros([BLOCK_Q, L_PAD, POINTS_PAD], dtype=ACC)
     for level in tl.static_range(L):
-        a_l = _pick(a, lvl, level)
+        lp, lp_mask, x, y, a_l = _level_tiles(
+            loc_ptr, attn_ptr, row, q_mask, level, L, NUM_POINTS, POINTS_PAD, ACC
+        )
         w, h, fx, fy, corner, in00, in01, in10, in11 = _bilinear(
-            _pick(x, lvl, level), _pick(y, lvl, level), shapes_ptr, starts_ptr, level, MD
+            x, y, shapes_ptr, starts_ptr, level, MD, IDX
         )
         offs = corner[:, :, None] + c3
         m00 = in00[:, :, None] & c_mask
@@ -330,31 +373,25 @@ def _msda_bwd_kernel(
         b01 = fx * (1 - fy)
         b10 = (1 - fx) * fy
         b11 = fx * fy
-        at = lvl == level
-        grad_a_all = tl.where(
-            at, (b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11)[:, None, :], grad_a_all
-        )
+        # This program alone owns these (query, head) rows: plain stores, once per level.
+        grad_a = b00 * s00 + b01 * s01 + b10 * s10 + b11 * s11
+        tl.store(grad_attn_ptr + lp, grad_a.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
         # d sample / d loc = (d sample / d pixel) * (map size); out-of-map corners count as zeros.
         grad_x = a_l * w.to(ACC) * ((1 - fy) * (s01 - s00) + fy * (s11 - s10))
         grad_y = a_l * h.to(ACC) * ((1 - fx) * (s10 - s00) + fx * (s11 - s01))
-        grad_x_all = tl.where(at, grad_x[:, None, :], grad_x_all)
-        grad_y_all = tl.where(at, grad_y[:, None, :], grad_y_all)
-        # Pixels are shared between queries of all programs: scatter with (relaxed) atomics.
-        ag = a_l[:, :, None] * g3
-        tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
-        tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
-        tl.atomic_add(grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed")
-        tl.atomic_add(
-            grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed"
-        )
-    # This program alone owns these (query, head) rows: plain stores, one per tensor, contiguous.
-    tl.store(grad_attn_ptr + lp, grad_a_all.to(grad_attn_ptr.dtype.element_ty), mask=lp_mask)
-    xy = tl.arange(0, 2)[None, None, None, :]
-    tl.store(
-        grad_loc_ptr + 2 * lp[:, :, :, None] + xy,
-        tl.join(grad_x_all, grad_y_all).to(grad_loc_ptr.dtype.element_ty),
-        mask=lp_mask[:, :, :, None],
-    )
+        tl.store(grad_loc_ptr + 2 * lp, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
+        tl.store(grad_loc_ptr + 2 * lp + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=lp_mask)
+        if VALUE_GRAD:
+            # Pixels are shared between queries of all programs: scatter with (relaxed) atomics.
+            ag = a_l[:, :, None] * g3
+            tl.atomic_add(grad_value_nm + offs, b00[:, :, None] * ag, mask=m00, sem="relaxed")
+            tl.atomic_add(grad_value_nm + offs + MD, b01[:, :, None] * ag, mask=m01, sem="relaxed")
+            tl.atomic_add(
+                grad_value_nm + offs + w * MD, b10[:, :, None] * ag, mask=m10, sem="relaxed"
+            )
+            tl.atomic_add(
+                grad_value_nm + offs + (w + 1) * MD, b11[:, :, None] * ag, mask=m11, sem="relaxed"
+            )
 
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -464,19 +501,31 @@ def _meta(value: torch.Tensor, sampling_locations: torch.Tensor) -> dict:
         Lq=lq,
         S=s,
         M=m,
-        LQ_CLASS=triton.next_power_of_2(lq),
+        LQ_CLASS=query_class(lq),
         D=d,
         L=num_levels,
         NUM_POINTS=num_points,
-        L_PAD=triton.next_power_of_2(num_levels),
         POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(d),
         ACC=tl.float64 if value.dtype == torch.float64 else tl.float32,
+        IDX=tl.int32 if (2 * s + 2) * m * d <= _INT32_MAX else tl.int64,
     )
+
+
+# Offsets within one (batch, head) slice of value are int32 while they fit: a corner's offset is at
+# most (start + (H + 1) * W + W + 1) * M * D + D < (2 * S + 2) * M * D (W <= S).
+_INT32_MAX = 2**31 - 1
 
 
 def _grid(n: int, m: int, lq: int):
     return lambda meta: (n * m * triton.cdiv(lq, meta["BLOCK_Q"]),)
+
+
+def _device_guard(t: torch.Tensor):
+    """Make the tensor's GPU the current one for a launch: Triton launches on the current device
+    (and its current stream), which need not be the tensors' (e.g. cuda:1 tensors with cuda:0
+    current, as in a process that drives several GPUs)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _nothing_to_do(value: torch.Tensor, sampling_locations: torch.Tensor) -> bool:
@@ -499,15 +548,16 @@ def ms_deform_attn_fwd(
         return value.new_zeros(n, lq, m * d)
     meta = _meta(value, sampling_locations)
     out = value.new_empty(n, lq, m * d)
-    _msda_fwd_kernel[_grid(n, m, lq)](
-        value.contiguous(),
-        spatial_shapes.contiguous(),
-        level_start_index.contiguous(),
-        sampling_locations.contiguous(),
-        attention_weights.contiguous(),
-        out,
-        **meta,
-    )
+    with _device_guard(value):
+        _msda_fwd_kernel[_grid(n, m, lq)](
+            value.contiguous(),
+            spatial_shapes.contiguous(),
+            level_start_index.contiguous(),
+            sampling_locations.contiguous(),
+            attention_weights.contiguous(),
+            out,
+            **meta,
+        )
     return out
 
 
@@ -526,13 +576,20 @@ def ms_deform_attn_bwd(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    value_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, sampling_locations and attention_weights. With ``value_grad=False``
+    (value needs none) the value gradient is not computed: no atomics, no (N, S, M, D) fp32 buffer
+    (1.5 GB per layer at N=16, S=90k, 8 heads of 32), a deterministic kernel; the first result is
+    then an empty tensor."""
     _validate(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
     acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     # fp32 (fp64) buffer: half-precision atomics lose the small contributions, bf16 ones are slow.
-    grad_value = torch.zeros(value.shape, dtype=acc_dtype, device=value.device)
+    grad_value = torch.zeros(
+        value.shape if value_grad else (0,), dtype=acc_dtype, device=value.device
+    )
     launch = not _nothing_to_do(value, sampling_locations)
     # The kernel stores every location / weight gradient once, so they need no clearing.
     alloc = torch.empty if launch else torch.zeros
@@ -543,31 +600,42 @@ def ms_deform_attn_bwd(
         attention_weights.shape, dtype=attention_weights.dtype, device=attention_weights.device
     )
     if launch:
-        check_deterministic()
+        if value_grad:  # only the value gradient's atomics are nondeterministic
+            check_deterministic()
         n, _, m, _ = value.shape
         lq = sampling_locations.shape[1]
-        _msda_bwd_kernel[_grid(n, m, lq)](
-            grad_output.contiguous(),
-            value.contiguous(),
-            spatial_shapes.contiguous(),
-            level_start_index.contiguous(),
-            sampling_locations.contiguous(),
-            attention_weights.contiguous(),
-            grad_value,
-            grad_loc,
-            grad_attn,
-            **_meta(value, sampling_locations),
-        )
+        with _device_guard(value):
+            _msda_bwd_kernel[_grid(n, m, lq)](
+                grad_output.contiguous(),
+                value.contiguous(),
+                spatial_shapes.contiguous(),
+                level_start_index.contiguous(),
+                sampling_locations.contiguous(),
+                attention_weights.contiguous(),
+                grad_value,
+                grad_loc,
+                grad_attn,
+                **_meta(value, sampling_locations),
+                VALUE_GRAD=value_grad,
+            )
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
 @ms_deform_attn_bwd.register_fake
-def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(
+    grad_output,
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    value_grad=True,
+):
     _validate(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
     return (
-        value.new_empty(value.shape),
+        value.new_empty(value.shape if value_grad else (0,)),
         sampling_locations.new_empty(sampling_locations.shape),
         attention_weights.new_empty(attention_weights.shape),
     )
@@ -581,10 +649,18 @@ def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
         ctx.saved_tensors
     )
+    # Value needing no gradient (a frozen input projection, or value a constant): no atomics.
+    value_grad = bool(ctx.needs_input_grad[0])
     grad_value, grad_loc, grad_attn = ms_deform_attn_bwd(
-        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        grad_output,
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        value_grad,
     )
-    return grad_value, None, None, grad_loc, grad_attn
+    return grad_value if value_grad else None, None, None, grad_loc, grad_attn
 
 
 ms_deform_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -631,8 +707,9 @@ def warm_up(
     CUDA graph (benchmarking inside a capture fails). Call it outside the capture, e.g. before
     ``torch.cuda.graphs.make_graphed_callables`` or ``torch.compile(mode="reduce-overhead")``.
 
-    The tuner keys on heads, head dim, levels, points, the power-of-two class of the query count
-    and the tensors' dtypes: pass every query count the model uses (the encoder's is the value
+    The tuner keys on heads, head dim, levels, points, the class of the query count
+    (``query_class``: its power of two, capped at 4096, so one class for every encoder) and the
+    tensors' dtypes: pass every query count the model uses (the encoder's is the value
     length, sum(H * W); the decoder's the number of queries) and the value dtype; weight_dtype
     (default: dtype) is the attention weights' dtype, fp32 under autocast (softmax runs in fp32).
     The spatial shapes and batch_size (not part of the key) only set the inputs benchmarked: the
@@ -666,7 +743,7 @@ def warm_up(
             M=num_heads,
             D=head_dim,
             L=len(hw),
-            LQ_CLASS=triton.next_power_of_2(lq),
+            LQ_CLASS=query_class(lq),
             NUM_POINTS=num_points,
             dtype=dtype,
             weight_dtype=weight_dtype,
@@ -771,12 +848,14 @@ def aot_compile(
         D=head_dim,
         L=num_levels,
         NUM_POINTS=num_points,
-        L_PAD=triton.next_power_of_2(num_levels),
         POINTS_PAD=triton.next_power_of_2(num_points),
         BLOCK_D=triton.next_power_of_2(head_dim),
         ACC=acc,
+        IDX=tl.int32,
         **config.kwargs,
     )
+    if "VALUE_GRAD" in fn.arg_names:
+        constexprs["VALUE_GRAD"] = True
     aligned = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
