@@ -521,6 +521,11 @@ def _grid(n: int, m: int, lq: int):
     return lambda meta: (n * m * triton.cdiv(lq, meta["BLOCK_Q"]),)
 
 
+def _contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels' tensor inputs, contiguous (the kernels index them as dense row-major)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
 def _device_guard(t: torch.Tensor):
     """Make the tensor's GPU the current one for a launch: Triton launches on the current device
     (and its current stream), which need not be the tensors' (e.g. cuda:1 tensors with cuda:0
@@ -550,11 +555,9 @@ def ms_deform_attn_fwd(
     out = value.new_empty(n, lq, m * d)
     with _device_guard(value):
         _msda_fwd_kernel[_grid(n, m, lq)](
-            value.contiguous(),
-            spatial_shapes.contiguous(),
-            level_start_index.contiguous(),
-            sampling_locations.contiguous(),
-            attention_weights.contiguous(),
+            *_contiguous(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            ),
             out,
             **meta,
         )
@@ -606,12 +609,14 @@ def ms_deform_attn_bwd(
         lq = sampling_locations.shape[1]
         with _device_guard(value):
             _msda_bwd_kernel[_grid(n, m, lq)](
-                grad_output.contiguous(),
-                value.contiguous(),
-                spatial_shapes.contiguous(),
-                level_start_index.contiguous(),
-                sampling_locations.contiguous(),
-                attention_weights.contiguous(),
+                *_contiguous(
+                    grad_output,
+                    value,
+                    spatial_shapes,
+                    level_start_index,
+                    sampling_locations,
+                    attention_weights,
+                ),
                 grad_value,
                 grad_loc,
                 grad_attn,
