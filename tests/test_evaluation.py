@@ -17,6 +17,7 @@ from pycocotools.coco import COCO
 from torch import nn
 from torch.utils.data import DataLoader
 
+from helpers.runs import validate_in_process
 from msdetr.evaluation import STAT_NAMES, CocoMetric
 from msdetr.lit.module import DetectionModule
 
@@ -294,26 +295,12 @@ class _Val(L.LightningDataModule):
         return DataLoader([batch], batch_size=None)  # one ready-made batch
 
 
-def _validate(module, datamodule, times=1):
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    for _ in range(times):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    return trainer.callback_metrics
-
-
 def test_module_does_not_log_undefined_metrics(gt_file):
     dm = _Val(gt_file)
     module = DetectionModule(
         _EchoIds(), criterion=None, postprocess=_PerfectFor(dm.val_dataset.coco)
     )
-    logged = _validate(module, dm)
+    logged = validate_in_process(module, dm)
     assert module.last_metrics["AP"] == pytest.approx(1.0) and float(
         logged["val/AP"]
     ) == pytest.approx(1.0)
@@ -332,7 +319,7 @@ def test_module_warns_once_on_a_validation_set_without_annotations(gt_file, tmp_
     )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        logged = _validate(module, dm, times=2)
+        logged = validate_in_process(module, dm, times=2)
     ours = [w for w in record if "has no annotations" in str(w.message)]
     assert len(ours) == 1 and str(empty) in str(ours[0].message)
     assert not [key for key in logged if key.startswith("val/")]

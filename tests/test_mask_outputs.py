@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import types
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -15,6 +14,7 @@ from PIL import ImageColor
 
 from helpers.config import compose
 from helpers.detectors import TINY
+from helpers.runs import validate_in_process
 from msdetr import visualize
 from msdetr.data.datamodule import CocoDataModule
 from msdetr.evaluation.coco_eval import MASK_STAT_NAMES
@@ -51,22 +51,11 @@ def synthetic_masks(root, num_val: int = 3) -> CocoDataModule:
     )
 
 
-def validate(module: DetectionModule, datamodule: L.LightningDataModule) -> dict:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
-
-
 def test_validating_a_mask_model_logs_segm_ap_beside_bbox_ap(tmp_path):
     module = tiny_mask_module()
-    logged = validate(module, synthetic_masks(tmp_path))
+    logged = {
+        k: float(v) for k, v in validate_in_process(module, synthetic_masks(tmp_path)).items()
+    }
     for name in ("AP", "AP50", "mask_AP", "mask_AP50", "mask_AP75", "mask_AR100"):
         assert f"val/{name}" in logged and math.isfinite(logged[f"val/{name}"]), sorted(logged)
         assert logged[f"val/{name}"] == pytest.approx(module.last_metrics[name])

@@ -152,3 +152,21 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def validate_in_process(module, datamodule, times: int = 1) -> dict:
+    """Validate `module` on `datamodule` `times` times with one CPU Trainer in this process (no
+    logger, checkpoints or progress bar); the metrics it logged last (`callback_metrics`)."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    for _ in range(times):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    return trainer.callback_metrics
