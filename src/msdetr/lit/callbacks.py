@@ -108,9 +108,12 @@ class BestCheckpoint(ModelCheckpoint):
     undefined, and undefined metrics are not logged): Lightning's own raises
     MisconfigurationException and ends the run. The latest checkpoint carries on either way."""
 
+    def _has_monitor(self, trainer) -> bool:
+        return self.monitor is None or self.monitor in trainer.callback_metrics
+
     def _monitor_missing(self, trainer) -> bool:
         """After a validation: True (and one warning per run) if it did not log the monitor."""
-        if self.monitor is None or self.monitor in trainer.callback_metrics:
+        if self._has_monitor(trainer):
             return False
         if not getattr(self, "_warned_missing", False) and not trainer.sanity_checking:
             self._warned_missing = True
@@ -126,7 +129,7 @@ class BestCheckpoint(ModelCheckpoint):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # The monitor comes from validation: an epoch end before the first one (e.g. with
         # check_val_every_n_epoch > 1) has nothing to save and nothing to warn about.
-        if self.monitor is None or self.monitor in trainer.callback_metrics:
+        if self._has_monitor(trainer):
             super().on_train_epoch_end(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
